@@ -1,0 +1,1 @@
+"""The Llama 4 model: layers, attention, MoE, text decoder."""

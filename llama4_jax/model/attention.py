@@ -1,0 +1,161 @@
+"""Attention: the projection layer and the attention seam.
+
+Masks are never passed around. Every query and key carries its absolute position
+(per row, so left padding shifts nothing), and `attend` derives the mask from them:
+
+    key j is visible to query i  iff  k_pos[j] <= q_pos[i]
+                                      and (not chunked or k_pos[j] // C == q_pos[i] // C)
+
+Padding and empty cache slots get the position `INVALID_POS`, which fails the causal
+test for every query. This is HF's mask exactly: chunks are aligned to the first real
+token of each row (HF offsets them by the leading-pad count), not to a sliding window.
+
+`attend(q, k, v, q_pos, k_pos, chunk_size=..., impl=...)` is the one seam every
+attention backend sits behind; `xla` here is the reference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ..config import LayerFlags, TextConfig
+from .layers import apply_rope, param, rms_norm
+
+# Larger than any real position, small enough that pos // chunk stays in int32.
+INVALID_POS = 2**30
+_NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so fully-masked rows give no NaN
+
+_BACKENDS: dict = {}
+
+
+def register_backend(name: str, fn) -> None:
+    """Make an attention implementation selectable as `attention_impl=name`."""
+    _BACKENDS[name] = fn
+
+
+def backends() -> tuple[str, ...]:
+    return tuple(_BACKENDS)
+
+
+def visible(q_pos, k_pos, chunk_size: int | None):
+    """Boolean mask [B, T, S] from query positions [B, T] and key positions [B, S]."""
+    qp, kp = q_pos[:, :, None], k_pos[:, None, :]
+    m = kp <= qp
+    if chunk_size:
+        m = m & (kp // chunk_size == qp // chunk_size)
+    return m
+
+
+def xla_attention(q, k, v, q_pos, k_pos, *, chunk_size: int | None = None):
+    """Reference attention: softmax(q k^T / sqrt(d) + mask) v with GQA.
+
+    q [B, T, H, d] (already temperature-scaled), k/v [B, S, K, d]; H = K * G and
+    query head h reads KV head h // G (HF's repeat_kv). Logits, softmax statistics
+    and the probability-weighted sum accumulate in fp32 (as SDPA does).
+    """
+    B, T, H, d = q.shape
+    K = k.shape[2]
+    qg = q.reshape(B, T, K, H // K, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    logits = logits * (1.0 / math.sqrt(d))
+    mask = visible(q_pos, k_pos, chunk_size)[:, None, None]
+    logits = jnp.where(mask, logits, _NEG)
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(B, T, H, d).astype(q.dtype)
+
+
+register_backend("xla", xla_attention)
+
+
+def attend(q, k, v, q_pos, k_pos, *, chunk_size: int | None, impl: str = "xla"):
+    """Dispatch to the attention backend `impl` (see `backends()`)."""
+    try:
+        fn = _BACKENDS[impl]
+    except KeyError:
+        raise ValueError(f"unknown attention_impl {impl!r}; available: {sorted(_BACKENDS)}") from None
+    return fn(q, k, v, q_pos, k_pos, chunk_size=chunk_size)
+
+
+def temperature_scale(positions, cfg: TextConfig):
+    """NoPE attention temperature [B, T] in fp32: 1 + attn_scale * log1p(floor((p+1)/floor_scale)).
+
+    The floor is taken on integer positions, so it is exact at every length (an fp32
+    or bf16 position would round near multiples of floor_scale). HF computes the same
+    from the cache length; we use each row's true position (identical without left
+    padding; with left padding HF shifts the scale by the pad count past 8191 tokens).
+    """
+    n = (positions.astype(jnp.int32) + 1) // cfg.floor_scale
+    return jnp.log1p(n.astype(jnp.float32)) * cfg.attn_scale + 1.0
+
+
+def write_cache(entry, k, v, k_pos, *, ring: bool):
+    """Store the valid new keys/values of [B, T] tokens in a cache entry.
+
+    entry: {'k','v': [B, S, K, d], 'pos': [B, S]}. Global layers store position p in
+    slot p. Chunked layers keep a ring buffer of S = chunk slots, slot p % S, and keep
+    only the last S tokens of each row (older ones can never be attended again).
+    Everything else (padding, evicted tokens) is dropped by an out-of-range index.
+    """
+    S = entry["pos"].shape[1]
+    valid = k_pos < INVALID_POS
+    if ring:
+        last = jnp.max(jnp.where(valid, k_pos, -1), axis=1, keepdims=True)
+        keep = valid & (k_pos > last - S)
+        slot = jnp.where(keep, k_pos % S, S)
+    else:
+        slot = jnp.where(valid & (k_pos < S), k_pos, S)
+    b = jnp.arange(k_pos.shape[0])[:, None]
+    upd = lambda buf, val: buf.at[b, slot].set(val.astype(buf.dtype), mode="drop")
+    return {"k": upd(entry["k"], k), "v": upd(entry["v"], v), "pos": upd(entry["pos"], k_pos)}
+
+
+class Attention(nn.Module):
+    cfg: TextConfig
+    flags: LayerFlags
+    dtype: jnp.dtype
+    impl: str = "xla"
+
+    @nn.compact
+    def __call__(self, x, ctx, cache=None):
+        cfg, dt = self.cfg, self.dtype
+        D, H, K, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        wq = param(self, "q", (D, H, d), ("embed", "q_heads", "head_dim"), dt)
+        wk = param(self, "k", (D, K, d), ("embed", "kv_heads", "head_dim"), dt)
+        wv = param(self, "v", (D, K, d), ("embed", "kv_heads", "head_dim"), dt)
+        wo = param(self, "o", (H, d, D), ("q_heads", "head_dim", "embed"), dt)
+
+        q = jnp.einsum("btd,dhe->bthe", x, wq)
+        k = jnp.einsum("btd,dke->btke", x, wk)
+        v = jnp.einsum("btd,dke->btke", x, wv)
+        if self.flags.uses_rope:
+            q = apply_rope(q, ctx["cos"], ctx["sin"])
+            k = apply_rope(k, ctx["cos"], ctx["sin"])
+            if cfg.use_qk_norm:  # unweighted per-head RMSNorm, after RoPE, RoPE layers only
+                q = rms_norm(q, None, cfg.rms_norm_eps)
+                k = rms_norm(k, None, cfg.rms_norm_eps)
+        elif cfg.attn_temperature_tuning:
+            q = (q.astype(jnp.float32) * ctx["temp"][:, :, None, None]).astype(dt)
+
+        chunk = cfg.attention_chunk_size if self.flags.is_chunked else None
+        q_pos = ctx["q_pos"]
+        k_pos = ctx["k_pos"]
+        if cache is None:
+            keys, vals, kpos = k, v, k_pos
+        elif self.flags.is_chunked:
+            # Ring buffer: attend over [cached | new] so a prefill longer than the ring
+            # still sees its own chunk, then keep the last `chunk` tokens per row.
+            keys = jnp.concatenate([cache["k"].astype(dt), k], axis=1)
+            vals = jnp.concatenate([cache["v"].astype(dt), v], axis=1)
+            kpos = jnp.concatenate([cache["pos"], k_pos], axis=1)
+            cache = write_cache(cache, k, v, k_pos, ring=True)
+        else:
+            cache = write_cache(cache, k, v, k_pos, ring=False)
+            keys, vals, kpos = cache["k"].astype(dt), cache["v"].astype(dt), cache["pos"]
+
+        out = attend(q, keys, vals, q_pos, kpos, chunk_size=chunk, impl=self.impl)
+        return jnp.einsum("bthe,hed->btd", out, wo), cache

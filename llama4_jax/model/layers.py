@@ -1,0 +1,82 @@
+"""Small building blocks: RMSNorm, RoPE, the SwiGLU MLP, parameter helpers.
+
+Dimension letters used throughout the model: B batch, T new tokens (queries),
+S keys, D model width, H query heads, K key/value heads, G = H/K query heads per
+KV head, d head dim, E experts, F feed-forward width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+INIT = nn.initializers.normal(stddev=0.02)
+
+
+def param(module: nn.Module, name: str, shape, axes, dtype, init=INIT):
+    """A parameter annotated with logical axis names (one name per dimension)."""
+    assert len(shape) == len(axes), (name, shape, axes)
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+def rms_norm(x, weight, eps: float):
+    """Llama RMSNorm: normalise in fp32, cast back to the input dtype, THEN scale.
+
+    The cast before the weight multiply matches transformers and Meta; scaling in
+    fp32 first differs by a bf16 rounding of the product.
+    """
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    y = y.astype(x.dtype)
+    return y if weight is None else y * weight.astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        w = param(self, "scale", (x.shape[-1],), ("norm",), self.dtype, nn.initializers.ones)
+        return rms_norm(x, w, self.eps)
+
+
+def rope_angles(positions, inv_freq):
+    """cos, sin of the RoPE angles [B, T, d/2] in fp32 from integer positions [B, T].
+
+    Positions are converted to fp32 before the product (as transformers does); fp32
+    represents every integer position below 2^24 exactly.
+    """
+    ang = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+    return jnp.cos(ang), jnp.sin(ang)
+
+
+def apply_rope(x, cos, sin):
+    """Interleaved (GPT-J / complex) rotary embedding of x [B, T, N, d] in fp32.
+
+    Pairs (x[2j], x[2j+1]) rotate by angle j, matching `torch.view_as_complex` in
+    transformers' Llama 4; weights are used as stored (no rotate-half permutation).
+    """
+    x32 = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+    x0, x1 = x32[..., 0], x32[..., 1]
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    y = jnp.stack([x0 * c - x1 * s, x0 * s + x1 * c], axis=-1)
+    return y.reshape(x.shape).astype(x.dtype)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)); used dense and as the shared expert."""
+
+    hidden: int
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        D = x.shape[-1]
+        gate = param(self, "gate", (D, self.hidden), ("embed", "mlp"), self.dtype)
+        up = param(self, "up", (D, self.hidden), ("embed", "mlp"), self.dtype)
+        down = param(self, "down", (self.hidden, D), ("mlp", "embed"), self.dtype)
+        g = jnp.einsum("btd,df->btf", x, gate)
+        u = jnp.einsum("btd,df->btf", x, up)
+        return jnp.einsum("btf,fd->btd", u * jax.nn.silu(g), down)

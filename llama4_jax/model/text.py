@@ -1,0 +1,208 @@
+"""The Llama 4 text decoder and the functional `forward`.
+
+    x = embed[ids]
+    for each layer i (pre-norm residual):
+        x += Attention_i(RMSNorm(x))      RoPE + QK norm + chunk mask   (RoPE layers)
+                                          temperature-scaled q, global   (NoPE layers)
+        x += FFN_i(RMSNorm(x))            MoE or dense SwiGLU
+    logits = RMSNorm(x) @ lm_head        (float32)
+
+Layers are scanned in repeating groups of `cfg.scan_period` layers (4 for Scout and
+Maverick), so compile time does not grow with depth; group member j is layer
+`g * period + j`, and its parameters are stacked on a leading `layers` axis. An
+aperiodic pattern is one group of all layers (an unrolled stack) with a leading
+axis of 1, so the parameter tree always has the same shape.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ..config import LayerFlags, Llama4Config, TextConfig, rope_inv_freq
+from .attention import INVALID_POS, Attention, temperature_scale
+from .layers import MLP, RMSNorm, param, rope_angles
+from .moe import MoE
+
+
+class DecoderLayer(nn.Module):
+    cfg: TextConfig
+    flags: LayerFlags
+    dtype: Any
+    attn_impl: str
+    moe_impl: str
+
+    @nn.compact
+    def __call__(self, x, ctx, cache):
+        cfg = self.cfg
+        with jax.named_scope("attention"):
+            h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="attn_norm")(x)
+            a, cache = Attention(cfg, self.flags, self.dtype, self.attn_impl, name="attn")(h, ctx, cache)
+            x = x + a
+        with jax.named_scope("moe" if self.flags.is_moe else "mlp"):
+            h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="ffn_norm")(x)
+            if self.flags.is_moe:
+                f = MoE(cfg, self.dtype, self.moe_impl, name="moe")(h)
+            else:
+                f = MLP(cfg.intermediate_size_mlp, self.dtype, name="mlp")(h)
+        return x + f, cache
+
+
+class DecoderGroup(nn.Module):
+    """One period of the layer pattern: layers layer_0 .. layer_{p-1}."""
+
+    cfg: TextConfig
+    dtype: Any
+    attn_impl: str
+    moe_impl: str
+    with_hidden: bool = False
+
+    @nn.compact
+    def __call__(self, x, ctx, cache):
+        new_cache, hidden = {}, []
+        for j, flags in enumerate(self.cfg.group_flags):
+            name = f"layer_{j}"
+            layer = DecoderLayer(self.cfg, flags, self.dtype, self.attn_impl, self.moe_impl, name=name)
+            x, c = layer(x, ctx, cache.get(name) if cache else None)
+            if c is not None:
+                new_cache[name] = c
+            hidden.append(x if self.with_hidden else None)
+        return x, (new_cache, tuple(hidden) if self.with_hidden else ())
+
+
+class TextModel(nn.Module):
+    """The decoder. `__call__` returns (logits f32 [B, T, V], new cache, hidden states)."""
+
+    cfg: TextConfig
+    dtype: Any = jnp.float32
+    attn_impl: str = "xla"
+    moe_impl: str = "ragged"
+    with_hidden: bool = False
+
+    @nn.compact
+    def __call__(self, input_ids=None, positions=None, valid=None, cache_layers=None, *, embeds=None):
+        cfg, dt = self.cfg, self.dtype
+        embed = param(self, "embed", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dt)
+        x = embed[input_ids] if embeds is None else embeds.astype(dt)
+
+        ctx = {
+            "q_pos": positions,
+            "k_pos": jnp.where(valid, positions, INVALID_POS),
+        }
+        ctx["cos"], ctx["sin"] = rope_angles(positions, rope_inv_freq(cfg))
+        ctx["temp"] = temperature_scale(positions, cfg)
+
+        Group = nn.scan(
+            DecoderGroup,
+            variable_axes={"params": 0, "intermediates": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, 0),
+            length=cfg.num_groups,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        x, (new_cache, hidden) = Group(cfg, dt, self.attn_impl, self.moe_impl, self.with_hidden, name="layers")(
+            x, ctx, cache_layers if cache_layers is not None else {}
+        )
+        x = RMSNorm(cfg.rms_norm_eps, dt, name="final_norm")(x)
+        if cfg.tie_word_embeddings:
+            logits = jnp.einsum("btd,vd->btv", x, embed, preferred_element_type=jnp.float32)
+        else:
+            head = param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dt)
+            logits = jnp.einsum("btd,dv->btv", x, head, preferred_element_type=jnp.float32)
+        if self.with_hidden:
+            # [G, B, T, D] per group member -> layer order (layer = g * period + j).
+            stacked = jnp.stack(hidden, axis=1)  # [G, p, B, T, D]
+            hidden = stacked.reshape(-1, *stacked.shape[2:])
+        return logits, (new_cache if cache_layers is not None else None), hidden
+
+
+def positions_from_mask(attention_mask, offset=None):
+    """Per-row positions [B, T] and validity from a 0/1 mask (left or right padding).
+
+    positions = offset + cumsum(mask) - 1 for real tokens; padding gets the position
+    of the row's next real token clipped to >= 0 (never used: its key is invalid).
+    """
+    valid = attention_mask.astype(bool)
+    pos = jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1
+    pos = jnp.maximum(pos, 0)
+    if offset is not None:
+        pos = pos + offset[:, None]
+    return pos.astype(jnp.int32), valid
+
+
+def _dtype(dtype):
+    return jnp.dtype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "attn_impl", "moe_impl", "with_hidden"))
+def _forward(config, params, input_ids, attention_mask, attn_impl, moe_impl, with_hidden):
+    t = config.text
+    dtype = params["params"]["embed"].dtype
+    model = TextModel(t, dtype, attn_impl, moe_impl, with_hidden)
+    positions, valid = positions_from_mask(attention_mask)
+    logits, _, hidden = model.apply(params, input_ids, positions, valid)
+    return logits, hidden
+
+
+def forward(
+    config: Llama4Config,
+    params,
+    input_ids,
+    *,
+    attention_mask=None,
+    attention_impl: str = "xla",
+    moe_impl: str = "ragged",
+    return_hidden_states: bool = False,
+):
+    """Logits [B, T, V] float32 of the text decoder (no cache).
+
+    Args:
+      config: a `Llama4Config` (or a bare `TextConfig`).
+      params: the parameter tree `{'params': ...}` from `load` or `init_params`.
+      input_ids: int [B, T].
+      attention_mask: optional 0/1 [B, T]; left or right padding. Positions, the
+        chunk boundaries and the NoPE temperature follow each row's real tokens.
+      attention_impl: attention backend (see `llama4_jax.model.attention.backends()`).
+      moe_impl: "ragged" (only the chosen experts) or "dense" (the reference).
+      return_hidden_states: also return the residual stream after every layer,
+        [L, B, T, D] (transformers' `hidden_states[1:]`, before the final norm).
+    """
+    if isinstance(config, TextConfig):
+        config = Llama4Config(text=config)
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
+    if attention_mask is None:
+        attention_mask = jnp.ones_like(input_ids)
+    attention_mask = jnp.asarray(attention_mask, jnp.int32)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape {input_ids.shape}")
+    logits, hidden = _forward(config, params, input_ids, attention_mask, attention_impl, moe_impl,
+                              return_hidden_states)
+    return (logits, hidden) if return_hidden_states else logits
+
+
+def init_params(config: Llama4Config, key, *, dtype="float32"):
+    """Random parameters (normal(0.02), norms at 1) with logical-axis metadata removed."""
+    if isinstance(config, TextConfig):
+        config = Llama4Config(text=config)
+    model = TextModel(config.text, _dtype(dtype))
+    ids = jnp.zeros((1, 1), jnp.int32)
+    pos = jnp.zeros((1, 1), jnp.int32)
+    variables = jax.jit(lambda k: model.init(k, ids, pos, pos >= 0))(key)
+    return nn.meta.unbox(variables)
+
+
+def abstract_params(config: Llama4Config, *, dtype="bfloat16", boxed: bool = False):
+    """Shapes and dtypes of the parameter tree (no memory), optionally with axis names."""
+    if isinstance(config, TextConfig):
+        config = Llama4Config(text=config)
+    model = TextModel(config.text, _dtype(dtype))
+    ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    valid = jax.ShapeDtypeStruct((1, 1), jnp.bool_)
+    tree = jax.eval_shape(lambda i, p, v: model.init(jax.random.key(0), i, p, v), ids, ids, valid)
+    return tree if boxed else nn.meta.unbox(tree)
