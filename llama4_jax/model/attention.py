@@ -93,10 +93,32 @@ def temperature_scale(positions, cfg: TextConfig):
     return jnp.log1p(n.astype(jnp.float32)) * cfg.attn_scale + 1.0
 
 
+def quantize_kv(x):
+    """Symmetric int8 with one fp32 scale per token and KV head.
+
+    x [B, T, K, d] -> (int8 [B, T, K, d], scale f32 [B, T, K]) with
+    x ~= q * scale; the rounding error is at most scale / 2 = max|x| / 254 per element.
+    """
+    x32 = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(x32), axis=-1) / 127.0
+    safe = jnp.where(scale > 0, scale, 1.0)  # an all-zero vector stays zero
+    q = jnp.clip(jnp.round(x32 / safe[..., None]), -127, 127).astype(jnp.int8)
+    return q, scale
+
+
+def read_cache(entry, dtype):
+    """Keys and values [B, S, K, d] of a cache entry in `dtype` (dequantised if int8)."""
+    if "k_scale" not in entry:
+        return entry["k"].astype(dtype), entry["v"].astype(dtype)
+    deq = lambda q, s: (q.astype(jnp.float32) * s[..., None]).astype(dtype)
+    return deq(entry["k"], entry["k_scale"]), deq(entry["v"], entry["v_scale"])
+
+
 def write_cache(entry, k, v, k_pos, *, ring: bool):
     """Store the valid new keys/values of [B, T] tokens in a cache entry.
 
-    entry: {'k','v': [B, S, K, d], 'pos': [B, S]}. Global layers store position p in
+    entry: {'k','v': [B, S, K, d], 'pos': [B, S]}, plus 'k_scale','v_scale' [B, S, K]
+    for an int8 cache (see `quantize_kv`). Global layers store position p in
     slot p. Chunked layers keep a ring buffer of S = chunk slots, slot p % S, and keep
     only the last S tokens of each row (older ones can never be attended again).
     Everything else (padding, evicted tokens) is dropped by an out-of-range index.
@@ -111,7 +133,14 @@ def write_cache(entry, k, v, k_pos, *, ring: bool):
         slot = jnp.where(valid & (k_pos < S), k_pos, S)
     b = jnp.arange(k_pos.shape[0])[:, None]
     upd = lambda buf, val: buf.at[b, slot].set(val.astype(buf.dtype), mode="drop")
-    return {"k": upd(entry["k"], k), "v": upd(entry["v"], v), "pos": upd(entry["pos"], k_pos)}
+    new = {"pos": upd(entry["pos"], k_pos)}
+    for name, x in (("k", k), ("v", v)):
+        if name + "_scale" in entry:
+            q, scale = quantize_kv(x)
+            new[name], new[name + "_scale"] = upd(entry[name], q), upd(entry[name + "_scale"], scale)
+        else:
+            new[name] = upd(entry[name], x)
+    return new
 
 
 class Attention(nn.Module):
@@ -149,13 +178,14 @@ class Attention(nn.Module):
         elif self.flags.is_chunked:
             # Ring buffer: attend over [cached | new] so a prefill longer than the ring
             # still sees its own chunk, then keep the last `chunk` tokens per row.
-            keys = jnp.concatenate([cache["k"].astype(dt), k], axis=1)
-            vals = jnp.concatenate([cache["v"].astype(dt), v], axis=1)
+            ck, cv = read_cache(cache, dt)
+            keys = jnp.concatenate([ck, k], axis=1)
+            vals = jnp.concatenate([cv, v], axis=1)
             kpos = jnp.concatenate([cache["pos"], k_pos], axis=1)
             cache = write_cache(cache, k, v, k_pos, ring=True)
         else:
             cache = write_cache(cache, k, v, k_pos, ring=False)
-            keys, vals, kpos = cache["k"].astype(dt), cache["v"].astype(dt), cache["pos"]
+            (keys, vals), kpos = read_cache(cache, dt), cache["pos"]
 
         out = attend(q, keys, vals, q_pos, kpos, chunk_size=chunk, impl=self.impl)
         return jnp.einsum("bthe,hed->btd", out, wo), cache
