@@ -458,21 +458,22 @@ _MAVERICK_TEXT = dataclasses.replace(
     rope_scaling=None,
     max_position_embeddings=1048576,
 )
-# Behemoth: Meta announced ~2T total / 288B active parameters with 16 experts but never
-# published the dimensions. This is an ESTIMATE built by scaling Scout's shape (wider,
-# deeper, same iRoPE/MoE pattern) so that parameter counts land near the announcement;
-# use it for planning and sharding experiments only.
+# Behemoth: Meta announced ~2T total / 288B active parameters with 16 experts (top-1
+# plus a shared expert) but never published the dimensions. This is an ESTIMATE: Scout's
+# layer pattern widened to hidden 16384 (128 heads, 8 KV heads) with expert width 20480
+# and deepened to 112 layers, which gives 1.99T total / 296B active in `abstract_params`.
+# Use it for memory planning and sharding experiments only.
 _BEHEMOTH_TEXT = dataclasses.replace(
     _SCOUT_TEXT,
     hidden_size=16384,
-    intermediate_size=16384,
-    intermediate_size_mlp=53248,
-    num_hidden_layers=72,
+    intermediate_size=20480,
+    intermediate_size_mlp=40960,
+    num_hidden_layers=112,
     num_attention_heads=128,
     num_key_value_heads=8,
     head_dim=128,
-    moe_layers=tuple(range(72)),
-    no_rope_layers=(1, 1, 1, 0) * 18,
+    moe_layers=tuple(range(112)),
+    no_rope_layers=(1, 1, 1, 0) * 28,
 )
 
 _TINY_TEXT = TextConfig(
@@ -532,8 +533,10 @@ def rope_inv_freq(t: TextConfig):
     import numpy as np
 
     d = t.head_dim
-    inv = (np.float32(1.0) / (np.float32(t.rope_theta) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d))))
-    inv = inv.astype(np.float32)
+    # torch evaluates `theta ** e` for a Python-float theta in double and rounds it to
+    # fp32; the reciprocal is then fp32. Doing the same here gives the identical table.
+    e = (np.arange(0, d, 2, dtype=np.float32) / np.float32(d)).astype(np.float64)
+    inv = np.float32(1.0) / (np.float64(t.rope_theta) ** e).astype(np.float32)
     s = t.rope_scaling
     if s is None:
         return inv
