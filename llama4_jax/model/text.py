@@ -84,7 +84,10 @@ class TextModel(nn.Module):
     with_hidden: bool = False
 
     @nn.compact
-    def __call__(self, input_ids=None, positions=None, valid=None, cache_layers=None, *, embeds=None):
+    def __call__(self, input_ids=None, positions=None, valid=None, cache_layers=None, *, embeds=None,
+                 last_only: bool = False):
+        """last_only: logits of the last position only, [B, 1, V] (prefill of a
+        left-padded batch, where that is every row's last real token)."""
         cfg, dt = self.cfg, self.dtype
         embed = param(self, "embed", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dt)
         x = embed[input_ids] if embeds is None else embeds.astype(dt)
@@ -107,6 +110,8 @@ class TextModel(nn.Module):
         x, (new_cache, hidden) = Group(cfg, dt, self.attn_impl, self.moe_impl, self.with_hidden, name="layers")(
             x, ctx, cache_layers if cache_layers is not None else {}
         )
+        if last_only:
+            x = x[:, -1:]
         x = RMSNorm(cfg.rms_norm_eps, dt, name="final_norm")(x)
         if cfg.tie_word_embeddings:
             logits = jnp.einsum("btd,vd->btv", x, embed, preferred_element_type=jnp.float32)
