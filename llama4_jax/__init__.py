@@ -7,6 +7,8 @@
 
 from .config import Llama4Config, TextConfig, VisionConfig, from_hf, load_config, preset, to_hf
 from .model.text import abstract_params, forward, init_params
+from .generate import Completion, generate  # binds the function, not the submodule of the same name
+from .sampling import Greedy, MinP, Sampling, Temperature, TopK, TopP
 
 
 def load(path, *, dtype="bfloat16"):
@@ -22,5 +24,6 @@ def load(path, *, dtype="bfloat16"):
 __all__ = [
     "Llama4Config", "TextConfig", "VisionConfig", "from_hf", "to_hf", "load_config", "preset",
     "forward", "init_params", "abstract_params", "load",
+    "generate", "Completion", "Greedy", "Temperature", "TopK", "TopP", "MinP", "Sampling",
 ]
 __version__ = "0.1.0"

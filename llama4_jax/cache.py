@@ -1,0 +1,98 @@
+"""The KV cache: an explicit pytree, created here, threaded through `TextModel`.
+
+    cache = {'layer_j': {'k', 'v': [G, B, S_j, K, d],     # j = member of the scanned group
+                         'pos':    [G, B, S_j] int32,      # absolute position per slot
+                         ('k_scale', 'v_scale': [G, B, S_j, K] f32 when int8)}}
+
+G = `num_groups` (the scanned `layers` axis), B batch rows, K KV heads, d head dim.
+S_j is `attention_chunk_size` for chunked (RoPE) layers, which keep a ring buffer of
+the last chunk (older tokens can never be attended again), and `max_len` for global
+(NoPE) layers, where position p lives in slot p. Empty slots hold `INVALID_POS`, so
+the position-derived mask ignores them and rows of different lengths (ragged,
+left-padded batches) need no separate length array: each row's length is the number
+of valid slots its global layers hold.
+
+int8 option (`kv_dtype="int8"`): keys and values are stored as symmetric int8 with one
+fp32 scale per token and KV head (`model.attention.quantize_kv`), a quarter of the
+fp32 bytes (plus 4/d for the scales); the error per element is at most max|x|/254.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import Llama4Config, TextConfig
+from .model.attention import INVALID_POS, quantize_kv, read_cache
+
+__all__ = ["init_cache", "abstract_cache", "cache_slots", "cache_bytes", "cache_lengths", "quantize_kv",
+           "read_cache", "KV_DTYPES"]
+
+KV_DTYPES = ("float32", "bfloat16", "float16", "int8")
+
+
+def _text(config) -> TextConfig:
+    return config.text if isinstance(config, Llama4Config) else config
+
+
+def cache_slots(config, max_len: int) -> tuple[int, ...]:
+    """Slots per group member: the chunk for chunked layers (at most max_len), else max_len."""
+    t = _text(config)
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    return tuple(min(t.attention_chunk_size, max_len) if f.is_chunked else max_len for f in t.group_flags)
+
+
+def _kv_dtype(kv_dtype, dtype):
+    name = jnp.dtype(dtype).name if kv_dtype is None else str(kv_dtype)
+    if name not in KV_DTYPES:
+        raise ValueError(f"kv_dtype must be one of {KV_DTYPES} (or None for the model dtype), got {kv_dtype!r}")
+    return jnp.dtype(name)
+
+
+def init_cache(config, batch: int, max_len: int, *, dtype="float32", kv_dtype=None):
+    """An empty cache for `batch` rows of at most `max_len` positions each.
+
+    dtype: the model (activation) dtype; kv_dtype: None (same as dtype), a float
+    dtype name, or "int8" for the quantised cache.
+    """
+    t = _text(config)
+    G, K, d = t.num_groups, t.num_key_value_heads, t.head_dim
+    kvd = _kv_dtype(kv_dtype, dtype)
+    cache = {}
+    for j, S in enumerate(cache_slots(t, max_len)):
+        entry = {
+            "k": jnp.zeros((G, batch, S, K, d), kvd),
+            "v": jnp.zeros((G, batch, S, K, d), kvd),
+            "pos": jnp.full((G, batch, S), INVALID_POS, jnp.int32),
+        }
+        if kvd == jnp.int8:
+            entry["k_scale"] = jnp.zeros((G, batch, S, K), jnp.float32)
+            entry["v_scale"] = jnp.zeros((G, batch, S, K), jnp.float32)
+        cache[f"layer_{j}"] = entry
+    return cache
+
+
+def abstract_cache(config, batch: int, max_len: int, *, dtype="float32", kv_dtype=None):
+    """Shapes and dtypes of `init_cache(...)` without allocating it."""
+    return jax.eval_shape(lambda: init_cache(config, batch, max_len, dtype=dtype, kv_dtype=kv_dtype))
+
+
+def cache_bytes(config, batch: int, max_len: int, *, dtype="float32", kv_dtype=None) -> int:
+    """Bytes the cache occupies (all layers, all rows)."""
+    tree = abstract_cache(config, batch, max_len, dtype=dtype, kv_dtype=kv_dtype)
+    return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)))
+
+
+def cache_lengths(config, cache):
+    """Tokens held per row [B] (positions seen so far), read from a global layer.
+
+    Only defined when the group has a global (non-chunked) layer, as every Llama 4
+    config does; a chunked ring buffer forgets how many tokens came before it.
+    """
+    t = _text(config)
+    for j, f in enumerate(t.group_flags):
+        if not f.is_chunked:
+            return jnp.sum(cache[f"layer_{j}"]["pos"][0] < INVALID_POS, axis=-1).astype(jnp.int32)
+    raise ValueError("cache_lengths needs a global (non-chunked) attention layer in the config")

@@ -1,0 +1,436 @@
+"""Batched offline inference: the `generate` Python API and the `llama4-jax generate` command.
+
+    completions = llama4_jax.generate(config, params, ["Hello", [{"role": "user", "content": "Hi"}]],
+                                      tokenizer=tok, sampling=TopP(0.9, temperature=0.7, seed=1))
+    completions[0].text, completions[0].token_ids, completions[0].finish_reason
+
+How a run goes:
+  * prompts (text, chat messages or token ids) are tokenised, checked against the
+    context, sorted by length (results come back in input order) and cut into
+    batches of `batch_size` rows; the last batch is filled with inert rows so every
+    batch has the same shape;
+  * each batch is left-padded to a prompt-length bucket (powers of two), so new
+    lengths reuse a compiled prefill; the cache holds bucket + new-token budget slots;
+  * prefill (one jitted call) fills the KV cache and samples the first token;
+  * decode is one jitted `lax.while_loop` that donates its state (cache included) and
+    runs until every row is done or the budget is spent. With stop strings it runs in
+    segments of `_STOP_STRING_SEGMENT` tokens and the host checks the text in between.
+
+A row stops at a stop token (the checkpoint's eos list, e.g. `<|eot|>` and `<|eom|>`;
+the token is kept in `token_ids`, as transformers and vLLM do), at a stop string
+(the text ends before it), at `max_new_tokens`, or at the context length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .cache import init_cache
+from .config import Llama4Config, TextConfig
+from .model.text import TextModel, positions_from_mask
+from .sampling import Sampling, SamplingMethod, resolve, sample
+
+__all__ = ["generate", "Completion", "GenerationStats", "add_arguments", "run", "DEFAULT_MODEL",
+           "DEFAULT_MAX_NEW_TOKENS"]
+
+DEFAULT_MAX_NEW_TOKENS = 256
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny-llama4")
+_MIN_BUCKET = 16  # smallest prompt-length bucket
+_STOP_STRING_SEGMENT = 32  # decode steps between host-side stop-string checks
+
+
+@dataclasses.dataclass
+class Completion:
+    """One prompt's result.
+
+    text: the decoded completion (special tokens skipped, cut before a stop string),
+        None without a tokenizer.
+    token_ids: the generated ids only (a final stop token included).
+    finish_reason: "stop" (stop token or string) or "length" (max_new_tokens or context).
+    logprobs: log-probability of each generated token under the model (before
+        temperature and filters), when asked for.
+    prompt_token_ids: the ids the model was given.
+    """
+
+    text: str | None
+    token_ids: list[int]
+    finish_reason: str
+    logprobs: list[float] | None = None
+    prompt_token_ids: list[int] | None = None
+
+
+@dataclasses.dataclass
+class GenerationStats:
+    """Counts and timings of a run (seconds; compile time is kept apart)."""
+
+    prompts: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    compile_s: float = 0.0
+
+    def summary(self) -> str:
+        pf = self.prompt_tokens / self.prefill_s if self.prefill_s else float("nan")
+        dc = self.generated_tokens / self.decode_s if self.decode_s else float("nan")
+        return (f"{self.prompts} prompts, {self.prompt_tokens} prompt tokens, {self.generated_tokens} generated "
+                f"tokens; prefill {pf:.1f} tok/s ({self.prefill_s:.2f} s), decode {dc:.1f} tok/s "
+                f"({self.decode_s:.2f} s), compile {self.compile_s:.2f} s")
+
+
+@dataclasses.dataclass
+class _Request:
+    ids: list[int]
+    sampling: Sampling
+    max_new_tokens: int
+    stop: tuple[str, ...] = ()
+
+
+# --------------------------------------------------------------------------------------
+# The jitted engine
+# --------------------------------------------------------------------------------------
+
+def _model(text: TextConfig, params, attn_impl, moe_impl):
+    return TextModel(text, params["params"]["embed"].dtype, attn_impl, moe_impl)
+
+
+@functools.partial(jax.jit, static_argnames=("text", "max_len", "max_new", "attn_impl", "moe_impl", "kv_dtype"))
+def _prefill(params, ids, mask, samp, budget, stop_ids, *, text, max_len, max_new, attn_impl, moe_impl, kv_dtype):
+    """Run the prompts [B, T] (left-padded, mask 0/1) and sample the first token.
+
+    samp: dict of per-row sampling arrays [B]; budget: int32 [B] tokens each row may
+    generate (>= 1 for real rows, 0 for filler rows). Returns the decode state.
+    """
+    B = ids.shape[0]
+    model = _model(text, params, attn_impl, moe_impl)
+    dtype = params["params"]["embed"].dtype
+    cache = init_cache(text, B, max_len, dtype=dtype, kv_dtype=kv_dtype)
+    positions, valid = positions_from_mask(mask)
+    with jax.named_scope("prefill"):
+        logits, cache, _ = model.apply(params, ids, positions, valid, cache, last_only=True)
+    tok, lp = sample(logits[:, 0], samp["temperature"], samp["top_k"], samp["top_p"], samp["min_p"],
+                     samp["seed"], 0)
+    stopped = jnp.isin(tok, stop_ids) & (budget > 0)
+    return {
+        "tokens": jnp.zeros((B, max_new), jnp.int32).at[:, 0].set(tok),
+        "logprobs": jnp.zeros((B, max_new), jnp.float32).at[:, 0].set(lp),
+        "last": tok,
+        "pos": jnp.sum(mask, axis=1).astype(jnp.int32),  # position of the next input token
+        "step": jnp.int32(1),
+        "done": stopped | (budget <= 1),
+        "stopped": stopped,
+        "cache": cache,
+    }
+
+
+@functools.partial(jax.jit, static_argnames=("text", "attn_impl", "moe_impl"), donate_argnums=(1,))
+def _decode(params, state, samp, budget, stop_ids, limit, *, text, attn_impl, moe_impl):
+    """Decode until every row is done or `step` reaches `limit` (<= max_new).
+
+    One `lax.while_loop`; each iteration feeds every row's last token [B, 1] at its
+    own position, samples the next one and updates the done flags. Finished rows are
+    fed as invalid tokens (their cache is left alone) and emit 0.
+    """
+    model = _model(text, params, attn_impl, moe_impl)
+
+    def cond(s):
+        return (s["step"] < limit) & ~jnp.all(s["done"])
+
+    def body(s):
+        with jax.named_scope("decode_step"):
+            logits, cache, _ = model.apply(params, s["last"][:, None], s["pos"][:, None], ~s["done"][:, None],
+                                           s["cache"])
+            tok, lp = sample(logits[:, 0], samp["temperature"], samp["top_k"], samp["top_p"], samp["min_p"],
+                             samp["seed"], s["step"])
+            tok = jnp.where(s["done"], 0, tok)
+            new_stop = ~s["done"] & jnp.isin(tok, stop_ids)
+            step = s["step"] + 1
+            return {
+                "tokens": jax.lax.dynamic_update_slice(s["tokens"], tok[:, None], (0, s["step"])),
+                "logprobs": jax.lax.dynamic_update_slice(s["logprobs"], lp[:, None], (0, s["step"])),
+                "last": tok,
+                "pos": s["pos"] + (~s["done"]).astype(jnp.int32),
+                "step": step,
+                "done": s["done"] | new_stop | (step >= budget),
+                "stopped": s["stopped"] | new_stop,
+                "cache": cache,
+            }
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+class _Compiled:
+    """Ahead-of-time compiled prefill/decode per shape, so compile time is measured apart."""
+
+    def __init__(self, stats: GenerationStats):
+        self.stats, self.fns = stats, {}
+
+    def __call__(self, jitted, *args, **static):
+        key = (jitted, jax.tree_util.tree_structure(args),
+               tuple((x.shape, x.dtype) for x in jax.tree_util.tree_leaves(args)), tuple(sorted(static.items())))
+        if key not in self.fns:
+            t0 = time.perf_counter()
+            self.fns[key] = jitted.lower(*args, **static).compile()
+            self.stats.compile_s += time.perf_counter() - t0
+        return self.fns[key](*args)
+
+
+def _bucket(n: int, cap: int) -> int:
+    """The prompt-length bucket of n tokens: the next power of two >= 16, at most cap."""
+    return min(max(_MIN_BUCKET, 1 << (n - 1).bit_length()), max(cap, n))
+
+
+def _new_token_bucket(n: int) -> int:
+    """Size of the new-token buffer: n rounded up to a multiple of 16 (few shapes, little waste)."""
+    return -(-n // 16) * 16
+
+
+# --------------------------------------------------------------------------------------
+# Host side: prompts, batches, stop strings
+# --------------------------------------------------------------------------------------
+
+def _render(prompt, tokenizer, index: int) -> list[int]:
+    """Token ids of one prompt: a string, a list of chat messages, or token ids."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError(f"prompt {index} is text, which needs a tokenizer (pass tokenizer=...)")
+        ids = tokenizer(prompt)["input_ids"]
+    elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+        if tokenizer is None:
+            raise ValueError(f"prompt {index} is chat messages, which need a tokenizer (pass tokenizer=...)")
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"prompt {index} is chat messages, but the tokenizer has no chat template")
+        for j, m in enumerate(prompt):
+            if not isinstance(m.get("role"), str) or "content" not in m:
+                raise ValueError(f"prompt {index}, message {j}: expected {{'role': str, 'content': ...}}, got {m!r}")
+        text = tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+        # The template writes the special tokens itself (<|begin_of_text|> included).
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    elif isinstance(prompt, (list, tuple, np.ndarray)) and all(
+            isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt):
+        ids = [int(t) for t in prompt]
+    else:
+        raise ValueError(f"prompt {index} must be a string, a list of chat messages or a list of token ids, "
+                         f"got {type(prompt).__name__}: {str(prompt)[:80]!r}")
+    if not ids:
+        raise ValueError(f"prompt {index} is empty")
+    return list(ids)
+
+
+def _check_request(r: _Request, index, vocab_size: int, max_model_len: int) -> None:
+    n = len(r.ids)
+    bad = [t for t in r.ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"prompt {index} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+    if n >= max_model_len:
+        raise ValueError(f"prompt {index} has {n} tokens, longer than the context allows: at most "
+                         f"{max_model_len - 1} prompt tokens fit a context of {max_model_len} (max_model_len)")
+    if not isinstance(r.max_new_tokens, int) or r.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {r.max_new_tokens!r}")
+
+
+def _stop_cut(tokenizer, ids: list[int], stop: tuple[str, ...]):
+    """(n_tokens, text) if the decoded text contains a stop string, else None.
+
+    n_tokens is the shortest prefix of ids whose text contains the stop string;
+    text ends right before the first stop string.
+    """
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+    if not hits:
+        return None
+    cut = min(hits)
+    lo, hi = 1, len(ids)  # the stop string's end grows monotonically with the prefix
+    while lo < hi:
+        mid = (lo + hi) // 2
+        t = tokenizer.decode(ids[:mid], skip_special_tokens=True)
+        if any(s in t for s in stop):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo, text[:cut]
+
+
+def _run(config: Llama4Config, params, requests: list[_Request], *, tokenizer, stop_token_ids, batch_size: int,
+         max_model_len: int, logprobs: bool, kv_dtype, attention_impl: str, moe_impl: str,
+         on_batch: Callable[[int], None] | None = None) -> tuple[list[Completion], GenerationStats]:
+    """Generate for checked requests; returns completions in request order and stats."""
+    text = config.text
+    stats = GenerationStats(prompts=len(requests), prompt_tokens=sum(len(r.ids) for r in requests))
+    compiled = _Compiled(stats)
+    stop_ids = jnp.asarray(sorted(set(stop_token_ids)) or [-1], jnp.int32)
+    order = sorted(range(len(requests)), key=lambda i: -len(requests[i].ids))  # similar lengths together
+    B = min(batch_size, len(requests))
+    results: list[Completion | None] = [None] * len(requests)
+    for start in range(0, len(order), B):
+        rows = order[start:start + B]
+        reqs = [requests[i] for i in rows]
+        budgets = [min(r.max_new_tokens, max_model_len - len(r.ids)) for r in reqs]
+        T = _bucket(max(len(r.ids) for r in reqs), max_model_len)
+        N = _new_token_bucket(max(budgets))
+        ids = np.zeros((B, T), np.int32)
+        mask = np.zeros((B, T), np.int32)
+        for b, r in enumerate(reqs):
+            ids[b, T - len(r.ids):] = r.ids
+            mask[b, T - len(r.ids):] = 1
+        mask[len(reqs):, -1] = 1  # filler rows: one token, budget 0
+        pad = B - len(reqs)
+        samps = [r.sampling for r in reqs] + [Sampling(temperature=0.0)] * pad
+        samp = {
+            "temperature": jnp.asarray([s.temperature for s in samps], jnp.float32),
+            "top_k": jnp.asarray([s.top_k for s in samps], jnp.int32),
+            "top_p": jnp.asarray([s.top_p for s in samps], jnp.float32),
+            "min_p": jnp.asarray([s.min_p for s in samps], jnp.float32),
+            "seed": jnp.asarray([s.seed for s in samps], jnp.uint32),
+        }
+        budget = jnp.asarray(budgets + [0] * pad, jnp.int32)
+        statics = dict(text=text, attn_impl=attention_impl, moe_impl=moe_impl)
+        t0 = time.perf_counter()
+        c0 = stats.compile_s
+        state = compiled(_prefill, params, jnp.asarray(ids), jnp.asarray(mask), samp, budget, stop_ids,
+                         max_len=T + N, max_new=N, kv_dtype=kv_dtype, **statics)
+        jax.block_until_ready(state["tokens"])
+        stats.prefill_s += time.perf_counter() - t0 - (stats.compile_s - c0)
+
+        has_stop_str = tokenizer is not None and any(r.stop for r in reqs)
+        cuts: dict[int, tuple[int, str]] = {}
+        t0, c0 = time.perf_counter(), stats.compile_s
+        while True:
+            limit = min(N, int(state["step"]) + _STOP_STRING_SEGMENT) if has_stop_str else N
+            state = compiled(_decode, params, state, samp, budget, stop_ids, jnp.int32(limit), **statics)
+            step, done = int(state["step"]), np.asarray(state["done"])
+            if has_stop_str:  # cut rows whose text reached a stop string, then carry on with the rest
+                toks = np.asarray(state["tokens"])
+                for b, r in enumerate(reqs):
+                    if r.stop and b not in cuts:
+                        cut = _stop_cut(tokenizer, toks[b, :step].tolist(), r.stop)
+                        if cut is not None:
+                            cuts[b] = cut
+                if cuts:
+                    idx = jnp.asarray(sorted(cuts))
+                    state = {**state, "done": state["done"].at[idx].set(True)}
+                    done = np.asarray(state["done"])
+            if step >= N or done.all():
+                break
+        toks = np.asarray(state["tokens"])
+        lps = np.asarray(state["logprobs"])
+        stopped = np.asarray(state["stopped"])
+        stats.decode_s += time.perf_counter() - t0 - (stats.compile_s - c0)
+
+        for b, (i, r) in enumerate(zip(rows, reqs)):
+            n = min(budgets[b], step)
+            row = toks[b, :n].tolist()
+            if stopped[b]:  # keep the stop token, drop what follows
+                n = next(j for j, t in enumerate(row) if t in set(stop_token_ids)) + 1
+            reason = "stop" if stopped[b] else "length"
+            txt = None
+            if b in cuts and cuts[b][0] <= n:
+                n, txt = cuts[b]
+                reason = "stop"
+            elif tokenizer is not None:
+                txt = tokenizer.decode(row[:n], skip_special_tokens=True)
+            stats.generated_tokens += n
+            results[i] = Completion(text=txt, token_ids=row[:n], finish_reason=reason,
+                                    logprobs=lps[b, :n].tolist() if logprobs else None, prompt_token_ids=r.ids)
+        if on_batch is not None:
+            on_batch(len(reqs))
+    return results, stats
+
+
+def _context_length(config: Llama4Config, max_model_len: int | None) -> int:
+    ctx = config.text.max_position_embeddings
+    if max_model_len is None:
+        return ctx
+    if not isinstance(max_model_len, int) or not 2 <= max_model_len <= ctx:
+        raise ValueError(f"max_model_len must be an integer in [2, {ctx}] (max_position_embeddings), "
+                         f"got {max_model_len!r}")
+    return max_model_len
+
+
+def generate(
+    config: Llama4Config,
+    params,
+    prompts: Sequence[Any],
+    *,
+    tokenizer=None,
+    sampling: SamplingMethod | Sequence[SamplingMethod] | None = None,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    batch_size: int = 8,
+    stop: str | Sequence[str] | None = None,
+    stop_token_ids: Sequence[int] | None = None,
+    logprobs: bool = False,
+    max_model_len: int | None = None,
+    kv_dtype: str | None = None,
+    attention_impl: str = "xla",
+    moe_impl: str = "ragged",
+) -> list[Completion]:
+    """Complete a list of prompts; one `Completion` per prompt, in input order.
+
+    Args:
+      config, params: from `llama4_jax.load` (or `init_params`).
+      prompts: strings, chat message lists ([{"role": ..., "content": ...}, ...],
+        rendered with the tokenizer's chat template and a generation prompt), or lists
+        of token ids (no tokenizer needed).
+      tokenizer: a transformers tokenizer (e.g. `AutoTokenizer.from_pretrained(dir)`);
+        without it `Completion.text` is None.
+      sampling: None (greedy), one method for every prompt (`Greedy`, `Temperature`,
+        `TopK`, `TopP`, `MinP`, `Sampling`), or one per prompt. Results depend on each
+        request's seed, never on batch size or batch composition.
+      max_new_tokens: most tokens generated per prompt (also capped by the context).
+      batch_size: rows per batch (memory ~ weights + batch * (prompt + new) KV cache).
+      stop: stop string(s): generation ends once the text contains one; it is cut off.
+      stop_token_ids: extra stop tokens, added to the config's eos ids.
+      logprobs: also return each generated token's log-probability.
+      max_model_len: context limit (default max_position_embeddings).
+      kv_dtype: None (model dtype), "bfloat16", "float32" or "int8" (quantised cache).
+      attention_impl, moe_impl: backends (see `model.attention.backends()`, `model.moe.moe_impls()`).
+    """
+    return _generate_with_stats(config, params, prompts, tokenizer=tokenizer, sampling=sampling,
+                                max_new_tokens=max_new_tokens, batch_size=batch_size, stop=stop,
+                                stop_token_ids=stop_token_ids, logprobs=logprobs, max_model_len=max_model_len,
+                                kv_dtype=kv_dtype, attention_impl=attention_impl, moe_impl=moe_impl)[0]
+
+
+def _generate_with_stats(config, params, prompts, *, tokenizer=None, sampling=None,
+                         max_new_tokens=DEFAULT_MAX_NEW_TOKENS, batch_size=8, stop=None, stop_token_ids=None,
+                         logprobs=False, max_model_len=None, kv_dtype=None, attention_impl="xla",
+                         moe_impl="ragged", on_batch=None):
+    if isinstance(config, TextConfig):
+        config = Llama4Config(text=config)
+    if isinstance(prompts, (str, dict)) or not isinstance(prompts, Sequence):
+        raise TypeError(f"prompts must be a list of prompts, got {type(prompts).__name__}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    ctx = _context_length(config, max_model_len)
+    if isinstance(sampling, (list, tuple)):
+        if len(sampling) != len(prompts):
+            raise ValueError(f"sampling has {len(sampling)} entries for {len(prompts)} prompts")
+        samplings = [resolve(s) for s in sampling]
+    else:
+        samplings = [resolve(sampling)] * len(prompts)
+    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    if any(not isinstance(s, str) or not s for s in stops):
+        raise ValueError(f"stop must be non-empty strings, got {stops!r}")
+    requests = []
+    for i, (p, s) in enumerate(zip(prompts, samplings)):
+        r = _Request(_render(p, tokenizer, i), s, max_new_tokens, stops)
+        _check_request(r, i, config.text.vocab_size, ctx)
+        requests.append(r)
+    if not requests:
+        return [], GenerationStats()
+    stop_ids = set(config.text.eos_token_id) | set(stop_token_ids or ())
+    return _run(config, params, requests, tokenizer=tokenizer, stop_token_ids=stop_ids, batch_size=batch_size,
+                max_model_len=ctx, logprobs=logprobs, kv_dtype=kv_dtype, attention_impl=attention_impl,
+                moe_impl=moe_impl, on_batch=on_batch)

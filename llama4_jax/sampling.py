@@ -1,0 +1,202 @@
+"""Sampling methods: small frozen dataclasses, and the jitted per-row sampler.
+
+    Greedy()                                   argmax of the logits
+    Temperature(temperature=0.8, seed=1)       softmax(logits / T)
+    TopK(k=40, temperature=0.8)                only the k most likely tokens
+    TopP(p=0.9, temperature=0.8)               the smallest set with probability mass >= p
+    MinP(p=0.05, temperature=0.8)              tokens with prob >= p * max prob
+    Sampling(temperature, top_k, top_p, min_p, seed)   all of them at once
+
+Every method resolves to a `Sampling` (`Greedy` is temperature 0), and a batch is
+sampled with one jitted function that takes the parameters per row, so one batch can
+mix requests with different settings and nothing recompiles when they change.
+
+Reproducibility: the random key of a row at generated-token index t is
+`fold_in(key(seed), t)`, and the Gumbel noise is drawn per row over token ids. The
+sample therefore depends only on the request's seed, its logits and t, never on the
+batch size, the row's position in the batch, or the other requests in it (the logits
+themselves are per-row computations, equal up to float rounding).
+
+Filters apply in the order temperature -> top-k -> top-p -> min-p, each on the
+distribution left by the previous one (as transformers' logits warpers do); min-p is
+relative to the most likely token, so renormalisation does not change it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Union
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["Greedy", "Temperature", "TopK", "TopP", "MinP", "Sampling", "SamplingMethod", "resolve", "sample"]
+
+_MAX_SEED = 2**32
+
+
+def _check(cond: bool, what: str, expected: str, found) -> None:
+    if not cond:
+        raise ValueError(f"{what} must be {expected}, got {found!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """General sampling parameters of one request.
+
+    temperature: 0 means greedy (argmax); > 0 divides the logits.
+    top_k: keep the k most likely tokens; 0 disables.
+    top_p: nucleus sampling mass in (0, 1]; 1 disables.
+    min_p: keep tokens with prob >= min_p * max prob, in [0, 1]; 0 disables.
+    seed: the request's seed in [0, 2**32); see the module docstring.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self):
+        t, k, p, m, s = self.temperature, self.top_k, self.top_p, self.min_p, self.seed
+        _check(isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t >= 0,
+               "temperature", "a finite number >= 0", t)
+        _check(isinstance(k, int) and not isinstance(k, bool) and k >= 0, "top_k", "an integer >= 0", k)
+        _check(isinstance(p, (int, float)) and not isinstance(p, bool) and 0 < p <= 1, "top_p", "in (0, 1]", p)
+        _check(isinstance(m, (int, float)) and not isinstance(m, bool) and 0 <= m <= 1, "min_p", "in [0, 1]", m)
+        _check(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < _MAX_SEED, "seed",
+               f"an integer in [0, {_MAX_SEED})", s)
+
+    def resolve(self) -> "Sampling":
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Greedy:
+    """Always the most likely token (ties: the lowest id, as torch.argmax)."""
+
+    def resolve(self) -> Sampling:
+        return Sampling(temperature=0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Temperature:
+    """Sample from softmax(logits / temperature)."""
+
+    temperature: float = 1.0
+    seed: int = 0
+
+    def resolve(self) -> Sampling:
+        return Sampling(temperature=self.temperature, seed=self.seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class TopK:
+    """Sample among the k most likely tokens."""
+
+    k: int
+    temperature: float = 1.0
+    seed: int = 0
+
+    def resolve(self) -> Sampling:
+        _check(isinstance(self.k, int) and self.k >= 1, "TopK.k", "an integer >= 1", self.k)
+        return Sampling(temperature=self.temperature, top_k=self.k, seed=self.seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class TopP:
+    """Nucleus sampling: the smallest set of most likely tokens with mass >= p."""
+
+    p: float
+    temperature: float = 1.0
+    seed: int = 0
+
+    def resolve(self) -> Sampling:
+        return Sampling(temperature=self.temperature, top_p=self.p, seed=self.seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class MinP:
+    """Sample among tokens whose probability is at least p times the largest one."""
+
+    p: float
+    temperature: float = 1.0
+    seed: int = 0
+
+    def resolve(self) -> Sampling:
+        return Sampling(temperature=self.temperature, min_p=self.p, seed=self.seed)
+
+
+SamplingMethod = Union[Sampling, Greedy, Temperature, TopK, TopP, MinP]
+
+
+def resolve(method: SamplingMethod | None) -> Sampling:
+    """The `Sampling` of a method; None means greedy."""
+    if method is None:
+        return Greedy().resolve()
+    if not hasattr(method, "resolve"):
+        raise TypeError(f"sampling must be one of Greedy, Temperature, TopK, TopP, MinP, Sampling or None, "
+                        f"got {type(method).__name__}")
+    return method.resolve()
+
+
+def _cutoff(scaled, top_k, top_p, min_p):
+    """Per-row logit threshold [B]: tokens with scaled logit >= it survive the filters.
+
+    Every filter keeps a prefix of the tokens sorted by probability, so the survivors
+    are those at least as likely as the last kept rank (ties at the cutoff all stay,
+    as in transformers' top-k).
+    """
+    V = scaled.shape[-1]
+    srt = -jnp.sort(-scaled, axis=-1)  # descending [B, V]
+    rank = jnp.arange(V)[None, :]
+    keep = rank < jnp.where(top_k > 0, top_k, V)[:, None]
+    # top-p on the distribution renormalised over the top-k survivors; the first
+    # token always stays (its preceding mass is 0 < p).
+    probs = jax.nn.softmax(jnp.where(keep, srt, -jnp.inf), axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs
+    keep &= before < top_p[:, None]
+    keep &= probs >= min_p[:, None] * probs[:, :1]
+    n_kept = jnp.maximum(jnp.sum(keep, axis=-1), 1)
+    return jnp.take_along_axis(srt, (n_kept - 1)[:, None], axis=-1)[:, 0]
+
+
+@jax.named_scope("sample")
+def sample(logits, temperature, top_k, top_p, min_p, seeds, step):
+    """Sample one token per row.
+
+    Args:
+      logits: float32 [B, V].
+      temperature, top_p, min_p: float32 [B]; top_k: int32 [B]; seeds: uint32 [B].
+      step: int32 [B] or scalar, the index of the token being generated (0 for the
+        first new token), folded into the row's key.
+    Returns:
+      (tokens int32 [B], logprobs float32 [B]): the chosen tokens and their
+      log-probability under the model's raw distribution (before temperature and
+      filters, as vLLM reports by default).
+    """
+    B, V = logits.shape
+    logits = logits.astype(jnp.float32)
+    greedy = temperature <= 0
+    scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
+    filtered = (top_k > 0) | (top_p < 1) | (min_p > 0)
+    # Sorting the vocabulary is the expensive part: skip it when no row filters.
+    cutoff = jax.lax.cond(
+        jnp.any(filtered & ~greedy),
+        lambda: _cutoff(scaled, top_k, top_p, min_p),
+        lambda: jnp.full((B,), -jnp.inf, jnp.float32),
+    )
+    cutoff = jnp.where(filtered, cutoff, -jnp.inf)
+    step = jnp.broadcast_to(jnp.asarray(step, jnp.int32), (B,))
+    keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(seeds.astype(jnp.uint32), step)
+    gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (V,), jnp.float32))(keys)
+    # Gumbel-max: argmax(logits/T + g) is a sample of softmax(logits/T).
+    noisy = jnp.where(scaled >= cutoff[:, None], scaled + gumbel, -jnp.inf)
+    tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), jnp.argmax(noisy, axis=-1)).astype(jnp.int32)
+    logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
+    return tokens, logprobs
