@@ -189,3 +189,7 @@ class Attention(nn.Module):
 
         out = attend(q, keys, vals, q_pos, kpos, chunk_size=chunk, impl=self.impl)
         return jnp.einsum("bthe,hed->btd", out, wo), cache
+
+
+# The kernels package registers the blockwise, pallas and ring backends on import.
+from .. import kernels as _kernels  # noqa: E402,F401

@@ -1,0 +1,44 @@
+"""Attention kernels behind the `model.attention.attend` seam.
+
+Backends registered here (each equal to the `xla` reference, see tests):
+  blockwise       pure-JAX flash attention that skips fully-masked key blocks (`blockwise.py`)
+  pallas          the Pallas flash kernel; interpret mode off GPU (`pallas_flash.py`)
+  ring            ring attention over a `seq` mesh axis (`ring.py`); inner kernel per platform
+  ring_blockwise  ring attention with the blockwise inner kernel
+  ring_pallas     ring attention with the Pallas inner kernel
+"""
+
+from __future__ import annotations
+
+import jax
+
+from ..model.attention import register_backend
+from . import blockwise, pallas_flash, ring
+
+register_backend("blockwise", blockwise.blockwise_attention)
+register_backend("pallas", pallas_flash.pallas_attention)
+register_backend("ring", ring.make_backend(None))
+register_backend("ring_blockwise", ring.make_backend("blockwise"))
+register_backend("ring_pallas", ring.make_backend("pallas"))
+
+# Below this many tokens one fused [T, S] einsum beats the blocked loop on CPU.
+XLA_MAX_LEN = 1024
+
+
+def default_attention_impl(seq_len: int, *, platform: str | None = None, mesh=None) -> str:
+    """The attention backend `attention_impl='auto'` resolves to.
+
+    `ring` when a mesh with more than one device on its `seq` axis is given; otherwise
+    `xla` for short sequences (<= XLA_MAX_LEN, where the [T, S] mask is small and one
+    fused einsum is fastest), and for longer ones the Pallas kernel on GPU (where it
+    compiles) or the pure-JAX `blockwise` backend elsewhere (CPU, TPU).
+    """
+    if mesh is not None and ring.SEQ_AXIS in mesh.axis_names and mesh.shape[ring.SEQ_AXIS] > 1:
+        return "ring"
+    if seq_len <= XLA_MAX_LEN:
+        return "xla"
+    platform = platform or jax.default_backend()
+    return "pallas" if platform == "gpu" else "blockwise"
+
+
+__all__ = ["blockwise", "pallas_flash", "ring", "default_attention_impl", "XLA_MAX_LEN"]
