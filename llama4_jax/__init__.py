@@ -11,14 +11,16 @@ from .generate import Completion, generate  # binds the function, not the submod
 from .sampling import Greedy, MinP, Sampling, Temperature, TopK, TopP
 
 
-def load(path, *, dtype="bfloat16"):
-    """Load a Hugging Face Llama 4 checkpoint directory: returns (config, params)."""
-    import jax
+def load(path, *, dtype="bfloat16", shardings=None, progress=False):
+    """Load a checkpoint directory: returns (config, params).
 
-    from .checkpoint import load_hf
+    `path` is a Hugging Face directory (safetensors, FP8 dequantized) or one written by
+    `llama4-jax convert`. `shardings`: None (default device) or a pytree like params of
+    `jax.sharding.Sharding`s; see `llama4_jax.checkpoint.load_hf`.
+    """
+    from .checkpoint import load_checkpoint
 
-    config, params = load_hf(path, dtype=dtype)
-    return config, jax.tree_util.tree_map(jax.numpy.asarray, params)
+    return load_checkpoint(path, dtype=dtype, shardings=shardings, progress=progress)
 
 
 __all__ = [

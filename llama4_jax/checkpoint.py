@@ -48,6 +48,7 @@ Float8 e4m3 tensors with per-output-channel scales (compressed-tensors: per-expe
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -59,7 +60,8 @@ import numpy as np
 from .config import ConfigError, Llama4Config, load_config, to_hf as config_to_hf
 
 __all__ = [
-    "Rule", "Entry", "TEXT_LAYER_MAP", "TEXT_GLOBAL_MAP", "TEXT_EXPERT_MAP", "CheckpointError",
+    "Rule", "Entry", "TEXT_LAYER_MAP", "TEXT_GLOBAL_MAP", "TEXT_EXPERT_MAP", "VISION_LAYER_MAP",
+    "VISION_GLOBAL_MAP", "vision_entries", "CheckpointError",
     "SafetensorsReader", "checkpoint_entries", "text_entries", "load_hf", "load_checkpoint", "save_hf",
     "convert_hf_to_orbax", "convert_orbax_to_hf", "load_orbax", "is_converted", "read_quantization",
 ]
@@ -111,6 +113,39 @@ TEXT_GLOBAL_MAP: tuple[Rule, ...] = (
     Rule("lm_head.weight", ("lm_head",), "linear"),
 )
 _FUSED_EXPERT_RULES = ("feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj")
+
+# The vision tower (`params['vision']`; encoder layers stacked on its leading `layers`
+# axis, HF vision layer i at index i) and the projector (`params['projector']`).
+VISION_LAYER_MAP: tuple[Rule, ...] = (
+    Rule("input_layernorm.weight", ("attn_norm/scale",), "same"),
+    Rule("input_layernorm.bias", ("attn_norm/bias",), "same"),
+    Rule("post_attention_layernorm.weight", ("mlp_norm/scale",), "same"),
+    Rule("post_attention_layernorm.bias", ("mlp_norm/bias",), "same"),
+    Rule("self_attn.q_proj.weight", ("q",), "linear"),
+    Rule("self_attn.q_proj.bias", ("q_bias",), "same"),
+    Rule("self_attn.k_proj.weight", ("k",), "linear"),
+    Rule("self_attn.k_proj.bias", ("k_bias",), "same"),
+    Rule("self_attn.v_proj.weight", ("v",), "linear"),
+    Rule("self_attn.v_proj.bias", ("v_bias",), "same"),
+    Rule("self_attn.o_proj.weight", ("o",), "linear"),
+    Rule("self_attn.o_proj.bias", ("o_bias",), "same"),
+    Rule("mlp.fc1.weight", ("fc1",), "linear"),
+    Rule("mlp.fc1.bias", ("fc1_bias",), "same"),
+    Rule("mlp.fc2.weight", ("fc2",), "linear"),
+    Rule("mlp.fc2.bias", ("fc2_bias",), "same"),
+)
+VISION_GLOBAL_MAP: tuple[Rule, ...] = (
+    Rule("vision_model.patch_embedding.linear.weight", ("vision/patch_embed",), "linear"),
+    Rule("vision_model.class_embedding", ("vision/class_embedding",), "same"),
+    Rule("vision_model.positional_embedding_vlm", ("vision/pos_embed",), "same"),
+    Rule("vision_model.layernorm_pre.weight", ("vision/pre_norm/scale",), "same"),
+    Rule("vision_model.layernorm_pre.bias", ("vision/pre_norm/bias",), "same"),
+    Rule("vision_model.layernorm_post.weight", ("vision/post_norm/scale",), "same"),
+    Rule("vision_model.layernorm_post.bias", ("vision/post_norm/bias",), "same"),
+    Rule("vision_model.vision_adapter.mlp.fc1.weight", ("vision/adapter_fc1",), "linear"),
+    Rule("vision_model.vision_adapter.mlp.fc2.weight", ("vision/adapter_fc2",), "linear"),
+    Rule("multi_modal_projector.linear_1.weight", ("projector/kernel",), "linear"),
+)
 
 
 def text_prefix(config: Llama4Config) -> str:
@@ -164,14 +199,20 @@ def text_entries(config: Llama4Config, *, experts: str = "fused") -> Iterator[En
             yield Entry(f"{pre}model.layers.{i}.{rule.hf}", rule, paths, i // p)
 
 
-def _is_vision(name: str) -> bool:
-    return name.startswith(("vision_model.", "multi_modal_projector."))
+def vision_entries(config: Llama4Config) -> Iterator[Entry]:
+    """Every vision-tower and projector tensor (none for text-only configs)."""
+    if config.vision is None:
+        return
+    for rule in VISION_GLOBAL_MAP:
+        yield Entry(rule.hf, rule, tuple(("params",) + tuple(p.split("/")) for p in rule.ours), None)
+    for i in range(config.vision.num_hidden_layers):
+        for rule in VISION_LAYER_MAP:
+            paths = tuple(("params", "vision", "layers") + tuple(o.split("/")) for o in rule.ours)
+            yield Entry(f"vision_model.model.layers.{i}.{rule.hf}", rule, paths, i)
 
 
 def _is_ignored(name: str) -> str | None:
     """Why a checkpoint tensor is deliberately not read (None: it must be consumed)."""
-    if _is_vision(name):
-        return "vision tower (text-only model)"
     if name.endswith(("input_scale", "input_scale_ub")):
         # Static activation-quantization bounds of FP8 checkpoints: we dequantize the
         # weights and run activations unquantized, so they have no use.
@@ -180,8 +221,8 @@ def _is_ignored(name: str) -> str | None:
 
 
 def checkpoint_entries(config: Llama4Config, *, experts: str = "fused") -> list[Entry]:
-    """All entries of the name map for this config (text now; the vision table chains here)."""
-    return list(text_entries(config, experts=experts))
+    """All entries of the name map for this config: the text decoder, then the vision tower."""
+    return list(text_entries(config, experts=experts)) + list(vision_entries(config))
 
 
 # --------------------------------------------------------------------------------------
@@ -523,17 +564,29 @@ def _read_hf(reader: SafetensorsReader, name: str, region, consumed: set | None)
     if not info.dtype.name.startswith("float8"):
         return x
     sname = _scale_name(reader, name)
-    sinfo = reader.info(sname)
-    if len(sinfo.shape) != len(info.shape) or any(s not in (1, n) for s, n in zip(sinfo.shape, info.shape)):
-        raise CheckpointError(f"{reader.path}: scale {sname} has shape {sinfo.shape}, which does not broadcast "
+    sshape = reader.info(sname).shape
+
+    def fits(ss):
+        return len(ss) == len(info.shape) and all(s in (1, n) for s, n in zip(ss, info.shape))
+
+    # fbgemm stores `down_proj_scale` as [E, D, 1] for `down_proj` [E, F, D]: the scale
+    # of output channel d is scale[e, d, 0], i.e. its last two axes are swapped.
+    swap = name.endswith("experts.down_proj") and len(sshape) == 3
+    if not fits(sshape[:-2] + (sshape[-1], sshape[-2]) if swap else sshape):
+        raise CheckpointError(f"{reader.path}: scale {sname} has shape {sshape}, which does not broadcast "
                               f"per channel against {name} of shape {info.shape}")
     region = _norm_region(region, info.shape)
-    sregion = tuple(r if s == n else slice(0, 1) for r, s, n in zip(region, sinfo.shape, info.shape))
+    eff = sshape[:-2] + (sshape[-1], sshape[-2]) if swap else sshape
+    sregion = tuple(r if s == n else slice(0, 1) for r, s, n in zip(region, eff, info.shape))
+    if swap:
+        sregion = sregion[:-2] + (sregion[-1], sregion[-2])
     scale = reader.read(sname, sregion).astype(np.float32)
+    if swap:
+        scale = np.swapaxes(scale, -1, -2)
     if consumed is not None:
         consumed.add(sname)
-    # Dequantize in fp32: e4m3 has a 3-bit mantissa, so the product is exact in fp32
-    # for any fp32 scale; rounding happens once, at the cast to the target dtype.
+    # Dequantize in fp32 (transformers' `w.float() * scale`); the one rounding to a
+    # narrower dtype happens at the cast to the requested parameter dtype.
     return x.astype(np.float32) * scale
 
 
@@ -739,8 +792,27 @@ def load_hf(path: str, *, dtype: str = "bfloat16", shardings=None, progress: boo
 # Export to Hugging Face
 # --------------------------------------------------------------------------------------
 
-def _host(x) -> np.ndarray:
-    return np.asarray(x)
+def _host_slice(x, g: int | None) -> np.ndarray:
+    """x[g] (or x) on the host; a device array is sliced on device first (one layer moves)."""
+    if g is None:
+        return np.asarray(x)
+    if isinstance(x, np.ndarray):
+        return x[g]
+    return np.asarray(_index_layer(x, g))
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(kind: str, sharding=None):
+    import jax
+    import jax.numpy as jnp
+
+    if kind == "index":  # traced index: one compilation per leaf shape, not per layer
+        return jax.jit(lambda a, i: jax.lax.dynamic_index_in_dim(a, i, keepdims=False))
+    return jax.jit(lambda *xs: jnp.stack(xs), out_shardings=sharding)
+
+
+def _index_layer(x, g):
+    return _jitted("index")(x, np.int32(g))
 
 
 def save_hf(config: Llama4Config, params, path: str, *, max_shard_bytes: int = 5 << 30,
@@ -761,7 +833,7 @@ def save_hf(config: Llama4Config, params, path: str, *, max_shard_bytes: int = 5
         dt = np.dtype(leaves[0].dtype)
 
         def produce(e=e, leaves=leaves):
-            parts = tuple(_host(x[e.group]) if e.group is not None else _host(x) for x in leaves)
+            parts = tuple(_host_slice(x, e.group) for x in leaves)
             return to_hf(e.rule, parts)
 
         plan.append((e.hf_name, shape, dt, produce))
@@ -938,7 +1010,7 @@ def load_orbax(path: str, *, dtype: str | None = None, shardings=None):
         if p[:2] == ("params", "layers"):
             node = _get(stored, p)
             pieces = [node.pop(_group_key(g)) for g in range(G)]
-            arr = jax.jit(lambda *xs: jnp.stack(xs), out_shardings=final_shardings[p])(*pieces)
+            arr = _jitted("stack", final_shardings[p])(*pieces)
             del pieces
         else:
             arr = _get(stored, p)

@@ -1,0 +1,81 @@
+"""`llama4-jax convert SRC DST`: Hugging Face safetensors <-> our converted (orbax) format.
+
+    llama4-jax convert /ckpt/Llama-4-Scout-17B-16E-Instruct /ckpt/scout-jax --dtype bfloat16
+    llama4-jax convert /ckpt/scout-jax /ckpt/scout-hf --to-hf
+
+HF -> orbax streams one tensor at a time (host memory about one tensor); FP8
+checkpoints are dequantized to `--dtype`. `--to-hf` writes sharded safetensors, an
+index and config.json that transformers loads. The result is written into a temporary
+sibling of DST and renamed at the end, so an interrupted conversion never leaves a
+half-written DST; an existing DST is refused unless `--overwrite`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from . import checkpoint as ck
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", help="Hugging Face checkpoint directory (or a converted one with --to-hf)")
+    parser.add_argument("dst", help="output directory (must not exist unless --overwrite)")
+    parser.add_argument("--to-hf", action="store_true", help="export a converted directory back to HF safetensors")
+    parser.add_argument("--dtype", default=None, choices=list(ck._DTYPES),
+                        help="parameter dtype (default: bfloat16 for HF -> orbax, the stored dtype for --to-hf)")
+    parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    parser.add_argument("--max-shard-size", default="5GB",
+                        help="largest safetensors shard written by --to-hf, e.g. 5GB, 500MB (default 5GB)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def parse_size(s: str) -> int:
+    """'5GB' -> 5 * 2**30 bytes (KB/MB/GB/TB are powers of 1024; a bare number is bytes)."""
+    units = {"TB": 1 << 40, "GB": 1 << 30, "MB": 1 << 20, "KB": 1 << 10, "B": 1}
+    t = s.strip().upper()
+    for u, m in units.items():
+        if t.endswith(u):
+            try:
+                return int(float(t[: -len(u)]) * m)
+            except ValueError:
+                break
+    try:
+        return int(t)
+    except ValueError:
+        raise ValueError(f"--max-shard-size: cannot parse {s!r}; write e.g. 5GB or 500MB") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    src, dst = args.src, args.dst
+    progress = not args.no_progress
+    if not os.path.exists(src):
+        print(f"error: source does not exist: {src}", file=sys.stderr)
+        return 2
+    if os.path.abspath(src) == os.path.abspath(dst):
+        print("error: source and destination are the same directory", file=sys.stderr)
+        return 2
+    if os.path.exists(dst) and not args.overwrite:
+        print(f"error: destination already exists: {dst} (pass --overwrite to replace it)", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    try:
+        if args.to_hf:
+            if not ck.is_converted(src):
+                raise ck.CheckpointError(f"{src} is not a converted checkpoint (no {ck.FORMAT_FILE}); "
+                                         "--to-hf exports directories written by `llama4-jax convert`")
+            shard = parse_size(args.max_shard_size)
+            ck.atomic_dir(dst, overwrite=args.overwrite, write=lambda out: ck.convert_orbax_to_hf(
+                src, out, dtype=args.dtype, progress=progress, max_shard_bytes=shard))
+        else:
+            ck.atomic_dir(dst, overwrite=args.overwrite, write=lambda out: ck.convert_hf_to_orbax(
+                src, out, dtype=args.dtype or "bfloat16", progress=progress))
+    except (ck.CheckpointError, ck.ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(dst) for f in fs)
+    dt = time.perf_counter() - t0
+    print(f"wrote {dst}: {size / 2**30:.2f} GiB in {dt:.1f} s ({size / 2**30 / max(dt, 1e-9):.2f} GiB/s)")
+    return 0
