@@ -144,12 +144,19 @@ def _dtype(dtype):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "attn_impl", "moe_impl", "with_hidden"))
-def _forward(config, params, input_ids, attention_mask, attn_impl, moe_impl, with_hidden):
+def _forward(config, params, input_ids, attention_mask, attn_impl, moe_impl, with_hidden, pixel_values=None):
     t = config.text
     dtype = params["params"]["embed"].dtype
     model = TextModel(t, dtype, attn_impl, moe_impl, with_hidden)
     positions, valid = positions_from_mask(attention_mask)
-    logits, _, hidden = model.apply(params, input_ids, positions, valid)
+    embeds = None
+    if pixel_values is not None:
+        from .vision import image_features, merge_image_features
+
+        feats = image_features(config, params, pixel_values)
+        embeds = merge_image_features(params["params"]["embed"][input_ids], input_ids, feats,
+                                      config.image_token_index)
+    logits, _, hidden = model.apply(params, input_ids, positions, valid, embeds=embeds)
     return logits, hidden
 
 
@@ -162,8 +169,9 @@ def forward(
     attention_impl: str = "xla",
     moe_impl: str = "ragged",
     return_hidden_states: bool = False,
+    pixel_values=None,
 ):
-    """Logits [B, T, V] float32 of the text decoder (no cache).
+    """Logits [B, T, V] float32 of the text decoder (no cache), optionally with images.
 
     Args:
       config: a `Llama4Config` (or a bare `TextConfig`).
@@ -175,6 +183,10 @@ def forward(
       moe_impl: "ragged" (only the chosen experts) or "dense" (the reference).
       return_hidden_states: also return the residual stream after every layer,
         [L, B, T, D] (transformers' `hidden_states[1:]`, before the final norm).
+      pixel_values: optional [N, 3, S, S] tiles of all images of the batch, in order
+        (conditional-generation checkpoints). Their projected features replace the
+        `<|patch|>` tokens of input_ids in batch-major order; the placeholder count
+        must equal N * tokens per tile (144 for Scout/Maverick).
     """
     if isinstance(config, TextConfig):
         config = Llama4Config(text=config)
@@ -186,28 +198,51 @@ def forward(
     attention_mask = jnp.asarray(attention_mask, jnp.int32)
     if attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape {input_ids.shape}")
+    if pixel_values is not None:
+        from .vision import check_image_tokens
+
+        pixel_values = jnp.asarray(pixel_values)
+        if pixel_values.ndim != 4:
+            raise ValueError(f"pixel_values must be [tiles, channels, height, width], got shape {pixel_values.shape}")
+        check_image_tokens(config, input_ids, pixel_values.shape[0])
     logits, hidden = _forward(config, params, input_ids, attention_mask, attention_impl, moe_impl,
-                              return_hidden_states)
+                              return_hidden_states, pixel_values)
     return (logits, hidden) if return_hidden_states else logits
 
 
-def init_params(config: Llama4Config, key, *, dtype="float32"):
-    """Random parameters (normal(0.02), norms at 1) with logical-axis metadata removed."""
+def _init(config: Llama4Config, key, dtype, vision: bool | None):
+    """Boxed variables of the whole model: the decoder, plus the vision tower and
+    projector (`params['vision']`, `params['projector']`) for conditional-generation
+    configs unless vision=False."""
+    model = TextModel(config.text, dtype)
+    ids = jnp.zeros((1, 1), jnp.int32)
+    variables = model.init(key, ids, ids, ids >= 0)  # the decoder's draw does not depend on vision
+    if config.vision is not None and vision is not False:
+        from .vision import init_vision_params
+
+        k_vision = jax.random.fold_in(key, 1)
+        variables = {"params": {**variables["params"], **init_vision_params(config, k_vision, dtype)}}
+    return variables
+
+
+def init_params(config: Llama4Config, key, *, dtype="float32", vision: bool | None = None):
+    """Random parameters (normal(0.02), norms at 1) with logical-axis metadata removed.
+
+    vision: include the vision tower and projector (default: when the config has one).
+    """
     if isinstance(config, TextConfig):
         config = Llama4Config(text=config)
-    model = TextModel(config.text, _dtype(dtype))
-    ids = jnp.zeros((1, 1), jnp.int32)
-    pos = jnp.zeros((1, 1), jnp.int32)
-    variables = jax.jit(lambda k: model.init(k, ids, pos, pos >= 0))(key)
+    variables = jax.jit(lambda k: _init(config, k, _dtype(dtype), vision))(key)
     return nn.meta.unbox(variables)
 
 
-def abstract_params(config: Llama4Config, *, dtype="bfloat16", boxed: bool = False):
-    """Shapes and dtypes of the parameter tree (no memory), optionally with axis names."""
+def abstract_params(config: Llama4Config, *, dtype="bfloat16", boxed: bool = False, vision: bool | None = None):
+    """Shapes and dtypes of the parameter tree (no memory), optionally with axis names.
+
+    vision: include the vision tower and projector (default: when the config has one;
+    False gives the text decoder alone).
+    """
     if isinstance(config, TextConfig):
         config = Llama4Config(text=config)
-    model = TextModel(config.text, _dtype(dtype))
-    ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    valid = jax.ShapeDtypeStruct((1, 1), jnp.bool_)
-    tree = jax.eval_shape(lambda i, p, v: model.init(jax.random.key(0), i, p, v), ids, ids, valid)
+    tree = jax.eval_shape(lambda: _init(config, jax.random.key(0), _dtype(dtype), vision))
     return tree if boxed else nn.meta.unbox(tree)
