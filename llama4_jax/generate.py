@@ -201,20 +201,20 @@ def _new_token_bucket(n: int) -> int:
 # Host side: prompts, batches, stop strings
 # --------------------------------------------------------------------------------------
 
-def _render(prompt, tokenizer, index: int) -> list[int]:
+def _render(prompt, tokenizer, where: str) -> list[int]:
     """Token ids of one prompt: a string, a list of chat messages, or token ids."""
     if isinstance(prompt, str):
         if tokenizer is None:
-            raise ValueError(f"prompt {index} is text, which needs a tokenizer (pass tokenizer=...)")
+            raise ValueError(f"{where} is text, which needs a tokenizer (pass tokenizer=...)")
         ids = tokenizer(prompt)["input_ids"]
     elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
         if tokenizer is None:
-            raise ValueError(f"prompt {index} is chat messages, which need a tokenizer (pass tokenizer=...)")
+            raise ValueError(f"{where} is chat messages, which need a tokenizer (pass tokenizer=...)")
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(f"prompt {index} is chat messages, but the tokenizer has no chat template")
+            raise ValueError(f"{where} is chat messages, but the tokenizer has no chat template")
         for j, m in enumerate(prompt):
             if not isinstance(m.get("role"), str) or "content" not in m:
-                raise ValueError(f"prompt {index}, message {j}: expected {{'role': str, 'content': ...}}, got {m!r}")
+                raise ValueError(f"{where}, message {j}: expected {{'role': str, 'content': ...}}, got {m!r}")
         text = tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
         # The template writes the special tokens itself (<|begin_of_text|> included).
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -222,20 +222,20 @@ def _render(prompt, tokenizer, index: int) -> list[int]:
             isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt):
         ids = [int(t) for t in prompt]
     else:
-        raise ValueError(f"prompt {index} must be a string, a list of chat messages or a list of token ids, "
+        raise ValueError(f"{where} must be a string, a list of chat messages or a list of token ids, "
                          f"got {type(prompt).__name__}: {str(prompt)[:80]!r}")
     if not ids:
-        raise ValueError(f"prompt {index} is empty")
+        raise ValueError(f"{where} is empty")
     return list(ids)
 
 
-def _check_request(r: _Request, index, vocab_size: int, max_model_len: int) -> None:
+def _check_request(r: _Request, where: str, vocab_size: int, max_model_len: int) -> None:
     n = len(r.ids)
     bad = [t for t in r.ids if not 0 <= t < vocab_size]
     if bad:
-        raise ValueError(f"prompt {index} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+        raise ValueError(f"{where} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
     if n >= max_model_len:
-        raise ValueError(f"prompt {index} has {n} tokens, longer than the context allows: at most "
+        raise ValueError(f"{where} has {n} tokens, longer than the context allows: at most "
                          f"{max_model_len - 1} prompt tokens fit a context of {max_model_len} (max_model_len)")
     if not isinstance(r.max_new_tokens, int) or r.max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {r.max_new_tokens!r}")
@@ -425,8 +425,8 @@ def _generate_with_stats(config, params, prompts, *, tokenizer=None, sampling=No
         raise ValueError(f"stop must be non-empty strings, got {stops!r}")
     requests = []
     for i, (p, s) in enumerate(zip(prompts, samplings)):
-        r = _Request(_render(p, tokenizer, i), s, max_new_tokens, stops)
-        _check_request(r, i, config.text.vocab_size, ctx)
+        r = _Request(_render(p, tokenizer, f"prompt {i}"), s, max_new_tokens, stops)
+        _check_request(r, f"prompt {i}", config.text.vocab_size, ctx)
         requests.append(r)
     if not requests:
         return [], GenerationStats()
@@ -434,3 +434,223 @@ def _generate_with_stats(config, params, prompts, *, tokenizer=None, sampling=No
     return _run(config, params, requests, tokenizer=tokenizer, stop_token_ids=stop_ids, batch_size=batch_size,
                 max_model_len=ctx, logprobs=logprobs, kv_dtype=kv_dtype, attention_impl=attention_impl,
                 moe_impl=moe_impl, on_batch=on_batch)
+
+
+# --------------------------------------------------------------------------------------
+# The `llama4-jax generate` command
+# --------------------------------------------------------------------------------------
+
+_LINE_KEYS = {"id", "prompt", "messages", "temperature", "top_p", "top_k", "min_p", "seed", "max_new_tokens", "stop"}
+_SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "seed")
+
+
+class _InputError(ValueError):
+    """A bad input line; str() is the message, `line` its 1-based number."""
+
+    def __init__(self, line: int, message: str):
+        super().__init__(message)
+        self.line = line
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="checkpoint directory (Hugging Face format with tokenizer files, or converted); "
+                             "default: the small random-weight checkpoint shipped with the package")
+    parser.add_argument("--input", required=True,
+                        help='JSONL, one request per line: {"id": ..., "prompt": "..."} or {"id": ..., '
+                             '"messages": [...]}, optionally with temperature, top_p, top_k, min_p, seed, '
+                             "max_new_tokens, stop")
+    parser.add_argument("--output", required=True, help="JSONL of completions, in input order (written atomically)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="0 = greedy (the default unless generation_config.json says otherwise)")
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--min-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0, help="default seed of every request")
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--logprobs", action="store_true", help="write the log-probability of each token")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="parameter dtype (auto: the checkpoint's)")
+    parser.add_argument("--kv-cache-dtype", default=None, choices=["float32", "bfloat16", "float16", "int8"],
+                        help="KV cache dtype (default: the parameter dtype)")
+    parser.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
+    parser.add_argument("--on-error", choices=["fail", "skip"], default="fail",
+                        help="a malformed input line fails the run before any work (default) or is skipped")
+    parser.add_argument("--attention-impl", default="xla")
+    parser.add_argument("--moe-impl", default="ragged")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _checkpoint_defaults(path: str) -> tuple[dict, set[int], str]:
+    """(sampling defaults, extra stop ids, dtype name) from generation_config.json / config.json."""
+    gen = {}
+    gpath = os.path.join(path, "generation_config.json")
+    if os.path.exists(gpath):
+        gen = _read_json(gpath)
+    defaults = {}
+    if gen.get("do_sample"):
+        for k in ("temperature", "top_p", "top_k", "min_p"):
+            if gen.get(k) is not None:
+                defaults[k] = gen[k]
+    eos = gen.get("eos_token_id")
+    stop_ids = set([eos] if isinstance(eos, int) else eos or [])
+    dtype = "bfloat16"
+    cpath = os.path.join(path, "config.json")
+    if os.path.exists(cpath):
+        c = _read_json(cpath)
+        name = c.get("torch_dtype") or c.get("dtype") or (c.get("text_config") or {}).get("torch_dtype")
+        if name in ("float32", "bfloat16", "float16"):
+            dtype = name
+    return defaults, stop_ids, dtype
+
+
+def _parse_line(n: int, raw: str, tokenizer, defaults: dict, args, config, ctx: int):
+    """One input line -> (id, _Request); raises _InputError naming the line."""
+    try:
+        d = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise _InputError(n, f"invalid JSON: {e.msg} at column {e.colno}") from None
+    if not isinstance(d, dict):
+        raise _InputError(n, f"expected a JSON object, got {type(d).__name__}")
+    unknown = sorted(set(d) - _LINE_KEYS)
+    if unknown:
+        raise _InputError(n, f"unknown field(s) {unknown}; allowed: {sorted(_LINE_KEYS)}")
+    if ("prompt" in d) == ("messages" in d):
+        raise _InputError(n, 'expected exactly one of "prompt" (a string) or "messages" (a list of chat messages)')
+    if "prompt" in d and not isinstance(d["prompt"], str):
+        raise _InputError(n, f'"prompt" must be a string, got {type(d["prompt"]).__name__}')
+    if "messages" in d and (not isinstance(d["messages"], list) or not d["messages"]
+                            or not all(isinstance(m, dict) for m in d["messages"])):
+        raise _InputError(n, '"messages" must be a non-empty list of {"role": ..., "content": ...} objects')
+    try:
+        samp = Sampling(**{**defaults, **{k: d[k] for k in _SAMPLING_KEYS if k in d}})
+    except (ValueError, TypeError) as e:
+        raise _InputError(n, f"invalid sampling parameter: {e}") from None
+    max_new = d.get("max_new_tokens", args.max_new_tokens)
+    if not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 1:
+        raise _InputError(n, f'"max_new_tokens" must be an integer >= 1, got {max_new!r}')
+    stop = d.get("stop", args.stop)
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise _InputError(n, f'"stop" must be a non-empty string or a list of them, got {stop!r}')
+    where = "the prompt"
+    try:
+        ids = _render(d.get("prompt", d.get("messages")), tokenizer, where)
+        r = _Request(ids, samp, max_new, tuple(stop))
+        _check_request(r, where, config.text.vocab_size, ctx)
+    except ValueError as e:
+        raise _InputError(n, str(e)) from None
+    except Exception as e:  # chat template errors come from jinja
+        raise _InputError(n, f"cannot render the prompt: {type(e).__name__}: {e}") from None
+    return d.get("id", n), r
+
+
+def _err(msg: str) -> int:
+    print(f"llama4-jax generate: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def run(args) -> int:
+    # Cheap checks first, before anything is loaded.
+    if args.batch_size < 1:
+        return _err(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_new_tokens < 1:
+        return _err(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    flags = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "min_p": args.min_p}
+    try:
+        Sampling(**{k: v for k, v in flags.items() if v is not None}, seed=args.seed)
+    except ValueError as e:
+        return _err(f"invalid sampling option: {e}")
+    if any(not s for s in args.stop):
+        return _err("--stop must not be empty")
+    if not os.path.isfile(args.input):
+        return _err(f"--input: no such file: {args.input}")
+    if os.path.exists(args.output) and not args.overwrite:
+        return _err(f"--output {args.output} exists; pass --overwrite to replace it")
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(out_dir):
+        return _err(f"--output: directory {out_dir} does not exist")
+    model = args.model
+    if not os.path.isdir(model):
+        return _err(f"--model: no such checkpoint directory: {model}")
+    if not os.path.exists(os.path.join(model, "config.json")):
+        return _err(f"--model: {model} has no config.json (expected a Hugging Face-format checkpoint)")
+    if os.path.abspath(model) == DEFAULT_MODEL:
+        print("llama4-jax generate: using the default checkpoint (random weights: the text is meaningless)",
+              file=sys.stderr)
+
+    import transformers
+
+    from . import load  # the package's loader (HF or converted checkpoints)
+
+    defaults, extra_stop, ckpt_dtype = _checkpoint_defaults(model)
+    defaults = {**defaults, **{k: v for k, v in flags.items() if v is not None}, "seed": args.seed}
+    defaults.setdefault("temperature", 0.0)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model, local_files_only=True)
+    except Exception as e:
+        return _err(f"--model: cannot load a tokenizer from {model}: {type(e).__name__}: {e}")
+    try:
+        config, params = load(model, dtype=ckpt_dtype if args.dtype == "auto" else args.dtype)
+    except Exception as e:
+        return _err(f"--model: cannot load {model}: {type(e).__name__}: {e}")
+    try:
+        ctx = _context_length(config, args.max_model_len)
+    except ValueError as e:
+        return _err(f"--max-model-len: {e}")
+
+    ids, requests, errors = [], [], []
+    with open(args.input, encoding="utf-8") as f:
+        for n, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue  # blank lines carry no request
+            try:
+                i, r = _parse_line(n, raw, tokenizer, defaults, args, config, ctx)
+            except _InputError as e:
+                errors.append(e)
+                continue
+            ids.append(i)
+            requests.append(r)
+    for e in errors:
+        print(f"{args.input}:{e.line}: {e}", file=sys.stderr)
+    if errors and args.on_error == "fail":
+        return _err(f"{len(errors)} bad input line(s); nothing was generated (--on-error skip to skip them)")
+    if errors:
+        print(f"llama4-jax generate: skipping {len(errors)} bad input line(s)", file=sys.stderr)
+    if not requests:
+        return _err(f"{args.input} has no valid requests")
+
+    from tqdm import tqdm
+
+    stop_ids = set(config.text.eos_token_id) | extra_stop
+    with tqdm(total=len(requests), desc="generate", unit="prompt", disable=args.no_progress,
+              file=sys.stderr) as bar:
+        completions, stats = _run(config, params, requests, tokenizer=tokenizer, stop_token_ids=stop_ids,
+                                  batch_size=args.batch_size, max_model_len=ctx, logprobs=args.logprobs,
+                                  kv_dtype=args.kv_cache_dtype, attention_impl=args.attention_impl,
+                                  moe_impl=args.moe_impl, on_batch=bar.update)
+
+    fd, tmp = tempfile.mkstemp(prefix=".generate-", suffix=".jsonl", dir=out_dir)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for i, c in zip(ids, completions):
+                rec = {"id": i, "text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason,
+                       "prompt_tokens": len(c.prompt_token_ids)}
+                if args.logprobs:
+                    rec["logprobs"] = c.logprobs
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        os.replace(tmp, args.output)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    print(f"llama4-jax generate: wrote {args.output}: {stats.summary()}"
+          + (f"; skipped {len(errors)} bad line(s)" if errors else ""), file=sys.stderr)
+    return 0
