@@ -171,20 +171,20 @@ def _decode(params, state, samp, budget, stop_ids, limit, *, text, attn_impl, mo
     return jax.lax.while_loop(cond, body, state)
 
 
-class _Compiled:
-    """Ahead-of-time compiled prefill/decode per shape, so compile time is measured apart."""
+_COMPILED: dict = {}  # (function, argument structure, shapes and dtypes, statics) -> executable
 
-    def __init__(self, stats: GenerationStats):
-        self.stats, self.fns = stats, {}
 
-    def __call__(self, jitted, *args, **static):
-        key = (jitted, jax.tree_util.tree_structure(args),
-               tuple((x.shape, x.dtype) for x in jax.tree_util.tree_leaves(args)), tuple(sorted(static.items())))
-        if key not in self.fns:
-            t0 = time.perf_counter()
-            self.fns[key] = jitted.lower(*args, **static).compile()
-            self.stats.compile_s += time.perf_counter() - t0
-        return self.fns[key](*args)
+def _call_compiled(stats: GenerationStats, jitted, *args, **static):
+    """Call `jitted` through an ahead-of-time compiled executable, kept across calls,
+    so compile time is measured apart from prefill and decode time."""
+    leaves = jax.tree_util.tree_leaves(args)
+    key = (jitted, jax.tree_util.tree_structure(args), tuple((x.shape, x.dtype) for x in leaves),
+           tuple(sorted(static.items())))
+    if key not in _COMPILED:
+        t0 = time.perf_counter()
+        _COMPILED[key] = jitted.lower(*args, **static).compile()
+        stats.compile_s += time.perf_counter() - t0
+    return _COMPILED[key](*args)
 
 
 def _bucket(n: int, cap: int) -> int:
@@ -269,7 +269,6 @@ def _run(config: Llama4Config, params, requests: list[_Request], *, tokenizer, s
     """Generate for checked requests; returns completions in request order and stats."""
     text = config.text
     stats = GenerationStats(prompts=len(requests), prompt_tokens=sum(len(r.ids) for r in requests))
-    compiled = _Compiled(stats)
     stop_ids = jnp.asarray(sorted(set(stop_token_ids)) or [-1], jnp.int32)
     order = sorted(range(len(requests)), key=lambda i: -len(requests[i].ids))  # similar lengths together
     B = min(batch_size, len(requests))
@@ -299,7 +298,7 @@ def _run(config: Llama4Config, params, requests: list[_Request], *, tokenizer, s
         statics = dict(text=text, attn_impl=attention_impl, moe_impl=moe_impl)
         t0 = time.perf_counter()
         c0 = stats.compile_s
-        state = compiled(_prefill, params, jnp.asarray(ids), jnp.asarray(mask), samp, budget, stop_ids,
+        state = _call_compiled(stats, _prefill, params, jnp.asarray(ids), jnp.asarray(mask), samp, budget, stop_ids,
                          max_len=T + N, max_new=N, kv_dtype=kv_dtype, **statics)
         jax.block_until_ready(state["tokens"])
         stats.prefill_s += time.perf_counter() - t0 - (stats.compile_s - c0)
@@ -309,7 +308,7 @@ def _run(config: Llama4Config, params, requests: list[_Request], *, tokenizer, s
         t0, c0 = time.perf_counter(), stats.compile_s
         while True:
             limit = min(N, int(state["step"]) + _STOP_STRING_SEGMENT) if has_stop_str else N
-            state = compiled(_decode, params, state, samp, budget, stop_ids, jnp.int32(limit), **statics)
+            state = _call_compiled(stats, _decode, params, state, samp, budget, stop_ids, jnp.int32(limit), **statics)
             step, done = int(state["step"]), np.asarray(state["done"])
             if has_stop_str:  # cut rows whose text reached a stop string, then carry on with the rest
                 toks = np.asarray(state["tokens"])

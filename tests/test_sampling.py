@@ -1,0 +1,124 @@
+"""Sampling methods: filters, distribution, per-request seeds, parameter checks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llama4_jax.sampling import Greedy, MinP, Sampling, Temperature, TopK, TopP, _cutoff, resolve, sample
+
+_sample = jax.jit(sample)
+
+
+def _rows(samplings, V):
+    """Per-row parameter arrays for `sample` from a list of Sampling."""
+    return (
+        jnp.asarray([s.temperature for s in samplings], jnp.float32),
+        jnp.asarray([s.top_k for s in samplings], jnp.int32),
+        jnp.asarray([s.top_p for s in samplings], jnp.float32),
+        jnp.asarray([s.min_p for s in samplings], jnp.float32),
+        jnp.asarray([s.seed for s in samplings], jnp.uint32),
+    )
+
+
+def _kept_reference(logits, s: Sampling):
+    """Token ids surviving temperature -> top-k -> top-p -> min-p, in float64 numpy."""
+    x = logits.astype(np.float64) / s.temperature
+    order = np.argsort(-x, kind="stable")
+    srt = x[order]
+    n = len(x) if s.top_k == 0 else s.top_k
+    p = np.exp(srt[:n] - srt[0])
+    p /= p.sum()
+    before = np.cumsum(p) - p
+    n = min(n, int(np.sum(before < s.top_p)))
+    n = min(n, int(np.sum(p[:n] >= s.min_p * p[0])))
+    return set(order[:max(n, 1)].tolist())
+
+
+def test_filters_match_reference():
+    rng = np.random.default_rng(0)
+    V = 37
+    cases = [Sampling(0.7, top_k=5), Sampling(1.3, top_p=0.6), Sampling(1.0, min_p=0.2),
+             Sampling(0.9, top_k=9, top_p=0.8, min_p=0.05), Sampling(2.0, top_p=0.05), Sampling(1.0)]
+    for s in cases:
+        logits = rng.normal(size=V).astype(np.float32) * 3
+        t, k, p, m, _ = _rows([s], V)
+        cut = float(_cutoff(jnp.asarray(logits)[None] / t[:, None], k, p, m)[0])
+        kept = set(np.nonzero(logits / s.temperature >= cut)[0].tolist())
+        assert kept == _kept_reference(logits, s), s
+
+
+def test_empirical_distribution():
+    # 4000 rows with the same logits and different seeds: the frequencies of a top-k
+    # sample match the renormalised softmax. The binomial std is <= 0.008; 0.03 is ~4 std
+    # (deterministic anyway: the seeds are fixed).
+    V, n = 11, 4000
+    logits = jnp.asarray(np.linspace(2.0, -2.0, V), jnp.float32)
+    rows = [Sampling(0.8, top_k=4, seed=i) for i in range(n)]
+    toks, _ = _sample(jnp.broadcast_to(logits, (n, V)), *_rows(rows, V), 0)
+    freq = np.bincount(np.asarray(toks), minlength=V) / n
+    ref = np.exp(np.asarray(logits[:4]) / 0.8)
+    ref /= ref.sum()
+    np.testing.assert_allclose(freq[:4], ref, atol=0.03)
+    assert freq[4:].sum() == 0
+
+
+def test_greedy_and_logprobs():
+    rng = np.random.default_rng(1)
+    logits = jnp.asarray(rng.normal(size=(3, 50)), jnp.float32)
+    toks, lps = _sample(logits, *_rows([Greedy().resolve()] * 3, 50), 0)
+    np.testing.assert_array_equal(toks, np.argmax(logits, -1))
+    # logprobs are of the raw distribution, fp32 log_softmax: 1e-6 absolute.
+    ref = jax.nn.log_softmax(logits)[np.arange(3), np.asarray(toks)]
+    np.testing.assert_allclose(lps, ref, atol=1e-6)
+
+
+def test_seed_independent_of_batch_size_and_position():
+    rng = np.random.default_rng(2)
+    V = 64
+    target = rng.normal(size=V).astype(np.float32)
+    s = Sampling(1.0, top_p=0.9, seed=1234)
+    for step in (0, 5):
+        alone, _ = _sample(jnp.asarray(target)[None], *_rows([s], V), step)
+        for B, pos in ((4, 0), (4, 3), (7, 2)):
+            others = rng.normal(size=(B, V)).astype(np.float32)
+            others[pos] = target
+            rows = [Sampling(0.5, top_k=3, seed=int(i)) for i in rng.integers(0, 1000, B)]
+            rows[pos] = s
+            toks, _ = _sample(jnp.asarray(others), *_rows(rows, V), step)
+            assert int(toks[pos]) == int(alone[0]), (step, B, pos)
+    # ... and the step matters: different token indices draw different noise.
+    draws = {int(_sample(jnp.zeros((1, V)), *_rows([Temperature(1.0, seed=3).resolve()], V), t)[0][0])
+             for t in range(10)}
+    assert len(draws) > 1
+
+
+def test_method_classes_resolve():
+    assert resolve(None) == Sampling(temperature=0.0)
+    assert TopK(5, temperature=0.5, seed=2).resolve() == Sampling(0.5, top_k=5, seed=2)
+    assert TopP(0.9).resolve() == Sampling(1.0, top_p=0.9)
+    assert MinP(0.1, temperature=0.7).resolve() == Sampling(0.7, min_p=0.1)
+    assert Temperature(0.3, seed=9).resolve() == Sampling(0.3, seed=9)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    ({"temperature": -0.5}, "temperature must be a finite number >= 0, got -0.5"),
+    ({"temperature": float("nan")}, "temperature must be"),
+    ({"top_p": 0.0}, "top_p must be in (0, 1], got 0.0"),
+    ({"top_p": 1.5}, "top_p must be in (0, 1], got 1.5"),
+    ({"top_k": -1}, "top_k must be an integer >= 0, got -1"),
+    ({"top_k": 2.5}, "top_k must be an integer >= 0"),
+    ({"min_p": 2}, "min_p must be in [0, 1], got 2"),
+    ({"seed": -1}, "seed must be an integer in [0, 4294967296), got -1"),
+])
+def test_invalid_parameters(kw, msg):
+    with pytest.raises(ValueError) as e:
+        Sampling(**kw)
+    assert msg in str(e.value)
+
+
+def test_invalid_method():
+    with pytest.raises(ValueError, match="TopK.k must be an integer >= 1"):
+        TopK(0).resolve()
+    with pytest.raises(TypeError, match="sampling must be one of"):
+        resolve("greedy")
