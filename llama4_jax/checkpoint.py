@@ -979,7 +979,6 @@ def load_orbax(path: str, *, dtype: str | None = None, shardings=None):
     time (transient device memory: one leaf).
     """
     import jax
-    import jax.numpy as jnp
     from orbax.checkpoint.experimental import v1 as ocp
 
     from .model.text import abstract_params
@@ -987,34 +986,33 @@ def load_orbax(path: str, *, dtype: str | None = None, shardings=None):
     fmt = _read_format(path)
     config = load_config(path)
     dt = _np_dtype(dtype or fmt["dtype"])
-    abstract = abstract_params(config, dtype=dt.name)
-    G = config.text.num_groups
+    leaves = plan_leaves(config, abstract_params(config, dtype=dt.name), ())
     target: dict = {}
     final_shardings = {}
-    for p, sds in _flatten(abstract):
-        s = _get(shardings, p) if shardings is not None else None
+    for lf in leaves:
+        s = _get(shardings, lf.path) if shardings is not None else None
         s = s if s is not None else _default_sharding()
-        final_shardings[p] = s
-        if p[:2] == ("params", "layers"):
+        final_shardings[lf.path] = s
+        if lf.stacked:
             ps = _piece_sharding(s)
-            for g in range(G):
-                _set(target, p + (_group_key(g),), jax.ShapeDtypeStruct(sds.shape[1:], dt, sharding=ps))
+            for g in range(lf.shape[0]):
+                _set(target, lf.path + (_group_key(g),), jax.ShapeDtypeStruct(lf.shape[1:], dt, sharding=ps))
         else:
-            _set(target, p, jax.ShapeDtypeStruct(sds.shape, dt, sharding=s))
+            _set(target, lf.path, jax.ShapeDtypeStruct(lf.shape, dt, sharding=s))
     try:
         stored = ocp.load(os.path.join(path, "params"), target)
     except (ValueError, FileNotFoundError, KeyError) as e:
         raise CheckpointError(f"{path}: cannot restore the converted params: {e}") from None
     params: dict = {}
-    for p, _ in _flatten(abstract):
-        if p[:2] == ("params", "layers"):
-            node = _get(stored, p)
-            pieces = [node.pop(_group_key(g)) for g in range(G)]
-            arr = _jitted("stack", final_shardings[p])(*pieces)
+    for lf in leaves:
+        if lf.stacked:
+            node = _get(stored, lf.path)
+            pieces = [node.pop(_group_key(g)) for g in range(lf.shape[0])]
+            arr = _jitted("stack", final_shardings[lf.path])(*pieces)
             del pieces
         else:
-            arr = _get(stored, p)
-        _set(params, p, arr)
+            arr = _get(stored, lf.path)
+        _set(params, lf.path, arr)
     return config, params
 
 

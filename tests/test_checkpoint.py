@@ -1,0 +1,407 @@
+"""Checkpoints: streaming HF load, sharded load, orbax conversion, exact export, FP8, errors.
+
+Tiny transformers checkpoints (tests/hf_models.py) in both layouts: `Llama4ForCausalLM`
+in one file, and `Llama4ForConditionalGeneration` in many shards (`max_shard_size`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import llama4_jax
+from llama4_jax import checkpoint as ck
+from llama4_jax import convert as cv
+from llama4_jax.config import ConfigError
+from tests import hf_models
+
+# fp32 parity with transformers is ~1e-5 on these configs (see test_parity.py); 1e-4
+# leaves room for summation-order differences, and a wrong transform moves logits by O(1).
+PARITY_ATOL = 1e-4
+
+
+@pytest.fixture(scope="session")
+def cond_sharded(tmp_path_factory):
+    return hf_models.build("maverick_like", tmp_path_factory, max_shard_size="20KB", conditional=True)
+
+
+@pytest.fixture(scope="session", params=["causal_1file", "cond_sharded"])
+def ckpt(request, scout_like, cond_sharded):
+    return scout_like if request.param == "causal_1file" else cond_sharded
+
+
+_LOADED: dict = {}
+
+
+def loaded(path, dtype="float32"):
+    """Session cache of `llama4_jax.load` (params are immutable)."""
+    if (path, dtype) not in _LOADED:
+        _LOADED[path, dtype] = llama4_jax.load(path, dtype=dtype)
+    return _LOADED[path, dtype]
+
+
+def ids_for(config, seed=1):
+    return np.random.RandomState(seed).randint(0, config.text.vocab_size, (2, 19))
+
+
+def convert(*argv) -> int:
+    p = argparse.ArgumentParser()
+    cv.add_arguments(p)
+    return cv.run(p.parse_args([*map(str, argv), "--no-progress"]))
+
+
+def assert_same_params(a, b):
+    fa, fb = dict(ck._flatten(a)), dict(ck._flatten(b))
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        x, y = np.asarray(fa[k]), np.asarray(fb[k])
+        assert x.dtype == y.dtype and x.shape == y.shape, k
+        assert np.array_equal(x.view(np.uint8), y.view(np.uint8)), f"{'/'.join(k)} differs"
+
+
+def copy_ckpt(src, dst):
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+# --------------------------------------------------------------------------------------
+# Loading, converting, exporting
+# --------------------------------------------------------------------------------------
+
+def test_load_matches_transformers(ckpt):
+    config, params = loaded(ckpt.path)
+    assert config.text == ckpt.config.text
+    ids = ids_for(config)
+    ours = np.asarray(llama4_jax.forward(config, params, ids))
+    ref = hf_models.hf_logits(ckpt.hf_model, ids)
+    np.testing.assert_allclose(ours, ref, atol=PARITY_ATOL, rtol=0)
+
+
+def _mesh_shardings(abstract, mesh):
+    """Shard the last even axis over x (2) and the first other multiple-of-4 axis over y (4).
+
+    On these odd-sized configs that puts `head_dim` on x for q/k/v, so a device's slice
+    of an HF row block is not contiguous (the gather path), and experts, vocab or
+    widths on y elsewhere.
+    """
+    def spec(shape):
+        axes = [None] * len(shape)
+        for i in reversed(range(len(shape))):
+            if shape[i] % 2 == 0:
+                axes[i] = "x"
+                break
+        for i in range(len(shape)):
+            if axes[i] is None and shape[i] % 4 == 0:
+                axes[i] = "y"
+                break
+        return NamedSharding(mesh, P(*axes))
+
+    return jax.tree_util.tree_map(lambda s: spec(s.shape), abstract)
+
+
+def test_sharded_load_equals_unsharded(scout_like, tmp_path):
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("x", "y"))
+    config, ref = loaded(scout_like.path)
+    shardings = _mesh_shardings(llama4_jax.abstract_params(config, dtype="float32"), mesh)
+    n_sharded = sum(len(set(s.spec) - {None}) > 0 for s in jax.tree_util.tree_leaves(shardings))
+    assert n_sharded > 10  # the test must actually shard most leaves
+    _, params = llama4_jax.load(scout_like.path, dtype="float32", shardings=shardings)
+    assert_same_params(params, ref)
+    for path, arr in ck._flatten(params):
+        assert arr.sharding == ck._get(shardings, path), path
+    # the converted directory restores straight into the same shardings
+    dst = tmp_path / "orbax"
+    assert convert(scout_like.path, dst, "--dtype", "float32") == 0
+    _, restored = llama4_jax.load(str(dst), dtype="float32", shardings=shardings)
+    assert_same_params(restored, ref)
+    for path, arr in ck._flatten(restored):
+        assert arr.sharding == ck._get(shardings, path), path
+
+
+@pytest.fixture(scope="session")
+def converted(ckpt, tmp_path_factory):
+    dst = tmp_path_factory.mktemp("converted") / "orbax"
+    assert convert(ckpt.path, dst, "--dtype", "float32") == 0
+    return str(dst)
+
+
+def test_convert_then_load_gives_identical_params(ckpt, converted):
+    assert sorted(os.listdir(converted)) == ["config.json", ck.FORMAT_FILE, "params"]
+    config, params = llama4_jax.load(converted, dtype="float32")
+    assert config == loaded(ckpt.path)[0]
+    assert_same_params(params, loaded(ckpt.path)[1])
+
+
+def test_export_is_bitwise_and_transformers_loads_it(ckpt, converted, tmp_path):
+    out = tmp_path / "hf"
+    assert convert(converted, out, "--to-hf", "--max-shard-size", "30KB") == 0
+    assert os.path.exists(out / "model.safetensors.index.json")
+    src, dst = ck.SafetensorsReader(ckpt.path), ck.SafetensorsReader(str(out))
+    assert set(dst.tensors) == set(src.tensors)  # text and vision tensors, nothing more or less
+    for k in sorted(src.tensors):
+        a, b = src.read(k), dst.read(k)
+        assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), k
+    model = type(ckpt.hf_model).from_pretrained(str(out), dtype="float32").eval()
+    ids = ids_for(ckpt.config, seed=2)
+    # Same weights, same code: transformers must give bit-identical logits.
+    np.testing.assert_array_equal(hf_models.hf_logits(model, ids), hf_models.hf_logits(ckpt.hf_model, ids))
+
+
+def test_bfloat16_convert_and_export_round_trip(scout_like, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    assert convert(scout_like.path, tmp_path / "bf16", "--dtype", "bfloat16") == 0
+    assert convert(tmp_path / "bf16", tmp_path / "hf_out", "--to-hf") == 0
+    ref = load_file(os.path.join(scout_like.path, "model.safetensors"))
+    got = load_file(str(tmp_path / "hf_out" / "model.safetensors"))
+    assert got.keys() == ref.keys()
+    for k in ref:  # our fp32 -> bf16 cast rounds to nearest even, like torch's
+        assert got[k].dtype == torch.bfloat16
+        assert torch.equal(got[k].view(torch.int16), ref[k].to(torch.bfloat16).view(torch.int16)), k
+    # bf16 HF -> ours -> HF is bitwise too
+    config, params = llama4_jax.load(str(tmp_path / "hf_out"), dtype="bfloat16")
+    ck.save_hf(config, params, str(tmp_path / "hf_out2"))
+    again = load_file(str(tmp_path / "hf_out2" / "model.safetensors"))
+    assert all(torch.equal(again[k].view(torch.int16), got[k].view(torch.int16)) for k in got)
+
+
+def test_convert_refuses_existing_destination_and_overwrites_on_request(scout_like, tmp_path, capsys):
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("x")
+    assert convert(scout_like.path, dst) == 2
+    assert "already exists" in capsys.readouterr().err and (dst / "keep.txt").exists()
+    assert convert(scout_like.path, dst, "--overwrite", "--dtype", "float32") == 0
+    assert not (dst / "keep.txt").exists() and ck.is_converted(str(dst))
+
+
+def test_interrupted_conversion_leaves_no_destination(scout_like, tmp_path, monkeypatch):
+    real = ck.convert_hf_to_orbax
+
+    def dies_midway(src, dst, **kw):
+        real(src, dst, **kw)  # everything written ...
+        raise KeyboardInterrupt  # ... but interrupted before the rename
+
+    monkeypatch.setattr(ck, "convert_hf_to_orbax", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        convert(scout_like.path, tmp_path / "out")
+    assert os.listdir(tmp_path) == []  # neither DST nor the temporary directory remains
+
+
+# --------------------------------------------------------------------------------------
+# FP8 checkpoints (both layouts), built here by quantizing a tiny model
+# --------------------------------------------------------------------------------------
+
+def _quantize_rows(w):
+    """Per-output-row FP8 e4m3: w [..., out, in] -> (w8, scale [..., out, 1]) with amax -> 448."""
+    import torch
+
+    scale = w.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 448.0
+    return (w / scale).to(torch.float8_e4m3fn), scale.float()
+
+
+def _write_fp8(src: str, dst: str, layout: str):
+    """Quantize routed experts and shared-expert Linears of a causal checkpoint.
+
+    Returns the dequantized fp32 state dict (what a correct reader must reproduce).
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(os.path.join(src, "model.safetensors"))
+    out, deq = {}, {}
+    for k, v in sd.items():
+        if k.endswith("experts.gate_up_proj") or k.endswith("experts.down_proj"):
+            wt = v.transpose(1, 2)  # [E, out, in]
+            w8, s = _quantize_rows(wt)
+            deq[k] = (w8.float() * s).transpose(1, 2).contiguous()
+            if layout == "compressed-tensors":
+                base = k[: -len("gate_up_proj" if k.endswith("gate_up_proj") else "down_proj")]
+                F = wt.shape[1] // 2
+                for e in range(v.shape[0]):
+                    if k.endswith("gate_up_proj"):
+                        out[f"{base}{e}.gate_proj.weight"] = w8[e, :F].contiguous()
+                        out[f"{base}{e}.gate_proj.weight_scale"] = s[e, :F].contiguous()
+                        out[f"{base}{e}.up_proj.weight"] = w8[e, F:].contiguous()
+                        out[f"{base}{e}.up_proj.weight_scale"] = s[e, F:].contiguous()
+                    else:
+                        out[f"{base}{e}.down_proj.weight"] = w8[e].contiguous()
+                        out[f"{base}{e}.down_proj.weight_scale"] = s[e].contiguous()
+            else:  # fbgemm: fused, scales [E, 1, 2F] for gate_up and [E, D, 1] for down
+                out[k] = w8.transpose(1, 2).contiguous()
+                out[k + "_scale"] = s.transpose(1, 2).contiguous() if k.endswith("gate_up_proj") else s.contiguous()
+        elif "shared_expert" in k:
+            w8, s = _quantize_rows(v)
+            out[k], out[k[: -len("weight")] + "weight_scale"] = w8, s
+            deq[k] = w8.float() * s
+        else:
+            out[k] = v
+            deq[k] = v
+    os.makedirs(dst)
+    save_file(out, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = json.load(f)
+    if layout == "compressed-tensors":
+        cfg["quantization_config"] = {
+            "quant_method": "compressed-tensors", "format": "float-quantized",
+            "config_groups": {"group_0": {
+                "targets": ["Linear"],
+                "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True,
+                            "dynamic": False},
+                "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True}}},
+            "ignore": ["re:.*self_attn.*", "re:.*router.*", "lm_head"]}
+    else:
+        cfg["quantization_config"] = {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0,
+                                      "modules_to_not_convert": ["self_attn", "router", "lm_head"]}
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    return deq
+
+
+@pytest.mark.parametrize("layout", ["compressed-tensors", "fbgemm_fp8"])
+def test_fp8_checkpoint_dequantizes(scout_like, tmp_path, layout):
+    import copy
+
+    dst = str(tmp_path / layout)
+    deq = _write_fp8(scout_like.path, dst, layout)
+    reader = ck.SafetensorsReader(dst)
+    assert any(t.dtype.name == "float8_e4m3fn" for t in reader.tensors.values())
+    config, params = llama4_jax.load(dst, dtype="float32")
+    ids = ids_for(config)
+    ours = np.asarray(llama4_jax.forward(config, params, ids))
+    # Against transformers running the same dequantized weights: as tight as plain parity.
+    ref_model = copy.deepcopy(scout_like.hf_model)
+    ref_model.load_state_dict(deq, strict=True)
+    np.testing.assert_allclose(ours, hf_models.hf_logits(ref_model, ids), atol=PARITY_ATOL, rtol=0)
+    # Against the unquantized original: e4m3 keeps 3 mantissa bits (~3.6% rms error per
+    # weight); through this random 12-layer model that measured 0.11-0.12 rms logit error
+    # for a logit std of ~1.0. A scale on the wrong axis, or a missing one, is O(std) or
+    # worse, so 0.2 of the logit spread separates the two.
+    orig = hf_models.hf_logits(scout_like.hf_model, ids)
+    err = np.sqrt(np.mean((ours - orig) ** 2))
+    assert err < 0.2 * orig.std(), (err, orig.std())
+    assert err > 0  # the weights really were quantized
+
+
+# --------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------
+
+def test_error_path_does_not_exist(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint path does not exist: .*nowhere"):
+        llama4_jax.load(str(tmp_path / "nowhere"))
+    assert convert(tmp_path / "nowhere", tmp_path / "out") == 2
+
+
+def test_error_no_config(scout_like, tmp_path):
+    d = copy_ckpt(scout_like.path, tmp_path / "c")
+    os.remove(os.path.join(d, "config.json"))
+    with pytest.raises(ck.CheckpointError, match="has no config.json"):
+        llama4_jax.load(d)
+
+
+def test_error_no_weights(scout_like, tmp_path):
+    d = copy_ckpt(scout_like.path, tmp_path / "c")
+    os.remove(os.path.join(d, "model.safetensors"))
+    with pytest.raises(ck.CheckpointError, match=r"has no \*\.safetensors weights"):
+        llama4_jax.load(d)
+
+
+def test_error_missing_shard(cond_sharded, tmp_path):
+    d = copy_ckpt(cond_sharded.path, tmp_path / "c")
+    os.remove(os.path.join(d, next(f for f in os.listdir(d) if f.startswith("model-00003-of-"))))
+    with pytest.raises(ck.CheckpointError, match="shard.*missing: model-00003-of-"):
+        llama4_jax.load(d)
+
+
+def test_error_truncated_file(scout_like, tmp_path):
+    d = copy_ckpt(scout_like.path, tmp_path / "c")
+    f = os.path.join(d, "model.safetensors")
+    os.truncate(f, os.path.getsize(f) - 100)
+    with pytest.raises(ck.CheckpointError, match=r"model.safetensors is truncated: tensor .* ends at byte"):
+        llama4_jax.load(d)
+
+
+def test_error_corrupted_header(scout_like, tmp_path):
+    d = copy_ckpt(scout_like.path, tmp_path / "c")
+    with open(os.path.join(d, "model.safetensors"), "r+b") as f:
+        f.seek(8)
+        f.write(b"\x00garbage")
+    with pytest.raises(ck.CheckpointError, match="corrupted: its header is not valid JSON"):
+        llama4_jax.load(d)
+
+
+def test_error_unsupported_model_type(scout_like, tmp_path):
+    d = copy_ckpt(scout_like.path, tmp_path / "c")
+    cfg_path = os.path.join(d, "config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg["model_type"] = "llama"
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(ConfigError, match="unsupported model_type 'llama'"):
+        llama4_jax.load(d)
+
+
+def test_error_unsupported_dtype(scout_like):
+    with pytest.raises(ConfigError, match=r"unsupported dtype 'int8'; choose from \['float32', 'bfloat16'"):
+        llama4_jax.load(scout_like.path, dtype="int8")
+
+
+def _rewrite(src, dst, edit):
+    from safetensors.torch import load_file, save_file
+
+    d = copy_ckpt(src, dst)
+    f = os.path.join(d, "model.safetensors")
+    sd = load_file(f)
+    edit(sd)
+    save_file(sd, f, metadata={"format": "pt"})
+    return d
+
+
+def test_error_wrong_shape_names_tensor_expected_and_found(scout_like, tmp_path):
+    name = "model.layers.5.self_attn.k_proj.weight"
+    d = _rewrite(scout_like.path, tmp_path / "c", lambda sd: sd.__setitem__(name, sd[name][:-1].clone()))
+    with pytest.raises(ck.CheckpointError, match=rf"tensor {name} has shape \(19, 60\), expected \(20, 60\)"):
+        llama4_jax.load(d)
+
+
+def test_error_missing_and_unexpected_tensors(scout_like, tmp_path):
+    name = "model.layers.7.feed_forward.router.weight"
+    d = _rewrite(scout_like.path, tmp_path / "a", lambda sd: sd.pop(name))
+    with pytest.raises(ck.CheckpointError, match=f"tensor {name} is missing"):
+        llama4_jax.load(d)
+    d = _rewrite(scout_like.path, tmp_path / "b", lambda sd: sd.__setitem__("model.extra.weight", sd[name].clone()))
+    with pytest.raises(ck.CheckpointError, match=r"tensors not used by the model: \['model.extra.weight'\]"):
+        llama4_jax.load(d)
+
+
+def test_error_fp8_without_scale_and_unknown_quantization(scout_like, tmp_path):
+    dst = str(tmp_path / "fp8")
+    _write_fp8(scout_like.path, dst, "fbgemm_fp8")
+    _rewrite(dst, tmp_path / "noscale", lambda sd: sd.pop("model.layers.0.feed_forward.experts.down_proj_scale"))
+    with pytest.raises(ck.CheckpointError, match="FP8 tensor model.layers.0.feed_forward.experts.down_proj has no "
+                                                 "scale"):
+        llama4_jax.load(str(tmp_path / "noscale"))
+    cfg_path = os.path.join(dst, "config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(ck.CheckpointError, match="quantization method 'gptq' is not supported"):
+        llama4_jax.load(dst)
+
+
+def test_to_hf_needs_a_converted_directory(scout_like, tmp_path, capsys):
+    assert convert(scout_like.path, tmp_path / "out", "--to-hf") == 1
+    assert "is not a converted checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
