@@ -1,0 +1,209 @@
+"""The blockwise and Pallas attention backends against the `xla` reference.
+
+Seam-level cases use small blocks (8 / 16) so every case spans several query and key
+blocks and block skipping is exercised; odd lengths make the block padding matter.
+Tolerances (fp32, matmul precision highest): 2e-6 on outputs of size ~1 and 2e-5 on
+gradients (sums over up to 48 keys of products of size ~1): the backends reorder fp32
+sums (online softmax), nothing else. bf16: see `test_bf16`.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llama4_jax.kernels import blockwise as bw
+from llama4_jax.kernels import default_attention_impl, pallas_flash
+from llama4_jax.model.attention import INVALID_POS, attend, backends, xla_attention
+from llama4_jax.model.text import abstract_params, forward
+from tests.hf_models import TEXT
+
+TOL = 2e-6
+GRAD_TOL = 2e-5
+
+
+def make_inputs(B, T, S, H, K, d, *, left_pad=(), seed=0, dtype=jnp.float32):
+    """Random q [B,T,H,d], k/v [B,S,K,d]; keys are the last S tokens, queries the last T.
+
+    left_pad[b] pads row b on the left: its first tokens are invalid keys and every
+    position is shifted, as `positions_from_mask` does.
+    """
+    rng = np.random.default_rng(seed)
+    q, k, v = (jnp.asarray(rng.normal(size=s), dtype) for s in ((B, T, H, d), (B, S, K, d), (B, S, K, d)))
+    pads = list(left_pad) + [0] * (B - len(left_pad))
+    idx = np.arange(S)[None, :] - np.asarray(pads)[:, None]
+    k_pos = np.where(idx >= 0, idx, INVALID_POS).astype(np.int32)
+    q_pos = np.maximum(idx[:, S - T:], 0).astype(np.int32)
+    return q, k, v, jnp.asarray(q_pos), jnp.asarray(k_pos)
+
+
+def valid_rows(q_pos, k_pos):
+    """[B, T, 1, 1] mask of query rows that are real tokens (self-attention layout)."""
+    T = q_pos.shape[1]
+    return (k_pos[:, -T:] < INVALID_POS)[:, :, None, None]
+
+
+@functools.partial(jax.jit, static_argnames=("impl", "chunk_size"))
+def run(q, k, v, q_pos, k_pos, impl, chunk_size):
+    if impl == "xla":
+        return xla_attention(q, k, v, q_pos, k_pos, chunk_size=chunk_size)
+    if impl == "blockwise":
+        return bw.blockwise_attention(q, k, v, q_pos, k_pos, chunk_size=chunk_size, block_q=8, block_k=8)
+    return pallas_flash.pallas_flash_attention(q, k, v, q_pos, k_pos, chunk_size=chunk_size, block_q=16,
+                                               block_k=16)[0]
+
+
+# (B, T, H, K, d, chunk, left_pad): GQA ratios 5, 4, 1; global; chunk smaller than and not
+# dividing T (37 = 4 * 8 + 5), equal to T, dividing T; left-padded rows.
+CASES = {
+    "global_gqa5_leftpad": (2, 37, 5, 1, 14, None, (5,)),
+    "chunk8_not_dividing_gqa4": (2, 37, 8, 2, 10, 8, (0, 3)),
+    "chunk_equal_T_gqa1": (1, 37, 4, 4, 8, 37, ()),
+    "chunk16_dividing_gqa5": (1, 48, 5, 1, 14, 16, ()),
+}
+
+
+@pytest.mark.parametrize("impl", ["blockwise", "pallas"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_equals_xla(case, impl):
+    B, T, H, K, d, chunk, pad = CASES[case]
+    q, k, v, qp, kp = make_inputs(B, T, T, H, K, d, left_pad=pad)
+    ref = run(q, k, v, qp, kp, "xla", chunk)
+    out = run(q, k, v, qp, kp, impl, chunk)
+    m = valid_rows(qp, kp)
+    np.testing.assert_allclose(np.where(m, out, 0), np.where(m, ref, 0), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("impl", ["blockwise", "pallas"])
+def test_decode_against_cache(impl):
+    """One new token against a chunked layer's ring buffer (slots out of position order,
+    an empty slot) followed by the new key, and against a global layer's cache
+    (max_len slots, only the first 29 filled)."""
+    q, k, v, qp, kp = make_inputs(2, 1, 32, 5, 1, 14, seed=1)
+    # Chunked: chunk 16, positions 32..47 stored at slot p % 16, slot 3 empty; new token 48.
+    ring_pos = np.array([32 + ((s - 0) % 16) for s in range(16)])
+    ring_pos = np.where(np.arange(16) == 3, INVALID_POS, ring_pos + np.where(np.arange(16) < 5, 16, 0))
+    kp_ring = jnp.asarray(np.tile(np.concatenate([ring_pos, 48 + np.arange(16)])[None], (2, 1)), jnp.int32)
+    kp_ring = kp_ring.at[:, 17:].set(INVALID_POS)  # only one new token (slot 16) is real
+    qp_ring = jnp.full((2, 1), 48, jnp.int32)
+    for chunk, qpos, kpos in ((16, qp_ring, kp_ring), (None, jnp.full((2, 1), 28, jnp.int32),
+                                                        jnp.where(jnp.arange(32) < 29, jnp.arange(32), INVALID_POS)
+                                                        [None].repeat(2, 0).astype(jnp.int32))):
+        ref = run(q, k, v, qpos, kpos, "xla", chunk)
+        out = run(q, k, v, qpos, kpos, impl, chunk)
+        np.testing.assert_allclose(out, ref, atol=TOL, rtol=0)
+
+
+def test_block_plan_skips_masked_blocks():
+    """Chunked layer, 64 sorted positions, blocks of 8, chunk 16: query block i needs
+    only the key blocks of its own chunk up to itself (1 or 2), the O(S * C) schedule;
+    a global layer needs every block up to the diagonal."""
+    pos = jnp.arange(64, dtype=jnp.int32)[None]
+    idx, cnt = bw.block_plan(pos, pos, 16, 8, 8)
+    np.testing.assert_array_equal(cnt, [1, 2] * 4)
+    np.testing.assert_array_equal(idx[3, :2], [2, 3])
+    _, cnt = bw.block_plan(pos, pos, None, 8, 8)
+    np.testing.assert_array_equal(cnt, np.arange(1, 9))
+
+
+@pytest.mark.parametrize("case", ["global_gqa5_leftpad", "chunk8_not_dividing_gqa4"])
+@pytest.mark.parametrize("impl", ["blockwise", "pallas"])
+def test_gradients_match_reference(case, impl):
+    """jax.grad through the custom VJPs equals jax.grad of the reference, for q, k, v."""
+    B, T, H, K, d, chunk, pad = CASES[case]
+    q, k, v, qp, kp = make_inputs(B, T, T, H, K, d, left_pad=pad, seed=2)
+    m = valid_rows(qp, kp)
+    w = jnp.asarray(np.random.default_rng(3).normal(size=(B, T, H, d)), jnp.float32)
+
+    def loss(impl, q, k, v):
+        return jnp.sum(jnp.where(m, run(q, k, v, qp, kp, impl, chunk), 0) * w)
+
+    grad = jax.jit(jax.grad(loss, argnums=(1, 2, 3)), static_argnums=0)
+    for g, g_ref, name in zip(grad(impl, q, k, v), grad("xla", q, k, v), "qkv"):
+        np.testing.assert_allclose(g, g_ref, atol=GRAD_TOL, rtol=0, err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("impl", ["blockwise", "pallas"])
+def test_bf16(impl):
+    """bf16 inputs: as close to the fp32 result as the bf16 reference is. Both round
+    q, k, v and the probabilities to bf16 (8 mantissa bits, relative error 2^-9), on
+    outputs of size ~1; we allow 3e-2 absolute from the bf16 reference, about 8 bf16
+    ulps at 1, and check ours is no further than 1.5x the reference's own fp32 error."""
+    B, T, H, K, d, chunk, pad = CASES["chunk8_not_dividing_gqa4"]
+    q, k, v, qp, kp = make_inputs(B, T, T, H, K, d, left_pad=pad, seed=4)
+    m = valid_rows(qp, kp)
+    exact = run(q, k, v, qp, kp, "xla", chunk)
+    q16, k16, v16 = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    ref = run(q16, k16, v16, qp, kp, "xla", chunk).astype(jnp.float32)
+    out = run(q16, k16, v16, qp, kp, impl, chunk).astype(jnp.float32)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(np.where(m, out, 0), np.where(m, ref, 0), atol=3e-2, rtol=0)
+    err_ref = float(jnp.max(jnp.abs(jnp.where(m, ref - exact, 0))))
+    err_out = float(jnp.max(jnp.abs(jnp.where(m, out - exact, 0))))
+    assert err_out <= 1.5 * err_ref + 1e-3, (err_out, err_ref)
+
+
+def test_fully_masked_rows_are_zero_with_empty_lse():
+    """A query that sees no key gets output 0 and lse = NEG (finite), never NaN."""
+    q, k, v, qp, kp = make_inputs(1, 4, 8, 2, 1, 8)
+    kp = jnp.full_like(kp, INVALID_POS)
+    out, lse = bw.flash_attention(q, k, v, qp, kp, chunk_size=None)
+    assert np.all(np.asarray(out) == 0) and np.all(np.asarray(lse) == bw.NEG)
+
+
+# One scanned group of the scout_like pattern (3 chunked RoPE layers, 1 global NoPE layer,
+# chunk 8, floor_scale 6 so the NoPE temperature varies) with one dense MoE layer: the
+# whole attention stack at the smallest compile cost.
+MODEL_CFG = dataclasses.replace(TEXT["scout_like"], num_hidden_layers=4, no_rope_layers=(1, 1, 1, 0), moe_layers=(3,))
+
+
+def random_params(cfg, seed=0):
+    """Random fp32 parameters of `cfg` (normal / sqrt(fan_in)), without tracing flax init."""
+    leaves, tree = jax.tree_util.tree_flatten(abstract_params(cfg, dtype="float32"))
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_unflatten(
+        tree, [jnp.asarray(rng.normal(size=x.shape) / np.sqrt(x.shape[-1]), x.dtype) for x in leaves])
+
+
+def model_inputs(cfg, T=40, pad=5):
+    ids = jax.random.randint(jax.random.key(1), (2, T), 0, cfg.vocab_size)
+    return ids, jnp.ones((2, T), jnp.int32).at[1, :pad].set(0)
+
+
+def test_model_forward_matches_xla():
+    """Full decoder with the blockwise backend equals the xla reference, left padding
+    included. Logits are O(1); fp32 reordering through 4 layers stays below 2e-5."""
+    params = random_params(MODEL_CFG)
+    ids, mask = model_inputs(MODEL_CFG)
+    ref = forward(MODEL_CFG, params, ids, attention_mask=mask, moe_impl="dense")
+    out = forward(MODEL_CFG, params, ids, attention_mask=mask, attention_impl="blockwise", moe_impl="dense")
+    m = mask[:, :, None] > 0
+    np.testing.assert_allclose(np.where(m, out, 0), np.where(m, ref, 0), atol=2e-5, rtol=0)
+
+
+def test_registered_and_default():
+    assert {"xla", "blockwise", "pallas", "ring", "ring_blockwise", "ring_pallas"} <= set(backends())
+    assert default_attention_impl(512, platform="cpu") == "xla"
+    assert default_attention_impl(65536, platform="cpu") == "blockwise"
+    assert default_attention_impl(65536, platform="gpu") == "pallas"
+    with pytest.raises(ValueError, match="unknown attention_impl 'nope'"):
+        attend(*make_inputs(1, 2, 2, 1, 1, 8), chunk_size=None, impl="nope")
+    with pytest.raises(ValueError, match="positions must be"):
+        bw.flash_attention(*make_inputs(1, 2, 2, 1, 1, 8)[:3], jnp.zeros((1, 3), jnp.int32),
+                           jnp.zeros((1, 2), jnp.int32))
+
+
+@pytest.mark.parametrize("chunk", [None, 8])
+def test_pallas_lowers_for_cuda(chunk):
+    """The Pallas kernel (interpret=False) lowers for `cuda` on this CPU host, in the
+    configurations the model uses: GQA ratio 5, head dim 14 (padded to 16), prefill and
+    a one-token decode, chunked and global."""
+    for T, S in ((37, 37), (1, 40)):
+        q, k, v, qp, kp = make_inputs(1, T, S, 5, 1, 14)
+        f = lambda *a: pallas_flash.pallas_flash_attention(*a, chunk_size=chunk, interpret=False)  # noqa: E731
+        exp = pallas_flash.lower_for_cuda(f, q, k, v, qp, kp)
+        assert exp.platforms == ("cuda",)
+        assert "triton" in exp.mlir_module()
