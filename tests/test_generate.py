@@ -1,0 +1,103 @@
+"""generate(): greedy tokens equal transformers' generate; seeded sampling; API errors."""
+
+import numpy as np
+import pytest
+
+import llama4_jax
+from llama4_jax import Greedy, Sampling, TopK, TopP
+from tests.hf_models import Checkpoint
+
+MAX_NEW = 20  # with chunk 8 / 16 every completion crosses at least one chunk boundary
+
+
+def _prompts(vocab: int, lengths, seed: int):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab, size=n).tolist() for n in lengths]  # no pad/bos/eos ids
+
+
+def _hf_generate(model, prompt, max_new: int):
+    """transformers greedy generate of one prompt: (new tokens up to eos, log-softmax scores [N, V]).
+
+    One prompt at a time: with left padding transformers computes the NoPE temperature
+    from the padded cache length, not the row's position (we use the position; see
+    `model.attention.temperature_scale`), which the small floor_scale here would show.
+    """
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.as_tensor([prompt]), do_sample=False, max_new_tokens=max_new,
+                             eos_token_id=2, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    r = out.sequences[0, len(prompt):].tolist()
+    if 2 in r:
+        r = r[:r.index(2) + 1]
+    return r, torch.log_softmax(torch.cat(out.scores, 0).float(), -1).numpy()
+
+
+@pytest.fixture(scope="module")
+def scout(scout_like: Checkpoint):
+    config, params = llama4_jax.load(scout_like.path, dtype="float32")
+    return scout_like, config, params
+
+
+@pytest.mark.parametrize("name,lengths,batch_size", [
+    ("scout_like", (7, 13, 3), 2),  # two batches, the second with a filler row
+    ("maverick_like", (15, 5), 2),  # dense + MoE layers, top-2, GQA 5:1, chunk 16
+])
+def test_greedy_matches_transformers(name, lengths, batch_size, request):
+    ckpt = request.getfixturevalue(name)
+    config, params = llama4_jax.load(ckpt.path, dtype="float32")
+    prompts = _prompts(config.text.vocab_size, lengths, seed=len(name))
+    ref, ref_logp = zip(*(_hf_generate(ckpt.hf_model, p, MAX_NEW) for p in prompts))
+    out = llama4_jax.generate(config, params, prompts, max_new_tokens=MAX_NEW, batch_size=batch_size,
+                              logprobs=True)
+    for b, (o, r) in enumerate(zip(out, ref)):
+        assert o.token_ids == r, f"row {b}"
+        assert o.finish_reason == ("stop" if r[-1] == 2 else "length")
+        assert o.text is None and o.prompt_token_ids == prompts[b]
+        # Log-probabilities of the chosen tokens: fp32 log-softmax of logits that agree
+        # to ~1e-5; 1e-4 absolute.
+        np.testing.assert_allclose(o.logprobs, ref_logp[b][np.arange(len(r)), r], atol=1e-4)
+    assert any(len(o.token_ids) > 8 for o in out)  # crossed a chunk boundary while decoding
+
+
+def test_seeded_sampling_independent_of_batch(scout):
+    _, config, params = scout
+    a, b, c, d, e = _prompts(config.text.vocab_size, (6, 11, 4, 9, 12), seed=7)
+    sa, sd = TopP(0.95, temperature=1.5, seed=11), TopK(20, temperature=1.2, seed=5)
+    first = llama4_jax.generate(config, params, [a, b, c, d], sampling=[sa, Greedy(), Sampling(seed=3), sd],
+                                max_new_tokens=MAX_NEW, batch_size=2)
+    again = llama4_jax.generate(config, params, [a, b, c, d], sampling=[sa, Greedy(), Sampling(seed=3), sd],
+                                max_new_tokens=MAX_NEW, batch_size=2)
+    # Other prompts, other order, other batch-mates and rows (batches are sorted by length).
+    other = llama4_jax.generate(config, params, [e, d, a], sampling=[Sampling(seed=1), sd, sa],
+                                max_new_tokens=MAX_NEW, batch_size=2)
+    assert [o.token_ids for o in first] == [o.token_ids for o in again]
+    assert other[2].token_ids == first[0].token_ids
+    assert other[1].token_ids == first[3].token_ids
+    # Sampling really samples: a different seed changes the completion.
+    alt = llama4_jax.generate(config, params, [a, c], sampling=TopP(0.95, temperature=1.5, seed=12),
+                              max_new_tokens=MAX_NEW, batch_size=2)
+    assert alt[0].token_ids != first[0].token_ids
+
+
+def test_api_errors(scout):
+    _, config, params = scout
+    with pytest.raises(ValueError, match=r"prompt 1 has 40 tokens, longer than the context allows: at most 31"):
+        llama4_jax.generate(config, params, [[5, 6], [5] * 40], max_model_len=32)
+    with pytest.raises(ValueError, match="prompt 0 is text, which needs a tokenizer"):
+        llama4_jax.generate(config, params, ["hello"])
+    with pytest.raises(ValueError, match="prompt 0 is chat messages, which need a tokenizer"):
+        llama4_jax.generate(config, params, [[{"role": "user", "content": "hi"}]])
+    with pytest.raises(ValueError, match=r"prompt 0 has token ids outside the vocabulary \[0, 331\): \[331\]"):
+        llama4_jax.generate(config, params, [[5, 331]])
+    with pytest.raises(ValueError, match="prompt 0 is empty"):
+        llama4_jax.generate(config, params, [[]])
+    with pytest.raises(ValueError, match="sampling has 1 entries for 2 prompts"):
+        llama4_jax.generate(config, params, [[5], [6]], sampling=[Greedy()])
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1, got 0"):
+        llama4_jax.generate(config, params, [[5]], max_new_tokens=0)
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
+        llama4_jax.generate(config, params, [[5]], batch_size=0)
+    with pytest.raises(ValueError, match=r"max_model_len must be an integer in \[2, 131072\]"):
+        llama4_jax.generate(config, params, [[5]], max_model_len=10**9)
+    assert llama4_jax.generate(config, params, []) == []
