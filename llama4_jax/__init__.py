@@ -11,15 +11,26 @@ from .generate import Completion, generate  # binds the function, not the submod
 from .sampling import Greedy, MinP, Sampling, Temperature, TopK, TopP
 
 
-def load(path, *, dtype="bfloat16", shardings=None, progress=False):
+def load(path, *, dtype="bfloat16", mesh=None, rules=None, shardings=None, progress=False):
     """Load a checkpoint directory: returns (config, params).
 
     `path` is a Hugging Face directory (safetensors, FP8 dequantized) or one written by
-    `llama4-jax convert`. `shardings`: None (default device) or a pytree like params of
-    `jax.sharding.Sharding`s; see `llama4_jax.checkpoint.load_hf`.
+    `llama4-jax convert`. With `mesh` (see `llama4_jax.sharding.make_mesh`) each
+    parameter is read straight into its shards under `rules` (default: the mesh's
+    `sharding.default_rules`); pass the same mesh and rules to `forward`. `shardings`:
+    alternatively, an explicit pytree like params of `jax.sharding.Sharding`s (see
+    `llama4_jax.checkpoint.load_hf`); None with no mesh means the default device.
     """
     from .checkpoint import load_checkpoint
 
+    if mesh is not None:
+        if shardings is not None:
+            raise ValueError("load: pass either mesh (with optional rules) or shardings, not both")
+        from .sharding import param_shardings
+
+        shardings = param_shardings(load_config(path), mesh, rules, dtype=dtype)
+    elif rules is not None:
+        raise ValueError("load: rules need a mesh")
     return load_checkpoint(path, dtype=dtype, shardings=shardings, progress=progress)
 
 

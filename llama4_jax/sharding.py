@@ -49,7 +49,7 @@ __all__ = [
 AXIS_NAMES = ("data", "fsdp", "expert", "tensor", "seq")
 # Parameter axes (from the model) and activation / cache axes (used by `constrain`).
 PARAM_AXES = ("vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp", "expert", "expert_mlp", "router",
-              "norm", "layers")
+              "norm", "layers", "vision_embed", "vision_heads", "vision_mlp")
 ACTIVATION_AXES = ("batch", "length", "cache_seq")
 LOGICAL_AXES = PARAM_AXES + ACTIVATION_AXES
 # KV-cache leaves: k/v [G, B, S, K, d] and pos [G, B, S] (see attention.write_cache).
@@ -57,6 +57,8 @@ CACHE_AXES = {
     "k": ("layers", "batch", "cache_seq", "kv_heads", "head_dim"),
     "v": ("layers", "batch", "cache_seq", "kv_heads", "head_dim"),
     "pos": ("layers", "batch", "cache_seq"),
+    "k_scale": ("layers", "batch", "cache_seq", "kv_heads"),  # int8 cache (llama4_jax.cache)
+    "v_scale": ("layers", "batch", "cache_seq", "kv_heads"),
 }
 # A parameter this large whose rule cannot be applied (a dimension the mesh axes do not
 # divide) triggers a warning: 1 MiB is far above every norm/router and far below any
@@ -234,8 +236,8 @@ def default_rules(mesh) -> Rules:
     """Sensible rules for a mesh named with `AXIS_NAMES` (only the axes it has are used).
 
     batch over data, fsdp and expert; weights' `embed` over fsdp; experts over expert;
-    heads, KV heads, MLP and expert widths and the vocabulary over tensor; sequence and
-    KV-cache length over seq.
+    heads, KV heads, MLP and expert widths, the vocabulary and the vision tower's heads
+    and MLP over tensor; sequence and KV-cache length over seq.
     """
     ax = lambda *a: _present(mesh, *a)  # noqa: E731
     return Rules.of({
@@ -244,11 +246,14 @@ def default_rules(mesh) -> Rules:
         "cache_seq": ax("seq"),
         "vocab": ax("tensor"),
         "embed": ax("fsdp"),
+        "vision_embed": ax("fsdp"),
         "q_heads": ax("tensor"),
         "kv_heads": ax("tensor"),
         "mlp": ax("tensor"),
         "expert": ax("expert"),
         "expert_mlp": ax("tensor"),
+        "vision_heads": ax("tensor"),
+        "vision_mlp": ax("tensor"),
     })
 
 
@@ -260,7 +265,7 @@ def fsdp_rules(mesh) -> Rules:
     activations. No tensor or expert parallelism (use `moe_impl='ragged'`).
     """
     every = _present(mesh, "data", "fsdp", "expert", "tensor")
-    return Rules.of({"batch": every, "embed": every, "length": _present(mesh, "seq"),
+    return Rules.of({"batch": every, "embed": every, "vision_embed": every, "length": _present(mesh, "seq"),
                      "cache_seq": _present(mesh, "seq")})
 
 

@@ -26,6 +26,8 @@ import jax.numpy as jnp
 from ..config import LayerFlags, Llama4Config, TextConfig, rope_inv_freq
 from .attention import INVALID_POS, Attention, temperature_scale
 from .layers import MLP, RMSNorm, param, rope_angles
+from .. import sharding
+from . import moe_ep  # noqa: F401  (registers moe_impl='ep')
 from .moe import MoE
 
 
@@ -49,7 +51,8 @@ class DecoderLayer(nn.Module):
                 f = MoE(cfg, self.dtype, self.moe_impl, name="moe")(h)
             else:
                 f = MLP(cfg.intermediate_size_mlp, self.dtype, name="mlp")(h)
-        return x + f, cache
+        # The residual stream stays split by batch/sequence only (no-op without a mesh).
+        return sharding.constrain(x + f, ("batch", "length", None)), cache
 
 
 class DecoderGroup(nn.Module):
@@ -91,6 +94,7 @@ class TextModel(nn.Module):
         cfg, dt = self.cfg, self.dtype
         embed = param(self, "embed", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dt)
         x = embed[input_ids] if embeds is None else embeds.astype(dt)
+        x = sharding.constrain(x, ("batch", "length", None))
 
         ctx = {
             "q_pos": positions,
@@ -143,8 +147,8 @@ def _dtype(dtype):
     return jnp.dtype(dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "attn_impl", "moe_impl", "with_hidden"))
-def _forward(config, params, input_ids, attention_mask, attn_impl, moe_impl, with_hidden, pixel_values=None):
+def _forward_body(config, params, input_ids, attention_mask, attn_impl, moe_impl, with_hidden, pixel_values=None,
+                  mesh=None):
     t = config.text
     dtype = params["params"]["embed"].dtype
     model = TextModel(t, dtype, attn_impl, moe_impl, with_hidden)
@@ -156,8 +160,29 @@ def _forward(config, params, input_ids, attention_mask, attn_impl, moe_impl, wit
         feats = image_features(config, params, pixel_values)
         embeds = merge_image_features(params["params"]["embed"][input_ids], input_ids, feats,
                                       config.image_token_index)
+    if attn_impl.startswith("ring"):  # zigzag sequence layout over the mesh's `seq` axis
+        from ..kernels import ring
+
+        apply = lambda ids, pos, val, emb: model.apply(params, ids, pos, val, embeds=emb)[::2]  # noqa: E731
+        return ring.zigzag_call(apply, mesh, input_ids, positions, valid, embeds)
     logits, _, hidden = model.apply(params, input_ids, positions, valid, embeds=embeds)
     return logits, hidden
+
+
+@functools.partial(jax.jit, static_argnames=("config", "attn_impl", "moe_impl", "with_hidden", "mesh", "rules"))
+def _forward(config, params, input_ids, attention_mask, attn_impl, moe_impl, with_hidden, pixel_values=None,
+             mesh=None, rules=None):
+    body = functools.partial(_forward_body, config, attn_impl=attn_impl, moe_impl=moe_impl, with_hidden=with_hidden,
+                             mesh=mesh)
+    if mesh is None:
+        return body(params, input_ids, attention_mask, pixel_values=pixel_values)
+    B, T = input_ids.shape
+    t = config.text
+    out_axes = (sharding.OutAxes(("batch", "length", "vocab"), (B, T, t.vocab_size)),
+                sharding.OutAxes((None, "batch", "length", None), (t.num_hidden_layers, B, T, t.hidden_size))
+                if with_hidden else None)
+    return sharding.call_on_mesh(body, mesh, rules, out_axes, params, input_ids, attention_mask,
+                                 pixel_values=pixel_values)
 
 
 def forward(
@@ -167,9 +192,11 @@ def forward(
     *,
     attention_mask=None,
     attention_impl: str = "xla",
-    moe_impl: str = "ragged",
+    moe_impl: str | None = None,
     return_hidden_states: bool = False,
     pixel_values=None,
+    mesh=None,
+    rules=None,
 ):
     """Logits [B, T, V] float32 of the text decoder (no cache), optionally with images.
 
@@ -179,14 +206,22 @@ def forward(
       input_ids: int [B, T].
       attention_mask: optional 0/1 [B, T]; left or right padding. Positions, the
         chunk boundaries and the NoPE temperature follow each row's real tokens.
-      attention_impl: attention backend (see `llama4_jax.model.attention.backends()`).
-      moe_impl: "ragged" (only the chosen experts) or "dense" (the reference).
+      attention_impl: attention backend (see `llama4_jax.model.attention.backends()`):
+        "xla" (the reference), "blockwise", "pallas", "ring" (needs a mesh with a
+        `seq` axis), or "auto" (`llama4_jax.kernels.default_attention_impl`).
+      moe_impl: "ragged" (only the chosen experts), "dense" (the reference) or "ep"
+        (expert parallel over the mesh); default: "ep" when the mesh splits the
+        experts evenly, else "ragged".
       return_hidden_states: also return the residual stream after every layer,
         [L, B, T, D] (transformers' `hidden_states[1:]`, before the final norm).
       pixel_values: optional [N, 3, S, S] tiles of all images of the batch, in order
         (conditional-generation checkpoints). Their projected features replace the
         `<|patch|>` tokens of input_ids in batch-major order; the placeholder count
         must equal N * tokens per tile (144 for Scout/Maverick).
+      mesh: optional device mesh (`llama4_jax.sharding.make_mesh` or `jax.make_mesh`,
+        Auto or Explicit axes) the params are sharded on; inputs are split by batch,
+        activations constrained by `rules`, and the logits equal the single-device ones.
+      rules: `llama4_jax.sharding.Rules` (default: `default_rules(mesh)`).
     """
     if isinstance(config, TextConfig):
         config = Llama4Config(text=config)
@@ -205,8 +240,18 @@ def forward(
         if pixel_values.ndim != 4:
             raise ValueError(f"pixel_values must be [tiles, channels, height, width], got shape {pixel_values.shape}")
         check_image_tokens(config, input_ids, pixel_values.shape[0])
+    if mesh is not None:
+        rules = sharding.default_rules(mesh) if rules is None else rules
+        input_ids, attention_mask = (jax.device_put(a, sharding.batch_sharding(mesh, rules, a.shape))
+                                     for a in (input_ids, attention_mask))
+    if attention_impl == "auto":
+        from ..kernels import default_attention_impl
+
+        attention_impl = default_attention_impl(input_ids.shape[1], mesh=mesh)
+    if moe_impl is None:
+        moe_impl = "ep" if mesh is not None and sharding.splits_experts(mesh, rules, config.text) else "ragged"
     logits, hidden = _forward(config, params, input_ids, attention_mask, attention_impl, moe_impl,
-                              return_hidden_states, pixel_values)
+                              return_hidden_states, pixel_values, mesh, rules)
     return (logits, hidden) if return_hidden_states else logits
 
 

@@ -1,0 +1,251 @@
+"""Per-device memory plan: `llama4-jax plan --preset scout --mesh expert=8 --dtype bf16`.
+
+Nothing here restates a shape or a sharding. Parameter shapes come from
+`abstract_params` (`jax.eval_shape` of the model's init), the KV cache from
+`cache.abstract_cache` (chunked layers hold `attention_chunk_size` slots, global
+layers `max_len`), and every per-device size from `NamedSharding.shard_shape` under
+the same `Rules` that `forward` and `load` use, on a device-free `AbstractMesh`. So
+the plan is exactly what loading onto that mesh allocates (a test checks it against
+real sharded arrays).
+
+Weight formats: bf16/fp16/fp32 store every parameter in that dtype. fp8, int8 and
+int4 apply to the matrices inside the decoder layers (attention, dense MLP, shared and
+routed experts); embeddings, the LM head, router, norms and the vision tower stay
+bf16, and quantization scales (about 1/D of the weights per channel) are not counted.
+
+Activations are an estimate, not a measurement: one prefill chunk per batch row
+through the largest layer with blockwise attention, plus the last-position logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import numpy as np
+
+from . import sharding
+
+GiB = 1 << 30
+# bits per element of each weight format
+WEIGHT_BITS = {"fp32": 32, "bf16": 16, "fp16": 16, "fp8": 8, "int8": 8, "int4": 4}
+_FLOAT = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+KV_FORMATS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "int8": "int8"}
+# Query rows of one attention block in the blockwise estimate (kernels' default tile).
+_ATTN_BLOCK = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Bytes per device (the most loaded device) for a config on a mesh."""
+
+    mesh: tuple[tuple[str, int], ...]
+    weight_format: str
+    kv_format: str
+    batch: int
+    max_len: int
+    prefill_chunk: int
+    weights_total: int  # all devices together, unsharded
+    weights_by_part: dict  # part -> bytes on one device
+    kv_cache: int  # per device, chunked layers capped at the chunk
+    kv_cache_uncapped: int  # per device if chunked layers kept max_len slots
+    activations: int  # per device, estimate
+    device_memory: int
+
+    @property
+    def devices(self) -> int:
+        return math.prod(s for _, s in self.mesh)
+
+    @property
+    def weights(self) -> int:
+        return sum(self.weights_by_part.values())
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.activations
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.device_memory
+
+    @property
+    def min_devices_for_weights(self) -> int:
+        """Devices of this memory needed just to hold the weights, perfectly split."""
+        return max(1, math.ceil(self.weights_total / self.device_memory))
+
+
+def _part(path: tuple[str, ...]) -> str:
+    if path[1] in ("vision", "projector"):
+        return "vision tower + projector"
+    if path[1] in ("embed", "lm_head"):
+        return "embedding + lm head"
+    if "attn" in path:
+        return "attention"
+    if path[-1] in ("scale", "router"):
+        return "norms + router"
+    if "moe" in path and "shared" not in path:
+        return "routed experts"
+    return "shared expert + dense MLP"
+
+
+def _quantized(path: tuple[str, ...], ndim: int) -> bool:
+    """Decoder-layer matrices (stacked: layers + >= 2 dims), not the router."""
+    return path[1] == "layers" and ndim >= 3 and path[-1] != "router"
+
+
+def _bytes(shape, bits: int) -> int:
+    return math.ceil(math.prod(shape) * bits / 8)
+
+
+def _mesh(mesh):
+    if isinstance(mesh, (str, dict)):
+        return sharding.abstract_mesh(mesh)
+    return mesh
+
+
+def weight_bytes(config, mesh, *, rules=None, weight_format: str = "bf16") -> tuple[int, dict]:
+    """(total bytes unsharded, {part: bytes on the most loaded device})."""
+    if weight_format not in WEIGHT_BITS:
+        raise ValueError(f"weight format must be one of {sorted(WEIGHT_BITS)}, got {weight_format!r}")
+    from .model.text import abstract_params
+
+    mesh = _mesh(mesh)
+    float_dtype = _FLOAT.get(weight_format, "bfloat16")
+    abstract = abstract_params(config, dtype=float_dtype)
+    shardings = sharding.param_shardings(config, mesh, rules, dtype=float_dtype)
+    total, parts = 0, {}
+    for (path, leaf), sh in zip(jax.tree_util.tree_leaves_with_path(abstract), jax.tree_util.tree_leaves(shardings)):
+        keys = tuple(str(getattr(k, "key", k)) for k in path)
+        bits = WEIGHT_BITS[weight_format] if _quantized(keys, leaf.ndim) else np.dtype(leaf.dtype).itemsize * 8
+        total += _bytes(leaf.shape, bits)
+        part = _part(keys)
+        parts[part] = parts.get(part, 0) + _bytes(sh.shard_shape(leaf.shape), bits)
+    return total, parts
+
+
+def kv_cache_bytes(config, mesh, *, rules=None, batch: int, max_len: int, kv_format: str = "bf16",
+                   capped: bool = True) -> int:
+    """KV cache bytes on one device; `capped=False` sizes chunked layers at max_len too."""
+    from .cache import abstract_cache
+
+    if kv_format not in KV_FORMATS:
+        raise ValueError(f"KV cache format must be one of {sorted(KV_FORMATS)}, got {kv_format!r}")
+    mesh = _mesh(mesh)
+    if not capped:
+        text = config.text
+        config = config.replace(text=dataclasses.replace(text, chunked_layers=()))
+    cache = abstract_cache(config, batch, max_len, dtype="bfloat16", kv_dtype=KV_FORMATS[kv_format])
+    shardings = sharding.cache_shardings(cache, mesh, rules)
+    return sum(math.prod(sh.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+               for x, sh in zip(jax.tree_util.tree_leaves(cache), jax.tree_util.tree_leaves(shardings)))
+
+
+def activation_bytes(config, mesh, *, rules=None, batch: int, prefill_chunk: int, act_bytes: int = 2) -> int:
+    """Estimated peak activations on one device while prefilling `prefill_chunk` tokens per row.
+
+    The residual stream and its normed copy, q/k/v and the attention output, one fp32
+    score block per head [block x (block + chunk)], the widest feed-forward (gate, up
+    and their product), the expert-parallel dispatch buffers (k rows per token, sent and
+    received), and fp32 logits of the last position.
+    """
+    mesh = _mesh(mesh)
+    rules = sharding.default_rules(mesh) if rules is None else rules
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    split = lambda name: math.prod(sizes.get(a, 1) for a in rules.mesh_axes(name))  # noqa: E731
+    t = config.text
+    rows = math.ceil(batch / split("batch"))
+    T = math.ceil(prefill_chunk / split("length"))
+    H = math.ceil(t.num_attention_heads / split("q_heads"))
+    K = math.ceil(t.num_key_value_heads / split("kv_heads"))
+    F = max(math.ceil(t.intermediate_size_mlp / split("mlp")), math.ceil(t.intermediate_size / split("expert_mlp")))
+    blk = min(_ATTN_BLOCK, T)
+    span = blk + (t.attention_chunk_size or T)
+    per_row = (
+        4 * T * t.hidden_size * act_bytes  # residual, normed input, attention output, ffn output
+        + T * (2 * H + 2 * K) * t.head_dim * act_bytes  # q, k, v, attention values
+        + H * blk * min(span, T + blk) * 4  # one fp32 score block
+        + 3 * T * F * act_bytes  # gate, up, silu(gate) * up
+        + 2 * T * t.num_experts_per_tok * t.hidden_size * act_bytes * 2  # ep send + receive buffers
+        + math.ceil(t.vocab_size / split("vocab")) * 4  # last-position logits
+    )
+    return rows * per_row
+
+
+def plan(config, mesh, *, rules=None, weight_format: str = "bf16", kv_format: str | None = None, batch: int = 1,
+         max_len: int = 8192, prefill_chunk: int | None = None, device_memory_gib: float = 80.0) -> Plan:
+    """The memory plan of `config` on `mesh` (a spec string like "expert=8", or a mesh)."""
+    if batch < 1 or max_len < 1:
+        raise ValueError(f"batch and max_len must be >= 1, got batch={batch}, max_len={max_len}")
+    mesh = _mesh(mesh)
+    kv_format = kv_format or (weight_format if weight_format in KV_FORMATS else "bf16")
+    chunk = min(max_len, prefill_chunk or 8192)
+    total, parts = weight_bytes(config, mesh, rules=rules, weight_format=weight_format)
+    kv = dict(rules=rules, batch=batch, max_len=max_len, kv_format=kv_format)
+    return Plan(
+        mesh=tuple(zip(mesh.axis_names, mesh.axis_sizes)),
+        weight_format=weight_format,
+        kv_format=kv_format,
+        batch=batch,
+        max_len=max_len,
+        prefill_chunk=chunk,
+        weights_total=total,
+        weights_by_part=parts,
+        kv_cache=kv_cache_bytes(config, mesh, **kv),
+        kv_cache_uncapped=kv_cache_bytes(config, mesh, capped=False, **kv),
+        activations=activation_bytes(config, mesh, rules=rules, batch=batch, prefill_chunk=chunk),
+        device_memory=int(device_memory_gib * GiB),
+    )
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:10.2f} GiB"
+
+
+def format_plan(p: Plan, name: str = "") -> str:
+    mesh = ",".join(f"{a}={s}" for a, s in p.mesh)
+    lines = [f"plan{' for ' + name if name else ''} on mesh {mesh} ({p.devices} devices), "
+             f"batch {p.batch}, max length {p.max_len:,} tokens",
+             f"weights ({p.weight_format}), per device:"]
+    for part in sorted(p.weights_by_part, key=lambda k: -p.weights_by_part[k]):
+        lines.append(f"  {part:<28}{_gib(p.weights_by_part[part])}")
+    lines += [
+        f"  {'total':<28}{_gib(p.weights)}   (all devices: {p.weights_total / GiB:.2f} GiB)",
+        f"KV cache ({p.kv_format}), per device:  {_gib(p.kv_cache)}   "
+        f"(chunked layers capped at the chunk; uncapped it would be {p.kv_cache_uncapped / GiB:.2f} GiB)",
+        f"activations (estimate, prefill chunk {p.prefill_chunk:,}): {_gib(p.activations)}",
+        f"total per device: {p.total / GiB:.2f} GiB of {p.device_memory / GiB:.1f} GiB -> "
+        + ("fits" if p.fits else "DOES NOT FIT"),
+        f"the weights alone need at least {p.min_devices_for_weights} device(s) of {p.device_memory / GiB:.0f} GiB",
+    ]
+    return "\n".join(lines)
+
+
+def add_arguments(parser) -> None:
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", help="a named config: scout, maverick, behemoth-estimate, tiny")
+    src.add_argument("--config", help="a checkpoint directory or config.json")
+    parser.add_argument("--mesh", default="data=1", help="mesh spec, e.g. expert=8 or data=2,expert=2,tensor=2")
+    parser.add_argument("--rules", choices=("default", "fsdp"), default="default", help="sharding rule set")
+    parser.add_argument("--dtype", choices=sorted(WEIGHT_BITS), default="bf16", help="weight format")
+    parser.add_argument("--kv-dtype", choices=sorted(KV_FORMATS), default=None,
+                        help="KV cache format (default: the weight dtype if it is a float, else bf16)")
+    parser.add_argument("--max-len", type=int, default=8192, help="tokens per row the KV cache holds")
+    parser.add_argument("--batch", type=int, default=1, help="rows decoded together")
+    parser.add_argument("--prefill-chunk", type=int, default=None, help="tokens per prefill step (default 8192)")
+    parser.add_argument("--device-memory", type=float, default=80.0, help="GiB of memory per device")
+    parser.add_argument("--text-only", action="store_true", help="leave out the vision tower")
+
+
+def run(args) -> int:
+    from .config import load_config, preset
+
+    config = preset(args.preset) if args.preset else load_config(args.config)
+    if args.text_only:
+        config = config.replace(vision=None)
+    mesh = sharding.abstract_mesh(args.mesh)
+    rules = sharding.fsdp_rules(mesh) if args.rules == "fsdp" else sharding.default_rules(mesh)
+    p = plan(config, mesh, rules=rules, weight_format=args.dtype, kv_format=args.kv_dtype, batch=args.batch,
+             max_len=args.max_len, prefill_chunk=args.prefill_chunk, device_memory_gib=args.device_memory)
+    print(format_plan(p, args.preset or args.config))
+    return 0
