@@ -1,0 +1,82 @@
+"""The memory planner agrees with what sharded placement really allocates."""
+
+import jax
+import numpy as np
+import pytest
+
+from llama4_jax import cli, sharding
+from llama4_jax.cache import init_cache
+from llama4_jax.config import preset
+from llama4_jax.model.text import abstract_params
+from llama4_jax.plan import GiB, format_plan, plan
+
+
+def _per_device_bytes(tree) -> int:
+    """Bytes of the most loaded device, summed over the shards each device holds."""
+    per = {}
+    for x in jax.tree_util.tree_leaves(tree):
+        for s in x.addressable_shards:
+            per[s.device] = per.get(s.device, 0) + s.data.nbytes
+    return max(per.values())
+
+
+@pytest.mark.parametrize("spec,dtype", [("data=2,expert=2,tensor=2", "float32"), ("expert=4,tensor=2", "bfloat16"),
+                                        ("fsdp=8", "float32")])
+def test_plan_matches_placed_params_and_cache(spec, dtype):
+    cfg = preset("tiny-vision")  # vision tower included: its rules are planned too
+    mesh = sharding.make_mesh(spec)
+    fmt = {"float32": "fp32", "bfloat16": "bf16"}[dtype]
+    p = plan(cfg, mesh, weight_format=fmt, batch=4, max_len=40)
+
+    shardings = sharding.param_shardings(cfg, mesh, dtype=dtype)
+    host = jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype), abstract_params(cfg, dtype=dtype))
+    placed = jax.device_put(host, shardings)
+    assert p.weights == _per_device_bytes(placed)
+    total = sum(x.nbytes for x in jax.tree_util.tree_leaves(host))
+    assert p.weights_total == total
+
+    cache = init_cache(cfg, 4, 40, dtype=dtype)
+    cache = jax.device_put(cache, sharding.cache_shardings(cache, mesh))
+    assert p.kv_cache == _per_device_bytes(cache)
+
+
+def test_scout_needs_three_h100s_in_bf16():
+    p = plan(preset("scout"), "expert=8", weight_format="bf16", max_len=1 << 20)
+    assert p.min_devices_for_weights == 3  # ~202 GiB of weights over 80 GiB devices
+    assert 200 * GiB < p.weights_total < 205 * GiB
+    # Routed experts split 8 ways; everything else is replicated by the expert-only rules.
+    assert p.weights_by_part["routed experts"] * 8 == pytest.approx(180 * GiB, rel=0.01)
+    assert plan(preset("scout"), "data=1", weight_format="int4").weights < 80 * GiB  # int4 fits one H100
+
+
+def test_long_context_needs_the_chunk_capped_cache():
+    cfg = preset("scout").replace(vision=None)
+    t = cfg.text
+    n = 10 * 2**20  # 10M tokens
+    p = plan(cfg, "data=1", max_len=n, kv_format="bf16")
+    # Per token and layer: k and v [K, d] in bf16 plus an int32 position.
+    per_slot = 2 * t.num_key_value_heads * t.head_dim * 2 + 4
+    chunked = sum(f.is_chunked for f in t.layer_flags)  # 36 of 48
+    assert p.kv_cache == per_slot * (chunked * t.attention_chunk_size + (t.num_hidden_layers - chunked) * n)
+    assert p.kv_cache_uncapped == per_slot * t.num_hidden_layers * n
+    assert p.kv_cache_uncapped > 3.9 * p.kv_cache
+
+
+def test_plan_cli(capsys):
+    assert cli.main(["plan", "--preset", "scout", "--mesh", "expert=8", "--dtype", "bf16", "--max-len", "1048576",
+                     "--batch", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "mesh expert=8 (8 devices)" in out
+    assert "routed experts" in out and "chunked layers capped at the chunk" in out
+    assert "the weights alone need at least 3 device(s) of 80 GiB" in out
+    text = format_plan(plan(preset("tiny"), "tensor=2", max_len=64), "tiny")
+    assert "fits" in text and "DOES NOT FIT" not in text
+
+
+def test_plan_rejects_bad_input():
+    with pytest.raises(sharding.ShardingError, match="unknown axis 'model'"):
+        plan(preset("tiny"), "model=8")
+    with pytest.raises(ValueError, match="weight format must be one of"):
+        plan(preset("tiny"), "data=1", weight_format="int3")
+    with pytest.raises(ValueError, match="KV cache format must be one of"):
+        plan(preset("tiny"), "data=1", kv_format="int4")
