@@ -96,6 +96,7 @@ class _Request:
     sampling: Sampling
     max_new_tokens: int
     stop: tuple[str, ...] = ()
+    pixel_values: Any = None  # [tiles, 3, S, S] of the prompt's images (their tokens are in `ids`), or None
 
 
 # --------------------------------------------------------------------------------------
@@ -106,20 +107,32 @@ def _model(text: TextConfig, params, attn_impl, moe_impl):
     return TextModel(text, params["params"]["embed"].dtype, attn_impl, moe_impl)
 
 
-@functools.partial(jax.jit, static_argnames=("text", "max_len", "max_new", "attn_impl", "moe_impl", "kv_dtype"))
-def _prefill(params, ids, mask, samp, budget, stop_ids, *, text, max_len, max_new, attn_impl, moe_impl, kv_dtype):
+@functools.partial(jax.jit, static_argnames=("text", "max_len", "max_new", "attn_impl", "moe_impl", "kv_dtype",
+                                             "mm"))
+def _prefill(params, ids, mask, samp, budget, stop_ids, pixel_values=None, *, text, max_len, max_new, attn_impl,
+             moe_impl, kv_dtype, mm=None):
     """Run the prompts [B, T] (left-padded, mask 0/1) and sample the first token.
 
     samp: dict of per-row sampling arrays [B]; budget: int32 [B] tokens each row may
-    generate (>= 1 for real rows, 0 for filler rows). Returns the decode state.
+    generate (>= 1 for real rows, 0 for filler rows). pixel_values: the tiles of the
+    batch's images in row order (padded with blank tiles to a bucket; only the first
+    ones are referenced by `<|patch|>` tokens), with `mm` the full config. Returns the
+    decode state.
     """
     B = ids.shape[0]
     model = _model(text, params, attn_impl, moe_impl)
     dtype = params["params"]["embed"].dtype
     cache = init_cache(text, B, max_len, dtype=dtype, kv_dtype=kv_dtype)
     positions, valid = positions_from_mask(mask)
+    embeds = None
+    if pixel_values is not None:
+        from .model.vision import image_features, merge_image_features
+
+        with jax.named_scope("images"):
+            feats = image_features(mm, params, pixel_values)
+            embeds = merge_image_features(params["params"]["embed"][ids], ids, feats, mm.image_token_index)
     with jax.named_scope("prefill"):
-        logits, cache, _ = model.apply(params, ids, positions, valid, cache, last_only=True)
+        logits, cache, _ = model.apply(params, ids, positions, valid, cache, last_only=True, embeds=embeds)
     tok, lp = sample(logits[:, 0], samp["temperature"], samp["top_k"], samp["top_p"], samp["min_p"],
                      samp["seed"], 0)
     stopped = jnp.isin(tok, stop_ids) & (budget > 0)
@@ -229,6 +242,49 @@ def _render(prompt, tokenizer, where: str) -> list[int]:
     return list(ids)
 
 
+def _render_images(prompt, images, tokenizer, config: Llama4Config, where: str, max_images: int,
+                   image_processor=None):
+    """(ids, pixel_values) of a prompt with images; pixel_values None without images.
+
+    Images come from `images` (a list of paths, PIL images or uint8 arrays) or from
+    image parts of chat messages ({"type": "image", "path": ...}), not both. Each
+    image takes the place of one `<|image|>` placeholder (a text prompt without any gets
+    them in front), which expands to its tiles' token layout.
+    """
+    from .model.vision import tokens_per_tile
+    from .processor import (SPECIAL_TOKENS, ImageError, ImageProcessor, collect_message_images, expand_image_ids,
+                            special_token_ids)
+
+    images = list(images or [])
+    is_messages = isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt)
+    try:
+        if is_messages:
+            prompt, found = collect_message_images(prompt)
+            if found and images:
+                raise ImageError("give images either as image parts of the messages or as a separate list, not both")
+            images = images or found
+        if not images:
+            return _render(prompt, tokenizer, where), None
+        if config.vision is None:
+            raise ImageError(f"{len(images)} image(s) given, but the checkpoint has no vision tower "
+                             f"({config.architecture})")
+        if len(images) > max_images:
+            raise ImageError(f"{len(images)} images, more than the limit of {max_images} per prompt "
+                             f"(max_images_per_prompt)")
+        if tokenizer is None:
+            raise ImageError("images need a tokenizer (for the image special tokens)")
+        if isinstance(prompt, str) and SPECIAL_TOKENS["image"] not in prompt:
+            prompt = SPECIAL_TOKENS["image"] * len(images) + prompt
+        ids = _render(prompt, tokenizer, where)
+        v = config.vision
+        proc = image_processor or ImageProcessor(size=v.image_size)
+        out = proc(images)
+        ids = expand_image_ids(ids, out.aspect_ratios, tokens_per_tile(v), special_token_ids(tokenizer))
+    except ImageError as e:
+        raise ValueError(f"{where}: {e}") from None
+    return ids, out.pixel_values
+
+
 def _check_request(r: _Request, where: str, vocab_size: int, max_model_len: int) -> None:
     n = len(r.ids)
     bad = [t for t in r.ids if not 0 <= t < vocab_size]
@@ -296,10 +352,18 @@ def _run(config: Llama4Config, params, requests: list[_Request], *, tokenizer, s
         }
         budget = jnp.asarray(budgets + [0] * pad, jnp.int32)
         statics = dict(text=text, attn_impl=attention_impl, moe_impl=moe_impl)
+        tiles = [r.pixel_values for r in reqs if r.pixel_values is not None]
+        pixel_values, mm = None, None
+        if tiles:  # batch-major tile order; blank tiles up to a multiple of 4 bound the compiled shapes
+            tiles = np.concatenate(tiles)
+            pad_tiles = -len(tiles) % 4
+            pixel_values = jnp.asarray(np.concatenate([tiles, np.zeros((pad_tiles, *tiles.shape[1:]), tiles.dtype)]),
+                                       params["params"]["vision"]["patch_embed"].dtype)
+            mm = config
         t0 = time.perf_counter()
         c0 = stats.compile_s
         state = _call_compiled(stats, _prefill, params, jnp.asarray(ids), jnp.asarray(mask), samp, budget, stop_ids,
-                         max_len=T + N, max_new=N, kv_dtype=kv_dtype, **statics)
+                               pixel_values, max_len=T + N, max_new=N, kv_dtype=kv_dtype, mm=mm, **statics)
         jax.block_until_ready(state["tokens"])
         stats.prefill_s += time.perf_counter() - t0 - (stats.compile_s - c0)
 
@@ -374,6 +438,9 @@ def generate(
     kv_dtype: str | None = None,
     attention_impl: str = "xla",
     moe_impl: str = "ragged",
+    images: Sequence[Sequence[Any] | None] | None = None,
+    max_images_per_prompt: int = 8,
+    image_processor=None,
 ) -> list[Completion]:
     """Complete a list of prompts; one `Completion` per prompt, in input order.
 
@@ -395,17 +462,27 @@ def generate(
       max_model_len: context limit (default max_position_embeddings).
       kv_dtype: None (model dtype), "bfloat16", "float32" or "int8" (quantised cache).
       attention_impl, moe_impl: backends (see `model.attention.backends()`, `model.moe.moe_impls()`).
+      images: per prompt, None or a list of images (paths, PIL images, uint8 [H, W, 3]
+        arrays) for conditional-generation checkpoints; chat messages may instead hold
+        {"type": "image", "path": ...} parts. Each image fills one `<|image|>` placeholder
+        (text prompts without one get them in front).
+      max_images_per_prompt: a prompt with more images is refused.
+      image_processor: a `llama4_jax.processor.ImageProcessor` (default: the model's tile
+        size with transformers' defaults; `Processor.from_pretrained` reads the
+        checkpoint's preprocessor_config.json).
     """
     return _generate_with_stats(config, params, prompts, tokenizer=tokenizer, sampling=sampling,
                                 max_new_tokens=max_new_tokens, batch_size=batch_size, stop=stop,
                                 stop_token_ids=stop_token_ids, logprobs=logprobs, max_model_len=max_model_len,
-                                kv_dtype=kv_dtype, attention_impl=attention_impl, moe_impl=moe_impl)[0]
+                                kv_dtype=kv_dtype, attention_impl=attention_impl, moe_impl=moe_impl, images=images,
+                                max_images_per_prompt=max_images_per_prompt, image_processor=image_processor)[0]
 
 
 def _generate_with_stats(config, params, prompts, *, tokenizer=None, sampling=None,
                          max_new_tokens=DEFAULT_MAX_NEW_TOKENS, batch_size=8, stop=None, stop_token_ids=None,
                          logprobs=False, max_model_len=None, kv_dtype=None, attention_impl="xla",
-                         moe_impl="ragged", on_batch=None):
+                         moe_impl="ragged", on_batch=None, images=None, max_images_per_prompt=8,
+                         image_processor=None):
     if isinstance(config, TextConfig):
         config = Llama4Config(text=config)
     if isinstance(prompts, (str, dict)) or not isinstance(prompts, Sequence):
@@ -422,9 +499,13 @@ def _generate_with_stats(config, params, prompts, *, tokenizer=None, sampling=No
     stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
     if any(not isinstance(s, str) or not s for s in stops):
         raise ValueError(f"stop must be non-empty strings, got {stops!r}")
+    if images is not None and len(images) != len(prompts):
+        raise ValueError(f"images has {len(images)} entries for {len(prompts)} prompts")
     requests = []
     for i, (p, s) in enumerate(zip(prompts, samplings)):
-        r = _Request(_render(p, tokenizer, f"prompt {i}"), s, max_new_tokens, stops)
+        ids, px = _render_images(p, images[i] if images is not None else None, tokenizer, config, f"prompt {i}",
+                                 max_images_per_prompt, image_processor)
+        r = _Request(ids, s, max_new_tokens, stops, px)
         _check_request(r, f"prompt {i}", config.text.vocab_size, ctx)
         requests.append(r)
     if not requests:
@@ -439,7 +520,8 @@ def _generate_with_stats(config, params, prompts, *, tokenizer=None, sampling=No
 # The `llama4-jax generate` command
 # --------------------------------------------------------------------------------------
 
-_LINE_KEYS = {"id", "prompt", "messages", "temperature", "top_p", "top_k", "min_p", "seed", "max_new_tokens", "stop"}
+_LINE_KEYS = {"id", "prompt", "messages", "images", "temperature", "top_p", "top_k", "min_p", "seed",
+              "max_new_tokens", "stop"}
 _SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "seed")
 
 
@@ -481,6 +563,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--attention-impl", default="xla")
     parser.add_argument("--moe-impl", default="ragged")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--max-images-per-prompt", type=int, default=8,
+                        help='most images one request may carry ("images": [paths] or image parts of "messages")')
 
 
 def _read_json(path: str) -> dict:
@@ -540,16 +624,33 @@ def _parse_line(n: int, raw: str, tokenizer, defaults: dict, args, config, ctx: 
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
         raise _InputError(n, f'"stop" must be a non-empty string or a list of them, got {stop!r}')
+    images = d.get("images")
+    if images is not None and (not isinstance(images, list) or not all(isinstance(x, str) and x for x in images)):
+        raise _InputError(n, f'"images" must be a list of image file paths, got {images!r}')
     where = "the prompt"
     try:
-        ids = _render(d.get("prompt", d.get("messages")), tokenizer, where)
-        r = _Request(ids, samp, max_new, tuple(stop))
+        ids, px = _render_images(d.get("prompt", d.get("messages")), images, tokenizer, config, where,
+                                 getattr(args, "max_images_per_prompt", 8), _image_processor(args.model, config))
+        r = _Request(ids, samp, max_new, tuple(stop), px)
         _check_request(r, where, config.text.vocab_size, ctx)
     except ValueError as e:
         raise _InputError(n, str(e)) from None
     except Exception as e:  # chat template errors come from jinja
         raise _InputError(n, f"cannot render the prompt: {type(e).__name__}: {e}") from None
     return d.get("id", n), r
+
+
+@functools.lru_cache(maxsize=4)
+def _image_processor(model_dir: str, config: Llama4Config):
+    """The checkpoint's image processor (preprocessor_config.json), None without vision."""
+    from .processor import ImageProcessor
+
+    if config.vision is None:
+        return None
+    path = os.path.join(model_dir, "preprocessor_config.json")
+    if os.path.exists(path):
+        return ImageProcessor.from_dict(_read_json(path))
+    return ImageProcessor(size=config.vision.image_size)
 
 
 def _err(msg: str) -> int:
@@ -563,6 +664,8 @@ def run(args) -> int:
         return _err(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.max_new_tokens < 1:
         return _err(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.max_images_per_prompt < 0:
+        return _err(f"--max-images-per-prompt must be >= 0, got {args.max_images_per_prompt}")
     flags = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "min_p": args.min_p}
     try:
         Sampling(**{k: v for k, v in flags.items() if v is not None}, seed=args.seed)

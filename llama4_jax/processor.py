@@ -52,6 +52,9 @@ __all__ = [
     "image_prompt",
     "image_token_ids",
     "load_image",
+    "special_token_ids",
+    "expand_image_ids",
+    "collect_message_images",
 ]
 
 SPECIAL_TOKENS = {
@@ -348,6 +351,70 @@ def image_token_ids(aspect_ratio: tuple[int, int], tokens_per_tile: int, ids: Ma
                     out.append(ids["tile_x"])
             out.append(ids["tile_y"])
     return out + [ids["image"]] + [ids["patch"]] * tokens_per_tile + [ids["image_end"]]
+
+
+def special_token_ids(tokenizer) -> dict[str, int]:
+    """Ids of the image special tokens (keys of SPECIAL_TOKENS) in `tokenizer`'s vocabulary."""
+    ids = {}
+    for k, tok in SPECIAL_TOKENS.items():
+        i = tokenizer.convert_tokens_to_ids(tok)
+        if i is None or i == getattr(tokenizer, "unk_token_id", None):
+            raise ImageError(f"the tokenizer has no {tok} token, so it cannot take images")
+        ids[k] = int(i)
+    return ids
+
+
+def expand_image_ids(ids: Sequence[int], aspect_ratios: Sequence[tuple[int, int]], tokens_per_tile: int,
+                     special: Mapping[str, int]) -> list[int]:
+    """Replace the k-th `<|image|>` id of a tokenized prompt with image k's token layout.
+
+    Token-level expansion equals transformers' text-level one: special tokens always
+    tokenize to themselves and split the text around them. Raises ImageError when the
+    placeholder count differs from the number of images.
+    """
+    n = sum(1 for t in ids if t == special["image"])
+    if n != len(aspect_ratios):
+        raise ImageError(f"the prompt has {n} {SPECIAL_TOKENS['image']} placeholder(s) but {len(aspect_ratios)} "
+                         f"image(s)")
+    out, k = [], 0
+    for t in ids:
+        if t == special["image"]:
+            out += image_token_ids(aspect_ratios[k], tokens_per_tile, special)
+            k += 1
+        else:
+            out.append(int(t))
+    return out
+
+
+_IMAGE_KEYS = ("image", "path", "url")
+
+
+def collect_message_images(messages: Sequence[Mapping]) -> tuple[list[dict], list]:
+    """Chat messages with image parts -> (messages with each image part replaced by a
+    text part holding `<|image|>`, the image sources in order).
+
+    Image parts are {"type": "image", "image" | "path" | "url": source}; a source is a
+    local path, a PIL image or a uint8 array. Rendering the placeholder as text works
+    with any chat template that renders text parts.
+    """
+    out, sources = [], []
+    for j, m in enumerate(messages):
+        content = m.get("content")
+        if not isinstance(content, list):
+            out.append(dict(m))
+            continue
+        parts = []
+        for part in content:
+            if isinstance(part, Mapping) and part.get("type") == "image":
+                src = next((part[k] for k in _IMAGE_KEYS if k in part), None)
+                if src is None:
+                    raise ImageError(f"message {j}: an image part needs one of {list(_IMAGE_KEYS)}, got {dict(part)}")
+                sources.append(src)
+                parts.append({"type": "text", "text": SPECIAL_TOKENS["image"]})
+            else:
+                parts.append(part)
+        out.append({**m, "content": parts})
+    return out, sources
 
 
 # --------------------------------------------------------------------------------------

@@ -193,3 +193,52 @@ def test_vision_params_have_logical_axes():
     for sub in ("vision", "projector"):
         for leaf in jax.tree_util.tree_leaves(tree["params"][sub], is_leaf=lambda x: hasattr(x, "names")):
             assert len(leaf.names) == len(leaf.value.shape)
+
+
+class _ImageTokenizer:
+    """The two tokenizer methods `generate` uses for token-id prompts with images."""
+
+    def convert_tokens_to_ids(self, token):
+        from llama4_jax.processor import SPECIAL_TOKENS
+
+        return {v: IDS[k] for k, v in SPECIAL_TOKENS.items()}.get(token)
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+def test_greedy_multimodal_generation_matches_transformers(mm):
+    """Greedy tokens equal transformers' `generate`, token for token (prefill with images,
+    then decode from the KV cache), for a batch of prompts with 2 and 1 images."""
+    from llama4_jax.generate import generate
+
+    cfg, params, model, _ = mm
+    rng = np.random.default_rng(5)
+    prompts = [[1, 40, 41, IDS["image"], 42, IDS["image"], 43, 44], [1, IDS["image"], 50, 51, 52]]
+    images = [_images(rng, [(60, 100), (30, 45)]), _images(rng, [(90, 40)])]
+    proc = ImageProcessor(size=42, max_patches=6)
+    out = generate(cfg, params, prompts, images=images, tokenizer=_ImageTokenizer(), max_new_tokens=10,
+                   batch_size=2, image_processor=proc)
+    for p, ims, c in zip(prompts, images, out):
+        pv = proc(ims)
+        assert c.prompt_token_ids.count(322) == sum(pv.tiles) * 9
+        with torch.no_grad():
+            ref = model.generate(input_ids=torch.tensor([c.prompt_token_ids]),
+                                 pixel_values=torch.from_numpy(pv.pixel_values.astype(np.float32)),
+                                 max_new_tokens=10, do_sample=False)[0, len(c.prompt_token_ids):].tolist()
+        assert c.token_ids == ref
+
+
+def test_generate_reports_image_errors(mm, tmp_path):
+    from llama4_jax.generate import generate
+
+    cfg, params, _, _ = mm
+    tok = _ImageTokenizer()
+    img = np.zeros((20, 20, 3), np.uint8)
+    with pytest.raises(ValueError, match=r"prompt 0: 3 images, more than the limit of 2 per prompt"):
+        generate(cfg, params, [[1, 5]], images=[[img] * 3], tokenizer=tok, max_images_per_prompt=2)
+    with pytest.raises(ValueError, match=r"prompt 1: .*image file not found: .*nope\.png"):
+        generate(cfg, params, [[1, 5], [1, IDS["image"]]], images=[None, [str(tmp_path / "nope.png")]],
+                 tokenizer=tok)
+    with pytest.raises(ValueError, match=r"prompt 0: the prompt has 0 <\|image\|> placeholder\(s\) but 1 image"):
+        generate(cfg, params, [[1, 5]], images=[[img]], tokenizer=tok)
