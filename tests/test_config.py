@@ -142,7 +142,7 @@ def test_rope_table_bitwise_equal_to_transformers(scaling):
 
 
 def _counts(config):
-    tree = L.abstract_params(config)
+    tree = L.abstract_params(config, vision=False)  # text decoder only
     total = active = 0
     t = config.text
     for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
