@@ -9,7 +9,9 @@ width 1024, 8 layers) built with transformers, written with `save_pretrained` an
 loaded by `llama4_jax.load`. Each side runs in its own process (so peak memory is its
 own and the two libraries never compete for threads) and reports the median of
 `--repeats` timed calls after one warm-up call; the max abs logit difference between
-the two is printed as a sanity check.
+the two is printed as a sanity check. A decode-sized forward (8 rows of 1 token, no
+KV cache) is timed too: it is bound by reading the expert weights, which is where a
+port that re-lays-out or copies every expert weight per step loses.
 
 Then the compile time of the Scout-shaped model at 12, 24 and 48 layers, lowered with
 `jax.jit(...).lower` on abstract inputs (`ShapeDtypeStruct`, no parameter memory):
@@ -110,7 +112,12 @@ def run_jax(args) -> dict:
 
     first, med = time_calls(call, args.repeats)
     np.save(os.path.join(args.workdir, "jax.npy"), np.asarray(out["logits"][0]))
-    return {"first_s": first, "median_s": med, "peak_rss_mib": peak_rss_mib(), "backend": jax.default_backend()}
+    rss = peak_rss_mib()
+    dec = jax.numpy.asarray(_ids(args.decode_batch, 1, config.text.vocab_size), jax.numpy.int32)
+    _, dec_med = time_calls(
+        lambda: jax.block_until_ready(llama4_jax.forward(config, params, dec, moe_impl=args.moe_impl)), args.repeats * 4)
+    return {"first_s": first, "median_s": med, "peak_rss_mib": rss, "decode_median_s": dec_med,
+            "backend": jax.default_backend()}
 
 
 def run_hf(args) -> dict:
@@ -128,7 +135,16 @@ def run_hf(args) -> dict:
 
     first, med = time_calls(call, args.repeats)
     np.save(os.path.join(args.workdir, "hf.npy"), out["logits"][0].float().numpy())
-    return {"first_s": first, "median_s": med, "peak_rss_mib": peak_rss_mib(), "threads": torch.get_num_threads()}
+    rss = peak_rss_mib()
+    dec = torch.as_tensor(_ids(args.decode_batch, 1, model.config.vocab_size))
+
+    def decode_call():
+        with torch.inference_mode():
+            model(input_ids=dec, use_cache=False)
+
+    _, dec_med = time_calls(decode_call, args.repeats * 4)
+    return {"first_s": first, "median_s": med, "peak_rss_mib": rss, "decode_median_s": dec_med,
+            "threads": torch.get_num_threads()}
 
 
 def compile_times(layers_list, batch: int, seq: int) -> list[tuple[int, float, float]]:
@@ -157,7 +173,7 @@ def child(side: str, args) -> dict:
     """Run one side in a fresh process; returns its JSON report."""
     cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--ckpt", args.ckpt, "--workdir", args.workdir,
            "--batch", str(args.batch), "--seq", str(args.seq), "--repeats", str(args.repeats),
-           "--moe-impl", args.moe_impl]
+           "--moe-impl", args.moe_impl, "--decode-batch", str(args.decode_batch)]
     res = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -169,6 +185,8 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5, help="timed calls after the warm-up call (median)")
     p.add_argument("--moe-impl", default="ragged", help="llama4_jax MoE strategy (ragged, blocked, ragged_dot, dense)")
+    p.add_argument("--decode-batch", type=int, default=8,
+                   help="rows of the decode-sized forward (1 token each, no KV cache): the weight-read-bound path")
     p.add_argument("--compile-layers", default="12,24,48", help="comma-separated depths for the compile timing; '' skips")
     p.add_argument("--side", choices=("jax", "hf"), help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
@@ -195,6 +213,9 @@ def main(argv=None) -> int:
               f"{r['peak_rss_mib']:14.0f}")
     print(f"ratio llama4_jax / transformers: {hf['median_s'] / jx['median_s']:.2f}x  (target >= 3x)")
     print(f"max |logit diff| on row 0: {diff:.2e}")
+    jd, hd = jx["decode_median_s"], hf["decode_median_s"]
+    print(f"decode-sized forward ({args.decode_batch} x 1 token, no KV cache; bound by reading the weights): "
+          f"llama4_jax {jd * 1e3:.1f} ms, transformers {hd * 1e3:.1f} ms, ratio {hd / jd:.2f}x")
 
     depths = [int(x) for x in args.compile_layers.split(",") if x.strip()]
     if depths:
