@@ -36,7 +36,7 @@ from ..model.attention import INVALID_POS
 NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite "minus infinity" for logits and lse
 _MAX_POS = INVALID_POS - 1
 
-DEFAULT_BLOCK_Q = 512
+DEFAULT_BLOCK_Q = 256  # measured on CPU (tiny heads): 256 x 512 tiles beat 512 x 512 by ~1.4x
 DEFAULT_BLOCK_K = 512
 
 
@@ -121,8 +121,8 @@ def tile_mask(qp, kp, chunk_size: int | None):
     padding) sees nothing, and a padded key (INVALID_POS) is never visible.
     """
     m = (kp[:, None, :] <= qp[:, :, None]) & (qp[:, :, None] >= 0)
-    if chunk_size:
-        m &= kp[:, None, :] // chunk_size == qp[:, :, None] // chunk_size
+    if chunk_size:  # chunk ids per row before broadcasting: no per-element division
+        m &= (kp // chunk_size)[:, None, :] == (qp // chunk_size)[:, :, None]
     return m
 
 
@@ -170,16 +170,19 @@ def _fwd_impl(q, k, v, q_pos, k_pos, chunk_size, bq, bk):
                 kb = jax.lax.dynamic_slice_in_dim(k, start, bk, axis=1)  # [B, bk, K, d]
                 vb = jax.lax.dynamic_slice_in_dim(v, start, bk, axis=1)
                 kp = jax.lax.dynamic_slice_in_dim(k_pos, start, bk, axis=1)
-                s = jnp.einsum("bqkgd,bskd->bkgqs", qb, kb, preferred_element_type=jnp.float32) * scale
-                mask = tile_mask(qp, kp, chunk_size)[:, None, None]  # [B, 1, 1, bq, bk]
+                # Tiles are laid out [B, K, bk, G, bq]: the softmax reductions run over a
+                # major axis, so they vectorise along the contiguous query axis (measured
+                # ~1.7x faster on CPU than reducing along a minor key axis).
+                s = jnp.einsum("bqkgd,bskd->bksgq", qb, kb, preferred_element_type=jnp.float32) * scale
+                mask = jnp.swapaxes(tile_mask(qp, kp, chunk_size), 1, 2)[:, None, :, None, :]  # [B,1,bk,1,bq]
                 s = jnp.where(mask, s, NEG)
-                m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+                m_new = jnp.maximum(m, jnp.max(s, axis=2))
                 # where(): a row whose keys are all masked so far has m_new = NEG and
                 # exp(s - m_new) = 1; it must contribute nothing.
-                p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+                p = jnp.where(mask, jnp.exp(s - m_new[:, :, None]), 0.0)
                 corr = jnp.exp(m - m_new)
-                l = l * corr + jnp.sum(p, axis=-1)
-                pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v.dtype), vb, preferred_element_type=jnp.float32)
+                l = l * corr + jnp.sum(p, axis=2)
+                pv = jnp.einsum("bksgq,bskd->bkgqd", p.astype(v.dtype), vb, preferred_element_type=jnp.float32)
                 return m_new, l, acc * corr[..., None] + pv
 
             init = (
