@@ -10,7 +10,8 @@ How a run goes:
     batches of `batch_size` rows; the last batch is filled with inert rows so every
     batch has the same shape;
   * each batch is left-padded to a prompt-length bucket (powers of two), so new
-    lengths reuse a compiled prefill; the cache holds bucket + new-token budget slots;
+    lengths reuse a compiled prefill; the cache of a run holds the largest bucket +
+    the new-token budget, so decode compiles once per run;
   * prefill (one jitted call) fills the KV cache and samples the first token;
   * decode is one jitted `lax.while_loop` that donates its state (cache included) and
     runs until every row is done or the budget is spent. With stop strings it runs in
@@ -329,12 +330,15 @@ def _run(config: Llama4Config, params, requests: list[_Request], *, tokenizer, s
     order = sorted(range(len(requests)), key=lambda i: -len(requests[i].ids))  # similar lengths together
     B = min(batch_size, len(requests))
     results: list[Completion | None] = [None] * len(requests)
+    # One token buffer and cache length for the whole run, so decode compiles once;
+    # only prefill is compiled per prompt-length bucket.
+    N = _new_token_bucket(max(min(r.max_new_tokens, max_model_len - len(r.ids)) for r in requests))
+    max_len = _bucket(max(len(r.ids) for r in requests), max_model_len) + N
     for start in range(0, len(order), B):
         rows = order[start:start + B]
         reqs = [requests[i] for i in rows]
         budgets = [min(r.max_new_tokens, max_model_len - len(r.ids)) for r in reqs]
         T = _bucket(max(len(r.ids) for r in reqs), max_model_len)
-        N = _new_token_bucket(max(budgets))
         ids = np.zeros((B, T), np.int32)
         mask = np.zeros((B, T), np.int32)
         for b, r in enumerate(reqs):
@@ -363,7 +367,7 @@ def _run(config: Llama4Config, params, requests: list[_Request], *, tokenizer, s
         t0 = time.perf_counter()
         c0 = stats.compile_s
         state = _call_compiled(stats, _prefill, params, jnp.asarray(ids), jnp.asarray(mask), samp, budget, stop_ids,
-                               pixel_values, max_len=T + N, max_new=N, kv_dtype=kv_dtype, mm=mm, **statics)
+                               pixel_values, max_len=max_len, max_new=N, kv_dtype=kv_dtype, mm=mm, **statics)
         jax.block_until_ready(state["tokens"])
         stats.prefill_s += time.perf_counter() - t0 - (stats.compile_s - c0)
 
@@ -372,7 +376,8 @@ def _run(config: Llama4Config, params, requests: list[_Request], *, tokenizer, s
         t0, c0 = time.perf_counter(), stats.compile_s
         while True:
             limit = min(N, int(state["step"]) + _STOP_STRING_SEGMENT) if has_stop_str else N
-            state = _call_compiled(stats, _decode, params, state, samp, budget, stop_ids, jnp.int32(limit), **statics)
+            state = _call_compiled(stats, _decode, params, state, samp, budget, stop_ids, jnp.int32(limit),
+                                   **statics)
             step, done = int(state["step"]), np.asarray(state["done"])
             if has_stop_str:  # cut rows whose text reached a stop string, then carry on with the rest
                 toks = np.asarray(state["tokens"])

@@ -1,0 +1,169 @@
+"""`llama4-jax generate` on the shipped checkpoint: round trip, stop strings, every bad input."""
+
+import json
+import os
+
+import pytest
+
+import llama4_jax
+from llama4_jax.cli import main
+from llama4_jax.generate import DEFAULT_MODEL
+
+# The same batch size and token budget everywhere, so one compiled prefill/decode serves
+# every test that generates.
+COMMON = ["--batch-size", "2", "--max-new-tokens", "8", "--no-progress"]
+CHAT = [{"role": "system", "content": "You are brief."}, {"role": "user", "content": "Name a river."}]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(DEFAULT_MODEL, local_files_only=True)
+
+
+def _write(path, lines):
+    with open(path, "w") as f:
+        f.write("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
+    return str(path)
+
+
+def _read(path):
+    with open(path) as f:
+        return [json.loads(x) for x in f]
+
+
+def test_default_checkpoint_tokenizer(tokenizer):
+    ids = tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+    assert ids.startswith("<|begin_of_text|><|header_start|>system<|header_end|>\n\nYou are brief.<|eot|>")
+    assert ids.endswith("<|header_start|>assistant<|header_end|>\n\n")
+    config = llama4_jax.load_config(DEFAULT_MODEL)
+    eot, eom = tokenizer.convert_tokens_to_ids(["<|eot|>", "<|eom|>"])
+    assert {eot, eom} <= set(config.text.eos_token_id)
+    assert tokenizer("hi")["input_ids"][0] == config.text.bos_token_id
+    assert len(tokenizer) <= config.text.vocab_size
+
+
+def test_round_trip(tmp_path, capsys, tokenizer):
+    inp = _write(tmp_path / "in.jsonl", [
+        {"id": "a", "prompt": "What is the capital of France?"},
+        {"id": 7, "messages": CHAT, "temperature": 0.8, "top_p": 0.9, "seed": 3},
+        "",  # blank lines carry no request
+        {"prompt": "One, two, three", "max_new_tokens": 5},
+    ])
+    out = str(tmp_path / "out.jsonl")
+    assert main(["generate", "--input", inp, "--output", out, "--logprobs", *COMMON]) == 0
+    err = capsys.readouterr().err
+    assert "random weights" in err and "3 prompts" in err and "tok/s" in err
+    recs = _read(out)
+    assert [r["id"] for r in recs] == ["a", 7, 4]  # input order; a missing id is the line number
+    chat_ids = tokenizer(tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True),
+                         add_special_tokens=False)["input_ids"]
+    assert [r["prompt_tokens"] for r in recs] == [
+        len(tokenizer("What is the capital of France?")["input_ids"]), len(chat_ids),
+        len(tokenizer("One, two, three")["input_ids"])]
+    for r, limit in zip(recs, (8, 8, 5)):
+        assert r["finish_reason"] in ("stop", "length")
+        assert 1 <= len(r["token_ids"]) <= limit and len(r["logprobs"]) == len(r["token_ids"])
+        assert r["text"] == tokenizer.decode(r["token_ids"], skip_special_tokens=True)
+        assert all(lp <= 0 for lp in r["logprobs"])
+    assert len(recs[2]["token_ids"]) == 5 or recs[2]["finish_reason"] == "stop"  # its own max_new_tokens
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".generate-")]  # no temporary file left
+
+
+def test_stop_strings(tokenizer):
+    config, params = llama4_jax.load(DEFAULT_MODEL, dtype="float32")
+    prompts = [CHAT, "Once upon a time"]  # the round trip's shapes: its compiled functions are reused
+    base = llama4_jax.generate(config, params, prompts, tokenizer=tokenizer, max_new_tokens=8, batch_size=2)
+    text = base[0].text
+    assert len(text) >= 6, text
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    cut = llama4_jax.generate(config, params, prompts, tokenizer=tokenizer, max_new_tokens=8, batch_size=2,
+                              stop=[stop])
+    assert cut[0].finish_reason == "stop"
+    assert cut[0].text == text[:text.find(stop)]
+    n = len(cut[0].token_ids)
+    assert cut[0].token_ids == base[0].token_ids[:n]
+    assert stop not in tokenizer.decode(cut[0].token_ids[:n - 1]) and stop in tokenizer.decode(cut[0].token_ids)
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"prompt": "ok"', "invalid JSON: Expecting ',' delimiter"),
+    ('["a list"]', "expected a JSON object, got list"),
+    ('{"id": 1}', 'expected exactly one of "prompt"'),
+    ('{"prompt": "x", "messages": []}', 'expected exactly one of "prompt"'),
+    ('{"prompt": 5}', '"prompt" must be a string, got int'),
+    ('{"messages": "hi"}', '"messages" must be a non-empty list'),
+    ('{"prompt": "x", "temprature": 1}', "unknown field(s) ['temprature']"),
+    ('{"prompt": "x", "temperature": -1}', "invalid sampling parameter: temperature must be a finite number >= 0"),
+    ('{"prompt": "x", "top_p": 2}', "invalid sampling parameter: top_p must be in (0, 1], got 2"),
+    ('{"prompt": "x", "max_new_tokens": 0}', '"max_new_tokens" must be an integer >= 1, got 0'),
+    ('{"prompt": "x", "stop": [""]}', '"stop" must be a non-empty string or a list of them'),
+    ('{"messages": [{"content": "no role"}]}', "message 0: expected {'role': str, 'content': ...}"),
+])
+def test_bad_line_fails_with_line_number(tmp_path, capsys, line, message):
+    inp = _write(tmp_path / "in.jsonl", [{"prompt": "fine"}, line])
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--input", inp, "--output", str(out), *COMMON]) == 2
+    err = capsys.readouterr().err
+    assert f"{inp}:2: " in err and message in err, err
+    assert "1 bad input line(s); nothing was generated" in err
+    assert not out.exists()
+
+
+def test_bad_line_skipped(tmp_path, capsys):
+    inp = _write(tmp_path / "in.jsonl", [{"id": "x", "messages": CHAT}, "{not json", {"id": "y", "prompt": "also"}])
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--input", inp, "--output", str(out), "--on-error", "skip", *COMMON]) == 0
+    err = capsys.readouterr().err
+    assert f"{inp}:2: invalid JSON" in err and "skipped 1 bad line(s)" in err
+    assert [r["id"] for r in _read(out)] == ["x", "y"]
+
+
+def test_prompt_longer_than_context(tmp_path, capsys, tokenizer):
+    inp = _write(tmp_path / "in.jsonl", [{"prompt": "short"}, {"prompt": "the river " * 10}])
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--input", inp, "--output", str(out), "--max-model-len", "16", *COMMON]) == 2
+    err = capsys.readouterr().err
+    n = len(tokenizer("the river " * 10)["input_ids"])
+    assert f"{inp}:2: the prompt has {n} tokens, longer than the context allows: at most 15 prompt tokens " \
+           "fit a context of 16" in err, err
+    assert not out.exists()
+
+
+def test_existing_output_needs_overwrite(tmp_path, capsys):
+    inp = _write(tmp_path / "in.jsonl", [{"prompt": "fine"}])
+    out = tmp_path / "out.jsonl"
+    out.write_text("keep me\n")
+    assert main(["generate", "--input", inp, "--output", str(out), *COMMON]) == 2
+    assert f"--output {out} exists; pass --overwrite to replace it" in capsys.readouterr().err
+    assert out.read_text() == "keep me\n"
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--temperature", "-1"], "temperature must be a finite number >= 0, got -1.0"),
+    (["--top-p", "1.5"], "top_p must be in (0, 1], got 1.5"),
+    (["--top-p", "0"], "top_p must be in (0, 1], got 0.0"),
+    (["--top-k", "-3"], "top_k must be an integer >= 0, got -3"),
+    (["--min-p", "2"], "min_p must be in [0, 1], got 2.0"),
+    (["--seed", "-2"], "seed must be an integer in [0, 4294967296), got -2"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+    (["--max-model-len", "1"], "--max-model-len: max_model_len must be an integer in [2, 2048]"),
+    (["--model", "/nonexistent/ckpt"], "--model: no such checkpoint directory: /nonexistent/ckpt"),
+])
+def test_bad_options(tmp_path, capsys, flags, message):
+    inp = _write(tmp_path / "in.jsonl", [{"prompt": "fine"}])
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--input", inp, "--output", str(out), *COMMON, *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_missing_input_and_model_files(tmp_path, capsys):
+    out = str(tmp_path / "out.jsonl")
+    assert main(["generate", "--input", str(tmp_path / "nope.jsonl"), "--output", out]) == 2
+    assert "--input: no such file" in capsys.readouterr().err
+    inp = _write(tmp_path / "in.jsonl", [{"prompt": "fine"}])
+    assert main(["generate", "--input", inp, "--output", out, "--model", str(tmp_path)]) == 2
+    assert f"--model: {tmp_path} has no config.json" in capsys.readouterr().err
