@@ -565,7 +565,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     parser.add_argument("--on-error", choices=["fail", "skip"], default="fail",
                         help="a malformed input line fails the run before any work (default) or is skipped")
-    parser.add_argument("--attention-impl", default="xla")
+    parser.add_argument("--attention-impl", default="auto",
+                        help="attention backend: auto (xla for short contexts, blockwise on CPU / pallas on GPU "
+                             "for long ones), xla, blockwise or pallas")
     parser.add_argument("--moe-impl", default="ragged")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--max-images-per-prompt", type=int, default=8,

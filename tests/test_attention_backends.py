@@ -97,6 +97,17 @@ def test_decode_against_cache(impl):
         np.testing.assert_allclose(out, ref, atol=TOL, rtol=0)
 
 
+def test_auto_backend_on_a_long_cache():
+    """`auto` picks blockwise for a one-token decode against 1100 cache slots (> XLA_MAX_LEN),
+    700 filled: equal to xla (empty blocks are skipped, not miscounted)."""
+    q, k, v, _, _ = make_inputs(1, 1, 1100, 5, 1, 8, seed=9)
+    kp = jnp.where(jnp.arange(1100) < 700, jnp.arange(1100), INVALID_POS).astype(jnp.int32)[None]
+    qp = jnp.full((1, 1), 699, jnp.int32)
+    assert default_attention_impl(1100, platform="cpu") == "blockwise"
+    out = jax.jit(lambda *a: attend(*a, chunk_size=None, impl="auto"))(q, k, v, qp, kp)
+    np.testing.assert_allclose(out, xla_attention(q, k, v, qp, kp), atol=TOL, rtol=0)
+
+
 def test_block_plan_skips_masked_blocks():
     """Chunked layer, 64 sorted positions, blocks of 8, chunk 16: query block i needs
     only the key blocks of its own chunk up to itself (1 or 2), the O(S * C) schedule;
@@ -185,7 +196,7 @@ def test_model_forward_matches_xla():
 
 
 def test_registered_and_default():
-    assert {"xla", "blockwise", "pallas", "ring", "ring_blockwise", "ring_pallas"} <= set(backends())
+    assert {"xla", "blockwise", "pallas", "ring", "ring_blockwise", "ring_pallas", "auto"} <= set(backends())
     assert default_attention_impl(512, platform="cpu") == "xla"
     assert default_attention_impl(65536, platform="cpu") == "blockwise"
     assert default_attention_impl(65536, platform="gpu") == "pallas"

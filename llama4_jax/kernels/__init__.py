@@ -6,13 +6,14 @@ Backends registered here (each equal to the `xla` reference, see tests):
   ring            ring attention over a `seq` mesh axis (`ring.py`); inner kernel per platform
   ring_blockwise  ring attention with the blockwise inner kernel
   ring_pallas     ring attention with the Pallas inner kernel
+  auto            the platform/length default (`default_attention_impl`)
 """
 
 from __future__ import annotations
 
 import jax
 
-from ..model.attention import register_backend
+from ..model.attention import attend, register_backend
 from . import blockwise, pallas_flash, ring
 
 register_backend("blockwise", blockwise.blockwise_attention)
@@ -41,4 +42,17 @@ def default_attention_impl(seq_len: int, *, platform: str | None = None, mesh=No
     return "pallas" if platform == "gpu" else "blockwise"
 
 
-__all__ = ["blockwise", "pallas_flash", "ring", "default_attention_impl", "XLA_MAX_LEN"]
+def auto_attention(q, k, v, q_pos, k_pos, *, chunk_size=None):
+    """The `auto` backend: `default_attention_impl` of the longer of T and S (no mesh).
+
+    Lets code that calls the seam directly (the generate engine, TextModel) ask for the
+    platform default; a prefill picks by prompt length, a decode step by cache length
+    (where `blockwise` also skips the empty cache blocks).
+    """
+    impl = default_attention_impl(max(q.shape[1], k.shape[1]))
+    return attend(q, k, v, q_pos, k_pos, chunk_size=chunk_size, impl=impl)
+
+
+register_backend("auto", auto_attention)
+
+__all__ = ["blockwise", "pallas_flash", "ring", "default_attention_impl", "auto_attention", "XLA_MAX_LEN"]
