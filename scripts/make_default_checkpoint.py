@@ -2,8 +2,10 @@
 
     python scripts/make_default_checkpoint.py [--out DIR] [--check]
 
-A Hugging Face-format Llama 4 text model (config.json, model.safetensors,
-generation_config.json) with RANDOM weights, and a byte-level BPE tokenizer trained
+A Hugging Face-format Llama 4 model (config.json, model.safetensors,
+generation_config.json, preprocessor_config.json) with RANDOM weights: a small text
+decoder and a small vision tower (112-pixel tiles, 16 tokens per tile), so the command
+takes images too; and a byte-level BPE tokenizer trained
 with `tokenizers` on scripts/tokenizer_corpus.txt, with Llama 4's special tokens and a
 chat template in Llama 4's format. It exists so `llama4-jax generate` runs offline on a
 fresh machine; its completions are meaningless until trained weights replace it.
@@ -42,17 +44,27 @@ SPECIAL = [
     *[f"<|reserved_special_token_{i}|>" for i in range(6)],  # +10..+15
     "<|python_start|>", "<|python_end|>",  # +16, +17
     "<|finetune_right_pad|>",  # +18: padding
+    *[f"<|reserved_special_token_{i}|>" for i in range(6, 67)],  # +19..+79
+    "<|image_start|>", "<|image_end|>",  # +80, +81
+    "<|vision_reserved_special_token_0|>", "<|vision_reserved_special_token_1|>",  # +82, +83
+    "<|tile_x_separator|>", "<|tile_y_separator|>",  # +84, +85
+    *[f"<|vision_reserved_special_token_{i}|>" for i in range(2, 6)],  # +86..+89
+    "<|image|>",  # +90: where an image goes in the chat text
+    "<|vision_reserved_special_token_6|>",  # +91
+    "<|patch|>",  # +92: one image feature
 ]
 
 # Llama 4's chat format, written for this checkpoint: <|begin_of_text|>, then per message
 # <|header_start|>role<|header_end|>\n\ncontent<|eot|>; content may be a string or a list of
-# {"type": "text", "text": ...} parts.
+# {"type": "text", "text": ...} and {"type": "image"} parts (an image renders as <|image|>).
 CHAT_TEMPLATE = (
     "{{- bos_token }}"
     "{%- for message in messages %}"
     "{%- if message['content'] is string %}{%- set content = message['content'] %}"
-    "{%- else %}{%- set content = message['content'] | selectattr('type', 'equalto', 'text')"
-    " | map(attribute='text') | join('') %}{%- endif %}"
+    "{%- else %}{%- set ns = namespace(s='') %}{%- for part in message['content'] %}"
+    "{%- if part['type'] == 'image' %}{%- set ns.s = ns.s + '<|image|>' %}"
+    "{%- elif part['type'] == 'text' %}{%- set ns.s = ns.s + part['text'] %}{%- endif %}"
+    "{%- endfor %}{%- set content = ns.s %}{%- endif %}"
     "{{- '<|header_start|>' + message['role'] + '<|header_end|>\\n\\n' + content | trim + '<|eot|>' }}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|header_start|>assistant<|header_end|>\\n\\n' }}{%- endif %}"
@@ -87,8 +99,13 @@ def build_tokenizer(max_len: int):
     return fast, ids
 
 
+# The vision tower: 112-pixel tiles of 14-pixel patches (8 x 8 grid, 16 tokens per tile
+# after the pixel shuffle), width 64 (4 heads of 16), 2 layers, adapter width 128.
+TILE = 112
+
+
 def build_config(ids, vocab_size: int):
-    from llama4_jax.config import Llama4Config, RopeScaling, TextConfig
+    from llama4_jax.config import Llama4Config, RopeScaling, TextConfig, VisionConfig
 
     text = TextConfig(
         vocab_size=vocab_size, hidden_size=128, intermediate_size=128, intermediate_size_mlp=256,
@@ -100,7 +117,12 @@ def build_config(ids, vocab_size: int):
         eos_token_id=(ids["<|end_of_text|>"], ids["<|eom|>"], ids["<|eot|>"]),
         pad_token_id=ids["<|finetune_right_pad|>"],
     )
-    return Llama4Config(text=text)
+    vision = VisionConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+                          vision_output_dim=128, image_size=TILE, patch_size=14, projector_input_dim=128,
+                          projector_output_dim=128)
+    return Llama4Config(text=text, vision=vision, architecture="Llama4ForConditionalGeneration",
+                        boi_token_index=ids["<|image_start|>"], eoi_token_index=ids["<|image_end|>"],
+                        image_token_index=ids["<|patch|>"])
 
 
 def build(out: str) -> None:
@@ -122,12 +144,23 @@ def build(out: str) -> None:
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump({"bos_token_id": t.bos_token_id, "eos_token_id": list(t.eos_token_id),
                        "pad_token_id": t.pad_token_id}, f, indent=2)
+        # transformers' Llama4ImageProcessor / Llama4Processor settings (tile size TILE).
+        with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
+            json.dump({"image_processor_type": "Llama4ImageProcessor", "processor_class": "Llama4Processor",
+                       "size": {"height": TILE, "width": TILE}, "max_patches": 16, "resize_to_max_canvas": False,
+                       "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                       "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_convert_rgb": True,
+                       "resample": 2}, f, indent=2)
+        with open(os.path.join(tmp, "processor_config.json"), "w") as f:
+            json.dump({"processor_class": "Llama4Processor", "patch_size": 14, "pixel_shuffle_ratio": 0.5}, f,
+                      indent=2)
         with open(os.path.join(tmp, "README.md"), "w") as f:
             f.write("# tiny-llama4 (random weights)\n\n"
-                    "A ~1.2M-parameter Llama 4 text model in Hugging Face format with RANDOM weights and a\n"
-                    "byte-level BPE tokenizer trained on scripts/tokenizer_corpus.txt, with Llama 4's special\n"
-                    "tokens and chat format. It lets `llama4-jax generate` run offline; its output is\n"
-                    "meaningless. Rebuild with `python scripts/make_default_checkpoint.py`.\n")
+                    "A ~1.4M-parameter Llama 4 model (text decoder and a small vision tower with 112-pixel\n"
+                    "tiles) in Hugging Face format with RANDOM weights and a byte-level BPE tokenizer trained\n"
+                    "on scripts/tokenizer_corpus.txt, with Llama 4's special tokens and chat format. It lets\n"
+                    "`llama4-jax generate` run offline, with images too; its output is meaningless.\n"
+                    "Rebuild with `python scripts/make_default_checkpoint.py`.\n")
         if os.path.exists(out):
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -149,12 +182,24 @@ def check(out: str) -> None:
                                    add_generation_prompt=True)
     ids = tok(text, add_special_tokens=False)["input_ids"]
     print(repr(text), ids)
-    model = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True).float().eval()
+    model = transformers.Llama4ForConditionalGeneration.from_pretrained(out, local_files_only=True,
+                                                                        dtype=torch.float32).eval()
     with torch.no_grad():
-        ref = model(torch.tensor([ids])).logits.numpy()
+        ref = model(input_ids=torch.tensor([ids])).logits.numpy()
     config, params = llama4_jax.load(out, dtype="float32")
     ours = np.asarray(llama4_jax.forward(config, params, np.array([ids])))
     print("max abs logit difference vs transformers:", float(np.abs(ours - ref).max()))
+
+    from llama4_jax.generate import _render_images
+
+    image = np.random.default_rng(0).integers(0, 256, (150, 260, 3), dtype=np.uint8)
+    msgs = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What is it?"}]}]
+    ids, px = _render_images(msgs, None, tok, config, "check", 8)
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor([ids]), pixel_values=torch.from_numpy(px.astype(np.float32))).logits
+    ours = np.asarray(llama4_jax.forward(config, params, np.array([ids]), pixel_values=px.astype(np.float32)))
+    print(f"with an image ({px.shape[0]} tiles, {len(ids)} tokens): max abs logit difference vs transformers:",
+          float(np.abs(ours - ref.numpy()).max()))
 
 
 def main(argv=None) -> int:

@@ -242,3 +242,41 @@ def test_generate_reports_image_errors(mm, tmp_path):
                  tokenizer=tok)
     with pytest.raises(ValueError, match=r"prompt 0: the prompt has 0 <\|image\|> placeholder\(s\) but 1 image"):
         generate(cfg, params, [[1, 5]], images=[[img]], tokenizer=tok)
+
+
+def test_cli_generate_with_images(tmp_path, capsys):
+    """The shipped default checkpoint takes images from JSONL lines ("images" or image
+    parts of "messages"); bad image files and too many images are reported by line."""
+    import json
+
+    from PIL import Image
+
+    from llama4_jax.cli import main
+
+    rng = np.random.default_rng(6)
+    a, b = tmp_path / "a.png", tmp_path / "b.jpg"
+    Image.fromarray(rng.integers(0, 256, (150, 260, 3), dtype=np.uint8)).save(a)
+    Image.fromarray(rng.integers(0, 256, (80, 60, 3), dtype=np.uint8)).save(b)
+    (tmp_path / "notes.png").write_text("not an image")
+    lines = [
+        {"id": "one", "prompt": "Describe the picture.", "images": [str(a)]},
+        {"id": "two", "messages": [{"role": "user", "content": [{"type": "image", "path": str(b)},
+                                                                {"type": "text", "text": "And this one?"}]}]},
+        {"id": "missing", "prompt": "x", "images": [str(tmp_path / "missing.png")]},
+        {"id": "bad", "prompt": "x", "images": [str(tmp_path / "notes.png")]},
+        {"id": "many", "prompt": "x", "images": [str(a)] * 3},
+    ]
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    rc = main(["generate", "--input", str(inp), "--output", str(out), "--max-new-tokens", "3", "--no-progress",
+               "--max-images-per-prompt", "2", "--on-error", "skip"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert f"{inp}:3: the prompt: image 0: image file not found: {tmp_path / 'missing.png'}" in err
+    assert f"{inp}:4: the prompt: image 0: cannot read image {tmp_path / 'notes.png'}" in err
+    assert f"{inp}:5: the prompt: 3 images, more than the limit of 2 per prompt" in err
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["id"] for r in recs] == ["one", "two"]
+    # 150x260 on 112-pixel tiles: a 2x3 grid plus the global tile = 7 tiles of 16 tokens, plus
+    # the start/end, separator and <|image|> tokens; 80x60: one tile.
+    assert recs[0]["prompt_tokens"] > 7 * 16 + 10 and all(len(r["token_ids"]) >= 1 for r in recs)
