@@ -137,6 +137,13 @@ def test_ragged_strategy_choice(w):
                                       np.asarray(_JIT[picked](h, w, idx, score)))
 
 
+def test_rowwise_refuses_huge_inputs(w):
+    n = moe.ROWWISE_MAX_ROWS + 1
+    h, idx = jnp.zeros((n, D)), jnp.zeros((n, 1), jnp.int32)
+    with pytest.raises(ValueError, match=f"T\\*k = {n}\\*1 = {n}"):
+        moe.rowwise_moe(h, w, idx, jnp.ones((n, 1)))
+
+
 def test_block_rows():
     assert moe.block_rows(8, 16) == 8
     assert moe.block_rows(300, 16) == 32  # mean 19 -> 32

@@ -183,6 +183,11 @@ def blocked_moe(h, w, idx, score, *, block: int | None = None):
     return _unsort(y[:n_rows], order, T, k)
 
 
+# Beyond this many rows the unrolled `rowwise` program only costs compile time; `ragged`
+# picks it for T*k <= E (Maverick: 128).
+ROWWISE_MAX_ROWS = 1024
+
+
 def rowwise_moe(h, w, idx, score):
     """Decode-sized MoE: each of the T*k (token, slot) rows multiplies its own expert's slice.
 
@@ -194,6 +199,13 @@ def rowwise_moe(h, w, idx, score):
     is the right choice only when T*k <= E; `ragged` switches at that point.
     """
     T, k = idx.shape
+    if T * k > ROWWISE_MAX_ROWS:
+        raise ValueError(
+            f"moe_impl='rowwise' unrolls one matmul chain per routed row: expected T*k <= "
+            f"{ROWWISE_MAX_ROWS}, found T*k = {T}*{k} = {T * k}; use 'blocked' or 'ragged' for this size"
+        )
+    if T * k == 0:
+        return jnp.zeros_like(h)
     x = (h[:, None, :] * score[:, :, None]).reshape(T * k, h.shape[-1])
     flat = idx.reshape(-1)
     ys = []
@@ -217,7 +229,7 @@ def ragged_strategy(num_rows: int, num_experts: int, platform: str | None = None
     platform = platform or jax.default_backend()
     if platform != "cpu":
         return "ragged_dot"
-    return "rowwise" if num_rows <= num_experts else "blocked"
+    return "rowwise" if num_rows <= min(num_experts, ROWWISE_MAX_ROWS) else "blocked"
 
 
 def ragged_moe(h, w, idx, score):
