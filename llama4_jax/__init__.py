@@ -3,12 +3,20 @@
     import llama4_jax
     config, params = llama4_jax.load("path/to/checkpoint", dtype="float32")
     logits = llama4_jax.forward(config, params, input_ids)
+
+    # with images (conditional-generation checkpoints)
+    processor = llama4_jax.Processor.from_pretrained("path/to/checkpoint")
+    batch = processor([processor.apply_chat_template(messages)], [[image]])
+    logits = llama4_jax.forward(config, params, batch["input_ids"], attention_mask=batch["attention_mask"],
+                                pixel_values=batch["pixel_values"])
 """
 
 from .config import Llama4Config, TextConfig, VisionConfig, from_hf, load_config, preset, to_hf
 from .model.text import abstract_params, forward, init_params
 from .generate import Completion, generate  # binds the function, not the submodule of the same name
 from .sampling import Greedy, MinP, Sampling, Temperature, TopK, TopP
+from .processor import ImageProcessor, Processor
+from .model.vision import image_features
 
 
 def load(path, *, dtype="bfloat16", mesh=None, rules=None, shardings=None, progress=False):
@@ -38,5 +46,6 @@ __all__ = [
     "Llama4Config", "TextConfig", "VisionConfig", "from_hf", "to_hf", "load_config", "preset",
     "forward", "init_params", "abstract_params", "load",
     "generate", "Completion", "Greedy", "Temperature", "TopK", "TopP", "MinP", "Sampling",
+    "Processor", "ImageProcessor", "image_features",
 ]
 __version__ = "0.1.0"

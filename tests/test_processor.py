@@ -199,3 +199,31 @@ def test_bad_images_are_reported(tmp_path):
         ImageProcessor()([str(tmp_path / "missing.jpg")])
     with pytest.raises(ImageError, match=r"uint8 RGB image"):
         ImageProcessor()([np.zeros((10, 10, 3), np.float32)])
+
+
+def test_processor_from_checkpoint_matches_generate_rendering():
+    """`Processor` (text-level expansion) and `generate` (token-level expansion) give the
+    same ids and pixels for a chat prompt with two images on the shipped checkpoint."""
+    import llama4_jax
+    from llama4_jax.generate import DEFAULT_MODEL, _render_images
+    from llama4_jax.processor import Processor
+
+    proc = Processor.from_pretrained(DEFAULT_MODEL, backend="numpy")
+    config = llama4_jax.load_config(DEFAULT_MODEL)
+    assert proc.image_processor.size == 112 and proc.tokens_per_tile == 16
+    rng = np.random.default_rng(4)
+    imgs = [rng.integers(0, 256, (150, 260, 3), dtype=np.uint8), rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)]
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Compare"},
+                                         {"type": "image"}]}]
+    text = proc.apply_chat_template(msgs)
+    assert text.count("<|image|>") == 2
+    batch = proc([text, "plain text"], [imgs, []])
+    parts = [{"type": "image", "image": imgs[0]}, {"type": "text", "text": "Compare"}, {"type": "image", "image": imgs[1]}]
+    ids, px = _render_images([{"role": "user", "content": parts}], None, proc.tokenizer, config, "p", 8,
+                             proc.image_processor)
+    row = batch["input_ids"][0][batch["attention_mask"][0] == 1].tolist()
+    assert row == ids
+    assert row.count(config.image_token_index) == (7 + 1) * 16  # 2x3 grid + global, and one tile
+    np.testing.assert_array_equal(batch["pixel_values"].astype(np.float32), px.astype(np.float32))
+    with pytest.raises(ValueError, match=r"prompt 0 has 2 <\|image\|> placeholders but 1 images"):
+        proc([text], [imgs[:1]])
