@@ -78,7 +78,13 @@ def make_hf(config: Llama4Config, seed: int = 0):
         hf_cfg = transformers.Llama4Config(**{k: v for k, v in d.items() if k not in ("architectures", "model_type")})
         model = transformers.Llama4ForConditionalGeneration(hf_cfg)
     randomize_(model, seed)
-    return model.to(torch.float32).eval()
+    model = model.to(torch.float32).eval()
+    if config.vision is not None:
+        # `.to(dtype)` casts the complex vision RoPE buffer `freqs_ci` to real (dropping
+        # the sines); rebuild it so the reference is transformers' model as it runs.
+        rope = model.vision_model.rotary_embedding
+        rope.freqs_ci = rope._compute_freqs_ci(model.config.vision_config)
+    return model
 
 
 @functools.lru_cache(maxsize=None)

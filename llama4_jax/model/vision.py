@@ -263,6 +263,8 @@ def merge_image_features(embeds, input_ids, features, image_token_index: int):
     placeholders would read the last row, so callers check first.
     """
     B, T, D = embeds.shape
+    if features.shape[0] == 0:  # no images: nothing to place
+        return embeds
     mask = (input_ids == image_token_index).reshape(-1)
     idx = jnp.clip(jnp.cumsum(mask.astype(jnp.int32)) - 1, 0, max(features.shape[0] - 1, 0))
     flat = embeds.reshape(B * T, D)
