@@ -37,6 +37,7 @@ from . import blockwise as bw
 DEFAULT_BLOCK_Q = 64
 DEFAULT_BLOCK_K = 64
 _MIN_TILE = 16  # tl.dot needs every dimension >= 16
+_SQ = getattr(pl, "squeezed", None)  # a block dimension of size 1 that the kernel does not see
 
 
 def _pow2(n: int) -> int:
@@ -94,13 +95,13 @@ def _pallas_call(q, k, v, q_pos, k_pos, chunk_size, bq, bk, scale, interpret):
             pl.BlockSpec((n_q,), lambda b, h, i: (0,)),
             pl.BlockSpec((1, bq), lambda b, h, i: (b, i)),
             pl.BlockSpec((1, S), lambda b, h, i: (b, 0)),
-            pl.BlockSpec((None, None, bq, d), lambda b, h, i: (b, h, i, 0)),
-            pl.BlockSpec((None, None, S, d), lambda b, h, i: (b, h // G, 0, 0)),
-            pl.BlockSpec((None, None, S, d), lambda b, h, i: (b, h // G, 0, 0)),
+            pl.BlockSpec((_SQ, _SQ, bq, d), lambda b, h, i: (b, h, i, 0)),
+            pl.BlockSpec((_SQ, _SQ, S, d), lambda b, h, i: (b, h // G, 0, 0)),
+            pl.BlockSpec((_SQ, _SQ, S, d), lambda b, h, i: (b, h // G, 0, 0)),
         ],
         out_specs=[
-            pl.BlockSpec((None, None, bq, d), lambda b, h, i: (b, h, i, 0)),
-            pl.BlockSpec((None, 1, bq), lambda b, h, i: (b, h, i)),
+            pl.BlockSpec((_SQ, _SQ, bq, d), lambda b, h, i: (b, h, i, 0)),
+            pl.BlockSpec((_SQ, 1, bq), lambda b, h, i: (b, h, i)),
         ],
         out_shape=[
             jax.ShapeDtypeStruct((B, H, T, d), jnp.float32),

@@ -73,15 +73,22 @@ def current_mesh():
     return _MESH[-1]
 
 
+def _tracing_mesh(mesh):
+    """The context's abstract mesh when it has the same axes (inside `auto_axes` of a
+    mesh with Explicit axes, where they are Auto), else `mesh`."""
+    am = jax.sharding.get_abstract_mesh()
+    if am is not None and not am.empty and tuple(am.axis_names) == tuple(mesh.axis_names):
+        return am
+    return mesh
+
+
 def _shard_map(f, mesh, in_specs, out_specs):
     """shard_map without replication checks (Pallas interpret mode needs that), on jax 0.10-0.12.
 
     Inside a context mesh with the same axis names (e.g. `auto_axes` of a mesh with
     Explicit axes) the context's abstract mesh is used, so the axis types agree.
     """
-    am = jax.sharding.get_abstract_mesh()
-    if am is not None and not am.empty and tuple(am.axis_names) == tuple(mesh.axis_names):
-        mesh = am
+    mesh = _tracing_mesh(mesh)
     if hasattr(jax, "shard_map"):
         return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
     from jax.experimental.shard_map import shard_map  # older jax
@@ -140,7 +147,7 @@ def zigzag_call(fn, mesh, input_ids, positions, valid, embeds=None, *, axis: str
             embeds = jnp.pad(embeds, (*pad2, (0, 0)))
     perm = zigzag_permutation(T + pad, n)
     inv = np.argsort(perm)
-    seq = NamedSharding(mesh, P(None, axis))
+    seq = NamedSharding(_tracing_mesh(mesh), P(None, axis))
     ids, pos, val = (jax.lax.with_sharding_constraint(x[:, perm], seq) for x in (input_ids, positions, valid))
     if embeds is not None:
         embeds = embeds[:, perm]
