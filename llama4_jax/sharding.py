@@ -43,7 +43,8 @@ from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
 __all__ = [
     "AXIS_NAMES", "LOGICAL_AXES", "Rules", "ShardingError", "parse_mesh_spec", "make_mesh", "abstract_mesh",
     "default_rules", "fsdp_rules", "param_specs", "param_shardings", "shard_params", "cache_shardings",
-    "activate", "active", "constrain", "batch_sharding", "WARN_REPLICATED_BYTES",
+    "activate", "active", "constrain", "batch_sharding", "splits_experts", "call_on_mesh", "OutAxes", "CACHE_AXES",
+    "WARN_REPLICATED_BYTES",
 ]
 
 AXIS_NAMES = ("data", "fsdp", "expert", "tensor", "seq")
@@ -434,5 +435,6 @@ def call_on_mesh(fn, mesh, rules: Rules | None, out_axes, *args, **kwargs):
             axes, shape = leaf
             return NamedSharding(mesh, rules.spec(axes, shape, mesh, what="output")[0])
 
-        shardings = jax.tree_util.tree_map(out_sharding, out_axes, is_leaf=lambda x: x is None or isinstance(x, OutAxes))
+        is_leaf = lambda x: x is None or isinstance(x, OutAxes)  # noqa: E731
+        shardings = jax.tree_util.tree_map(out_sharding, out_axes, is_leaf=is_leaf)
         return jax.sharding.auto_axes(lambda *a: fn(*a, **kwargs), axes=explicit, out_sharding=shardings)(*args)

@@ -298,3 +298,21 @@ def test_large_weight_that_cannot_split_warns():
     assert any("['layer_0']['attn']['k']" in m and "kv_heads=8) not divisible by tensor=16" in m for m in messages)
     assert any("['layer_0']['attn']['q']" in m and "q_heads=40) not divisible by tensor=16" in m for m in messages)
     assert not any("moe" in m for m in messages)  # 16 experts' widths split fine
+
+
+def test_load_straight_into_the_mesh(maverick_like):
+    """`load(path, mesh=...)` places each parameter on its rule's sharding, same values."""
+    import llama4_jax
+
+    mesh = sharding.make_mesh("data=2,expert=2,tensor=2")
+    cfg, sharded = llama4_jax.load(maverick_like.path, dtype="float32", mesh=mesh)
+    _, plain = llama4_jax.load(maverick_like.path, dtype="float32")
+    expected = sharding.param_shardings(cfg, mesh, dtype="float32")
+    for a, b, sh in zip(jax.tree_util.tree_leaves(sharded), jax.tree_util.tree_leaves(plain),
+                        jax.tree_util.tree_leaves(expected)):
+        assert a.sharding.is_equivalent_to(sh, a.ndim)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    experts = sharded["params"]["layers"]["layer_1"]["moe"]["gate"]  # [G, E=6, D, F=26]: 6/2 experts, 26/2 wide
+    assert experts.addressable_shards[0].data.shape == (2, 3, 45, 13)
+    with pytest.raises(ValueError, match="either mesh .* or shardings"):
+        llama4_jax.load(maverick_like.path, mesh=mesh, shardings=expected)
