@@ -40,7 +40,7 @@ import numpy as np
 
 from .cache import init_cache
 from .config import Llama4Config, TextConfig
-from .model.text import TextModel, positions_from_mask
+from .model.text import TextModel, positions_from_mask, unstack_layers
 from .sampling import Sampling, SamplingMethod, resolve, sample
 
 __all__ = ["generate", "Completion", "GenerationStats", "add_arguments", "run", "DEFAULT_MODEL",
@@ -104,8 +104,15 @@ class _Request:
 # The jitted engine
 # --------------------------------------------------------------------------------------
 
-def _model(text: TextConfig, params, attn_impl, moe_impl):
-    return TextModel(text, params["params"]["embed"].dtype, attn_impl, moe_impl)
+def _model(text: TextConfig, params, attn_impl, moe_impl, scan_layers: bool = True):
+    return TextModel(text, params["params"]["embed"].dtype, attn_impl, moe_impl, scan_layers=scan_layers)
+
+
+def _unroll_decode() -> bool:
+    """Decode with per-group weight arrays (`unstack_layers`) on CPU, where a scanned
+    layer's weights are copied out of the stacked array on every step; this costs one
+    extra copy of the layer weights for the duration of a `generate` call."""
+    return jax.default_backend() == "cpu"
 
 
 @functools.partial(jax.jit, static_argnames=("text", "max_len", "max_new", "attn_impl", "moe_impl", "kv_dtype",
@@ -149,15 +156,15 @@ def _prefill(params, ids, mask, samp, budget, stop_ids, pixel_values=None, *, te
     }
 
 
-@functools.partial(jax.jit, static_argnames=("text", "attn_impl", "moe_impl"), donate_argnums=(1,))
-def _decode(params, state, samp, budget, stop_ids, limit, *, text, attn_impl, moe_impl):
+@functools.partial(jax.jit, static_argnames=("text", "attn_impl", "moe_impl", "scan_layers"), donate_argnums=(1,))
+def _decode(params, state, samp, budget, stop_ids, limit, *, text, attn_impl, moe_impl, scan_layers=True):
     """Decode until every row is done or `step` reaches `limit` (<= max_new).
 
     One `lax.while_loop`; each iteration feeds every row's last token [B, 1] at its
     own position, samples the next one and updates the done flags. Finished rows are
     fed as invalid tokens (their cache is left alone) and emit 0.
     """
-    model = _model(text, params, attn_impl, moe_impl)
+    model = _model(text, params, attn_impl, moe_impl, scan_layers)
 
     def cond(s):
         return (s["step"] < limit) & ~jnp.all(s["done"])
@@ -327,6 +334,8 @@ def _run(config: Llama4Config, params, requests: list[_Request], *, tokenizer, s
     text = config.text
     stats = GenerationStats(prompts=len(requests), prompt_tokens=sum(len(r.ids) for r in requests))
     stop_ids = jnp.asarray(sorted(set(stop_token_ids)) or [-1], jnp.int32)
+    unroll = _unroll_decode()
+    decode_params = unstack_layers(params) if unroll else params
     order = sorted(range(len(requests)), key=lambda i: -len(requests[i].ids))  # similar lengths together
     B = min(batch_size, len(requests))
     results: list[Completion | None] = [None] * len(requests)
@@ -376,8 +385,8 @@ def _run(config: Llama4Config, params, requests: list[_Request], *, tokenizer, s
         t0, c0 = time.perf_counter(), stats.compile_s
         while True:
             limit = min(N, int(state["step"]) + _STOP_STRING_SEGMENT) if has_stop_str else N
-            state = _call_compiled(stats, _decode, params, state, samp, budget, stop_ids, jnp.int32(limit),
-                                   **statics)
+            state = _call_compiled(stats, _decode, decode_params, state, samp, budget, stop_ids,
+                                   jnp.int32(limit), scan_layers=not unroll, **statics)
             step, done = int(state["step"]), np.asarray(state["done"])
             if has_stop_str:  # cut rows whose text reached a stop string, then carry on with the rest
                 toks = np.asarray(state["tokens"])

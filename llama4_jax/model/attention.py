@@ -188,7 +188,11 @@ class Attention(nn.Module):
             (keys, vals), kpos = read_cache(cache, dt), cache["pos"]
 
         out = attend(q, keys, vals, q_pos, kpos, chunk_size=chunk, impl=self.impl)
-        return jnp.einsum("bthe,hed->btd", out, wo), cache
+        # One [H*d, D] matmul: contracting (h, e) as two dims made XLA transpose and copy
+        # the whole weight on every call (seen in the compiled decode step); the reshapes
+        # of contiguous dims are free.
+        B, T = out.shape[:2]
+        return jnp.einsum("btf,fd->btd", out.reshape(B, T, H * d), wo.reshape(H * d, D)), cache
 
 
 # The kernels package registers the blockwise, pallas and ring backends on import.

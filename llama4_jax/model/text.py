@@ -85,6 +85,7 @@ class TextModel(nn.Module):
     attn_impl: str = "xla"
     moe_impl: str = "ragged"
     with_hidden: bool = False
+    scan_layers: bool = True  # False: groups unrolled, weights per group (see `unstack_layers`)
 
     @nn.compact
     def __call__(self, input_ids=None, positions=None, valid=None, cache_layers=None, *, embeds=None,
@@ -103,17 +104,31 @@ class TextModel(nn.Module):
         ctx["cos"], ctx["sin"] = rope_angles(positions, rope_inv_freq(cfg))
         ctx["temp"] = temperature_scale(positions, cfg)
 
-        Group = nn.scan(
-            DecoderGroup,
-            variable_axes={"params": 0, "intermediates": 0},
-            split_rngs={"params": True},
-            in_axes=(nn.broadcast, 0),
-            length=cfg.num_groups,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )
-        x, (new_cache, hidden) = Group(cfg, dt, self.attn_impl, self.moe_impl, self.with_hidden, name="layers")(
-            x, ctx, cache_layers if cache_layers is not None else {}
-        )
+        group_args = (cfg, dt, self.attn_impl, self.moe_impl, self.with_hidden)
+        cache_in = cache_layers if cache_layers is not None else {}
+        if self.scan_layers:
+            Group = nn.scan(
+                DecoderGroup,
+                variable_axes={"params": 0, "intermediates": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, 0),
+                length=cfg.num_groups,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x, (new_cache, hidden) = Group(*group_args, name="layers")(x, ctx, cache_in)
+        else:
+            # Unrolled groups whose weights are separate arrays (`layers_{g}`): a scan
+            # slices each step's weights out of the stacked array, and XLA on CPU copies
+            # that slice before every matmul (3x the memory traffic of a decode step).
+            # The cache keeps its stacked [G, ...] layout.
+            caches, hiddens = [], []
+            for g in range(cfg.num_groups):
+                cache_g = jax.tree_util.tree_map(lambda c: c[g], cache_in)
+                x, (c, h) = DecoderGroup(*group_args, name=f"layers_{g}")(x, ctx, cache_g)
+                caches.append(c)
+                hiddens.append(h)
+            new_cache = jax.tree_util.tree_map(lambda *c: jnp.stack(c), *caches)
+            hidden = tuple(jnp.stack(h) for h in zip(*hiddens))
         if last_only:
             x = x[:, -1:]
         x = RMSNorm(cfg.rms_norm_eps, dt, name="final_norm")(x)
@@ -127,6 +142,17 @@ class TextModel(nn.Module):
             stacked = jnp.stack(hidden, axis=1)  # [G, p, B, T, D]
             hidden = stacked.reshape(-1, *stacked.shape[2:])
         return logits, (new_cache if cache_layers is not None else None), hidden
+
+
+def unstack_layers(params):
+    """Parameters for `TextModel(scan_layers=False)`: the stacked `layers` subtree
+    [G, ...] split into per-group subtrees `layers_0` .. `layers_{G-1}` (new arrays)."""
+    p = dict(params["params"])
+    layers = p.pop("layers")
+    G = jax.tree_util.tree_leaves(layers)[0].shape[0]
+    for g in range(G):
+        p[f"layers_{g}"] = jax.tree_util.tree_map(lambda x: x[g], layers)
+    return {**params, "params": p}
 
 
 def positions_from_mask(attention_mask, offset=None):

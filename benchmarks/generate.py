@@ -1,0 +1,249 @@
+"""Batched generation against transformers, and the batch-1 decode roofline, in one run.
+
+    python benchmarks/generate.py                       # both parts
+    python benchmarks/generate.py --part batch --repeats 3
+    python benchmarks/generate.py --part roofline --roofline-layers 16
+
+1. `batch`: a Scout-shaped model (every layer MoE, 16 experts, top-1, shared expert,
+   QK norm, chunk 8192, llama3 RoPE scaling; hidden 256, 8 layers, experts of 512,
+   ~58M parameters), fp32, built with transformers and saved; 8 prompts of 128 tokens,
+   128 new tokens each, greedy, stop tokens off so every row generates all 128:
+   `llama4_jax.generate` vs transformers `generate` (its dynamic cache, SDPA).
+   Reported: median wall time of `--repeats` runs after a warm-up (compilation is in
+   the warm-up only), generated tokens/s, the ratio, each process's peak RSS, and
+   whether the greedy tokens agree.
+2. `roofline`: decode at batch 1 on a dense ~300M-parameter config (hidden 1024, 16
+   layers, 16 heads / 4 KV heads, MLP 4096, vocabulary 32000), fp32: weight bytes read
+   per token (every layer, the final norm and the lm_head; one embedding row) divided
+   by the measured decode step time, as a fraction of the memory bandwidth measured in
+   the same process with a large numpy copy ((read + write bytes) / time). The compiled
+   decode step's HLO is searched for copies and transposes of weight-sized arrays.
+
+Each side runs in its own process, so peak memory and threads are its own. The CPU may
+be shared with other work: run it on an idle machine for stable numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+BATCH, PROMPT, NEW = 8, 128, 128
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def scout_shaped():
+    from llama4_jax.config import Llama4Config, RopeScaling, TextConfig
+
+    return Llama4Config(text=TextConfig(
+        vocab_size=8192, hidden_size=256, intermediate_size=512, intermediate_size_mlp=1024, num_hidden_layers=8,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=32, num_local_experts=16, num_experts_per_tok=1,
+        moe_layers=tuple(range(8)), no_rope_layers=(1, 1, 1, 0) * 2, attention_chunk_size=8192, floor_scale=8192,
+        rope_scaling=RopeScaling(16.0, 1.0, 1.0, 8192), max_position_embeddings=16384,
+        bos_token_id=1, eos_token_id=(2,), pad_token_id=0,
+    ))
+
+
+def dense_300m(layers: int):
+    from llama4_jax.config import Llama4Config, TextConfig
+
+    return Llama4Config(text=TextConfig(
+        vocab_size=32000, hidden_size=1024, intermediate_size=4096, intermediate_size_mlp=4096,
+        num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=4, head_dim=64,
+        num_local_experts=1, num_experts_per_tok=1, moe_layers=(), no_rope_layers=(1, 1, 1, 0) * (layers // 4),
+        attention_chunk_size=8192, floor_scale=8192, max_position_embeddings=16384,
+        bos_token_id=1, eos_token_id=(2,), pad_token_id=0,
+    ))
+
+
+def prompts(vocab: int) -> list[list[int]]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(3, vocab, PROMPT).tolist() for _ in range(BATCH)]
+
+
+# ---- children ----------------------------------------------------------------------
+
+def build(path: str) -> dict:
+    from tests.hf_models import make_hf
+
+    make_hf(scout_shaped(), seed=0).save_pretrained(path)
+    return {}
+
+
+def batch_ours(path: str, repeats: int) -> dict:
+    import jax
+
+    import llama4_jax
+    from llama4_jax.generate import _generate_with_stats
+
+    config, params = llama4_jax.load(path, dtype="float32")
+    config = config.replace_text(eos_token_id=())  # no stop token: every row makes NEW tokens
+    P = prompts(config.text.vocab_size)
+    run = lambda: _generate_with_stats(config, params, P, max_new_tokens=NEW, batch_size=BATCH)  # noqa: E731
+    t0 = time.perf_counter()
+    out, st = run()
+    first = time.perf_counter() - t0
+    times, stats = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out, st = run()
+        times.append(time.perf_counter() - t0)
+        stats.append(st)
+    i = int(np.argsort(times)[len(times) // 2])
+    return {"median_s": times[i], "first_s": first, "compile_s": st.compile_s, "prefill_s": stats[i].prefill_s,
+            "decode_s": stats[i].decode_s, "tokens": [o.token_ids for o in out], "peak_rss_mib": peak_rss_mib(),
+            "device": str(jax.devices()[0])}
+
+
+def batch_hf(path: str, repeats: int) -> dict:
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    ids = torch.tensor(prompts(model.config.vocab_size))
+
+    def run():
+        with torch.inference_mode():
+            # min_new_tokens keeps eos from ending rows early, as stop tokens are off on our side.
+            return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                  max_new_tokens=NEW, min_new_tokens=NEW, pad_token_id=0)
+
+    t0 = time.perf_counter()
+    out = run()
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = run()
+        times.append(time.perf_counter() - t0)
+    return {"median_s": float(np.median(times)), "first_s": first, "tokens": out[:, PROMPT:].tolist(),
+            "peak_rss_mib": peak_rss_mib(), "threads": torch.get_num_threads()}
+
+
+def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """(read + write) bytes per second of a large numpy copy (best of `repeats`)."""
+    src = np.ones(nbytes // 4, np.float32)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best
+
+
+def weight_copies(hlo: str, min_bytes: int) -> list[str]:
+    """copy/transpose instructions of the compiled HLO producing >= min_bytes arrays."""
+    found = []
+    for line in hlo.splitlines():
+        m = re.search(r"= (f32|bf16|f16)\[([\d,]*)\]\{[^}]*\} (copy|transpose)\(", line)
+        if m:
+            n = int(np.prod([int(x) for x in m.group(2).split(",") if x])) * (2 if m.group(1) != "f32" else 4)
+            if n >= min_bytes:
+                found.append(line.strip()[:160])
+    return found
+
+
+def roofline(layers: int, new_tokens: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    import llama4_jax
+    from llama4_jax.generate import _COMPILED, _decode, _generate_with_stats
+
+    config = dense_300m(layers).replace_text(eos_token_id=())
+    params = llama4_jax.init_params(config, jax.random.key(0), dtype="float32")
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    total = sum(x.size * x.dtype.itemsize for _, x in leaves)
+    embed = params["params"]["embed"]
+    # Per token: every weight once, except the embedding table, of which one row is read.
+    per_token = total - embed.size * 4 + embed.shape[1] * 4
+    P = [list(range(3, 19))]
+    _generate_with_stats(config, params, P, max_new_tokens=new_tokens, batch_size=1)  # compile
+    steps = []
+    for _ in range(3):
+        _, st = _generate_with_stats(config, params, P, max_new_tokens=new_tokens, batch_size=1)
+        steps.append(st.decode_s / (st.generated_tokens - 1))  # the first token comes from prefill
+    step = float(np.median(steps))
+    bw = copy_bandwidth()
+    hlo = next(c.as_text() for k, c in _COMPILED.items() if k[0] is _decode)
+    weight_sizes = sorted({x.size * 4 // config.text.num_groups for _, x in leaves if x.ndim >= 2})
+    copies = weight_copies(hlo, min(s for s in weight_sizes if s >= 1 << 20))
+    return {"params": int(sum(x.size for _, x in leaves)), "bytes_per_token": int(per_token), "step_s": step,
+            "achieved_gbs": per_token / step / 1e9, "copy_gbs": bw / 1e9, "fraction": per_token / step / bw,
+            "weight_copies": copies, "peak_rss_mib": peak_rss_mib(), "threads_note": os.cpu_count()}
+
+
+def child(part: str, args, *extra) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", part, *extra, "--repeats", str(args.repeats),
+           "--roofline-layers", str(args.roofline_layers), "--roofline-new", str(args.roofline_new)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode:
+        sys.stderr.write(res.stderr[-4000:])
+        raise SystemExit(f"child {part} failed")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--part", choices=["batch", "roofline", "all"], default="all")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--roofline-layers", type=int, default=16)
+    ap.add_argument("--roofline-new", type=int, default=32)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--path", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.child:
+        fn = {"build": lambda: build(args.path), "ours": lambda: batch_ours(args.path, args.repeats),
+              "hf": lambda: batch_hf(args.path, args.repeats),
+              "roofline": lambda: roofline(args.roofline_layers, args.roofline_new)}[args.child]
+        print(json.dumps(fn()))
+        return 0
+
+    print(f"CPU cores: {os.cpu_count()}; results are medians after a warm-up run")
+    if args.part in ("batch", "all"):
+        with tempfile.TemporaryDirectory() as tmp:
+            child("build", args, "--path", tmp)
+            ours = child("ours", args, "--path", tmp)
+            hf = child("hf", args, "--path", tmp)
+        n = BATCH * NEW
+        print(f"\n[batch] Scout-shaped, 16 experts top-1, fp32: batch {BATCH}, {PROMPT}-token prompts, {NEW} new tokens")
+        print(f"{'':14s}{'median s':>10s}{'tokens/s':>10s}{'warm-up s':>11s}{'peak RSS MiB':>14s}")
+        print(f"{'llama4_jax':14s}{ours['median_s']:10.2f}{n / ours['median_s']:10.1f}{ours['first_s']:11.1f}"
+              f"{ours['peak_rss_mib']:14.0f}   (prefill {ours['prefill_s']:.2f} s, decode {ours['decode_s']:.2f} s, "
+              f"compile {ours['compile_s']:.1f} s in warm-up)")
+        print(f"{'transformers':14s}{hf['median_s']:10.2f}{n / hf['median_s']:10.1f}{hf['first_s']:11.1f}"
+              f"{hf['peak_rss_mib']:14.0f}   (torch threads {hf['threads']})")
+        same = sum(a == b for a, b in zip(ours["tokens"], hf["tokens"]))
+        print(f"speed-up: {hf['median_s'] / ours['median_s']:.2f}x (target >= 5x); "
+              f"identical greedy rows: {same}/{BATCH}")
+    if args.part in ("roofline", "all"):
+        r = child("roofline", args)
+        print(f"\n[roofline] dense {r['params'] / 1e6:.0f}M parameters, fp32, batch 1 decode")
+        print(f"weights read per token {r['bytes_per_token'] / 1e9:.3f} GB, step {r['step_s'] * 1e3:.1f} ms "
+              f"-> {r['achieved_gbs']:.2f} GB/s; numpy copy bandwidth (read + write) {r['copy_gbs']:.2f} GB/s; "
+              f"fraction {r['fraction']:.0%} (target >= 60%); peak RSS {r['peak_rss_mib']:.0f} MiB")
+        print(f"weight-sized copies/transposes in the compiled decode step: {len(r['weight_copies'])}")
+        for line in r["weight_copies"][:10]:
+            print("   ", line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
