@@ -24,9 +24,12 @@ to its slice, and the partial results are merged with a max and two sums over th
 Correctness never depends on the layout (masks come from positions); the layout only
 decides the load balance and whether the chunk-local path applies.
 
-Gradients: ordinary autodiff through the scan of ppermutes and lse merges, on top of the
-inner kernels' custom VJPs (which accept the lse cotangent). The backward pass keeps
-the visiting blocks of every step, i.e. O(S) per device rather than O(S / N).
+Gradients: the ring has a custom VJP whose backward is a second ring: dq stays on its
+device while each device's dk/dv accumulators travel with its key/value block and come
+home after N hops, every step being the blockwise FlashAttention-2 backward against the
+global lse. Only the local shards are saved, so training memory is O(S / N) per device.
+The chunk-local path and the sharded-cache path differentiate through the inner
+kernels' custom VJPs (which accept the lse cotangent).
 """
 
 from __future__ import annotations
@@ -208,6 +211,65 @@ def _ring_body(q, k, v, qp, kp, *, chunk_size, inner, axis, n):
     return bw.merge(out, lse, o, l)
 
 
+def _ring_bwd_body(q, k, v, qp, kp, out, lse, dout, dlse, *, chunk_size, axis, n):
+    """Per-device backward ring: dq stays home; each device's dk/dv accumulators travel
+    with its k/v block, collecting every device's contribution, and are home after n hops.
+
+    Every step is the blockwise FlashAttention-2 backward of the local queries against
+    the visiting block, with the *global* lse (so its probabilities are the final ones).
+    """
+    T, S = q.shape[1], k.shape[1]
+    bq, bk = bw.block_sizes(T, S, bw.DEFAULT_BLOCK_Q, bw.DEFAULT_BLOCK_K)
+    q, k, v, qp, kp = bw.pad_inputs(q, k, v, qp, kp, bq, bk)
+    pad_t = lambda x: jnp.pad(x, ((0, 0), (0, q.shape[1] - T)) + ((0, 0),) * (x.ndim - 2))  # noqa: E731
+    out, lse, dout, dlse = (pad_t(x) for x in (out, lse, dout, dlse))
+    perm = [(i, (i + 1) % n) for i in range(n)]
+
+    def step(carry, _):
+        kb, vb, kpb, dk, dv, dq = carry
+        nxt = jax.lax.ppermute((kb, vb, kpb), axis, perm)  # independent of this step: sent first
+        dq_s, dk_s, dv_s = bw.flash_backward(q, kb, vb, qp, kpb, out, lse, dout, dlse, chunk_size=chunk_size,
+                                             bq=bq, bk=bk)
+        dk, dv = jax.lax.ppermute((dk + dk_s.astype(jnp.float32), dv + dv_s.astype(jnp.float32)), axis, perm)
+        return (*nxt, dk, dv, dq + dq_s.astype(jnp.float32)), None
+
+    z = lambda x: jnp.zeros(x.shape, jnp.float32)  # noqa: E731
+    with jax.named_scope("ring_bwd_steps"):
+        (_, _, _, dk, dv, dq), _ = jax.lax.scan(step, (k, v, kp, z(k), z(v), z(q)), None, length=n)
+    return dq[:, :T].astype(q.dtype), dk[:, :S].astype(k.dtype), dv[:, :S].astype(v.dtype)
+
+
+def _specs(axis):
+    return P(None, axis, None, None), P(None, axis, None), P(None, axis)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _ring(q, k, v, qp, kp, cfg):
+    """The ring over `cfg = (mesh, axis, chunk_size, inner)`: (out fp32, lse fp32), sharded
+    along the sequence. Custom VJP: the backward is a second ring (`_ring_bwd_body`),
+    so only the local shards are kept for it, O(S / N) per device."""
+    mesh, axis, chunk_size, inner = cfg
+    s4, s3, s2 = _specs(axis)
+    body = functools.partial(_ring_body, chunk_size=chunk_size, inner=inner, axis=axis, n=mesh.shape[axis])
+    return _shard_map(body, mesh, (s4, s4, s4, s2, s2), (s4, s3))(q, k, v, qp, kp)
+
+
+def _ring_fwd(q, k, v, qp, kp, cfg):
+    out, lse = _ring(q, k, v, qp, kp, cfg)
+    return (out, lse), (q, k, v, qp, kp, out, lse)
+
+
+def _ring_bwd(cfg, res, cts):
+    mesh, axis, chunk_size, _ = cfg
+    s4, s3, s2 = _specs(axis)
+    body = functools.partial(_ring_bwd_body, chunk_size=chunk_size, axis=axis, n=mesh.shape[axis])
+    f = _shard_map(body, mesh, (s4, s4, s4, s2, s2, s4, s3, s4, s3), (s4, s4, s4))
+    return (*f(*res, *cts), None, None)
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
+
+
 def _local_body(q, k, v, qp, kp, *, chunk_size, inner):
     return inner_kernel(inner)(q, k, v, qp, kp, chunk_size)
 
@@ -257,8 +319,7 @@ def ring_flash_attention(q, k, v, q_pos, k_pos, *, chunk_size=None, mesh=None, i
                          "(forward pads it; pad when calling the backend directly)")
     in_specs = (specs4, specs4, specs4, specs2, specs2)
     out_specs = (specs4, P(None, axis, None))
-    ring = _shard_map(functools.partial(_ring_body, chunk_size=chunk_size, inner=inner, axis=axis, n=n),
-                      mesh, in_specs, out_specs)
+    ring = lambda *args: _ring(*args, (mesh, axis, chunk_size, inner))  # noqa: E731
     if not chunk_size or n == 1:
         with jax.named_scope("ring_attention"):
             return ring(q, k, v, q_pos, k_pos)
