@@ -121,7 +121,8 @@ def make_mesh(spec: str | Mapping[str, int], *, devices: Sequence | None = None,
     devices = list(jax.devices() if devices is None else devices)
     n = math.prod(s for _, s in axes)
     if n != len(devices):
-        raise ShardingError(f"mesh spec {spec!r} needs {n} devices, found {len(devices)}")
+        hint = f"; pass devices=jax.devices()[:{n}] to use a subset" if n < len(devices) else ""
+        raise ShardingError(f"mesh spec {spec!r} needs {n} devices, found {len(devices)}{hint}")
     kind = jax.sharding.AxisType.Explicit if explicit else jax.sharding.AxisType.Auto
     return jax.make_mesh(tuple(s for _, s in axes), tuple(a for a, _ in axes), axis_types=(kind,) * len(axes),
                          devices=devices)
@@ -198,8 +199,9 @@ class Rules:
         """PartitionSpec for an array with these logical axes.
 
         With `shape` and `mesh`, mesh axes that do not divide their dimension are dropped.
-        Returns (spec, dropped) where `dropped` describes each fallback ("dim 1 (kv_heads=8):
-        tensor"). Raises `ShardingError` when one mesh axis would shard two dimensions.
+        Returns (spec, dropped) where `dropped` describes each fallback ("dim 2 (kv_heads=8)
+        not divisible by tensor=16"). Mesh axes of size 1 are left out of the spec. Raises
+        `ShardingError` when one mesh axis would shard two dimensions.
         """
         sizes = _axis_sizes(mesh) if mesh is not None else None
         used: dict[str, str] = {}
