@@ -210,10 +210,12 @@ def test_registered_and_default():
 @pytest.mark.parametrize("chunk", [None, 8])
 def test_pallas_lowers_for_cuda(chunk):
     """The Pallas kernel (interpret=False) lowers for `cuda` on this CPU host, in the
-    configurations the model uses: GQA ratio 5, head dim 14 (padded to 16), prefill and
-    a one-token decode, chunked and global."""
-    for T, S in ((37, 37), (1, 40)):
-        q, k, v, qp, kp = make_inputs(1, T, S, 5, 1, 14)
+    configurations the model uses: the tiny test shapes (GQA ratio 5, head dim 14
+    padded to 16) in fp32, prefill and a one-token decode, and Scout's attention shape
+    (40 heads on 8 KV heads of 128, bf16, a length that is not a power of two)."""
+    for T, S, H, K, d, dtype in ((37, 37, 5, 1, 14, jnp.float32), (1, 40, 5, 1, 14, jnp.float32),
+                                 (192, 192, 40, 8, 128, jnp.bfloat16)):
+        q, k, v, qp, kp = make_inputs(1, T, S, H, K, d, dtype=dtype)
         f = lambda *a: pallas_flash.pallas_flash_attention(*a, chunk_size=chunk, interpret=False)  # noqa: E731
         exp = pallas_flash.lower_for_cuda(f, q, k, v, qp, kp)
         assert exp.platforms == ("cuda",)

@@ -18,6 +18,11 @@ primitives. On CPU it runs with `interpret=True`; for `cuda` it lowers through t
 Pallas Triton backend (checked on CPU with `jax.export`, see `lower_for_cuda`). Triton
 needs power-of-two tiles of at least 16, so the wrapper pads the head dim (zeros change
 neither q.k nor the extra output columns, which are dropped) and the block sizes.
+Mosaic GPU (jax 0.10's default GPU lowering for pallas_call, and the successor of the
+Triton backend deprecated from jax 0.11) rejects this kernel's small int32 copies (the
+block plan and position tiles are under its 128-byte warpgroup minimum), so the Triton
+backend is selected explicitly; a Mosaic GPU variant would need TMA-sized tiles and
+wgmma, and is not written yet.
 
 Gradients: the forward is wrapped in a custom VJP whose backward is the blockwise
 FlashAttention-2 backward (`blockwise.flash_backward`), recomputing tiles from the lse.
