@@ -9,8 +9,9 @@ Builds a synthetic Llama 4 checkpoint (bf16, realistic tensor shapes: Scout's la
     host memory, so its size is subtracted);
   * transformers `Llama4ForCausalLM.from_pretrained(..., dtype=bfloat16)`.
 
-Peak RSS is `resource.getrusage(RUSAGE_SELF).ru_maxrss` minus the RSS after imports
-(the interpreter baseline). Everything written is deleted at the end.
+Peak RSS is the kernel's high-water mark (VmHWM, reset after imports; falls back to
+`resource.getrusage().ru_maxrss`) minus the RSS after imports (the interpreter
+baseline). Everything written is deleted at the end.
 
     python benchmarks/convert.py [--layers 8] [--keep]
 """
@@ -100,15 +101,28 @@ CHILD = r'''
 import json, os, resource, sys, time
 sys.path.insert(0, {root!r})
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-def rss():  # peak resident set so far, bytes (Linux reports KiB)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 def current():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def start():
+    # ru_maxrss cannot be reset and is set by the import spike (jax, torch); Linux
+    # resets the VmHWM high-water mark on "5" > clear_refs, so the peak is the work's.
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return current()
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def rss():  # peak resident set since start(), bytes
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 what, src, dst = sys.argv[1:4]
 if what == "transformers":
     import torch, transformers
-    base = rss()
+    base = start()
     t = time.perf_counter()
     m = transformers.Llama4ForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
     dt = time.perf_counter() - t
@@ -122,7 +136,7 @@ else:
     from llama4_jax import checkpoint as ck
     import orbax.checkpoint.experimental.v1  # imported before the baseline, as torch is
     jax.numpy.zeros(1).block_until_ready()
-    base = rss()
+    base = start()
     t = time.perf_counter()
     if what == "convert":
         ck.convert_hf_to_orbax(src, dst, dtype="bfloat16")

@@ -25,7 +25,10 @@ Nothing is memory-mapped, so a read costs exactly the bytes of the region in hos
 (`safe_open` maps the file, which doubles resident memory per tensor and, in numpy
 mode, cannot return bfloat16 or float8 at all). `load_hf` builds every parameter with
 `jax.make_array_from_callback`, so each device reads only its own slice of each HF
-tensor; peak host memory is about one device shard of one parameter.
+tensor (a scanned parameter's slice spans one HF tensor per group); peak host memory
+is about one device shard of one parameter (twice that on the CPU backend, whose
+device_put copies). Every HF tensor must be consumed and every parameter produced:
+`plan_leaves` and `_check_consumed` check both directions.
 
 Converted checkpoints
 ---------------------
@@ -33,8 +36,15 @@ Converted checkpoints
 (format marker) and `params/`, an orbax checkpoint. Scanned parameters are stored as
 one array per group (`.../<leaf>/group_<g>`), each the size of one HF tensor, written
 with orbax partial saves, so conversion holds about one HF tensor in host memory no
-matter how large the model is. `load_orbax` restores the groups straight into the
-target shardings and stacks them on device.
+matter how large the model is (measured: 1.2x the largest tensor, benchmarks/convert.py).
+`load_orbax` restores the groups straight into the target shardings and stacks them
+on device. `save_hf` / `convert_orbax_to_hf` export back; the export writes one tensor
+at a time, but `convert_orbax_to_hf` first restores the whole model onto the default
+device.
+
+Public entry points: `load_checkpoint(path, dtype=, shardings=)` (either kind of
+directory; `llama4_jax.load` wraps it), `load_hf`, `load_orbax`, `convert_hf_to_orbax`,
+`convert_orbax_to_hf`, `save_hf`, `SafetensorsReader`, `write_safetensors`.
 
 FP8
 ---
@@ -42,7 +52,9 @@ Float8 e4m3 tensors with per-output-channel scales (compressed-tensors: per-expe
 `experts.{e}.{gate,up,down}_proj.weight` + `weight_scale` [out, 1]; fbgemm:
 `experts.gate_up_proj` + `gate_up_proj_scale` [E, 1, 2F], `experts.down_proj` +
 `down_proj_scale` [E, D, 1], Linear `weight` + `weight_scale`) are dequantized on read,
-`w = float32(w8) * scale`, then cast to the requested dtype.
+`w = float32(w8) * scale`, then cast to the requested dtype. `quantization_config`
+in config.json is validated first (`read_quantization`); FP8 is not kept as a weight
+format, so activations run unquantized (the checkpoint's `input_scale`s are ignored).
 """
 
 from __future__ import annotations
@@ -64,6 +76,7 @@ __all__ = [
     "VISION_GLOBAL_MAP", "vision_entries", "CheckpointError",
     "SafetensorsReader", "checkpoint_entries", "text_entries", "load_hf", "load_checkpoint", "save_hf",
     "convert_hf_to_orbax", "convert_orbax_to_hf", "load_orbax", "is_converted", "read_quantization",
+    "write_safetensors", "atomic_dir", "plan_leaves",
 ]
 
 

@@ -139,6 +139,17 @@ def test_convert_then_load_gives_identical_params(ckpt, converted):
     assert_same_params(params, loaded(ckpt.path)[1])
 
 
+def test_converted_restores_in_another_dtype(ckpt, converted):
+    import ml_dtypes
+
+    _, params = llama4_jax.load(converted, dtype="bfloat16")  # stored float32
+    ref = loaded(ckpt.path)[1]
+    for (path, a), (_, b) in zip(ck._flatten(params), ck._flatten(ref)):
+        assert a.dtype == ml_dtypes.bfloat16, path
+        # orbax's cast on restore rounds to nearest even, as numpy's (and torch's) does
+        assert np.array_equal(np.asarray(a).view(np.int16), np.asarray(b).astype(ml_dtypes.bfloat16).view(np.int16))
+
+
 def test_export_is_bitwise_and_transformers_loads_it(ckpt, converted, tmp_path):
     out = tmp_path / "hf"
     assert convert(converted, out, "--to-hf", "--max-shard-size", "30KB") == 0
@@ -289,6 +300,9 @@ def test_fp8_checkpoint_dequantizes(scout_like, tmp_path, layout):
     err = np.sqrt(np.mean((ours - orig) ** 2))
     assert err < 0.2 * orig.std(), (err, orig.std())
     assert err > 0  # the weights really were quantized
+    if layout == "fbgemm_fp8":  # conversion dequantizes the same way
+        assert convert(dst, tmp_path / "orbax", "--dtype", "float32") == 0
+        assert_same_params(llama4_jax.load(str(tmp_path / "orbax"), dtype="float32")[1], params)
 
 
 # --------------------------------------------------------------------------------------
