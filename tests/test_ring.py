@@ -71,6 +71,18 @@ def test_ring_equals_xla(mesh, case, inner):
     np.testing.assert_allclose(np.where(m, out, 0), np.where(m, ref, 0), atol=TOL, rtol=0)
 
 
+def test_ring_bf16(mesh):
+    """bf16 q/k/v through the ring (chunked, ring path): within 3e-2 of the bf16 xla
+    reference, as in test_attention_backends.test_bf16 (bf16 rounding of q, k, v and
+    probabilities, 2^-9 relative, on outputs of size ~1); partial results are merged in
+    fp32, so the ring adds no bf16 rounding of its own."""
+    q, k, v, qp, kp = make_inputs(2, T, T, 8, 2, 8, left_pad=(0, 3), seed=10, dtype=jnp.bfloat16)
+    ref = xla_attention(q, k, v, qp, kp, chunk_size=6).astype(jnp.float32)
+    out = run_ring(*to_layout(q, k, v, qp, kp), mesh, "blockwise", 6)[:, INV]
+    m = valid_rows(qp, kp)
+    np.testing.assert_allclose(np.where(m, out, 0), np.where(m, ref, 0), atol=3e-2, rtol=0)
+
+
 @pytest.mark.parametrize("case,inner", [("chunk_local", "blockwise"), ("chunk_not_local", "pallas")])
 def test_ring_gradients(mesh, case, inner):
     """jax.grad through the ring (ppermute, lse merges, the local/ring cond) equals the
