@@ -35,6 +35,7 @@ kernels' custom VJPs (which accept the lse cotangent).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 
 import jax
@@ -49,18 +50,18 @@ from . import pallas_flash
 SEQ_AXIS = "seq"
 INNER_KERNELS = ("blockwise", "pallas")
 
-_MESH: list = []  # stack of meshes set by `use_mesh`, read while tracing
+_MESH: contextvars.ContextVar = contextvars.ContextVar("ring_mesh", default=None)  # read while tracing
 
 
 @contextlib.contextmanager
 def use_mesh(mesh):
     """Make `mesh` the mesh of the `ring` attention backends while tracing inside."""
     check_mesh(mesh)
-    _MESH.append(mesh)
+    token = _MESH.set(mesh)
     try:
         yield mesh
     finally:
-        _MESH.pop()
+        _MESH.reset(token)
 
 
 def check_mesh(mesh, axis: str = SEQ_AXIS):
@@ -70,10 +71,11 @@ def check_mesh(mesh, axis: str = SEQ_AXIS):
 
 
 def current_mesh():
-    if not _MESH:
+    mesh = _MESH.get()
+    if mesh is None:
         raise ValueError("attention_impl='ring' needs a mesh: pass mesh=... to forward (a mesh with a "
                          f"{SEQ_AXIS!r} axis), or trace inside `llama4_jax.kernels.ring.use_mesh(mesh)`")
-    return _MESH[-1]
+    return mesh
 
 
 def _tracing_mesh(mesh):
