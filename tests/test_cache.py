@@ -11,7 +11,7 @@ import llama4_jax
 from llama4_jax.cache import abstract_cache, cache_bytes, cache_lengths, cache_slots, init_cache, quantize_kv
 from llama4_jax.config import Llama4Config, RopeScaling, TextConfig
 from llama4_jax.model.attention import INVALID_POS, write_cache
-from llama4_jax.model.text import TextModel
+from llama4_jax.model.text import TextModel, unstack_layers
 
 # Every layer type in two scanned groups: RoPE+chunked and NoPE+global attention, dense
 # and MoE (top-2) feed-forward; chunk 4 and floor_scale 4 so a 24-token sequence crosses
@@ -43,9 +43,9 @@ def params():
     return jax.tree_util.tree_map_with_path(draw, llama4_jax.abstract_params(CFG, dtype="float32"))
 
 
-@functools.partial(jax.jit, static_argnames=("last_only",))
-def _step(params, ids, positions, valid, cache, last_only=False):
-    logits, cache, _ = TextModel(CFG.text).apply(params, ids, positions, valid, cache, last_only=last_only)
+@functools.partial(jax.jit, static_argnames=("scan_layers",))
+def _step(params, ids, positions, valid, cache, scan_layers=True):
+    logits, cache, _ = TextModel(CFG.text, scan_layers=scan_layers).apply(params, ids, positions, valid, cache)
     return logits, cache
 
 
@@ -63,14 +63,20 @@ def batch():
 
 
 def _incremental(params, ids, mask, kv_dtype=None):
-    """Logits [B, TOTAL, V] from prefill, a second multi-token piece, then one token at a time."""
+    """Logits [B, TOTAL, V] from prefill, a second multi-token piece, then one token at a time.
+
+    The single-token steps run the unrolled model on per-group weights, as decode does
+    on CPU for large weights (`generate._unroll_decode`); the prefill pieces the scan."""
+    unstacked = unstack_layers(params)
     B = ids.shape[0]
     cache = init_cache(CFG, B, TOTAL + 3, kv_dtype=kv_dtype)  # global layers: room to spare
     pos = np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)
     outs = []
     for a, b in [(0, T_PROMPT), (T_PROMPT, T_PROMPT + T_CHUNK)] + [
             (t, t + 1) for t in range(T_PROMPT + T_CHUNK, TOTAL)]:
-        logits, cache = _step(params, ids[:, a:b], pos[:, a:b], mask[:, a:b].astype(bool), cache)
+        one = b - a == 1
+        logits, cache = _step(unstacked if one else params, ids[:, a:b], pos[:, a:b], mask[:, a:b].astype(bool),
+                              cache, scan_layers=not one)
         outs.append(np.asarray(logits))
     return np.concatenate(outs, axis=1), cache
 
