@@ -98,7 +98,8 @@ def run_jax(args) -> dict:
         out["tower"] = jax.block_until_ready(tower(params["params"]["vision"], px))
 
     def call_prefill():
-        out["logits"] = jax.block_until_ready(llama4_jax.forward(cfg, params, ids, pixel_values=px))
+        out["logits"] = jax.block_until_ready(llama4_jax.forward(cfg, params, ids, pixel_values=px,
+                                                                 attention_impl=args.attention_impl))
 
     t_first, t_med = time_calls(call_tower, args.repeats)
     p_first, p_med = time_calls(call_prefill, args.repeats)
@@ -135,7 +136,7 @@ def run_hf(args) -> dict:
 
 def child(side: str, args, n: int) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--ckpt", args.ckpt, "--workdir", args.workdir,
-           "--n", str(n), "--repeats", str(args.repeats)]
+           "--n", str(n), "--repeats", str(args.repeats), "--attention-impl", args.attention_impl]
     res = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -144,6 +145,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", default="1,8", help="comma-separated image counts per prompt")
     p.add_argument("--repeats", type=int, default=3, help="timed calls after the warm-up call (median)")
+    p.add_argument("--attention-impl", default="auto",
+                   help="llama4_jax decoder attention backend (auto: blockwise past the xla length on CPU)")
     p.add_argument("--side", choices=("jax", "hf"), help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -155,7 +158,8 @@ def main(argv=None) -> int:
 
     counts = [int(x) for x in args.images.split(",") if x.strip()]
     print(f"vision hidden 256 x 4 layers, 336-px tiles (577 tokens), text hidden 256 x 4 layers; fp32; "
-          f"480x640 images = 5 tiles each; median of {args.repeats} after 1 warm-up; {os.cpu_count()} CPU cores")
+          f"480x640 images = 5 tiles each; median of {args.repeats} after 1 warm-up; {os.cpu_count()} CPU cores; "
+          f"llama4_jax attention_impl={args.attention_impl}, transformers sdpa")
     print(f"{'images':>6s} {'side':14s}{'tower ms':>10s}{'images/s':>10s}{'prefill ms':>12s}{'tokens':>8s}"
           f"{'peak RSS MiB':>14s}")
     with tempfile.TemporaryDirectory() as tmp:
