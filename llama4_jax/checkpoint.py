@@ -657,9 +657,11 @@ def _expert_layout(config: Llama4Config, names: Iterable[str]) -> str:
 
 
 def plan_leaves(config: Llama4Config, abstract, names: Iterable[str]) -> list[Leaf]:
-    """Every parameter leaf with the HF entries producing it; checks both directions.
+    """Every parameter leaf with the HF entries producing it, in parameter-tree order.
 
-    Raises CheckpointError naming the parameters no entry produces.
+    `names` (the checkpoint's tensor names) only choose the expert layout. Every leaf
+    must be produced by the name map and every map row must name a leaf; a mismatch
+    is a bug in the table, not in the checkpoint, so it raises AssertionError.
     """
     entries = checkpoint_entries(config, experts=_expert_layout(config, names))
     by_leaf: dict[tuple[str, ...], list[tuple[Entry, int]]] = {}
@@ -681,7 +683,7 @@ def plan_leaves(config: Llama4Config, abstract, names: Iterable[str]) -> list[Le
     return leaves
 
 
-def _read_leaf_region(reader: SafetensorsReader, leaf: Leaf, entry: Entry, region, dtype, E: int,
+def _read_leaf_region(reader: SafetensorsReader, leaf: Leaf, entry: Entry, region, dtype,
                       consumed: set | None) -> np.ndarray:
     """The region of one layer's (unstacked) leaf produced by `entry`, in `dtype`."""
     shape = leaf.shape[1:] if leaf.stacked else leaf.shape
@@ -788,7 +790,6 @@ def load_hf(path: str, *, dtype: str = "bfloat16", shardings=None, progress: boo
     reader = SafetensorsReader(path)
     abstract = abstract_params(config, dtype=dtype)
     leaves = plan_leaves(config, abstract, reader.tensors)
-    E = config.text.num_local_experts
     total = sum(math.prod(lf.shape) * np_dtype.itemsize for lf in leaves)
     consumed: set[str] = set()
     params: dict = {}
@@ -800,12 +801,12 @@ def load_hf(path: str, *, dtype: str = "bfloat16", shardings=None, progress: boo
             def cb(index, lf=lf):
                 index = _norm_region(index, lf.shape)
                 if not lf.stacked:
-                    out = _read_leaf_region(reader, lf, lf.sources[0], index, np_dtype, E, consumed)
+                    out = _read_leaf_region(reader, lf, lf.sources[0], index, np_dtype, consumed)
                 else:
                     g0 = index[0]
                     out = np.empty(tuple(s.stop - s.start for s in index), np_dtype)
                     for i, g in enumerate(range(g0.start, g0.stop)):
-                        out[i] = _read_leaf_region(reader, lf, lf.sources[g], index[1:], np_dtype, E, consumed)
+                        out[i] = _read_leaf_region(reader, lf, lf.sources[g], index[1:], np_dtype, consumed)
                 bar.update(out.nbytes)
                 return out
 
@@ -979,7 +980,6 @@ def convert_hf_to_orbax(src: str, dst: str, *, dtype: str = "bfloat16", progress
     quant = read_quantization(src)
     reader = SafetensorsReader(src)
     leaves = plan_leaves(config, abstract_params(config, dtype=dtype), reader.tensors)
-    E = config.text.num_local_experts
     consumed: set[str] = set()
     os.makedirs(dst)
     pdir = os.path.join(dst, "params")
@@ -1001,7 +1001,7 @@ def convert_hf_to_orbax(src: str, dst: str, *, dtype: str = "bfloat16", progress
             for g, entry in enumerate(lf.sources):
                 if nbatch and nbatch + piece_bytes > batch_bytes:
                     flush()  # before reading, so the batch and the next piece never coexist
-                x = _read_leaf_region(reader, lf, entry, (), np_dtype, E, consumed)
+                x = _read_leaf_region(reader, lf, entry, (), np_dtype, consumed)
                 _set(batch, lf.path + ((_group_key(g),) if lf.stacked else ()), x)
                 nbatch += x.nbytes
                 bar.update(x.nbytes)
