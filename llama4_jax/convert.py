@@ -77,5 +77,5 @@ def run(args: argparse.Namespace) -> int:
         return 1
     size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(dst) for f in fs)
     dt = time.perf_counter() - t0
-    print(f"wrote {dst}: {size / 2**30:.2f} GiB in {dt:.1f} s ({size / 2**30 / max(dt, 1e-9):.2f} GiB/s)")
+    print(f"wrote {dst}: {size / 2**20:.1f} MiB in {dt:.1f} s ({size / 2**20 / max(dt, 1e-9):.1f} MiB/s)")
     return 0
