@@ -25,9 +25,10 @@ Nothing is memory-mapped, so a read costs exactly the bytes of the region in hos
 (`safe_open` maps the file, which doubles resident memory per tensor and, in numpy
 mode, cannot return bfloat16 or float8 at all). `load_hf` builds every parameter with
 `jax.make_array_from_callback`, so each device reads only its own slice of each HF
-tensor (a scanned parameter's slice spans one HF tensor per group); peak host memory
-is about one device shard of one parameter (twice that on the CPU backend, whose
-device_put copies). Every HF tensor must be consumed and every parameter produced:
+tensor. Scanned parameters are filled one group (one HF tensor) at a time into a
+preallocated, donated device array, so host memory is bounded by a few buffers of one
+HF tensor (read, transposed, and on the CPU backend the device copy: 1.8x the largest
+tensor measured), independent of depth. Every HF tensor must be consumed and every parameter produced:
 `plan_leaves` and `_check_consumed` check both directions.
 
 Converted checkpoints
@@ -776,7 +777,7 @@ def load_hf(path: str, *, dtype: str = "bfloat16", shardings=None, progress: boo
       progress: show a tqdm bar over the bytes read.
 
     Returns: (Llama4Config, params) with params a tree of `jax.Array`.
-    Peak host memory: about one device shard of the largest parameter.
+    Peak host memory: a few buffers of one device shard of the largest HF tensor.
     """
     import jax
 
@@ -798,22 +799,43 @@ def load_hf(path: str, *, dtype: str = "bfloat16", shardings=None, progress: boo
             sharding = _get(shardings, lf.path) if shardings is not None else None
             sharding = sharding if sharding is not None else _default_sharding()
 
-            def cb(index, lf=lf):
-                index = _norm_region(index, lf.shape)
-                if not lf.stacked:
-                    out = _read_leaf_region(reader, lf, lf.sources[0], index, np_dtype, consumed)
-                else:
-                    g0 = index[0]
-                    out = np.empty(tuple(s.stop - s.start for s in index), np_dtype)
-                    for i, g in enumerate(range(g0.start, g0.stop)):
-                        out[i] = _read_leaf_region(reader, lf, lf.sources[g], index[1:], np_dtype, consumed)
-                bar.update(out.nbytes)
-                return out
+            def read(index, lf=lf, entry=lf.sources[0]):
+                return _read_leaf_region(reader, lf, entry, index, np_dtype, consumed)
 
-            arr = jax.make_array_from_callback(lf.shape, sharding, cb)
+            if not lf.stacked:
+                arr = jax.make_array_from_callback(lf.shape, sharding, read)
+            else:
+                # One group at a time into a preallocated stacked array, updated in place
+                # (donated): host memory holds one device shard of one HF tensor, and
+                # the device one group beyond the parameter itself.
+                piece_sharding = _piece_sharding(sharding)
+                arr = _zeros(lf.shape, np_dtype.name, sharding)()
+                for g, entry in enumerate(lf.sources):
+                    piece = jax.make_array_from_callback(
+                        lf.shape[1:], piece_sharding, functools.partial(read, entry=entry))
+                    arr = _update_layer(sharding)(arr, piece, np.int32(g))
+                    del piece
+            bar.update(math.prod(lf.shape) * np_dtype.itemsize)
             _set(params, lf.path, arr)
     _check_consumed(reader, consumed)
     return config, params
+
+
+@functools.lru_cache(maxsize=None)
+def _zeros(shape, dtype: str, sharding):
+    import jax
+    import jax.numpy as jnp
+
+    return jax.jit(lambda: jnp.zeros(shape, _np_dtype(dtype)), out_shardings=sharding)
+
+
+@functools.lru_cache(maxsize=None)
+def _update_layer(sharding):
+    """a[g] = x in place (a donated); g traced, so one compilation per leaf shape."""
+    import jax
+
+    return jax.jit(lambda a, x, g: jax.lax.dynamic_update_index_in_dim(a, x, g, 0), out_shardings=sharding,
+                   donate_argnums=0)
 
 
 # --------------------------------------------------------------------------------------
@@ -1035,7 +1057,7 @@ def _piece_sharding(sharding):
         return NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[1:]))
     if isinstance(sharding, jax.sharding.SingleDeviceSharding):
         return sharding
-    raise TypeError(f"restoring scanned parameters needs a NamedSharding or SingleDeviceSharding, got {sharding}")
+    raise TypeError(f"scanned parameters need a NamedSharding or SingleDeviceSharding, got {sharding}")
 
 
 def load_orbax(path: str, *, dtype: str | None = None, shardings=None):
