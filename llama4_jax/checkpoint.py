@@ -27,7 +27,7 @@ mode, cannot return bfloat16 or float8 at all). `load_hf` builds every parameter
 `jax.make_array_from_callback`, so each device reads only its own slice of each HF
 tensor. Scanned parameters are filled one group (one HF tensor) at a time into a
 preallocated, donated device array, so host memory is bounded by a few buffers of one
-HF tensor (read, transposed, and on the CPU backend the device copy: 1.8x the largest
+HF tensor (read, transposed, and on the CPU backend the device copy: ~2x the largest
 tensor measured), independent of depth. Every HF tensor must be consumed and every parameter produced:
 `plan_leaves` and `_check_consumed` check both directions.
 
