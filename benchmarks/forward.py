@@ -114,8 +114,8 @@ def run_jax(args) -> dict:
     np.save(os.path.join(args.workdir, "jax.npy"), np.asarray(out["logits"][0]))
     rss = peak_rss_mib()
     dec = jax.numpy.asarray(_ids(args.decode_batch, 1, config.text.vocab_size), jax.numpy.int32)
-    _, dec_med = time_calls(
-        lambda: jax.block_until_ready(llama4_jax.forward(config, params, dec, moe_impl=args.moe_impl)), args.repeats * 4)
+    decode_call = lambda: jax.block_until_ready(llama4_jax.forward(config, params, dec, moe_impl=args.moe_impl))
+    _, dec_med = time_calls(decode_call, args.repeats * 4)
     return {"first_s": first, "median_s": med, "peak_rss_mib": rss, "decode_median_s": dec_med,
             "backend": jax.default_backend()}
 
@@ -187,7 +187,8 @@ def main(argv=None) -> int:
     p.add_argument("--moe-impl", default="ragged", help="llama4_jax MoE strategy (ragged, blocked, ragged_dot, dense)")
     p.add_argument("--decode-batch", type=int, default=8,
                    help="rows of the decode-sized forward (1 token each, no KV cache): the weight-read-bound path")
-    p.add_argument("--compile-layers", default="12,24,48", help="comma-separated depths for the compile timing; '' skips")
+    p.add_argument("--compile-layers", default="12,24,48",
+                   help="comma-separated depths for the compile timing; '' skips")
     p.add_argument("--side", choices=("jax", "hf"), help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -208,7 +209,8 @@ def main(argv=None) -> int:
         hf = child("hf", args)
         diff = float(np.abs(np.load(os.path.join(tmp, "jax.npy")) - np.load(os.path.join(tmp, "hf.npy"))).max())
     print(f"{'':28s}{'median ms':>10s}{'tokens/s':>10s}{'first call s':>14s}{'peak RSS MiB':>14s}")
-    for name, r in ((f"llama4_jax ({args.moe_impl}, {jx['backend']})", jx), (f"transformers (sdpa, {hf['threads']} thr)", hf)):
+    rows = ((f"llama4_jax ({args.moe_impl}, {jx['backend']})", jx), (f"transformers (sdpa, {hf['threads']} thr)", hf))
+    for name, r in rows:
         print(f"{name:28s}{r['median_s'] * 1e3:10.1f}{tokens / r['median_s']:10.0f}{r['first_s']:14.2f}"
               f"{r['peak_rss_mib']:14.0f}")
     print(f"ratio llama4_jax / transformers: {hf['median_s'] / jx['median_s']:.2f}x  (target >= 3x)")

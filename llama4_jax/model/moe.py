@@ -215,7 +215,8 @@ def rowwise_moe(h, w, idx, score):
     ys = []
     with jax.named_scope("rowwise_experts"):
         for r in range(T * k):
-            wg, wu, wd = (jax.lax.dynamic_index_in_dim(w[n], flat[r], 0, keepdims=False) for n in ("gate", "up", "down"))
+            e = flat[r]
+            wg, wu, wd = (jax.lax.dynamic_index_in_dim(w[n], e, 0, keepdims=False) for n in ("gate", "up", "down"))
             xr = x[r : r + 1]
             ys.append((jax.nn.silu(xr @ wg) * (xr @ wu)) @ wd)
     return jnp.concatenate(ys).reshape(T, k, -1).sum(axis=1)
