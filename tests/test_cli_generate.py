@@ -74,12 +74,12 @@ def test_round_trip(tmp_path, capsys, tokenizer):
 def test_stop_strings(tokenizer):
     config, params = llama4_jax.load(DEFAULT_MODEL, dtype="float32")
     prompts = [CHAT, "Once upon a time"]  # the round trip's shapes: its compiled functions are reused
-    base = llama4_jax.generate(config, params, prompts, tokenizer=tokenizer, max_new_tokens=8, batch_size=2)
+    kw = dict(tokenizer=tokenizer, max_new_tokens=8, batch_size=2, attention_impl="auto")  # as the CLI runs
+    base = llama4_jax.generate(config, params, prompts, **kw)
     text = base[0].text
     assert len(text) >= 6, text
     stop = text[len(text) // 2:len(text) // 2 + 2]
-    cut = llama4_jax.generate(config, params, prompts, tokenizer=tokenizer, max_new_tokens=8, batch_size=2,
-                              stop=[stop])
+    cut = llama4_jax.generate(config, params, prompts, stop=[stop], **kw)
     assert cut[0].finish_reason == "stop"
     assert cut[0].text == text[:text.find(stop)]
     n = len(cut[0].token_ids)
