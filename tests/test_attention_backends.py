@@ -179,17 +179,21 @@ def random_params(cfg, seed=0):
         tree, [jnp.asarray(rng.normal(size=x.shape) / np.sqrt(x.shape[-1]), x.dtype) for x in leaves])
 
 
-def model_inputs(cfg, T=40, pad=5):
-    ids = jax.random.randint(jax.random.key(1), (2, T), 0, cfg.vocab_size)
-    return ids, jnp.ones((2, T), jnp.int32).at[1, :pad].set(0)
+@functools.lru_cache(maxsize=None)
+def model_case():
+    """(params, ids [2, 125], mask, xla reference logits), shared with test_ring so the
+    reference compiles once. Row 1 is left-padded by 8 tokens: one whole chunk, so its
+    chunks stay aligned to the ring's 8-token zigzag pieces (the chunk-local path)."""
+    params = random_params(MODEL_CFG)
+    ids = jax.random.randint(jax.random.key(1), (2, 125), 0, MODEL_CFG.vocab_size)
+    mask = jnp.ones((2, 125), jnp.int32).at[1, :8].set(0)
+    return params, ids, mask, forward(MODEL_CFG, params, ids, attention_mask=mask, moe_impl="dense")
 
 
 def test_model_forward_matches_xla():
     """Full decoder with the blockwise backend equals the xla reference, left padding
     included. Logits are O(1); fp32 reordering through 4 layers stays below 2e-5."""
-    params = random_params(MODEL_CFG)
-    ids, mask = model_inputs(MODEL_CFG)
-    ref = forward(MODEL_CFG, params, ids, attention_mask=mask, moe_impl="dense")
+    params, ids, mask, ref = model_case()
     out = forward(MODEL_CFG, params, ids, attention_mask=mask, attention_impl="blockwise", moe_impl="dense")
     m = mask[:, :, None] > 0
     np.testing.assert_allclose(np.where(m, out, 0), np.where(m, ref, 0), atol=2e-5, rtol=0)

@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 from llama4_jax.kernels import ring
 from llama4_jax.model.attention import INVALID_POS, xla_attention
 from llama4_jax.model.text import forward
-from tests.test_attention_backends import GRAD_TOL, MODEL_CFG, TOL, make_inputs, random_params, valid_rows
+from tests.test_attention_backends import GRAD_TOL, MODEL_CFG, TOL, make_inputs, model_case, valid_rows
 
 N = 8
 T = 64  # 2N pieces of 4 tokens: chunk 4 keeps every chunk on one device, chunk 6 does not
@@ -119,32 +119,32 @@ def test_decode_with_sequence_sharded_cache(mesh):
 
 def test_forward_and_cached_decode_equal_xla(mesh):
     """forward(attention_impl='ring', mesh=...) equals the single-device reference: 125
-    tokens are padded to 128 (16 pieces of 8 = chunk 8, so the chunked layers take the
-    local path), the NoPE layer runs the ring, RoPE and temperature use global positions.
-    Then one decode step of TextModel with the ring backend against a KV cache whose
-    slots are split over `seq` gives the same logits for token 125."""
+    tokens are padded to 128 (16 pieces of 8 = chunk 8; row 1's 8 left pads keep its
+    chunks aligned, so the chunked layers take the local path), the NoPE layer runs the
+    ring, RoPE and temperature use global positions. Then one decode step of TextModel
+    with the ring backend against a KV cache whose slots are split over `seq` gives the
+    same logits for token 125."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from llama4_jax.cache import init_cache
-    from llama4_jax.model.text import TextModel
+    from llama4_jax.model.text import TextModel, positions_from_mask
 
-    params = random_params(MODEL_CFG)
-    ids = jax.random.randint(jax.random.key(2), (1, 125), 0, MODEL_CFG.vocab_size)
-    ref = forward(MODEL_CFG, params, ids, moe_impl="dense")
-    out = forward(MODEL_CFG, params, ids, attention_impl="ring", moe_impl="dense", mesh=mesh)
-    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=0)
+    params, ids, mask, ref = model_case()
+    m = mask[:, :, None] > 0
+    out = forward(MODEL_CFG, params, ids, attention_mask=mask, attention_impl="ring", moe_impl="dense", mesh=mesh)
+    np.testing.assert_allclose(np.where(m, out, 0), np.where(m, ref, 0), atol=2e-5, rtol=0)
     with pytest.raises(ValueError, match="'seq' axis"):
         forward(MODEL_CFG, params, ids, attention_impl="ring", moe_impl="dense")
 
     # Prefill 124 tokens into the cache on one device (xla), split the cache's slots over
     # `seq`, decode token 125 with the ring backend (sharded-cache path).
-    def step(impl, params, ids, pos, cache):
+    def step(impl, params, ids, pos, valid, cache):
         with ring.use_mesh(mesh):
-            return TextModel(MODEL_CFG, jnp.float32, impl, "dense").apply(params, ids, pos, pos >= 0, cache)[:2]
+            return TextModel(MODEL_CFG, jnp.float32, impl, "dense").apply(params, ids, pos, valid, cache)[:2]
 
     step = jax.jit(step, static_argnums=0)
-    pos = jnp.arange(125, dtype=jnp.int32)[None]
-    _, cache = step("xla", params, ids[:, :124], pos[:, :124], init_cache(MODEL_CFG, 1, 128))
+    pos, valid = positions_from_mask(mask)
+    _, cache = step("xla", params, ids[:, :124], pos[:, :124], valid[:, :124], init_cache(MODEL_CFG, 2, 128))
     cache = jax.device_put(cache, NamedSharding(mesh, P(None, None, "seq")))
-    logits, _ = step("ring_blockwise", params, ids[:, 124:], pos[:, 124:], cache)
+    logits, _ = step("ring_blockwise", params, ids[:, 124:], pos[:, 124:], valid[:, 124:], cache)
     np.testing.assert_allclose(logits, ref[:, 124:], atol=2e-5, rtol=0)
