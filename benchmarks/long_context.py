@@ -12,10 +12,11 @@ measured: transformers builds [S, S] masks and runs SDPA over every key in every
 the `blockwise` backend visits only the key blocks a query block can see (O(S * C) for
 the chunked layers, causal half for the global one) with O(S) memory.
 
-Every (library, length) runs in its own process, so peak RSS (`ru_maxrss`) is its own:
+Every (library, length) runs in its own process, so its peak RSS (VmHWM) is its own:
 ours = compiled ahead of time (`compile s`), then `--repeats` timed calls (1 above 32K
 tokens), median printed; peak RSS is the kernel's high-water mark over the timed calls
-(reset before them; the "RSS growth" column subtracts the RSS just before them). Transformers runs lengths 8K, 16K, 32K, ... until one fails (out of
+(reset before them; the "RSS growth" column subtracts the RSS just before them).
+Transformers runs lengths 8K, 16K, 32K, ... until one fails (out of
 memory under an address-space limit of `--hf-mem-gb`, or longer than `--hf-timeout`
 seconds) and reports the longest it reached. `ring` runs on 8 fake CPU devices of this
 same CPU (a correctness/overhead check: the devices share 2 cores, so no speed-up is
@@ -202,7 +203,9 @@ def main(argv=None) -> int:
         first = f"{r['compile']:>9.2f}" if "compile" in r else f"{'':>9}"
         print(f"{name:>14} {L:>8} {r['time']:>9.2f} {first} {L / r['time']:>8.0f} {r['rss']:>12.0f} "
               f"{r['rss'] - r['rss0']:>14.0f}")
-    ok = lambda kind, impl: [(L, r) for (k, i, L), r in rows.items() if k == kind and i == impl and "error" not in r]  # noqa: E731
+    def ok(kind, impl):
+        return [(L, r) for (k, i, L), r in rows.items() if k == kind and i == impl and "error" not in r]
+
     ours, hf = ok("ours", "blockwise"), ok("hf", "sdpa")
     if ours:
         Ls = [L for L, _ in ours]
