@@ -49,8 +49,12 @@ __all__ = [
 
 AXIS_NAMES = ("data", "fsdp", "expert", "tensor", "seq")
 # Parameter axes (from the model) and activation / cache axes (used by `constrain`).
+# The vision tower's patch/position tables and the adapter (~0.03B parameters in
+# Scout) have axes the default rules leave replicated: adapter fc1 already splits its
+# input (vision_mlp) over tensor, so its output cannot use tensor too.
 PARAM_AXES = ("vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp", "expert", "expert_mlp", "router",
-              "norm", "layers", "vision_embed", "vision_heads", "vision_mlp")
+              "norm", "layers", "vision_embed", "vision_heads", "vision_mlp", "vision_patch", "vision_pos",
+              "adapter", "adapter_out")
 ACTIVATION_AXES = ("batch", "length", "cache_seq")
 LOGICAL_AXES = PARAM_AXES + ACTIVATION_AXES
 # KV-cache leaves: k/v [G, B, S, K, d] and pos [G, B, S] (see attention.write_cache).

@@ -316,3 +316,15 @@ def test_load_straight_into_the_mesh(maverick_like):
     assert experts.addressable_shards[0].data.shape == (2, 3, 45, 13)
     with pytest.raises(ValueError, match="either mesh .* or shardings"):
         llama4_jax.load(maverick_like.path, mesh=mesh, shardings=expected)
+
+
+def test_every_parameter_axis_is_known_to_the_rules_table():
+    """A logical name the rules table has never heard of would be replicated silently."""
+    import flax.linen as nn
+
+    from llama4_jax.sharding import LOGICAL_AXES
+
+    tree = abstract_params(preset("scout"), boxed=True)
+    names = {n for x in jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+             for n in x.names if n is not None}
+    assert names and names <= set(LOGICAL_AXES), sorted(names - set(LOGICAL_AXES))
