@@ -126,6 +126,19 @@ def tile_mask(qp, kp, chunk_size: int | None):
     return m
 
 
+def tile_full(qp, kp, chunk_size: int | None):
+    """bool scalar: every key of the tile is visible to every query (no mask needed).
+
+    True iff all positions are real, the latest key precedes the earliest query and,
+    chunked, all of them lie in one chunk. O(bq + bk) work.
+    """
+    q_lo, q_hi, k_hi = jnp.min(qp), jnp.max(qp), jnp.max(kp)
+    full = (q_lo >= 0) & (k_hi < INVALID_POS) & (k_hi <= q_lo)
+    if chunk_size:
+        full &= jnp.min(kp) // chunk_size == q_hi // chunk_size  # min key .. max query in one chunk
+    return full
+
+
 def merge(out_a, lse_a, out_b, lse_b):
     """Combine two partial attentions over disjoint key sets (all fp32).
 
@@ -164,26 +177,36 @@ def _fwd_impl(q, k, v, q_pos, k_pos, chunk_size, bq, bk):
             qb = jax.lax.dynamic_slice_in_dim(qg, i * bq, bq, axis=1)  # [B, bq, K, G, d]
             qp = jax.lax.dynamic_slice_in_dim(q_pos, i * bq, bq, axis=1)
 
-            def body(j, carry):
+            def update(carry, kb, vb, mask):
+                """Online-softmax update with one key tile; mask None = all visible."""
                 m, l, acc = carry
-                start = idx[i, j] * bk
-                kb = jax.lax.dynamic_slice_in_dim(k, start, bk, axis=1)  # [B, bk, K, d]
-                vb = jax.lax.dynamic_slice_in_dim(v, start, bk, axis=1)
-                kp = jax.lax.dynamic_slice_in_dim(k_pos, start, bk, axis=1)
                 # Tiles are laid out [B, K, bk, G, bq]: the softmax reductions run over a
                 # major axis, so they vectorise along the contiguous query axis (measured
                 # ~1.7x faster on CPU than reducing along a minor key axis).
                 s = jnp.einsum("bqkgd,bskd->bksgq", qb, kb, preferred_element_type=jnp.float32) * scale
-                mask = jnp.swapaxes(tile_mask(qp, kp, chunk_size), 1, 2)[:, None, :, None, :]  # [B,1,bk,1,bq]
-                s = jnp.where(mask, s, NEG)
+                if mask is not None:
+                    s = jnp.where(mask, s, NEG)
                 m_new = jnp.maximum(m, jnp.max(s, axis=2))
-                # where(): a row whose keys are all masked so far has m_new = NEG and
-                # exp(s - m_new) = 1; it must contribute nothing.
-                p = jnp.where(mask, jnp.exp(s - m_new[:, :, None]), 0.0)
+                p = jnp.exp(s - m_new[:, :, None])
+                if mask is not None:
+                    # A row whose keys are all masked so far has m_new = NEG and
+                    # exp(s - m_new) = 1; it must contribute nothing.
+                    p = jnp.where(mask, p, 0.0)
                 corr = jnp.exp(m - m_new)
                 l = l * corr + jnp.sum(p, axis=2)
                 pv = jnp.einsum("bksgq,bskd->bkgqd", p.astype(v.dtype), vb, preferred_element_type=jnp.float32)
                 return m_new, l, acc * corr[..., None] + pv
+
+            def body(j, carry):
+                start = idx[i, j] * bk
+                kb = jax.lax.dynamic_slice_in_dim(k, start, bk, axis=1)  # [B, bk, K, d]
+                vb = jax.lax.dynamic_slice_in_dim(v, start, bk, axis=1)
+                kp = jax.lax.dynamic_slice_in_dim(k_pos, start, bk, axis=1)
+                mask = jnp.swapaxes(tile_mask(qp, kp, chunk_size), 1, 2)[:, None, :, None, :]  # [B,1,bk,1,bq]
+                # Interior tiles (every key visible to every query: most of them) skip
+                # the mask selects, about a third of the elementwise work.
+                return jax.lax.cond(tile_full(qp, kp, chunk_size), lambda c: update(c, kb, vb, None),
+                                    lambda c: update(c, kb, vb, mask), carry)
 
             init = (
                 jnp.full((B, K, G, bq), NEG, jnp.float32),
