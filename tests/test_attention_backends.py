@@ -103,7 +103,7 @@ def test_auto_backend_on_a_long_cache():
     q, k, v, _, _ = make_inputs(1, 1, 1100, 5, 1, 8, seed=9)
     kp = jnp.where(jnp.arange(1100) < 700, jnp.arange(1100), INVALID_POS).astype(jnp.int32)[None]
     qp = jnp.full((1, 1), 699, jnp.int32)
-    assert default_attention_impl(1100, platform="cpu") == "blockwise"
+    assert default_attention_impl(1100) == "blockwise"
     out = jax.jit(lambda *a: attend(*a, chunk_size=None, impl="auto"))(q, k, v, qp, kp)
     np.testing.assert_allclose(out, xla_attention(q, k, v, qp, kp), atol=TOL, rtol=0)
 
@@ -201,9 +201,8 @@ def test_model_forward_matches_xla():
 
 def test_registered_and_default():
     assert {"xla", "blockwise", "pallas", "ring", "ring_blockwise", "ring_pallas", "auto"} <= set(backends())
-    assert default_attention_impl(512, platform="cpu") == "xla"
-    assert default_attention_impl(65536, platform="cpu") == "blockwise"
-    assert default_attention_impl(65536, platform="gpu") == "pallas"
+    assert default_attention_impl(512) == "xla"
+    assert default_attention_impl(65536) == "blockwise"
     with pytest.raises(ValueError, match="unknown attention_impl 'nope'"):
         attend(*make_inputs(1, 2, 2, 1, 1, 8), chunk_size=None, impl="nope")
     with pytest.raises(ValueError, match="positions must be"):

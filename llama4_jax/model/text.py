@@ -217,7 +217,7 @@ def forward(
     input_ids,
     *,
     attention_mask=None,
-    attention_impl: str = "xla",
+    attention_impl: str = "auto",
     moe_impl: str | None = None,
     return_hidden_states: bool = False,
     pixel_values=None,
@@ -234,7 +234,8 @@ def forward(
         chunk boundaries and the NoPE temperature follow each row's real tokens.
       attention_impl: attention backend (see `llama4_jax.model.attention.backends()`):
         "xla" (the reference), "blockwise", "pallas", "ring" (needs a mesh with a
-        `seq` axis), or "auto" (`llama4_jax.kernels.default_attention_impl`).
+        `seq` axis), or "auto", the default (`llama4_jax.kernels.default_attention_impl`:
+        xla up to 1024 tokens, then blockwise on CPU and pallas on GPU).
       moe_impl: "ragged" (only the chosen experts), "dense" (the reference) or "ep"
         (expert parallel over the mesh); default: "ep" when the mesh splits the
         experts evenly, else "ragged".
