@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import sharding
 from .cache import init_cache
 from .config import Llama4Config, TextConfig
 from .model.text import TextModel, positions_from_mask, unstack_layers
@@ -137,6 +138,8 @@ def _prefill(params, ids, mask, samp, budget, stop_ids, pixel_values=None, *, te
     model = _model(text, params, attn_impl, moe_impl)
     dtype = params["params"]["embed"].dtype
     cache = init_cache(text, B, max_len, dtype=dtype, kv_dtype=kv_dtype)
+    if sharding.active() is not None:  # on a mesh: the cache is split like the rules say (batch, KV heads)
+        cache = jax.lax.with_sharding_constraint(cache, sharding.cache_shardings(cache, *sharding.active()))
     positions, valid = positions_from_mask(mask)
     embeds = None
     if pixel_values is not None:
@@ -206,7 +209,7 @@ def _call_compiled(stats: GenerationStats, jitted, *args, **static):
     so compile time is measured apart from prefill and decode time."""
     leaves = jax.tree_util.tree_leaves(args)
     key = (jitted, jax.tree_util.tree_structure(args), tuple((x.shape, x.dtype) for x in leaves),
-           tuple(sorted(static.items())))
+           tuple(sorted(static.items())), sharding.active())
     if key not in _COMPILED:
         t0 = time.perf_counter()
         _COMPILED[key] = jitted.lower(*args, **static).compile()
@@ -335,11 +338,42 @@ def _stop_cut(tokenizer, ids: list[int], stop: tuple[str, ...]):
 
 def _run(config: Llama4Config, params, requests: list[_Request], *, tokenizer, stop_token_ids, batch_size: int,
          max_model_len: int, logprobs: bool, kv_dtype, attention_impl: str, moe_impl: str,
-         on_batch: Callable[[int], None] | None = None) -> tuple[list[Completion], GenerationStats]:
+         on_batch: Callable[[int], None] | None = None, mesh=None,
+         rules=None) -> tuple[list[Completion], GenerationStats]:
     """Generate for checked requests; returns completions in request order and stats."""
+    if moe_impl is None:
+        moe_impl = "ep" if mesh is not None and sharding.splits_experts(mesh, rules, config.text) else "ragged"
+    if attention_impl.startswith("ring"):
+        raise ValueError(f"attention_impl={attention_impl!r} is for forward() on a `seq` mesh; generate splits "
+                         "batches, not sequences (use 'auto', 'blockwise', 'pallas' or 'xla')")
+    if mesh is None:
+        return _run_batches(config, params, requests, tokenizer=tokenizer, stop_token_ids=stop_token_ids,
+                            batch_size=batch_size, max_model_len=max_model_len, logprobs=logprobs, kv_dtype=kv_dtype,
+                            attention_impl=attention_impl, moe_impl=moe_impl, on_batch=on_batch, place=None)
+    if sharding._explicit_axes(mesh):
+        raise ValueError("generate needs a mesh with Auto axes (llama4_jax.sharding.make_mesh(spec)); "
+                         f"this one has Explicit axes {sharding._explicit_axes(mesh)}")
+    rules = sharding.default_rules(mesh) if rules is None else rules
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def place(x):
+        """Token ids and masks [B, T] split by batch; per-row and scalar inputs replicated."""
+        x = jnp.asarray(x)
+        return jax.device_put(x, sharding.batch_sharding(mesh, rules, x.shape) if x.ndim == 2 else replicated)
+
+    with sharding.activate(mesh, rules):  # traced (and so compiled) with the mesh's constraints and `ep` MoE
+        return _run_batches(config, params, requests, tokenizer=tokenizer, stop_token_ids=stop_token_ids,
+                            batch_size=batch_size, max_model_len=max_model_len, logprobs=logprobs, kv_dtype=kv_dtype,
+                            attention_impl=attention_impl, moe_impl=moe_impl, on_batch=on_batch, place=place)
+
+
+def _run_batches(config: Llama4Config, params, requests: list[_Request], *, tokenizer, stop_token_ids,
+                 batch_size: int, max_model_len: int, logprobs: bool, kv_dtype, attention_impl: str, moe_impl: str,
+                 on_batch, place) -> tuple[list[Completion], GenerationStats]:
     text = config.text
+    place = place or jnp.asarray
     stats = GenerationStats(prompts=len(requests), prompt_tokens=sum(len(r.ids) for r in requests))
-    stop_ids = jnp.asarray(sorted(set(stop_token_ids)) or [-1], jnp.int32)
+    stop_ids = place(np.asarray(sorted(set(stop_token_ids)) or [-1], np.int32))
     unroll = _unroll_decode(params)
     decode_params = unstack_layers(params) if unroll else params
     order = sorted(range(len(requests)), key=lambda i: -len(requests[i].ids))  # similar lengths together
@@ -363,13 +397,13 @@ def _run(config: Llama4Config, params, requests: list[_Request], *, tokenizer, s
         pad = B - len(reqs)
         samps = [r.sampling for r in reqs] + [Sampling(temperature=0.0)] * pad
         samp = {
-            "temperature": jnp.asarray([s.temperature for s in samps], jnp.float32),
-            "top_k": jnp.asarray([s.top_k for s in samps], jnp.int32),
-            "top_p": jnp.asarray([s.top_p for s in samps], jnp.float32),
-            "min_p": jnp.asarray([s.min_p for s in samps], jnp.float32),
-            "seed": jnp.asarray([s.seed for s in samps], jnp.uint32),
+            "temperature": place(np.asarray([s.temperature for s in samps], np.float32)),
+            "top_k": place(np.asarray([s.top_k for s in samps], np.int32)),
+            "top_p": place(np.asarray([s.top_p for s in samps], np.float32)),
+            "min_p": place(np.asarray([s.min_p for s in samps], np.float32)),
+            "seed": place(np.asarray([s.seed for s in samps], np.uint32)),
         }
-        budget = jnp.asarray(budgets + [0] * pad, jnp.int32)
+        budget = place(np.asarray(budgets + [0] * pad, np.int32))
         statics = dict(text=text, attn_impl=attention_impl, moe_impl=moe_impl)
         tiles = [r.pixel_values for r in reqs if r.pixel_values is not None]
         pixel_values, mm = None, None
@@ -381,7 +415,7 @@ def _run(config: Llama4Config, params, requests: list[_Request], *, tokenizer, s
             mm = config
         t0 = time.perf_counter()
         c0 = stats.compile_s
-        state = _call_compiled(stats, _prefill, params, jnp.asarray(ids), jnp.asarray(mask), samp, budget, stop_ids,
+        state = _call_compiled(stats, _prefill, params, place(ids), place(mask), samp, budget, stop_ids,
                                pixel_values, max_len=max_len, max_new=N, kv_dtype=kv_dtype, mm=mm, **statics)
         jax.block_until_ready(state["tokens"])
         stats.prefill_s += time.perf_counter() - t0 - (stats.compile_s - c0)
@@ -392,7 +426,7 @@ def _run(config: Llama4Config, params, requests: list[_Request], *, tokenizer, s
         while True:
             limit = min(N, int(state["step"]) + _STOP_STRING_SEGMENT) if has_stop_str else N
             state = _call_compiled(stats, _decode, decode_params, state, samp, budget, stop_ids,
-                                   jnp.int32(limit), scan_layers=not unroll, **statics)
+                                   place(np.int32(limit)), scan_layers=not unroll, **statics)
             step, done = int(state["step"]), np.asarray(state["done"])
             if has_stop_str:  # cut rows whose text reached a stop string, then carry on with the rest
                 toks = np.asarray(state["tokens"])
@@ -456,11 +490,13 @@ def generate(
     logprobs: bool = False,
     max_model_len: int | None = None,
     kv_dtype: str | None = None,
-    attention_impl: str = "xla",
-    moe_impl: str = "ragged",
+    attention_impl: str = "auto",
+    moe_impl: str | None = None,
     images: Sequence[Sequence[Any] | None] | None = None,
     max_images_per_prompt: int = 8,
     image_processor=None,
+    mesh=None,
+    rules=None,
 ) -> list[Completion]:
     """Complete a list of prompts; one `Completion` per prompt, in input order.
 
@@ -481,7 +517,9 @@ def generate(
       logprobs: also return each generated token's log-probability.
       max_model_len: context limit (default max_position_embeddings).
       kv_dtype: None (model dtype), "bfloat16", "float32" or "int8" (quantised cache).
-      attention_impl, moe_impl: backends (see `model.attention.backends()`, `model.moe.moe_impls()`).
+      attention_impl, moe_impl: backends (see `model.attention.backends()`, `model.moe.moe_impls()`);
+        "auto" attention picks per length and platform; moe_impl None means "ep" when
+        the mesh splits the experts evenly, else "ragged".
       images: per prompt, None or a list of images (paths, PIL images, uint8 [H, W, 3]
         arrays) for conditional-generation checkpoints; chat messages may instead hold
         {"type": "image", "path": ...} parts. Each image fills one `<|image|>` placeholder
@@ -490,19 +528,24 @@ def generate(
       image_processor: a `llama4_jax.processor.ImageProcessor` (default: the model's tile
         size with transformers' defaults; `Processor.from_pretrained` reads the
         checkpoint's preprocessor_config.json).
+      mesh, rules: run on a device mesh (`llama4_jax.sharding.make_mesh`, Auto axes)
+        with params loaded onto it (`llama4_jax.load(path, mesh=mesh)`): batches are
+        split over the batch rule's axes (data-parallel), experts over `expert`
+        (expert-parallel), the KV cache like the rules say. Same tokens as one device.
     """
     return _generate_with_stats(config, params, prompts, tokenizer=tokenizer, sampling=sampling,
                                 max_new_tokens=max_new_tokens, batch_size=batch_size, stop=stop,
                                 stop_token_ids=stop_token_ids, logprobs=logprobs, max_model_len=max_model_len,
                                 kv_dtype=kv_dtype, attention_impl=attention_impl, moe_impl=moe_impl, images=images,
-                                max_images_per_prompt=max_images_per_prompt, image_processor=image_processor)[0]
+                                max_images_per_prompt=max_images_per_prompt, image_processor=image_processor,
+                                mesh=mesh, rules=rules)[0]
 
 
 def _generate_with_stats(config, params, prompts, *, tokenizer=None, sampling=None,
                          max_new_tokens=DEFAULT_MAX_NEW_TOKENS, batch_size=8, stop=None, stop_token_ids=None,
-                         logprobs=False, max_model_len=None, kv_dtype=None, attention_impl="xla",
-                         moe_impl="ragged", on_batch=None, images=None, max_images_per_prompt=8,
-                         image_processor=None):
+                         logprobs=False, max_model_len=None, kv_dtype=None, attention_impl="auto",
+                         moe_impl=None, on_batch=None, images=None, max_images_per_prompt=8,
+                         image_processor=None, mesh=None, rules=None):
     if isinstance(config, TextConfig):
         config = Llama4Config(text=config)
     if isinstance(prompts, (str, dict)) or not isinstance(prompts, Sequence):
@@ -533,7 +576,7 @@ def _generate_with_stats(config, params, prompts, *, tokenizer=None, sampling=No
     stop_ids = set(config.text.eos_token_id) | set(stop_token_ids or ())
     return _run(config, params, requests, tokenizer=tokenizer, stop_token_ids=stop_ids, batch_size=batch_size,
                 max_model_len=ctx, logprobs=logprobs, kv_dtype=kv_dtype, attention_impl=attention_impl,
-                moe_impl=moe_impl, on_batch=on_batch)
+                moe_impl=moe_impl, on_batch=on_batch, mesh=mesh, rules=rules)
 
 
 # --------------------------------------------------------------------------------------
@@ -580,10 +623,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     parser.add_argument("--on-error", choices=["fail", "skip"], default="fail",
                         help="a malformed input line fails the run before any work (default) or is skipped")
-    parser.add_argument("--attention-impl", default="auto",
-                        help="attention backend: auto (xla for short contexts, blockwise on CPU / pallas on GPU "
-                             "for long ones), xla, blockwise or pallas")
-    parser.add_argument("--moe-impl", default="ragged")
+    parser.add_argument("--attention-impl", default="auto", choices=["auto", "xla", "blockwise", "pallas"],
+                        help="attention backend: auto (xla for short contexts, blockwise for long ones), xla, "
+                             "blockwise or pallas")
+    parser.add_argument("--moe-impl", default=None, choices=["ragged", "dense", "ep"],
+                        help="MoE strategy (default: ep when --mesh splits the experts, else ragged)")
+    parser.add_argument("--mesh", default=None, metavar="SPEC",
+                        help='device mesh, e.g. "data=2,expert=4" (axes data, fsdp, expert, tensor): the model is '
+                             "loaded straight onto it and batches run data- and expert-parallel")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--max-images-per-prompt", type=int, default=8,
                         help='most images one request may carry ("images": [paths] or image parts of "messages")')
@@ -722,8 +769,14 @@ def run(args) -> int:
         tokenizer = transformers.AutoTokenizer.from_pretrained(model, local_files_only=True)
     except Exception as e:
         return _err(f"--model: cannot load a tokenizer from {model}: {type(e).__name__}: {e}")
+    mesh = None
+    if args.mesh:
+        try:
+            mesh = sharding.make_mesh(args.mesh)
+        except ValueError as e:  # includes sharding.ShardingError
+            return _err(f"--mesh: {e}")
     try:
-        config, params = load(model, dtype=ckpt_dtype if args.dtype == "auto" else args.dtype)
+        config, params = load(model, dtype=ckpt_dtype if args.dtype == "auto" else args.dtype, mesh=mesh)
     except Exception as e:
         return _err(f"--model: cannot load {model}: {type(e).__name__}: {e}")
     try:
@@ -760,7 +813,7 @@ def run(args) -> int:
         completions, stats = _run(config, params, requests, tokenizer=tokenizer, stop_token_ids=stop_ids,
                                   batch_size=args.batch_size, max_model_len=ctx, logprobs=args.logprobs,
                                   kv_dtype=args.kv_cache_dtype, attention_impl=args.attention_impl,
-                                  moe_impl=args.moe_impl, on_batch=bar.update)
+                                  moe_impl=args.moe_impl, on_batch=bar.update, mesh=mesh)
 
     fd, tmp = tempfile.mkstemp(prefix=".generate-", suffix=".jsonl", dir=out_dir)
     try:

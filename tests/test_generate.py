@@ -101,3 +101,24 @@ def test_api_errors(scout):
     with pytest.raises(ValueError, match=r"max_model_len must be an integer in \[2, 131072\]"):
         llama4_jax.generate(config, params, [[5]], max_model_len=10**9)
     assert llama4_jax.generate(config, params, []) == []
+
+
+def test_generate_on_a_mesh_equals_one_device(maverick_like: Checkpoint):
+    """Data- and expert-parallel generation (params loaded onto a data=2 x expert=2 x
+    tensor=2 mesh; 6 experts split evenly, so the `ep` MoE is the default) gives the
+    single-device tokens, greedy and sampled, across chunk-16 ring-buffer wraps."""
+    from llama4_jax import sharding
+
+    config, params = llama4_jax.load(maverick_like.path, dtype="float32")
+    mesh = sharding.make_mesh("data=2,expert=2,tensor=2")
+    assert sharding.splits_experts(mesh, None, config.text)
+    _, sharded = llama4_jax.load(maverick_like.path, dtype="float32", mesh=mesh)
+    assert len(sharded["params"]["layers"]["layer_1"]["moe"]["gate"].sharding.device_set) == 8
+    prompts = _prompts(config.text.vocab_size, (9, 4, 12, 6), seed=11)
+    for sampling in (None, TopP(p=0.9, temperature=0.8, seed=3)):
+        one = llama4_jax.generate(config, params, prompts, max_new_tokens=20, batch_size=4, sampling=sampling)
+        many = llama4_jax.generate(config, sharded, prompts, max_new_tokens=20, batch_size=4, sampling=sampling,
+                                   mesh=mesh)
+        assert [o.token_ids for o in many] == [o.token_ids for o in one]
+    with pytest.raises(ValueError, match="generate splits batches"):
+        llama4_jax.generate(config, params, prompts, attention_impl="ring")
