@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import zlib
 import os
 
 import numpy as np
@@ -97,7 +98,7 @@ def _build_cached(name: str, root: str, max_shard_size: str | None, conditional:
                               architecture="Llama4ForConditionalGeneration")
     else:
         config = Llama4Config(text=text)
-    model = make_hf(config, seed=hash(name) % 1000)
+    model = make_hf(config, seed=zlib.crc32(name.encode()) % 1000)  # str hash() is salted per process
     path = os.path.join(root, name + ("_cond" if conditional else "") + (f"_{max_shard_size}" if max_shard_size else ""))
     kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **kw)
