@@ -169,10 +169,6 @@ def positions_from_mask(attention_mask, offset=None):
     return pos.astype(jnp.int32), valid
 
 
-def _dtype(dtype):
-    return jnp.dtype(dtype)
-
-
 def _forward_body(config, params, input_ids, attention_mask, attn_impl, moe_impl, with_hidden, pixel_values=None,
                   mesh=None):
     t = config.text
@@ -304,7 +300,7 @@ def init_params(config: Llama4Config, key, *, dtype="float32", vision: bool | No
     """
     if isinstance(config, TextConfig):
         config = Llama4Config(text=config)
-    variables = jax.jit(lambda k: _init(config, k, _dtype(dtype), vision))(key)
+    variables = jax.jit(lambda k: _init(config, k, jnp.dtype(dtype), vision))(key)
     return nn.meta.unbox(variables)
 
 
@@ -316,5 +312,5 @@ def abstract_params(config: Llama4Config, *, dtype="bfloat16", boxed: bool = Fal
     """
     if isinstance(config, TextConfig):
         config = Llama4Config(text=config)
-    tree = jax.eval_shape(lambda: _init(config, jax.random.key(0), _dtype(dtype), vision))
+    tree = jax.eval_shape(lambda: _init(config, jax.random.key(0), jnp.dtype(dtype), vision))
     return tree if boxed else nn.meta.unbox(tree)
