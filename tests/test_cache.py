@@ -101,7 +101,8 @@ def test_int8_cache_error(params, batch):
     valid = mask.astype(bool)
     err = np.abs(q8[valid] - ref[valid]).max() / np.abs(ref[valid]).max()
     # int8 with per-token, per-head scales: each K/V element is off by <= max|x|/254
-    # (0.4%); through 8 layers that was observed as ~1e-3 relative on the logits.
+    # (0.4%); through 8 layers with O(1) activations that was observed as 9e-3 of the
+    # largest logit (deterministic: fixed weights and inputs).
     # Bound 2e-2; and it must not be exact (the cache really is quantised).
     assert 0 < err < 2e-2, err
 
