@@ -15,8 +15,9 @@ Implementations behind `moe_impl`, all tested equal to `dense`:
     time, one of these (each also selectable by name):
       - `ragged_dot`: rows sorted by expert, `jax.lax.ragged_dot`; native on GPU/TPU,
         a dense fallback on CPU;
-      - `blocked` (CPU prefill): rows sorted by expert; a loop over the experts that
-        received tokens, block matmuls on each expert's weight slice;
+      - `blocked` (CPU prefill and training): rows sorted by expert; a loop over the
+        experts that received tokens, block matmuls on each expert's weight slice,
+        with a custom VJP (`grouped_swiglu`) so it trains;
       - `rowwise` (CPU decode, T*k <= E): each row times its own expert's slice,
         unrolled, so only the chosen experts' weights are read.
 Expert weights are stored as the matmul consumes them (gate/up [E, D, F], down
@@ -26,6 +27,8 @@ Further strategies (expert parallelism) register themselves with `register_moe`.
 """
 
 from __future__ import annotations
+
+import functools
 
 import flax.linen as nn
 import jax
@@ -134,21 +137,115 @@ def block_rows(num_rows: int, num_experts: int) -> int:
     return int(min(32, max(8, 1 << max(0, mean - 1).bit_length())))
 
 
+def _expert_blocks(sizes, block: int, carry, step):
+    """Visit every [block]-row block of every non-empty expert group, in group order.
+
+    Rows are sorted by expert (group e starts at start_e). A while loop runs over the
+    experts that received rows; an inner while loop over their ceil(n_e / block)
+    blocks calls step(e, r0, keep, carry) -> carry, with r0 the block's first row and
+    keep [block, 1] marking the rows that belong to expert e (the last block of a
+    group overlaps the next group). Trip counts are data dependent, so empty experts
+    cost nothing.
+    """
+    starts = jnp.cumsum(sizes) - sizes
+    active = jnp.argsort(sizes == 0, stable=True).astype(jnp.int32)  # non-empty experts first
+    n_active = jnp.sum(sizes > 0).astype(jnp.int32)
+    lane = jnp.arange(block, dtype=jnp.int32)[:, None]
+
+    def expert_step(c):
+        i, carry = c
+        e = active[i]
+        start, size = starts[e], sizes[e]
+
+        def block_step(c):
+            j, carry = c
+            return j + 1, step(e, start + j * block, lane < size - j * block, carry)
+
+        _, carry = jax.lax.while_loop(lambda c: c[0] * block < size, block_step, (jnp.int32(0), carry))
+        return i + 1, carry
+
+    return jax.lax.while_loop(lambda c: c[0] < n_active, expert_step, (jnp.int32(0), carry))[1]
+
+
+def _expert(w, e):
+    return jax.lax.dynamic_index_in_dim(w, e, 0, keepdims=False)
+
+
+def _rows(x, r0, block):
+    return jax.lax.dynamic_slice_in_dim(x, r0, block)
+
+
+def _put_rows(out, r0, keep, rows):
+    """Write the kept rows of a block into out at r0 (the others keep their value)."""
+    old = jax.lax.dynamic_slice_in_dim(out, r0, rows.shape[0])
+    return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(keep, rows, old), r0, 0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def grouped_swiglu(x, gate, up, down, sizes, block: int):
+    """SwiGLU of rows grouped by expert: y[r] = down_e(silu(x[r] gate_e) * (x[r] up_e)).
+
+    x [R + block, D] rows sorted by expert (the last `block` rows zero slack, so no
+    block slice runs off the end: dynamic_slice would clamp its start and silently
+    shift the block); sizes [E] rows per expert; gate/up [E, D, F], down [E, F, D].
+    Returns y [R + block, D] (slack rows zero). Each expert slices its weights once
+    per block in the stored layout ([D, F] and [F, D] are what `x @ w` consumes).
+
+    Differentiable through a custom VJP: the backward pass walks the same blocks,
+    recomputes the block's gate/up activations, and accumulates each expert's weight
+    gradients in the loop carry (rows of other experts are masked out of the block).
+    """
+    def step(e, r0, keep, y):
+        xb = _rows(x, r0, block)
+        yb = (jax.nn.silu(xb @ _expert(gate, e)) * (xb @ _expert(up, e))) @ _expert(down, e)
+        return _put_rows(y, r0, keep, yb)
+
+    return _expert_blocks(sizes, block, jnp.zeros_like(x), step)
+
+
+def _grouped_swiglu_fwd(x, gate, up, down, sizes, block):
+    return grouped_swiglu(x, gate, up, down, sizes, block), (x, gate, up, down, sizes)
+
+
+def _grouped_swiglu_bwd(block, res, dy):
+    x, gate, up, down, sizes = res
+    f32 = jnp.float32
+
+    def step(e, r0, keep, carry):
+        dx, dg_w, du_w, dd_w = carry
+        wg, wu, wd = _expert(gate, e), _expert(up, e), _expert(down, e)
+        xb = _rows(x, r0, block)
+        dyb = jnp.where(keep, _rows(dy, r0, block), 0)  # rows of other experts contribute nothing
+        g, u = xb @ wg, xb @ wu
+        sg = jax.nn.sigmoid(g)
+        a = g * sg  # silu(g)
+        dh = dyb @ wd.T
+        du = dh * a
+        dg = dh * u * (sg * (1 + g * (1 - sg)))  # silu'(g)
+        dxb = dg @ wg.T + du @ wu.T
+        # Weight gradients accumulate in fp32 over the expert's blocks.
+        dd_w = dd_w.at[e].add(((a * u).T @ dyb).astype(f32))
+        dg_w = dg_w.at[e].add((xb.T @ dg).astype(f32))
+        du_w = du_w.at[e].add((xb.T @ du).astype(f32))
+        return _put_rows(dx, r0, keep, dxb), dg_w, du_w, dd_w
+
+    init = (jnp.zeros_like(x), jnp.zeros(gate.shape, f32), jnp.zeros(up.shape, f32), jnp.zeros(down.shape, f32))
+    dx, dg_w, du_w, dd_w = _expert_blocks(sizes, block, init, step)
+    return dx, dg_w.astype(gate.dtype), du_w.astype(up.dtype), dd_w.astype(down.dtype), None
+
+
+grouped_swiglu.defvjp(_grouped_swiglu_fwd, _grouped_swiglu_bwd)
+
+
 def blocked_moe(h, w, idx, score, *, block: int | None = None):
     """Grouped matmul for CPU: per expert, its rows in blocks of `block` rows.
 
-    Rows are sorted by expert (groups contiguous, group e starting at start_e). A
-    while loop runs over the experts that received tokens; each slices its three
-    weight matrices once (a contiguous copy in the stored layout: [D, F] and [F, D]
-    are exactly what `x @ w` consumes, so nothing is transposed) and an inner while
-    loop runs [block, D] x [D, F] matmuls over its ceil(n_e / block) blocks. The last
-    block of a group overlaps the next group; those rows are computed but not written
-    (`where`), so every row is written by its own expert only and loop order does
-    not matter. Empty experts cost nothing; the work is T*k rows plus fewer than
-    `block` rows of padding per non-empty expert.
-
-    Trip counts are data dependent (`lax.while_loop`), so this path is for inference:
-    it is forward-differentiable only. Use `dense` for gradients.
+    Rows are sorted by expert and run through `grouped_swiglu`: [block, D] x [D, F]
+    matmuls over each non-empty expert's ceil(n_e / block) blocks. Rows of the last
+    block of a group that belong to the next group are computed but not written, so
+    every row is written by its own expert only. Empty experts cost nothing; the work
+    is T*k rows plus fewer than `block` rows of padding per non-empty expert.
+    Differentiable (custom VJP of `grouped_swiglu`), so it also trains.
     """
     E = w["gate"].shape[0]
     T, k = idx.shape
@@ -156,34 +253,9 @@ def blocked_moe(h, w, idx, score, *, block: int | None = None):
     n_rows = T * k
     block = block or block_rows(n_rows, E)
     x, order, sizes = _sorted_inputs(h, idx, score, E)
-    # `block` zero rows of slack so no block slice runs off the end (dynamic_slice
-    # would clamp its start and silently shift the block).
     x = jnp.concatenate([x, jnp.zeros((block, D), x.dtype)])
-    starts = jnp.cumsum(sizes) - sizes
-    active = jnp.argsort(sizes == 0, stable=True).astype(jnp.int32)  # non-empty experts first
-    n_active = jnp.sum(sizes > 0).astype(jnp.int32)
-    lane = jnp.arange(block, dtype=jnp.int32)[:, None]
-
-    def expert_step(carry):
-        i, out = carry
-        e = active[i]
-        wg, wu, wd = (jax.lax.dynamic_index_in_dim(w[n], e, 0, keepdims=False) for n in ("gate", "up", "down"))
-        start, size = starts[e], sizes[e]
-
-        def block_step(c):
-            j, out = c
-            r0 = start + j * block
-            xb = jax.lax.dynamic_slice_in_dim(x, r0, block)
-            yb = (jax.nn.silu(xb @ wg) * (xb @ wu)) @ wd
-            keep = lane < size - j * block
-            old = jax.lax.dynamic_slice_in_dim(out, r0, block)
-            return j + 1, jax.lax.dynamic_update_slice_in_dim(out, jnp.where(keep, yb, old), r0, 0)
-
-        _, out = jax.lax.while_loop(lambda c: c[0] * block < size, block_step, (jnp.int32(0), out))
-        return i + 1, out
-
     with jax.named_scope("blocked_experts"):
-        _, y = jax.lax.while_loop(lambda c: c[0] < n_active, expert_step, (jnp.int32(0), jnp.zeros_like(x)))
+        y = grouped_swiglu(x, w["gate"], w["up"], w["down"], sizes, block)
     return _unsort(y[:n_rows], order, T, k)
 
 

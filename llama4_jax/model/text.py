@@ -29,6 +29,7 @@ from .layers import MLP, RMSNorm, param, rope_angles
 from .. import sharding
 from . import moe_ep  # noqa: F401  (registers moe_impl='ep')
 from .moe import MoE
+from .vision import check_image_tokens, image_features, init_vision_params, merge_image_features
 
 
 class DecoderLayer(nn.Module):
@@ -86,6 +87,7 @@ class TextModel(nn.Module):
     moe_impl: str = "ragged"
     with_hidden: bool = False
     scan_layers: bool = True  # False: groups unrolled, weights per group (see `unstack_layers`)
+    remat: bool = False  # recompute each layer group's activations in the backward pass (training)
 
     @nn.compact
     def __call__(self, input_ids=None, positions=None, valid=None, cache_layers=None, *, embeds=None,
@@ -106,9 +108,11 @@ class TextModel(nn.Module):
 
         group_args = (cfg, dt, self.attn_impl, self.moe_impl, self.with_hidden)
         cache_in = cache_layers if cache_layers is not None else {}
+        # jax.checkpoint per group: the backward pass keeps only each group's input.
+        group_cls = nn.remat(DecoderGroup) if self.remat else DecoderGroup
         if self.scan_layers:
             Group = nn.scan(
-                DecoderGroup,
+                group_cls,
                 variable_axes={"params": 0, "intermediates": 0},
                 split_rngs={"params": True},
                 in_axes=(nn.broadcast, 0),
@@ -124,7 +128,7 @@ class TextModel(nn.Module):
             caches, hiddens = [], []
             for g in range(cfg.num_groups):
                 cache_g = jax.tree_util.tree_map(lambda c: c[g], cache_in)
-                x, (c, h) = DecoderGroup(*group_args, name=f"layers_{g}")(x, ctx, cache_g)
+                x, (c, h) = group_cls(*group_args, name=f"layers_{g}")(x, ctx, cache_g)
                 caches.append(c)
                 hiddens.append(h)
             new_cache = jax.tree_util.tree_map(lambda *c: jnp.stack(c), *caches)
@@ -169,19 +173,22 @@ def positions_from_mask(attention_mask, offset=None):
     return pos.astype(jnp.int32), valid
 
 
+def input_embeddings(config, params, input_ids, pixel_values=None):
+    """Token embeddings with image features in the `<|patch|>` positions, or None
+    without images (the decoder then embeds `input_ids` itself)."""
+    if pixel_values is None:
+        return None
+    feats = image_features(config, params, pixel_values)
+    return merge_image_features(params["params"]["embed"][input_ids], input_ids, feats, config.image_token_index)
+
+
 def _forward_body(config, params, input_ids, attention_mask, attn_impl, moe_impl, with_hidden, pixel_values=None,
                   mesh=None):
     t = config.text
     dtype = params["params"]["embed"].dtype
     model = TextModel(t, dtype, attn_impl, moe_impl, with_hidden)
     positions, valid = positions_from_mask(attention_mask)
-    embeds = None
-    if pixel_values is not None:
-        from .vision import image_features, merge_image_features
-
-        feats = image_features(config, params, pixel_values)
-        embeds = merge_image_features(params["params"]["embed"][input_ids], input_ids, feats,
-                                      config.image_token_index)
+    embeds = input_embeddings(config, params, input_ids, pixel_values)
     if attn_impl.startswith("ring"):  # zigzag sequence layout over the mesh's `seq` axis
         from ..kernels import ring
 
@@ -257,8 +264,6 @@ def forward(
     if attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape {input_ids.shape}")
     if pixel_values is not None:
-        from .vision import check_image_tokens
-
         pixel_values = jnp.asarray(pixel_values)
         if pixel_values.ndim != 4:
             raise ValueError(f"pixel_values must be [tiles, channels, height, width], got shape {pixel_values.shape}")
@@ -286,8 +291,6 @@ def _init(config: Llama4Config, key, dtype, vision: bool | None):
     ids = jnp.zeros((1, 1), jnp.int32)
     variables = model.init(key, ids, ids, ids >= 0)  # the decoder's draw does not depend on vision
     if config.vision is not None and vision is not False:
-        from .vision import init_vision_params
-
         k_vision = jax.random.fold_in(key, 1)
         variables = {"params": {**variables["params"], **init_vision_params(config, k_vision, dtype)}}
     return variables

@@ -1,0 +1,279 @@
+"""The training loop: resumable orbax checkpoints, a progress bar, and `llama4-jax train`.
+
+    state, history = trainer.fit(config, params, batches, train_config=tc, steps=1000,
+                                 ckpt_dir="run/ckpt", save_every=200)
+
+`batches(step) -> dict` gives the batch of a step (a pure function of the step, so a
+resumed run sees the batches an uninterrupted one would). Checkpoints are orbax
+train states (parameters, optimizer state, step) written atomically (orbax writes a
+temporary directory and renames it when complete); `fit` resumes from the latest one
+in `ckpt_dir`, and appends each logged step's metrics to `ckpt_dir/metrics.jsonl`.
+A non-finite loss stops the run with the step number; the last good checkpoint stays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import sharding
+from . import train as T
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def _manager(ckpt_dir: str, keep: int):
+    import orbax.checkpoint as ocp
+
+    opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
+    return ocp.CheckpointManager(os.path.abspath(ckpt_dir), options=opts)
+
+
+def _as_tree(state: T.TrainState) -> dict:
+    return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+
+
+def save_state(mngr, state: T.TrainState) -> None:
+    import orbax.checkpoint as ocp
+
+    mngr.save(int(state.step), args=ocp.args.StandardSave(_as_tree(state)), force=True)
+    mngr.wait_until_finished()
+
+
+def restore_state(mngr, like: T.TrainState, step: int | None = None) -> T.TrainState:
+    """The checkpoint of `step` (default: the latest), shaped and placed like `like`."""
+    import orbax.checkpoint as ocp
+
+    step = mngr.latest_step() if step is None else step
+    abstract = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), _as_tree(like))
+    t = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+    return T.TrainState(t["step"], t["params"], t["opt_state"])
+
+
+def _put(batch: dict, mesh, rules):
+    if mesh is None:
+        return {k: jnp.asarray(v) for k, v in batch.items()}
+    out = {}
+    for k, v in batch.items():
+        if k == "pixel_values":
+            out[k] = jax.device_put(v, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+        else:
+            out[k] = jax.device_put(v, sharding.batch_sharding(mesh, rules, v.shape))
+    return out
+
+
+def fit(config, params, batches: Callable[[int], dict], *, train_config: T.TrainConfig, steps: int,
+        ckpt_dir: str | None = None, save_every: int = 500, keep: int = 2, moe_impl: str = "ragged",
+        attention_impl: str = "xla", mesh=None, rules=None, teacher=None, progress: bool = True,
+        log_every: int = 10, on_log: Callable[[int, dict], None] | None = None):
+    """Train for `steps` steps (in total, counting resumed ones); returns (state, history).
+
+    teacher: optional (config, params) for distillation (its logits are computed in
+    the step, without gradient). history: a list of per-step metric dicts (floats)
+    of the steps run in this call.
+    """
+    from tqdm.auto import tqdm
+
+    state = T.init_state(config, params, train_config)
+    if mesh is not None:
+        state = jax.device_put(state, T.state_shardings(config, state, mesh, rules, train_config))
+    step_fn = T.make_train_step(config, train_config, moe_impl=moe_impl, attention_impl=attention_impl, mesh=mesh,
+                                rules=rules, teacher_config=teacher[0] if teacher else None)
+    mngr = None
+    if ckpt_dir is not None:
+        mngr = _manager(ckpt_dir, keep)
+        if mngr.latest_step() is not None:
+            state = restore_state(mngr, state)
+    start = int(state.step)
+    history = []
+    log = open(os.path.join(ckpt_dir, "metrics.jsonl"), "a") if ckpt_dir else None
+    bar = tqdm(total=steps, initial=start, disable=not progress, desc="train", dynamic_ncols=True)
+    t_last, tok_last = time.perf_counter(), 0.0
+    try:
+        for s in range(start, steps):
+            batch = _put(batches(s), mesh, rules)
+            state, metrics = step_fn(state, batch, teacher[1]) if teacher else step_fn(state, batch)
+            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if not math.isfinite(m["loss"]):
+                raise TrainingDiverged(
+                    f"loss is {m['loss']} at step {s + 1}; stopped. The last good checkpoint "
+                    f"({'step ' + str(mngr.latest_step()) if mngr and mngr.latest_step() else 'none'}) is kept; "
+                    f"lower the learning rate or check the data")
+            m["step"] = s + 1
+            m["real_tokens"] = float(np.sum(batch["attention_mask"]))
+            history.append(m)
+            tok_last += m["real_tokens"]
+            bar.update(1)
+            if (s + 1) % log_every == 0 or s + 1 == steps:
+                now = time.perf_counter()
+                m["tokens_per_s"] = tok_last / max(now - t_last, 1e-9)
+                t_last, tok_last = now, 0.0
+                bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
+                if log:
+                    log.write(json.dumps(m) + "\n")
+                    log.flush()
+                if on_log:
+                    on_log(s + 1, m)
+            if mngr is not None and ((s + 1) % save_every == 0 or s + 1 == steps):
+                save_state(mngr, state)
+    finally:
+        bar.close()
+        if log:
+            log.close()
+    return state, history
+
+
+# --------------------------------------------------------------------------------------
+# llama4-jax train
+# --------------------------------------------------------------------------------------
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint to start from (Hugging Face format or converted)")
+    p.add_argument("--data", required=True, help='JSONL: {"text": ...} or {"prompt": ..., "completion": ...} lines')
+    p.add_argument("--out", required=True, help="output directory (Hugging Face format); checkpoints in OUT.ckpt")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per packed row")
+    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: 5%% of --steps)")
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="compute dtype (master weights and optimizer state stay float32)")
+    p.add_argument("--remat", action="store_true", help="recompute activations per layer group (less memory)")
+    p.add_argument("--moe-impl", default="ragged", help="ragged (default), dense, or ep (needs --mesh)")
+    p.add_argument("--teacher", default=None, help="teacher checkpoint for distillation (same vocabulary)")
+    p.add_argument("--distill-weight", default="0.5", help="weight of the teacher term in [0, 1], or 'dynamic'")
+    p.add_argument("--distill-temperature", type=float, default=1.0)
+    p.add_argument("--mesh", default=None, help="device mesh, e.g. data=2,expert=4")
+    p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps")
+    p.add_argument("--seed", type=int, default=0, help="data order seed")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _err(msg: str) -> int:
+    print(f"llama4-jax train: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _distill_weight(s: str):
+    if s == "dynamic":
+        return s
+    try:
+        return float(s)
+    except ValueError:
+        raise ValueError(f"--distill-weight must be a number in [0, 1] or 'dynamic', got {s!r}") from None
+
+
+def export(config, params, src_dir: str, out: str, *, overwrite: bool) -> None:
+    """Write params as a Hugging Face directory at `out`, with the tokenizer, generation
+    and processor files of `src_dir`, atomically (see `checkpoint.atomic_dir`)."""
+    import shutil
+
+    from .checkpoint import atomic_dir, save_hf
+
+    def write(tmp):
+        save_hf(config, params, tmp)
+        for f in sorted(os.listdir(src_dir)):
+            if f.startswith(("tokenizer", "special_tokens", "chat_template", "generation_config",
+                             "preprocessor_config", "processor_config")):
+                shutil.copy(os.path.join(src_dir, f), os.path.join(tmp, f))
+
+    atomic_dir(out, overwrite=overwrite, write=write)
+
+
+def run(args) -> int:
+    for name in ("steps", "batch_size", "seq_len", "save_every"):
+        if getattr(args, name) < 1:
+            return _err(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not args.lr > 0:
+        return _err(f"--lr must be > 0, got {args.lr}")
+    if not os.path.isfile(args.data):
+        return _err(f"--data: no such file: {args.data}")
+    if not os.path.isdir(args.model) or not os.path.exists(os.path.join(args.model, "config.json")):
+        return _err(f"--model: {args.model} is not a checkpoint directory (no config.json)")
+    out = os.path.abspath(args.out)
+    if os.path.exists(out) and not args.overwrite:
+        return _err(f"--out {args.out} exists; pass --overwrite to replace it")
+    if os.path.abspath(args.model) == out or os.path.abspath(args.data).startswith(out + os.sep):
+        return _err("--out must not be the model directory or contain the data")
+    try:
+        tc = T.TrainConfig(learning_rate=args.lr, total_steps=args.steps,
+                           warmup_steps=args.warmup if args.warmup is not None else max(1, args.steps // 20),
+                           weight_decay=args.weight_decay, grad_clip=args.grad_clip, compute_dtype=args.dtype,
+                           remat=args.remat, distill_weight=_distill_weight(args.distill_weight),
+                           distill_temperature=args.distill_temperature)
+    except ValueError as e:
+        return _err(str(e))
+
+    import transformers
+
+    from . import load
+    from .config import load_config
+    from .data import DataError, batch_rows, make_batch, pack, read_jsonl
+    from .generate import _image_processor
+
+    try:
+        config = load_config(args.model)
+    except Exception as e:
+        return _err(f"--model: cannot read its config: {e}")
+    ctx = config.text.max_position_embeddings
+    if args.seq_len > ctx:
+        return _err(f"--seq-len {args.seq_len} is above the model's context ({ctx} tokens)")
+    mesh = None
+    if args.mesh:
+        try:
+            mesh = sharding.make_mesh(args.mesh)
+        except ValueError as e:
+            return _err(f"--mesh: {e}")
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    except Exception as e:
+        return _err(f"--model: cannot load its tokenizer: {type(e).__name__}: {e}")
+    try:
+        examples = read_jsonl(args.data, tokenizer, config, _image_processor(args.model, config))
+        pad = config.text.pad_token_id if config.text.pad_token_id is not None else 0
+        packed = pack(examples, args.seq_len, pad)
+    except DataError as e:
+        return _err(str(e))
+    teacher = None
+    if args.teacher:
+        if not os.path.isdir(args.teacher) or not os.path.exists(os.path.join(args.teacher, "config.json")):
+            return _err(f"--teacher: {args.teacher} is not a checkpoint directory (no config.json)")
+        t_cfg = load_config(args.teacher)
+        if t_cfg.text.vocab_size != config.text.vocab_size:
+            return _err(f"--teacher has a vocabulary of {t_cfg.text.vocab_size} tokens, the model "
+                        f"{config.text.vocab_size}: distillation needs the same vocabulary")
+        teacher = load(args.teacher, dtype="float32", mesh=mesh)
+    config, params = load(args.model, dtype="float32", mesh=mesh)
+    n_tok = int(packed.attention_mask.sum())
+    print(f"llama4-jax train: {len(examples)} examples, {len(packed)} rows of {args.seq_len} tokens "
+          f"({n_tok} real tokens), {args.steps} steps of {args.batch_size} rows", file=sys.stderr)
+    ckpt = out + ".ckpt"
+    try:
+        state, hist = fit(config, params, lambda s: make_batch(packed, batch_rows(len(packed), args.batch_size, s,
+                                                                                  args.seed)),
+                          train_config=tc, steps=args.steps, ckpt_dir=ckpt, save_every=args.save_every,
+                          moe_impl=args.moe_impl, mesh=mesh, teacher=teacher, progress=not args.no_progress)
+    except TrainingDiverged as e:
+        return _err(str(e))
+    except ValueError as e:
+        return _err(str(e))
+    export(config, jax.device_get(state.params), args.model, out, overwrite=args.overwrite)
+    last = hist[-1] if hist else {}
+    print(f"llama4-jax train: wrote {out} (step {int(state.step)}, loss {last.get('loss', float('nan')):.4f}); "
+          f"train state in {ckpt}", file=sys.stderr)
+    return 0
