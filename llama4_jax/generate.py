@@ -755,7 +755,8 @@ def run(args) -> int:
     if not os.path.exists(os.path.join(model, "config.json")):
         return _err(f"--model: {model} has no config.json (expected a Hugging Face-format checkpoint)")
     if os.path.abspath(model) == DEFAULT_MODEL:
-        print("llama4-jax generate: using the default checkpoint (random weights: the text is meaningless)",
+        print("llama4-jax generate: using the default checkpoint (a small model trained on the add, recall and "
+              "color tasks of llama4_jax.tasks; see its README)",
               file=sys.stderr)
 
     import transformers

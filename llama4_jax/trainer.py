@@ -62,6 +62,19 @@ def restore_state(mngr, like: T.TrainState, step: int | None = None) -> T.TrainS
     return T.TrainState(t["step"], t["params"], t["opt_state"])
 
 
+def _truncate_log(path: str, step: int) -> None:
+    """Drop logged steps after `step` (run after the checkpoint a resumed run restarts
+    from; they are run and logged again), atomically."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+
+
 def _put(batch: dict, mesh, rules):
     if mesh is None:
         return {k: jnp.asarray(v) for k, v in batch.items()}
@@ -98,7 +111,11 @@ def fit(config, params, batches: Callable[[int], dict], *, train_config: T.Train
             state = restore_state(mngr, state)
     start = int(state.step)
     history = []
-    log = open(os.path.join(ckpt_dir, "metrics.jsonl"), "a") if ckpt_dir else None
+    log = None
+    if ckpt_dir:
+        path = os.path.join(ckpt_dir, "metrics.jsonl")
+        _truncate_log(path, start)
+        log = open(path, "a")
     bar = tqdm(total=steps, initial=start, disable=not progress, desc="train", dynamic_ncols=True)
     t_last, tok_last = time.perf_counter(), 0.0
     try:
@@ -153,7 +170,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="compute dtype (master weights and optimizer state stay float32)")
     p.add_argument("--remat", action="store_true", help="recompute activations per layer group (less memory)")
-    p.add_argument("--moe-impl", default="ragged", help="ragged (default), dense, or ep (needs --mesh)")
+    p.add_argument("--moe-impl", default=None,
+                   help="ragged, dense or ep; default: ep when --mesh splits the experts, else ragged")
     p.add_argument("--teacher", default=None, help="teacher checkpoint for distillation (same vocabulary)")
     p.add_argument("--distill-weight", default="0.5", help="weight of the teacher term in [0, 1], or 'dynamic'")
     p.add_argument("--distill-temperature", type=float, default=1.0)
@@ -259,6 +277,8 @@ def run(args) -> int:
                         f"{config.text.vocab_size}: distillation needs the same vocabulary")
         teacher = load(args.teacher, dtype="float32", mesh=mesh)
     config, params = load(args.model, dtype="float32", mesh=mesh)
+    moe_impl = args.moe_impl or ("ep" if mesh is not None and sharding.splits_experts(mesh, None, config.text)
+                                 else "ragged")
     n_tok = int(packed.attention_mask.sum())
     print(f"llama4-jax train: {len(examples)} examples, {len(packed)} rows of {args.seq_len} tokens "
           f"({n_tok} real tokens), {args.steps} steps of {args.batch_size} rows", file=sys.stderr)
@@ -267,7 +287,7 @@ def run(args) -> int:
         state, hist = fit(config, params, lambda s: make_batch(packed, batch_rows(len(packed), args.batch_size, s,
                                                                                   args.seed)),
                           train_config=tc, steps=args.steps, ckpt_dir=ckpt, save_every=args.save_every,
-                          moe_impl=args.moe_impl, mesh=mesh, teacher=teacher, progress=not args.no_progress)
+                          moe_impl=moe_impl, mesh=mesh, teacher=teacher, progress=not args.no_progress)
     except TrainingDiverged as e:
         return _err(str(e))
     except ValueError as e:

@@ -54,7 +54,7 @@ def test_round_trip(tmp_path, capsys, tokenizer):
     out = str(tmp_path / "out.jsonl")
     assert main(["generate", "--input", inp, "--output", out, "--logprobs", *COMMON]) == 0
     err = capsys.readouterr().err
-    assert "random weights" in err and "3 prompts" in err and "tok/s" in err
+    assert "default checkpoint" in err and "3 prompts" in err and "tok/s" in err
     recs = _read(out)
     assert [r["id"] for r in recs] == ["a", 7, 4]  # input order; a missing id is the line number
     chat_ids = tokenizer(tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True),
