@@ -14,7 +14,7 @@ transformers and `save_pretrained`) on the same fixed batch with the same optimi
                 `clip_grad_norm_`, `torch.optim.AdamW.step()` (eager, fp32, sdpa).
 
 Each side runs in its own process (peak memory is its own; no competition for the
-cores) and reports the median of --repeats timed steps after two warm-up steps; the
+cores) and reports the median of --repeats timed steps after one warm-up step; the
 loss of the first step is printed for both (the same parameters and batch: they agree
 to ~1e-6). Transformers computes every expert for every token (a dense bmm), which is
 most of the gap.
@@ -34,25 +34,13 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from forward import build_checkpoint, peak_rss_mib  # noqa: E402  (also puts the package on sys.path)
+from forward import build_checkpoint, peak_rss_mib, time_calls  # noqa: E402  (also puts the package on sys.path)
 
 LR, BETAS, WD, CLIP = 1e-4, (0.9, 0.95), 0.1, 1.0
 
 
 def _batch(args, vocab):
     return np.random.default_rng(0).integers(3, vocab, size=(args.batch, args.seq), dtype=np.int64)
-
-
-def _median_steps(step, args):
-    """(loss of the first step, median seconds of --repeats steps after two warm-up steps)."""
-    first = step()
-    step()
-    ts = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        step()
-        ts.append(time.perf_counter() - t0)
-    return first, float(np.median(ts))
 
 
 def run_jax(args) -> dict:
@@ -70,12 +58,14 @@ def run_jax(args) -> dict:
     box = {"state": train.init_state(config, params, tc)}
     del params
 
+    losses = []
+
     def step():
         box["state"], m = step_fn(box["state"], batch)
-        return float(m["loss"])
+        losses.append(float(m["loss"]))
 
-    first, med = _median_steps(step, args)
-    return {"first_loss": first, "median_s": med, "peak_rss_mib": peak_rss_mib(), "backend": jax.default_backend()}
+    _, med = time_calls(step, args.repeats)
+    return {"first_loss": losses[0], "median_s": med, "peak_rss_mib": peak_rss_mib(), "backend": jax.default_backend()}
 
 
 def run_hf(args) -> dict:
@@ -92,16 +82,18 @@ def run_hf(args) -> dict:
                             lr=LR, betas=BETAS, eps=1e-8)
     ids = torch.as_tensor(_batch(args, model.config.vocab_size))
 
+    losses = []
+
     def step():
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        losses.append(float(loss.detach()))
 
-    first, med = _median_steps(step, args)
-    return {"first_loss": first, "median_s": med, "peak_rss_mib": peak_rss_mib(), "threads": torch.get_num_threads()}
+    _, med = time_calls(step, args.repeats)
+    return {"first_loss": losses[0], "median_s": med, "peak_rss_mib": peak_rss_mib(), "threads": torch.get_num_threads()}
 
 
 def child(side: str, args) -> dict:
@@ -116,7 +108,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=3, help="timed steps after two warm-up steps (median)")
+    p.add_argument("--repeats", type=int, default=3, help="timed steps after one warm-up step (median)")
     p.add_argument("--moe-impl", default="ragged", help="llama4_jax MoE strategy (ragged, dense)")
     p.add_argument("--side", choices=("jax", "hf"), help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
@@ -130,8 +122,8 @@ def main(argv=None) -> int:
         args.ckpt = os.path.join(tmp, "ckpt")
         build_checkpoint(args.ckpt, args.layers)
         print(f"train step, Scout-shaped: {args.layers} layers, hidden 512, 16 experts (top-1) of width 1024, fp32, "
-              f"AdamW + clipping; batch {args.batch} x {args.seq} tokens; median of {args.repeats} steps after 2 "
-              f"warm-up steps; {os.cpu_count()} CPU cores")
+              f"AdamW + clipping; batch {args.batch} x {args.seq} tokens; median of {args.repeats} steps after 1 "
+              f"warm-up step; {os.cpu_count()} CPU cores")
         jx = child("jax", args)
         hf = child("hf", args)
     print(f"{'':30s}{'median ms':>10s}{'tokens/s':>10s}{'step-1 loss':>13s}{'peak RSS MiB':>14s}")

@@ -341,6 +341,13 @@ def _run(config: Llama4Config, params, requests: list[_Request], *, tokenizer, s
          on_batch: Callable[[int], None] | None = None, mesh=None,
          rules=None) -> tuple[list[Completion], GenerationStats]:
     """Generate for checked requests; returns completions in request order and stats."""
+    mesh = sharding.resolve_mesh(params, mesh, "generate")
+    if mesh is not None and sharding._explicit_axes(mesh):
+        # Same devices, Auto axes: the engine's cache and batch constraints are Auto-axis code.
+        mesh = sharding.auto_mesh(mesh)
+        params = jax.tree_util.tree_map(
+            lambda x: jax.device_put(x, jax.sharding.NamedSharding(
+                mesh, getattr(x.sharding, "spec", jax.sharding.PartitionSpec()))), params)
     if moe_impl is None:
         moe_impl = "ep" if mesh is not None and sharding.splits_experts(mesh, rules, config.text) else "ragged"
     if attention_impl.startswith("ring"):
@@ -350,9 +357,6 @@ def _run(config: Llama4Config, params, requests: list[_Request], *, tokenizer, s
         return _run_batches(config, params, requests, tokenizer=tokenizer, stop_token_ids=stop_token_ids,
                             batch_size=batch_size, max_model_len=max_model_len, logprobs=logprobs, kv_dtype=kv_dtype,
                             attention_impl=attention_impl, moe_impl=moe_impl, on_batch=on_batch, place=None)
-    if sharding._explicit_axes(mesh):
-        raise ValueError("generate needs a mesh with Auto axes (llama4_jax.sharding.make_mesh(spec)); "
-                         f"this one has Explicit axes {sharding._explicit_axes(mesh)}")
     rules = sharding.default_rules(mesh) if rules is None else rules
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
@@ -528,8 +532,9 @@ def generate(
       image_processor: a `llama4_jax.processor.ImageProcessor` (default: the model's tile
         size with transformers' defaults; `Processor.from_pretrained` reads the
         checkpoint's preprocessor_config.json).
-      mesh, rules: run on a device mesh (`llama4_jax.sharding.make_mesh`, Auto axes)
-        with params loaded onto it (`llama4_jax.load(path, mesh=mesh)`): batches are
+      mesh, rules: run on a device mesh (`llama4_jax.sharding.make_mesh` or `jax.make_mesh`;
+        default: the mesh of the params' shardings, if any) with params loaded onto it
+        (`llama4_jax.load(path, mesh=mesh)`; a mesh over other devices raises ValueError): batches are
         split over the batch rule's axes (data-parallel), experts over `expert`
         (expert-parallel), the KV cache like the rules say. Same tokens as one device.
     """

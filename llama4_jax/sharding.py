@@ -321,6 +321,44 @@ def shard_params(params, shardings):
     return jax.tree_util.tree_map(jax.device_put, params, shardings)
 
 
+def params_mesh(params):
+    """The mesh the parameters are sharded over (from their `NamedSharding`s), or None
+    when they live on one device or on the host."""
+    for leaf in jax.tree_util.tree_leaves(params):
+        s = getattr(leaf, "sharding", None)
+        if isinstance(s, NamedSharding) and s.mesh.size > 1:
+            return s.mesh
+    return None
+
+
+def resolve_mesh(params, mesh, what: str):
+    """The mesh a call runs on: `mesh`, or the parameters' own when `mesh` is None.
+
+    Raises ValueError when `mesh` spans other devices than the parameters (e.g. params
+    from a plain `load(path)` with a multi-device mesh): the parameters are not moved
+    silently on every call; load them onto the mesh instead.
+    """
+    own = params_mesh(params)
+    if mesh is None:
+        return own
+    want = set(mesh.devices.flat)
+    have = set(own.devices.flat) if own is not None else {
+        d for leaf in jax.tree_util.tree_leaves(params)[:1] for d in getattr(leaf, "devices", lambda: set())()}
+    if have and have != want:
+        raise ValueError(
+            f"{what}: mesh= spans {len(want)} device(s) but the parameters live on {len(have)} other or fewer "
+            f"device(s); load them onto the mesh with llama4_jax.load(path, mesh=mesh) (or place them with "
+            f"llama4_jax.sharding.shard_params(params, llama4_jax.sharding.param_shardings(config, mesh)))")
+    return mesh
+
+
+def auto_mesh(mesh):
+    """`mesh` with every axis Auto (same devices, names and sizes)."""
+    if not _explicit_axes(mesh):
+        return mesh
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
+
+
 def cache_shardings(cache, mesh, rules: Rules | None = None):
     """NamedSharding tree for a KV cache pytree whose leaves are named k, v or pos.
 

@@ -38,10 +38,14 @@ def test_train_writes_a_checkpoint_transformers_and_generate_load(tmp_path, caps
         {"prompt": "ab:123 cd:456 | cd:", "completion": "456"},
     ])
     out = str(tmp_path / "out")
-    assert main(["train", "--model", DEFAULT_MODEL, "--data", inp, "--out", out, *COMMON]) == 0
+    # Distilled from the shipped checkpoint itself, with the dynamic weight.
+    assert main(["train", "--model", DEFAULT_MODEL, "--data", inp, "--out", out, "--teacher", DEFAULT_MODEL,
+                 "--distill-weight", "dynamic", *COMMON]) == 0
     err = capsys.readouterr().err
     assert "3 examples" in err and "wrote" in err
-    assert os.path.isdir(out + ".ckpt") and os.path.exists(os.path.join(out + ".ckpt", "metrics.jsonl"))
+    assert os.path.isdir(out + ".ckpt")
+    logged = [json.loads(x) for x in open(os.path.join(out + ".ckpt", "metrics.jsonl"))]
+    assert logged[-1]["step"] == 2 and "distill" in logged[-1] and 0 <= logged[-1]["alpha"] <= 1
     config, params = llama4_jax.load(out, dtype="float32")
     ids = np.array([[config.text.bos_token_id, 20, 21, 22]])
     ours = np.asarray(llama4_jax.forward(config, params, ids))

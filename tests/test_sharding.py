@@ -328,3 +328,49 @@ def test_every_parameter_axis_is_known_to_the_rules_table():
     names = {n for x in jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
              for n in x.names if n is not None}
     assert names and names <= set(LOGICAL_AXES), sorted(names - set(LOGICAL_AXES))
+
+
+@pytest.mark.parametrize("shape, names", [((4, 2), ("expert", "tensor")), ((4, 2), ("data", "tensor"))])
+def test_forward_takes_the_mesh_from_the_params(models, shape, names):
+    """Params placed on a `jax.make_mesh` mesh (Explicit axes) run without mesh=."""
+    cfg, params, ids, mask, ref = models["maverick8"]
+    mesh = jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+    placed = jax.device_put(params, sharding.param_shardings(cfg, mesh, dtype="float32"))
+    assert sharding.params_mesh(placed) is mesh
+    np.testing.assert_allclose(np.asarray(forward(cfg, placed, ids, attention_mask=mask)), ref, atol=ATOL, rtol=0)
+
+
+def test_mesh_over_other_devices_than_the_params_is_refused(models):
+    """Params on one device (as a plain `load(path)` gives them) and a mesh over 8."""
+    cfg, params, ids, mask, _ = models["maverick8"]
+    params = jax.device_put(params, jax.devices()[0])
+    with pytest.raises(ValueError, match=r"load\(path, mesh=mesh\)"):
+        forward(cfg, params, ids, attention_impl="ring", mesh=sharding.make_mesh("seq=8"))
+    with pytest.raises(ValueError, match=r"load\(path, mesh=mesh\)"):
+        forward(cfg, params, ids, mesh=jax.make_mesh((4, 2), ("expert", "tensor")))
+
+
+def test_generate_takes_the_mesh_from_the_params(models):
+    import llama4_jax
+
+    cfg, params, ids, mask, _ = models["maverick8"]
+    prompts = [list(map(int, row[:9])) for row in np.asarray(ids)]
+    ref = [o.token_ids for o in llama4_jax.generate(cfg, params, prompts, max_new_tokens=4, batch_size=4)]
+    mesh = jax.make_mesh((2, 4), ("data", "expert"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+    placed = jax.device_put(params, sharding.param_shardings(cfg, mesh, dtype="float32"))
+    got = [o.token_ids for o in llama4_jax.generate(cfg, placed, prompts, max_new_tokens=4, batch_size=4)]
+    assert got == ref
+
+
+def test_forward_checks_token_ids(models):
+    cfg, params, ids, _, _ = models["maverick8"]
+    V = cfg.text.vocab_size
+    ids = np.asarray(ids)
+    with pytest.raises(TypeError, match="integer token ids"):
+        forward(cfg, params, ids.astype(np.float32))
+    with pytest.raises(ValueError, match="empty"):
+        forward(cfg, params, ids[:, :0])
+    with pytest.raises(ValueError, match=rf"token id {V} at \[0, 3\] is outside the vocabulary \[0, {V}\)"):
+        forward(cfg, params, np.where(np.arange(ids.shape[1]) == 3, V, ids))
+    with pytest.raises(ValueError, match="token id -1"):
+        forward(cfg, params, np.where(np.arange(ids.shape[1]) == 5, -1, ids))

@@ -22,6 +22,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ..config import LayerFlags, Llama4Config, TextConfig, rope_inv_freq
 from .attention import INVALID_POS, Attention, temperature_scale
@@ -214,6 +215,30 @@ def _forward(config, params, input_ids, attention_mask, attn_impl, moe_impl, wit
                                  pixel_values=pixel_values)
 
 
+def check_token_ids(input_ids, vocab_size: int) -> None:
+    """Raise unless input_ids is an integer [B, T] array with T >= 1 and every id in
+    [0, vocab_size). Values are checked only when they are concrete: under `jax.jit`
+    an out-of-range id reads a clamped embedding row (JAX's gather semantics)."""
+    dtype = getattr(input_ids, "dtype", None)
+    if dtype is None:
+        input_ids = np.asarray(input_ids)
+        dtype = input_ids.dtype
+    if not (jnp.issubdtype(dtype, jnp.integer) and dtype != jnp.bool_):
+        raise TypeError(f"input_ids must be integer token ids, got dtype {dtype}")
+    shape = np.shape(input_ids)
+    if len(shape) != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(shape)}")
+    if shape[0] == 0 or shape[1] == 0:
+        raise ValueError(f"input_ids is empty (shape {tuple(shape)}): need at least one row and one token")
+    if isinstance(input_ids, jax.core.Tracer) or not getattr(input_ids, "is_fully_addressable", True):
+        return
+    lo, hi = int(jnp.min(input_ids)), int(jnp.max(input_ids))
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        where = np.argwhere(np.asarray(input_ids) == bad)[0]
+        raise ValueError(f"token id {bad} at [{where[0]}, {where[1]}] is outside the vocabulary [0, {vocab_size})")
+
+
 def forward(
     config: Llama4Config,
     params,
@@ -232,7 +257,8 @@ def forward(
     Args:
       config: a `Llama4Config` (or a bare `TextConfig`).
       params: the parameter tree `{'params': ...}` from `load` or `init_params`.
-      input_ids: int [B, T].
+      input_ids: int [B, T], T >= 1, ids in [0, vocab_size) (see `check_token_ids`:
+        TypeError for non-integer ids, ValueError for out-of-range ids or T = 0).
       attention_mask: optional 0/1 [B, T]; left or right padding. Positions, the
         chunk boundaries and the NoPE temperature follow each row's real tokens.
       attention_impl: attention backend (see `llama4_jax.model.attention.backends()`):
@@ -251,13 +277,16 @@ def forward(
       mesh: optional device mesh (`llama4_jax.sharding.make_mesh` or `jax.make_mesh`,
         Auto or Explicit axes) the params are sharded on; inputs are split by batch,
         activations constrained by `rules`, and the logits equal the single-device ones.
+        Default: the mesh of the params' shardings (`load(path, mesh=...)`), if any.
+        A mesh over other devices than the params' raises ValueError (load them with
+        `mesh=`); they are never moved silently.
       rules: `llama4_jax.sharding.Rules` (default: `default_rules(mesh)`).
     """
     if isinstance(config, TextConfig):
         config = Llama4Config(text=config)
+    check_token_ids(input_ids, config.text.vocab_size)
     input_ids = jnp.asarray(input_ids, jnp.int32)
-    if input_ids.ndim != 2:
-        raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
+    mesh = sharding.resolve_mesh(params, mesh, "forward")
     if attention_mask is None:
         attention_mask = jnp.ones_like(input_ids)
     attention_mask = jnp.asarray(attention_mask, jnp.int32)
