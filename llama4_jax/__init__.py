@@ -17,6 +17,7 @@ from .generate import Completion, generate  # binds the function, not the submod
 from .sampling import Greedy, MinP, Sampling, Temperature, TopK, TopP
 from .processor import ImageProcessor, Processor
 from .model.vision import image_features
+from . import distributed
 
 
 def load(path, *, dtype="bfloat16", mesh=None, rules=None, shardings=None, progress=False):
@@ -46,6 +47,6 @@ __all__ = [
     "Llama4Config", "TextConfig", "VisionConfig", "from_hf", "to_hf", "load_config", "preset",
     "forward", "init_params", "abstract_params", "load",
     "generate", "Completion", "Greedy", "Temperature", "TopK", "TopP", "MinP", "Sampling",
-    "Processor", "ImageProcessor", "image_features",
+    "Processor", "ImageProcessor", "image_features", "distributed",
 ]
 __version__ = "0.1.0"

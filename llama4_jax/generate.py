@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import sharding
+from . import distributed, sharding
 from .cache import init_cache
 from .config import Llama4Config, TextConfig
 from .model.text import TextModel, positions_from_mask, unstack_layers
@@ -202,6 +202,16 @@ def _decode(params, state, samp, budget, stop_ids, limit, *, text, attn_impl, mo
 
 
 _COMPILED: dict = {}  # (function, argument structure, shapes and dtypes, statics) -> executable
+
+
+def _host(x) -> np.ndarray:
+    """A device array on the host: every process gets the whole value, also when the
+    array spans the devices of several processes (`jax.distributed`)."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _call_compiled(stats: GenerationStats, jitted, *args, **static):
@@ -431,9 +441,9 @@ def _run_batches(config: Llama4Config, params, requests: list[_Request], *, toke
             limit = min(N, int(state["step"]) + _STOP_STRING_SEGMENT) if has_stop_str else N
             state = _call_compiled(stats, _decode, decode_params, state, samp, budget, stop_ids,
                                    place(np.int32(limit)), scan_layers=not unroll, **statics)
-            step, done = int(state["step"]), np.asarray(state["done"])
+            step, done = int(_host(state["step"])), _host(state["done"])
             if has_stop_str:  # cut rows whose text reached a stop string, then carry on with the rest
-                toks = np.asarray(state["tokens"])
+                toks = _host(state["tokens"])
                 for b, r in enumerate(reqs):
                     if r.stop and b not in cuts:
                         cut = _stop_cut(tokenizer, toks[b, :step].tolist(), r.stop)
@@ -442,12 +452,12 @@ def _run_batches(config: Llama4Config, params, requests: list[_Request], *, toke
                 if cuts:
                     idx = jnp.asarray(sorted(cuts))
                     state = {**state, "done": state["done"].at[idx].set(True)}
-                    done = np.asarray(state["done"])
+                    done = _host(state["done"])
             if step >= N or done.all():
                 break
-        toks = np.asarray(state["tokens"])
-        lps = np.asarray(state["logprobs"])
-        stopped = np.asarray(state["stopped"])
+        toks = _host(state["tokens"])
+        lps = _host(state["logprobs"])
+        stopped = _host(state["stopped"])
         stats.decode_s += time.perf_counter() - t0 - (stats.compile_s - c0)
 
         for b, (i, r) in enumerate(zip(rows, reqs)):
@@ -604,7 +614,7 @@ class _InputError(ValueError):
 def add_arguments(parser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="checkpoint directory (Hugging Face format with tokenizer files, or converted); "
-                             "default: the small random-weight checkpoint shipped with the package")
+                             "default: the small trained checkpoint shipped with the package")
     parser.add_argument("--input", required=True,
                         help='JSONL, one request per line: {"id": ..., "prompt": "..."} or {"id": ..., '
                              '"messages": [...]}, optionally with temperature, top_p, top_k, min_p, seed, '
@@ -639,6 +649,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--max-images-per-prompt", type=int, default=8,
                         help='most images one request may carry ("images": [paths] or image parts of "messages")')
+    distributed.add_arguments(parser)
 
 
 def _read_json(path: str) -> dict:
@@ -775,6 +786,13 @@ def run(args) -> int:
         tokenizer = transformers.AutoTokenizer.from_pretrained(model, local_files_only=True)
     except Exception as e:
         return _err(f"--model: cannot load a tokenizer from {model}: {type(e).__name__}: {e}")
+    try:
+        if distributed.from_args(args):
+            print(f"llama4-jax generate: process {jax.process_index()} of {jax.process_count()}, "
+                  f"{jax.local_device_count()} of {jax.device_count()} devices", file=sys.stderr)
+    except (ValueError, RuntimeError) as e:
+        return _err(f"multi-host start-up failed: {e}")
+    main_process = distributed.is_main_process()
     mesh = None
     if args.mesh:
         try:
@@ -791,11 +809,15 @@ def run(args) -> int:
         return _err(f"--max-model-len: {e}")
 
     ids, requests, errors = [], [], []
-    with open(args.input, encoding="utf-8") as f:
+    with open(args.input, "rb") as f:
         for n, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue  # blank lines carry no request
             try:
+                try:
+                    raw = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise _InputError(n, f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
                 i, r = _parse_line(n, raw, tokenizer, defaults, args, config, ctx)
             except _InputError as e:
                 errors.append(e)
@@ -814,13 +836,15 @@ def run(args) -> int:
     from tqdm import tqdm
 
     stop_ids = set(config.text.eos_token_id) | extra_stop
-    with tqdm(total=len(requests), desc="generate", unit="prompt", disable=args.no_progress,
+    with tqdm(total=len(requests), desc="generate", unit="prompt", disable=args.no_progress or not main_process,
               file=sys.stderr) as bar:
         completions, stats = _run(config, params, requests, tokenizer=tokenizer, stop_token_ids=stop_ids,
                                   batch_size=args.batch_size, max_model_len=ctx, logprobs=args.logprobs,
                                   kv_dtype=args.kv_cache_dtype, attention_impl=args.attention_impl,
                                   moe_impl=args.moe_impl, on_batch=bar.update, mesh=mesh)
 
+    if not main_process:  # every process computed the same results; process 0 writes them
+        return 0
     fd, tmp = tempfile.mkstemp(prefix=".generate-", suffix=".jsonl", dir=out_dir)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:

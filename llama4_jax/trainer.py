@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import sharding
+from . import distributed, sharding
 from . import train as T
 
 
@@ -75,6 +75,15 @@ def _truncate_log(path: str, step: int) -> None:
     os.replace(tmp, path)
 
 
+def _gather(tree):
+    """Host copies of a tree of arrays, gathered from every process when they span several."""
+    from jax.experimental import multihost_utils
+
+    if all(getattr(x, "is_fully_addressable", True) for x in jax.tree_util.tree_leaves(tree)):
+        return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def _put(batch: dict, mesh, rules):
     if mesh is None:
         return {k: jnp.asarray(v) for k, v in batch.items()}
@@ -112,7 +121,7 @@ def fit(config, params, batches: Callable[[int], dict], *, train_config: T.Train
     start = int(state.step)
     history = []
     log = None
-    if ckpt_dir:
+    if ckpt_dir and jax.process_index() == 0:
         path = os.path.join(ckpt_dir, "metrics.jsonl")
         _truncate_log(path, start)
         log = open(path, "a")
@@ -180,6 +189,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="data order seed")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--no-progress", action="store_true")
+    distributed.add_arguments(p)
 
 
 def _err(msg: str) -> int:
@@ -251,6 +261,11 @@ def run(args) -> int:
     ctx = config.text.max_position_embeddings
     if args.seq_len > ctx:
         return _err(f"--seq-len {args.seq_len} is above the model's context ({ctx} tokens)")
+    try:
+        distributed.from_args(args)
+    except (ValueError, RuntimeError) as e:
+        return _err(f"multi-host start-up failed: {e}")
+    main_process = distributed.is_main_process()
     mesh = None
     if args.mesh:
         try:
@@ -287,12 +302,16 @@ def run(args) -> int:
         state, hist = fit(config, params, lambda s: make_batch(packed, batch_rows(len(packed), args.batch_size, s,
                                                                                   args.seed)),
                           train_config=tc, steps=args.steps, ckpt_dir=ckpt, save_every=args.save_every,
-                          moe_impl=moe_impl, mesh=mesh, teacher=teacher, progress=not args.no_progress)
+                          moe_impl=moe_impl, mesh=mesh, teacher=teacher,
+                          progress=not args.no_progress and main_process)
     except TrainingDiverged as e:
         return _err(str(e))
     except ValueError as e:
         return _err(str(e))
-    export(config, jax.device_get(state.params), args.model, out, overwrite=args.overwrite)
+    params = _gather(state.params)
+    if not main_process:  # process 0 writes the result
+        return 0
+    export(config, params, args.model, out, overwrite=args.overwrite)
     last = hist[-1] if hist else {}
     print(f"llama4-jax train: wrote {out} (step {int(state.step)}, loss {last.get('loss', float('nan')):.4f}); "
           f"train state in {ckpt}", file=sys.stderr)

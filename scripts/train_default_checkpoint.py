@@ -83,8 +83,14 @@ TILE = 112  # vision tiles: 112 pixels, 14-pixel patches, 16 tokens per tile aft
 MAX_TILES = 4  # canvases of up to 4 tiles (+ the global tile)
 BATCH_TILES = 48  # image tiles per training batch (padded to this: one compiled shape)
 SEQ_LEN = 512  # the longest training length
-TASK_MIX = {"add": 0.6, "recall": 0.25, "color": 0.15}  # share of examples
 RECALL_PAIRS = (1, 62)  # 62 pairs: 506 prompt tokens + 4 completion tokens <= SEQ_LEN
+# Two phases (each batch is still a pure function of (seed, step)). Phase 1: recall
+# pair counts uniform in RECALL_PAIRS; it learns color within ~1000 steps but neither
+# addition nor recall (0% exact match at step 1000). Phase 2, from PHASE_2 on: more
+# recall, with pair counts log-uniform (most prompts short, so the lookup is learnt
+# on many cheap examples; long ones still appear).
+PHASE_2 = 1000
+TASK_MIX = ({"add": 0.6, "recall": 0.25, "color": 0.15}, {"add": 0.5, "recall": 0.4, "color": 0.1})
 PREPROCESSOR = {"image_processor_type": "Llama4ImageProcessor", "processor_class": "Llama4Processor",
                 "size": {"height": TILE, "width": TILE}, "max_patches": MAX_TILES, "resize_to_max_canvas": False,
                 "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
@@ -158,17 +164,25 @@ class TaskBatches:
         self.proc = ImageProcessor.from_dict(PREPROCESSOR)
         self.pad = config.text.pad_token_id
 
-    def example(self, rng, tiles_left: int):
+    def example(self, rng, tiles_left: int, phase: int):
+        import numpy as np
+
         from llama4_jax import tasks
         from llama4_jax.data import encode
 
-        task = rng.choice(list(TASK_MIX), p=list(TASK_MIX.values()))
+        mix = TASK_MIX[phase]
+        task = rng.choice(list(mix), p=list(mix.values()))
         if task == "color" and tiles_left < MAX_TILES + 1:  # keep pixel_values one shape
             task = "add"
         if task == "add":
             e = tasks.add_example(rng)
         elif task == "recall":
-            e = tasks.recall_example(rng, int(rng.integers(RECALL_PAIRS[0], RECALL_PAIRS[1] + 1)))
+            lo, hi = RECALL_PAIRS
+            if phase == 0:
+                n = int(rng.integers(lo, hi + 1))
+            else:
+                n = min(hi, int(np.exp(rng.uniform(np.log(lo), np.log(hi + 1)))))
+            e = tasks.recall_example(rng, n)
         else:
             e = tasks.color_example(rng)
         images = [e["image"]] if "image" in e else None
@@ -183,7 +197,7 @@ class TaskBatches:
         rng = np.random.default_rng([self.seed, step])
         examples, tiles = [], 0
         while True:
-            examples.append(self.example(rng, BATCH_TILES - tiles))
+            examples.append(self.example(rng, BATCH_TILES - tiles, 0 if step < PHASE_2 else 1))
             if examples[-1].pixel_values is not None:
                 tiles += examples[-1].pixel_values.shape[0]
             packed = pack(examples, SEQ_LEN, self.pad) if len(examples) % 8 == 0 else None

@@ -111,6 +111,16 @@ def test_bad_line_fails_with_line_number(tmp_path, capsys, line, message):
     assert not out.exists()
 
 
+def test_non_utf8_line_fails_with_line_number(tmp_path, capsys):
+    inp = tmp_path / "in.jsonl"
+    inp.write_bytes(b'{"prompt": "fine"}\n{"prompt": "\xff"}\n')
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--input", str(inp), "--output", str(out), *COMMON]) == 2
+    err = capsys.readouterr().err
+    assert f"{inp}:2: not valid UTF-8" in err, err
+    assert not out.exists()
+
+
 def test_bad_line_skipped(tmp_path, capsys):
     inp = _write(tmp_path / "in.jsonl", [{"id": "x", "messages": CHAT}, "{not json", {"id": "y", "prompt": "also"}])
     out = tmp_path / "out.jsonl"

@@ -374,3 +374,24 @@ def test_forward_checks_token_ids(models):
         forward(cfg, params, np.where(np.arange(ids.shape[1]) == 3, V, ids))
     with pytest.raises(ValueError, match="token id -1"):
         forward(cfg, params, np.where(np.arange(ids.shape[1]) == 5, -1, ids))
+
+
+def test_experts_the_expert_axis_does_not_divide():
+    """5 experts on expert=8: the default MoE runs them replicated (`ragged`); asking for
+    expert parallelism is refused with the sizes."""
+    cfg = Llama4Config(text=dataclasses.replace(TEXT["scout_like"], num_hidden_layers=4, moe_layers=(1, 3),
+                                                no_rope_layers=(1, 1, 1, 0)))
+    assert cfg.text.num_local_experts == 5
+    mesh = sharding.make_mesh("expert=8")
+    import llama4_jax
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the experts stay replicated: the rules warn about that
+        params = jax.device_put(llama4_jax.init_params(cfg, jax.random.key(0)),
+                                sharding.param_shardings(cfg, mesh, dtype="float32"))
+    ids = np.arange(16).reshape(2, 8) + 3
+    assert not sharding.splits_experts(mesh, None, cfg.text)
+    ref = np.asarray(forward(cfg, jax.device_get(params), ids))
+    np.testing.assert_allclose(np.asarray(forward(cfg, params, ids)), ref, atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="num_local_experts=5 does not divide evenly over the expert mesh axes"):
+        forward(cfg, params, ids, moe_impl="ep")

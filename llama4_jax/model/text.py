@@ -267,7 +267,9 @@ def forward(
         xla up to 1024 tokens, then blockwise on CPU and pallas on GPU).
       moe_impl: "ragged" (only the chosen experts), "dense" (the reference) or "ep"
         (expert parallel over the mesh); default: "ep" when the mesh splits the
-        experts evenly, else "ragged".
+        experts evenly, else "ragged". An expert axis that does not divide the
+        expert count (5 experts on expert=8) leaves the experts replicated: "ragged"
+        runs them on every device, "ep" raises ValueError.
       return_hidden_states: also return the residual stream after every layer,
         [L, B, T, D] (transformers' `hidden_states[1:]`, before the final norm).
       pixel_values: optional [N, 3, S, S] tiles of all images of the batch, in order

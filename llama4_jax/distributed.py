@@ -1,0 +1,87 @@
+"""Multi-host start-up: a thin wrapper over JAX's own runtime, `jax.distributed`.
+
+One process per host (or per GPU), all running the same program; after `initialize`
+`jax.devices()` lists every device of every process, a mesh built from them spans the
+hosts, and `llama4_jax.load(path, mesh=mesh)` gives each process only the tensor slices
+of its own devices (each device's slice is read by the process that owns it).
+
+    # on every host (process id 0 .. N-1; host 0's address is the coordinator)
+    llama4-jax generate --coordinator 10.0.0.1:1234 --num-processes 2 --process-id $ID \\
+        --model DIR --mesh data=2,expert=8 --input prompts.jsonl --output out.jsonl
+
+or from Python, before anything else touches JAX:
+
+    import llama4_jax
+    llama4_jax.distributed.initialize("10.0.0.1:1234", num_processes=2, process_id=ID)
+
+On clusters JAX detects by itself (SLURM, Open MPI, TPU pod slices, Kubernetes with
+the JAX environment) `initialize()` needs no arguments.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+ENV = {"coordinator_address": "LLAMA4_JAX_COORDINATOR", "num_processes": "LLAMA4_JAX_NUM_PROCESSES",
+       "process_id": "LLAMA4_JAX_PROCESS_ID"}
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, *, local_device_ids=None, timeout_s: int = 300) -> None:
+    """Join the multi-process JAX runtime (`jax.distributed.initialize`).
+
+    Arguments not given are read from LLAMA4_JAX_COORDINATOR / LLAMA4_JAX_NUM_PROCESSES /
+    LLAMA4_JAX_PROCESS_ID, else left to JAX (which reads JAX_COORDINATOR_ADDRESS,
+    JAX_NUM_PROCESSES, JAX_PROCESS_ID and detects SLURM, MPI and TPU environments).
+    On CPU the collectives run over gloo (TCP), so processes on one machine or on
+    several, talking over loopback or the network, form one mesh.
+    """
+    if coordinator_address is None:
+        coordinator_address = os.environ.get(ENV["coordinator_address"])
+    if num_processes is None and ENV["num_processes"] in os.environ:
+        num_processes = _int_env(ENV["num_processes"])
+    if process_id is None and ENV["process_id"] in os.environ:
+        process_id = _int_env(ENV["process_id"])
+    if num_processes is not None and num_processes < 1:
+        raise ValueError(f"num_processes must be >= 1, got {num_processes}")
+    if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
+        raise ValueError(f"process_id must be in [0, {num_processes}), got {process_id}")
+    if (num_processes or 0) > 1 and not coordinator_address:
+        raise ValueError("several processes need a coordinator address (host:port of process 0)")
+    # CPU collectives between processes (a no-op for GPU/TPU runs, which use NCCL / ICI).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address, num_processes, process_id, local_device_ids=local_device_ids,
+                               initialization_timeout=timeout_s)
+
+
+def _int_env(name: str) -> int:
+    try:
+        return int(os.environ[name])
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {os.environ[name]!r}") from None
+
+
+def is_main_process() -> bool:
+    """True on process 0 (the one that writes outputs and shows progress)."""
+    return jax.process_index() == 0
+
+
+def add_arguments(parser) -> None:
+    """--coordinator / --num-processes / --process-id for a subcommand."""
+    g = parser.add_argument_group("multi-host (jax.distributed)")
+    g.add_argument("--distributed", action="store_true",
+                   help="join jax.distributed with settings JAX detects (SLURM, Open MPI, TPU slices) or reads "
+                        "from the environment")
+    g.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="address of process 0")
+    g.add_argument("--num-processes", type=int, default=None)
+    g.add_argument("--process-id", type=int, default=None)
+
+
+def from_args(args) -> bool:
+    """Initialize from the command line's flags, if any were given; returns whether it did."""
+    if not args.distributed and args.coordinator is None and args.num_processes is None and args.process_id is None:
+        return False
+    initialize(args.coordinator, args.num_processes, args.process_id)
+    return True

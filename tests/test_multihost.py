@@ -1,0 +1,71 @@
+"""Two processes x 4 CPU devices on loopback (`jax.distributed`, gloo collectives) give the
+logits and tokens of one process with 8 devices, on meshes that span both processes.
+
+One launch runs every check (tests/multihost_worker.py): `load(mesh=)` (each process
+reads only its devices' slices), `forward`, and `generate` (results gathered from
+both processes). Tolerance: logits within 5e-5 (the same programs on the same devices;
+only the collectives' summation order may differ).
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+import llama4_jax
+from llama4_jax import sharding
+from tests.multihost_worker import MESHES, inputs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one(scout_like, tmp_path):
+    out = str(tmp_path / "result.json")
+    addr = f"127.0.0.1:{_free_port()}"
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.multihost_worker", addr, str(i), scout_like.path, out],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=600)[0])
+        finally:
+            p.kill()
+    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    got = json.load(open(out))
+    for spec in MESHES:
+        mesh = sharding.make_mesh(spec)
+        config, params = llama4_jax.load(scout_like.path, dtype="float32", mesh=mesh)
+        ids, prompts = inputs(config.text.vocab_size)
+        ref = np.asarray(llama4_jax.forward(config, params, ids))
+        np.testing.assert_allclose(np.asarray(got[spec]), ref, atol=5e-5, rtol=0)
+        tokens = [o.token_ids for o in llama4_jax.generate(config, params, prompts, max_new_tokens=5, batch_size=4)]
+        assert got[spec + "/tokens"] == tokens
+
+
+def test_start_up_arguments_are_checked(tmp_path, capsys):
+    import pytest
+
+    from llama4_jax import distributed
+    from llama4_jax.cli import main
+
+    with pytest.raises(ValueError, match="coordinator address"):
+        distributed.initialize(num_processes=2, process_id=0)
+    with pytest.raises(ValueError, match=r"process_id must be in \[0, 2\)"):
+        distributed.initialize("127.0.0.1:1", num_processes=2, process_id=2)
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"prompt": "1+1="}\n')
+    argv = ["generate", "--input", str(inp), "--output", str(tmp_path / "o.jsonl"), "--num-processes", "2",
+            "--process-id", "0"]
+    assert main(argv) == 2
+    assert "multi-host start-up failed: several processes need a coordinator address" in capsys.readouterr().err
