@@ -3,7 +3,8 @@
     python -m tests.multihost_worker COORDINATOR PROCESS_ID CHECKPOINT OUT_JSON
 
 4 CPU devices per process; meshes over both processes' 8 devices. Process 0 writes
-the logits of each mesh and the generated tokens to OUT_JSON.
+the logits of each mesh, the generated tokens and the checkpoint bytes each process
+read while loading to OUT_JSON.
 """
 
 import os
@@ -32,17 +33,37 @@ def inputs(vocab: int):
     return ids, [row[:7 + 2 * i].tolist() for i, row in enumerate(ids)]
 
 
+def count_reads():
+    """Record the distinct checkpoint byte ranges this process reads (wraps the loader's
+    one read primitive; a replicated tensor is read once per local device, counted once)."""
+    from llama4_jax import checkpoint
+
+    ranges = set()
+    read = checkpoint._pread_into
+
+    def counted(fd, offset, out, file):
+        ranges.add((file, offset, out.nbytes))
+        read(fd, offset, out, file)
+
+    checkpoint._pread_into = counted
+    return ranges
+
+
 def main(coordinator, process_id, path, out):
     distributed.initialize(coordinator, 2, int(process_id))
     assert jax.device_count() == 8 and jax.local_device_count() == 4
+    counter = count_reads()
     result = {}
     for spec in MESHES:
         mesh = sharding.make_mesh(spec)
+        counter.clear()
         config, params = llama4_jax.load(path, dtype="float32", mesh=mesh)
-        ids, prompts = inputs(config.text.vocab_size)
-        logits = llama4_jax.forward(config, params, ids)
+        read = sum(n for _, _, n in counter)
         from jax.experimental import multihost_utils
 
+        result[spec + "/bytes_read"] = np.asarray(multihost_utils.process_allgather(np.int64(read))).tolist()
+        ids, prompts = inputs(config.text.vocab_size)
+        logits = llama4_jax.forward(config, params, ids)
         result[spec] = np.asarray(multihost_utils.process_allgather(logits, tiled=True)).tolist()
         outs = llama4_jax.generate(config, params, prompts, max_new_tokens=5, batch_size=4)
         result[spec + "/tokens"] = [o.token_ids for o in outs]

@@ -2,8 +2,8 @@
 logits and tokens of one process with 8 devices, on meshes that span both processes.
 
 One launch runs every check (tests/multihost_worker.py): `load(mesh=)` (each process
-reads only its devices' slices), `forward`, and `generate` (results gathered from
-both processes). Tolerance: logits within 5e-5 (the same programs on the same devices;
+reads only its devices' slices: counted), `forward`, and `generate` (results gathered
+from both processes). Tolerance: logits within 5e-5 (the same programs on the same devices;
 only the collectives' summation order may differ).
 """
 
@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 import llama4_jax
 from llama4_jax import sharding
@@ -28,11 +29,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_equal_one(scout_like, tmp_path):
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """Scout-like (12 layers, top-1, qk norm, chunk 8) with 8 experts, so expert=4 splits them."""
+    import dataclasses
+
+    import jax
+
+    from llama4_jax.checkpoint import save_hf
+    from llama4_jax.config import Llama4Config
+    from tests.hf_models import TEXT
+
+    config = Llama4Config(text=dataclasses.replace(TEXT["scout_like"], num_local_experts=8, hidden_size=64))
+    path = str(tmp_path_factory.mktemp("multihost") / "ckpt")
+    save_hf(config, llama4_jax.init_params(config, jax.random.key(3)), path)
+    return path
+
+
+def test_two_processes_equal_one(checkpoint, tmp_path):
     out = str(tmp_path / "result.json")
     addr = f"127.0.0.1:{_free_port()}"
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.multihost_worker", addr, str(i), scout_like.path, out],
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.multihost_worker", addr, str(i), checkpoint, out],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
     logs = []
@@ -45,17 +63,20 @@ def test_two_processes_equal_one(scout_like, tmp_path):
     got = json.load(open(out))
     for spec in MESHES:
         mesh = sharding.make_mesh(spec)
-        config, params = llama4_jax.load(scout_like.path, dtype="float32", mesh=mesh)
+        config, params = llama4_jax.load(checkpoint, dtype="float32", mesh=mesh)
         ids, prompts = inputs(config.text.vocab_size)
         ref = np.asarray(llama4_jax.forward(config, params, ids))
         np.testing.assert_allclose(np.asarray(got[spec]), ref, atol=5e-5, rtol=0)
         tokens = [o.token_ids for o in llama4_jax.generate(config, params, prompts, max_new_tokens=5, batch_size=4)]
         assert got[spec + "/tokens"] == tokens
+    # Each process reads only its devices' slices: on expert=4,tensor=2 (experts 0-1 on
+    # process 0, 2-3 on process 1) each reads half the experts, not the checkpoint.
+    total = os.path.getsize(os.path.join(checkpoint, "model.safetensors"))
+    for p_bytes in got["expert=4,tensor=2/bytes_read"]:
+        assert 0 < p_bytes < 0.75 * total, (p_bytes, total)
 
 
 def test_start_up_arguments_are_checked(tmp_path, capsys):
-    import pytest
-
     from llama4_jax import distributed
     from llama4_jax.cli import main
 
