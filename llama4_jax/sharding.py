@@ -342,8 +342,11 @@ def resolve_mesh(params, mesh, what: str):
     if mesh is None:
         return own
     want = set(mesh.devices.flat)
-    have = set(own.devices.flat) if own is not None else {
-        d for leaf in jax.tree_util.tree_leaves(params)[:1] for d in getattr(leaf, "devices", lambda: set())()}
+    if own is not None:
+        have = set(own.devices.flat)
+    else:  # committed arrays (device_put, load) stay where they are; uncommitted ones jit may move
+        have = {d for leaf in jax.tree_util.tree_leaves(params)[:1] if getattr(leaf, "committed", False)
+                for d in leaf.devices()}
     if have and have != want:
         raise ValueError(
             f"{what}: mesh= spans {len(want)} device(s) but the parameters live on {len(have)} other or fewer "

@@ -308,6 +308,7 @@ def main(argv=None) -> int:
     fd, tmp = tempfile.mkstemp(dir=args.out, prefix=".README.")
     with os.fdopen(fd, "w") as f:
         f.write(text)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, os.path.join(args.out, "README.md"))
     return 0
 

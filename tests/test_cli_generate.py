@@ -73,12 +73,12 @@ def test_round_trip(tmp_path, capsys, tokenizer):
 
 def test_stop_strings(tokenizer):
     config, params = llama4_jax.load(DEFAULT_MODEL, dtype="float32")
-    prompts = [CHAT, "Once upon a time"]  # the round trip's shapes: its compiled functions are reused
+    prompts = ["987+654=", "Once upon a time"]  # a sum: the trained checkpoint answers with 4 digits
     kw = dict(tokenizer=tokenizer, max_new_tokens=8, batch_size=2, attention_impl="auto")  # as the CLI runs
     base = llama4_jax.generate(config, params, prompts, **kw)
     text = base[0].text
-    assert len(text) >= 6, text
-    stop = text[len(text) // 2:len(text) // 2 + 2]
+    assert len(text) >= 3, text
+    stop = text[1:3]
     cut = llama4_jax.generate(config, params, prompts, stop=[stop], **kw)
     assert cut[0].finish_reason == "stop"
     assert cut[0].text == text[:text.find(stop)]
@@ -159,7 +159,7 @@ def test_existing_output_needs_overwrite(tmp_path, capsys):
     (["--seed", "-2"], "seed must be an integer in [0, 4294967296), got -2"),
     (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
-    (["--max-model-len", "1"], "--max-model-len: max_model_len must be an integer in [2, 2048]"),
+    (["--max-model-len", "1"], "--max-model-len: max_model_len must be an integer in [2, 65536]"),
     (["--model", "/nonexistent/ckpt"], "--model: no such checkpoint directory: /nonexistent/ckpt"),
 ])
 def test_bad_options(tmp_path, capsys, flags, message):

@@ -223,7 +223,7 @@ def test_processor_from_checkpoint_matches_generate_rendering():
                              proc.image_processor)
     row = batch["input_ids"][0][batch["attention_mask"][0] == 1].tolist()
     assert row == ids
-    assert row.count(config.image_token_index) == (7 + 1) * 16  # 2x3 grid + global, and one tile
+    assert row.count(config.image_token_index) == (5 + 1) * 16  # 2x2 grid (max_patches 4) + global, and one tile
     np.testing.assert_array_equal(batch["pixel_values"].astype(np.float32), px.astype(np.float32))
     with pytest.raises(ValueError, match=r"prompt 0 has 2 <\|image\|> placeholders but 1 images"):
         proc([text], [imgs[:1]])
