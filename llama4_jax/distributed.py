@@ -22,7 +22,11 @@ from __future__ import annotations
 
 import os
 
+import sys
+
 import jax
+
+from . import sharding
 
 ENV = {"coordinator_address": "LLAMA4_JAX_COORDINATOR", "num_processes": "LLAMA4_JAX_NUM_PROCESSES",
        "process_id": "LLAMA4_JAX_PROCESS_ID"}
@@ -85,3 +89,22 @@ def from_args(args) -> bool:
         return False
     initialize(args.coordinator, args.num_processes, args.process_id)
     return True
+
+
+def start(args, prog: str):
+    """A subcommand's start-up: join jax.distributed if its flags ask for it, then build
+    --mesh. Returns (mesh or None, whether this is process 0); ValueError with a message
+    naming the flag."""
+    try:
+        if from_args(args):
+            print(f"{prog}: process {jax.process_index()} of {jax.process_count()}, "
+                  f"{jax.local_device_count()} of {jax.device_count()} devices", file=sys.stderr)
+    except (ValueError, RuntimeError) as e:
+        raise ValueError(f"multi-host start-up failed: {e}") from None
+    mesh = None
+    if args.mesh:
+        try:
+            mesh = sharding.make_mesh(args.mesh)
+        except ValueError as e:  # includes sharding.ShardingError
+            raise ValueError(f"--mesh: {e}") from None
+    return mesh, is_main_process()

@@ -787,18 +787,9 @@ def run(args) -> int:
     except Exception as e:
         return _err(f"--model: cannot load a tokenizer from {model}: {type(e).__name__}: {e}")
     try:
-        if distributed.from_args(args):
-            print(f"llama4-jax generate: process {jax.process_index()} of {jax.process_count()}, "
-                  f"{jax.local_device_count()} of {jax.device_count()} devices", file=sys.stderr)
-    except (ValueError, RuntimeError) as e:
-        return _err(f"multi-host start-up failed: {e}")
-    main_process = distributed.is_main_process()
-    mesh = None
-    if args.mesh:
-        try:
-            mesh = sharding.make_mesh(args.mesh)
-        except ValueError as e:  # includes sharding.ShardingError
-            return _err(f"--mesh: {e}")
+        mesh, main_process = distributed.start(args, "llama4-jax generate")
+    except ValueError as e:
+        return _err(str(e))
     try:
         config, params = load(model, dtype=ckpt_dtype if args.dtype == "auto" else args.dtype, mesh=mesh)
     except Exception as e:

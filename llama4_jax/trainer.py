@@ -262,16 +262,9 @@ def run(args) -> int:
     if args.seq_len > ctx:
         return _err(f"--seq-len {args.seq_len} is above the model's context ({ctx} tokens)")
     try:
-        distributed.from_args(args)
-    except (ValueError, RuntimeError) as e:
-        return _err(f"multi-host start-up failed: {e}")
-    main_process = distributed.is_main_process()
-    mesh = None
-    if args.mesh:
-        try:
-            mesh = sharding.make_mesh(args.mesh)
-        except ValueError as e:
-            return _err(f"--mesh: {e}")
+        mesh, main_process = distributed.start(args, "llama4-jax train")
+    except ValueError as e:
+        return _err(str(e))
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(args.model, local_files_only=True)
     except Exception as e:
