@@ -2,6 +2,8 @@
 
     python scripts/train_default_checkpoint.py --overwrite          # train (resumes), export, evaluate
     python scripts/train_default_checkpoint.py --export-only --overwrite   # export the latest train state
+    python scripts/train_default_checkpoint.py --init llama4_jax/assets/tiny-llama4 --work runs/more \
+        --steps 4000 --overwrite                                   # train the shipped weights further
 
 A small Llama 4 (`Llama4ForConditionalGeneration`: text decoder + vision tower), shaped
 the way Llama 4 is, scaled down: 8 layers, chunked RoPE layers (chunk 128) with a
@@ -248,6 +250,9 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=300)
     ap.add_argument("--save-every", type=int, default=250)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init", default=None,
+                    help="start from this checkpoint's weights (e.g. the shipped one, to train it further) "
+                         "instead of a seeded random initialisation")
     ap.add_argument("--eval-n", type=int, default=200, help="fresh instances per task for the final evaluation")
     ap.add_argument("--export-only", action="store_true", help="export the latest train state, no training")
     ap.add_argument("--eval-only", action="store_true", help="evaluate --out and rewrite its README")
@@ -272,7 +277,13 @@ def main(argv=None) -> int:
                            min_lr_ratio=0.05, weight_decay=0.1, b2=0.98, grad_clip=1.0)
 
     if not args.eval_only:
-        params = init_params(config, jax.random.key(args.seed), dtype="float32")
+        if args.init:
+            init_config, params = llama4_jax.load(args.init, dtype="float32")
+            if init_config != config:
+                print(f"--init {args.init} has another config than this script builds", file=sys.stderr)
+                return 2
+        else:
+            params = init_params(config, jax.random.key(args.seed), dtype="float32")
         os.makedirs(args.work, exist_ok=True)
         t0 = time.time()
 
