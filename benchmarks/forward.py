@@ -169,13 +169,17 @@ def compile_times(layers_list, batch: int, seq: int) -> list[tuple[int, float, f
     return rows
 
 
+def run_json(script: str, argv: list[str]) -> dict:
+    """Run `python script argv...` in a fresh process; returns the JSON of its last line."""
+    res = subprocess.run([sys.executable, os.path.abspath(script), *argv], check=True, capture_output=True, text=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 def child(side: str, args) -> dict:
     """Run one side in a fresh process; returns its JSON report."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--ckpt", args.ckpt, "--workdir", args.workdir,
-           "--batch", str(args.batch), "--seq", str(args.seq), "--repeats", str(args.repeats),
-           "--moe-impl", args.moe_impl, "--decode-batch", str(args.decode_batch)]
-    res = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return run_json(__file__, ["--side", side, "--ckpt", args.ckpt, "--workdir", args.workdir,
+                               "--batch", str(args.batch), "--seq", str(args.seq), "--repeats", str(args.repeats),
+                               "--moe-impl", args.moe_impl, "--decode-batch", str(args.decode_batch)])
 
 
 def main(argv=None) -> int:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +33,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from forward import build_checkpoint, peak_rss_mib, time_calls  # noqa: E402  (also puts the package on sys.path)
+from forward import build_checkpoint, peak_rss_mib, run_json, time_calls  # noqa: E402  (also puts the package on sys.path)
 
 LR, BETAS, WD, CLIP = 1e-4, (0.9, 0.95), 0.1, 1.0
 
@@ -97,10 +96,8 @@ def run_hf(args) -> dict:
 
 
 def child(side: str, args) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--ckpt", args.ckpt, "--batch", str(args.batch),
-           "--seq", str(args.seq), "--repeats", str(args.repeats), "--moe-impl", args.moe_impl]
-    res = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return run_json(__file__, ["--side", side, "--ckpt", args.ckpt, "--batch", str(args.batch), "--seq", str(args.seq),
+                               "--repeats", str(args.repeats), "--moe-impl", args.moe_impl])
 
 
 def main(argv=None) -> int:

@@ -137,15 +137,17 @@ def block_rows(num_rows: int, num_experts: int) -> int:
     return int(min(32, max(8, 1 << max(0, mean - 1).bit_length())))
 
 
-def _expert_blocks(sizes, block: int, carry, step):
+def _expert_blocks(sizes, block: int, carry, step, local_init=None, local_done=None):
     """Visit every [block]-row block of every non-empty expert group, in group order.
 
     Rows are sorted by expert (group e starts at start_e). A while loop runs over the
     experts that received rows; an inner while loop over their ceil(n_e / block)
-    blocks calls step(e, r0, keep, carry) -> carry, with r0 the block's first row and
-    keep [block, 1] marking the rows that belong to expert e (the last block of a
-    group overlaps the next group). Trip counts are data dependent, so empty experts
-    cost nothing.
+    blocks calls step(e, r0, keep, carry, local) -> (carry, local), with r0 the block's
+    first row and keep [block, 1] marking the rows that belong to expert e (the last
+    block of a group overlaps the next group). `local` is per-expert state, from
+    local_init(e) and folded into the carry by local_done(e, carry, local) after the
+    expert's blocks (so per-expert accumulators stay small and are written once).
+    Trip counts are data dependent, so empty experts cost nothing.
     """
     starts = jnp.cumsum(sizes) - sizes
     active = jnp.argsort(sizes == 0, stable=True).astype(jnp.int32)  # non-empty experts first
@@ -158,11 +160,13 @@ def _expert_blocks(sizes, block: int, carry, step):
         start, size = starts[e], sizes[e]
 
         def block_step(c):
-            j, carry = c
-            return j + 1, step(e, start + j * block, lane < size - j * block, carry)
+            j, carry, local = c
+            carry, local = step(e, start + j * block, lane < size - j * block, carry, local)
+            return j + 1, carry, local
 
-        _, carry = jax.lax.while_loop(lambda c: c[0] * block < size, block_step, (jnp.int32(0), carry))
-        return i + 1, carry
+        local = local_init(e) if local_init else ()
+        _, carry, local = jax.lax.while_loop(lambda c: c[0] * block < size, block_step, (jnp.int32(0), carry, local))
+        return i + 1, (local_done(e, carry, local) if local_done else carry)
 
     return jax.lax.while_loop(lambda c: c[0] < n_active, expert_step, (jnp.int32(0), carry))[1]
 
@@ -195,10 +199,10 @@ def grouped_swiglu(x, gate, up, down, sizes, block: int):
     recomputes the block's gate/up activations, and accumulates each expert's weight
     gradients in the loop carry (rows of other experts are masked out of the block).
     """
-    def step(e, r0, keep, y):
+    def step(e, r0, keep, y, local):
         xb = _rows(x, r0, block)
         yb = (jax.nn.silu(xb @ _expert(gate, e)) * (xb @ _expert(up, e))) @ _expert(down, e)
-        return _put_rows(y, r0, keep, yb)
+        return _put_rows(y, r0, keep, yb), local
 
     return _expert_blocks(sizes, block, jnp.zeros_like(x), step)
 
@@ -211,8 +215,8 @@ def _grouped_swiglu_bwd(block, res, dy):
     x, gate, up, down, sizes = res
     f32 = jnp.float32
 
-    def step(e, r0, keep, carry):
-        dx, dg_w, du_w, dd_w = carry
+    def step(e, r0, keep, dx, local):
+        dg_e, du_e, dd_e = local
         wg, wu, wd = _expert(gate, e), _expert(up, e), _expert(down, e)
         xb = _rows(x, r0, block)
         dyb = jnp.where(keep, _rows(dy, r0, block), 0)  # rows of other experts contribute nothing
@@ -223,15 +227,27 @@ def _grouped_swiglu_bwd(block, res, dy):
         du = dh * a
         dg = dh * u * (sg * (1 + g * (1 - sg)))  # silu'(g)
         dxb = dg @ wg.T + du @ wu.T
-        # Weight gradients accumulate in fp32 over the expert's blocks.
-        dd_w = dd_w.at[e].add(((a * u).T @ dyb).astype(f32))
-        dg_w = dg_w.at[e].add((xb.T @ dg).astype(f32))
-        du_w = du_w.at[e].add((xb.T @ du).astype(f32))
-        return _put_rows(dx, r0, keep, dxb), dg_w, du_w, dd_w
+        # The expert's weight gradients accumulate in fp32 over its blocks, in the loop
+        # carry ([D, F], not the [E, D, F] tensor: that would be rewritten every block).
+        local = (dg_e + (xb.T @ dg).astype(f32), du_e + (xb.T @ du).astype(f32), dd_e + ((a * u).T @ dyb).astype(f32))
+        return _put_rows(dx, r0, keep, dxb), local
 
-    init = (jnp.zeros_like(x), jnp.zeros(gate.shape, f32), jnp.zeros(up.shape, f32), jnp.zeros(down.shape, f32))
-    dx, dg_w, du_w, dd_w = _expert_blocks(sizes, block, init, step)
-    return dx, dg_w.astype(gate.dtype), du_w.astype(up.dtype), dd_w.astype(down.dtype), None
+    def local_init(e):
+        return (jnp.zeros(gate.shape[1:], f32), jnp.zeros(up.shape[1:], f32), jnp.zeros(down.shape[1:], f32))
+
+    def local_done(e, carry, local):
+        dx, dws = carry
+        dws = tuple(jax.lax.dynamic_update_index_in_dim(w, l.astype(w.dtype), e, 0) for w, l in zip(dws, local))
+        return dx, dws
+
+    def step_outer(e, r0, keep, carry, local):
+        dx, dws = carry
+        dx, local = step(e, r0, keep, dx, local)
+        return (dx, dws), local
+
+    init = (jnp.zeros_like(x), (jnp.zeros_like(gate), jnp.zeros_like(up), jnp.zeros_like(down)))
+    dx, (dg_w, du_w, dd_w) = _expert_blocks(sizes, block, init, step_outer, local_init, local_done)
+    return dx, dg_w, du_w, dd_w, None
 
 
 grouped_swiglu.defvjp(_grouped_swiglu_fwd, _grouped_swiglu_bwd)
