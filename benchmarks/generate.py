@@ -89,12 +89,12 @@ def batch_ours(path: str, repeats: int) -> dict:
     import jax
 
     import llama4_jax
-    from llama4_jax.generate import _generate_with_stats
 
     config, params = llama4_jax.load(path, dtype="float32")
     config = config.replace_text(eos_token_id=())  # no stop token: every row makes NEW tokens
     P = prompts(config.text.vocab_size)
-    run = lambda: _generate_with_stats(config, params, P, max_new_tokens=NEW, batch_size=BATCH)  # noqa: E731
+    run = lambda: llama4_jax.generate(config, params, P, max_new_tokens=NEW, batch_size=BATCH,  # noqa: E731
+                                      return_stats=True)
     t0 = time.perf_counter()
     out, st = run()
     first, compile_s = time.perf_counter() - t0, st.compile_s
@@ -164,7 +164,7 @@ def roofline(layers: int, new_tokens: int) -> dict:
     import jax.numpy as jnp
 
     import llama4_jax
-    from llama4_jax.generate import _COMPILED, _decode, _generate_with_stats
+    from llama4_jax import engine
 
     config = dense_300m(layers).replace_text(eos_token_id=())
     params = llama4_jax.init_params(config, jax.random.key(0), dtype="float32")
@@ -174,14 +174,14 @@ def roofline(layers: int, new_tokens: int) -> dict:
     # Per token: every weight once, except the embedding table, of which one row is read.
     per_token = total - embed.size * 4 + embed.shape[1] * 4
     P = [list(range(3, 19))]
-    _generate_with_stats(config, params, P, max_new_tokens=new_tokens, batch_size=1)  # compile
+    llama4_jax.generate(config, params, P, max_new_tokens=new_tokens, batch_size=1, return_stats=True)  # compile
     steps = []
     for _ in range(3):
-        _, st = _generate_with_stats(config, params, P, max_new_tokens=new_tokens, batch_size=1)
+        _, st = llama4_jax.generate(config, params, P, max_new_tokens=new_tokens, batch_size=1, return_stats=True)
         steps.append(st.decode_s / (st.generated_tokens - 1))  # the first token comes from prefill
     step = float(np.median(steps))
     bw = copy_bandwidth()
-    hlo = next(c.as_text() for k, c in _COMPILED.items() if k[0] is _decode)
+    hlo = next(c.as_text() for k, c in engine.COMPILED.items() if k[0] is engine.decode)
     weight_sizes = sorted({x.size * 4 // config.text.num_groups for _, x in leaves if x.ndim >= 2})
     copies = weight_copies(hlo, min(s for s in weight_sizes if s >= 1 << 20))
     return {"params": int(sum(x.size for _, x in leaves)), "bytes_per_token": int(per_token), "step_s": step,

@@ -12,7 +12,7 @@ import sys
 
 # subcommand -> (module, one-line help)
 COMMANDS = {
-    "generate": ("llama4_jax.generate", "batched offline inference: JSONL prompts in, JSONL completions out"),
+    "generate": ("llama4_jax.generate_cli", "batched offline inference: JSONL prompts in, JSONL completions out"),
     "convert": ("llama4_jax.convert", "convert a Hugging Face checkpoint to orbax (or back with --to-hf)"),
     "train": ("llama4_jax.trainer", "train or fine-tune on JSONL text or prompt/completion pairs (optax AdamW)"),
     "plan": ("llama4_jax.plan", "per-device memory plan for a config on a mesh"),

@@ -23,7 +23,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .config import Llama4Config
-from .generate import _render_images
+from .prompts import render_images
 
 
 class DataError(ValueError):
@@ -60,7 +60,7 @@ def encode(tokenizer, config: Llama4Config, *, text=None, prompt=None, completio
     if not isinstance(prompt, str) or not isinstance(completion, str):
         raise DataError(f'{where}: expected "text", or "prompt" and "completion" (strings)')
     try:
-        ids, px = _render_images(prompt, images, tokenizer, config, where, 64, image_processor)
+        ids, px = render_images(prompt, images, tokenizer, config, where, 64, image_processor)
     except ValueError as e:
         raise DataError(str(e)) from None
     comp = list(tokenizer(completion, add_special_tokens=False)["input_ids"]) + [end_of_turn_id(tokenizer)]

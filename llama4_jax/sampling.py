@@ -17,6 +17,11 @@ sample therefore depends only on the request's seed, its logits and t, never on 
 batch size, the row's position in the batch, or the other requests in it (the logits
 themselves are per-row computations, equal up to float rounding).
 
+Seeds: a method's seed defaults to None, "derive one": `with_seed(sampling, run_seed,
+key)` gives the request the seed `derive_seed(run_seed, key)`, a hash of the run's seed
+and the request's index or id, so requests sharing one method still draw differently,
+and a rerun (or a resumed run) draws the same. An explicit seed is used as given.
+
 Filters apply in the order temperature -> top-k -> top-p -> min-p, each on the
 distribution left by the previous one (as transformers' logits warpers do); min-p is
 relative to the most likely token, so renormalisation does not change it.
@@ -25,13 +30,16 @@ relative to the most likely token, so renormalisation does not change it.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 from typing import Union
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["Greedy", "Temperature", "TopK", "TopP", "MinP", "Sampling", "SamplingMethod", "resolve", "sample"]
+__all__ = ["Greedy", "Temperature", "TopK", "TopP", "MinP", "Sampling", "SamplingMethod", "resolve", "sample",
+           "derive_seed", "with_seed"]
 
 _MAX_SEED = 2**32
 
@@ -49,14 +57,15 @@ class Sampling:
     top_k: keep the k most likely tokens; 0 disables.
     top_p: nucleus sampling mass in (0, 1]; 1 disables.
     min_p: keep tokens with prob >= min_p * max prob, in [0, 1]; 0 disables.
-    seed: the request's seed in [0, 2**32); see the module docstring.
+    seed: the request's seed in [0, 2**32), or None to derive one from the run's seed
+        and the request (see the module docstring).
     """
 
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
     min_p: float = 0.0
-    seed: int = 0
+    seed: int | None = None
 
     def __post_init__(self):
         t, k, p, m, s = self.temperature, self.top_k, self.top_p, self.min_p, self.seed
@@ -65,15 +74,11 @@ class Sampling:
         _check(isinstance(k, int) and not isinstance(k, bool) and k >= 0, "top_k", "an integer >= 0", k)
         _check(isinstance(p, (int, float)) and not isinstance(p, bool) and 0 < p <= 1, "top_p", "in (0, 1]", p)
         _check(isinstance(m, (int, float)) and not isinstance(m, bool) and 0 <= m <= 1, "min_p", "in [0, 1]", m)
-        _check(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < _MAX_SEED, "seed",
-               f"an integer in [0, {_MAX_SEED})", s)
+        _check(s is None or isinstance(s, int) and not isinstance(s, bool) and 0 <= s < _MAX_SEED, "seed",
+               f"None or an integer in [0, {_MAX_SEED})", s)
 
     def resolve(self) -> "Sampling":
         return self
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +94,7 @@ class Temperature:
     """Sample from softmax(logits / temperature)."""
 
     temperature: float = 1.0
-    seed: int = 0
+    seed: int | None = None
 
     def resolve(self) -> Sampling:
         return Sampling(temperature=self.temperature, seed=self.seed)
@@ -101,7 +106,7 @@ class TopK:
 
     k: int
     temperature: float = 1.0
-    seed: int = 0
+    seed: int | None = None
 
     def resolve(self) -> Sampling:
         _check(isinstance(self.k, int) and self.k >= 1, "TopK.k", "an integer >= 1", self.k)
@@ -114,7 +119,7 @@ class TopP:
 
     p: float
     temperature: float = 1.0
-    seed: int = 0
+    seed: int | None = None
 
     def resolve(self) -> Sampling:
         return Sampling(temperature=self.temperature, top_p=self.p, seed=self.seed)
@@ -126,7 +131,7 @@ class MinP:
 
     p: float
     temperature: float = 1.0
-    seed: int = 0
+    seed: int | None = None
 
     def resolve(self) -> Sampling:
         return Sampling(temperature=self.temperature, min_p=self.p, seed=self.seed)
@@ -143,6 +148,20 @@ def resolve(method: SamplingMethod | None) -> Sampling:
         raise TypeError(f"sampling must be one of Greedy, Temperature, TopK, TopP, MinP, Sampling or None, "
                         f"got {type(method).__name__}")
     return method.resolve()
+
+
+def derive_seed(run_seed: int, key) -> int:
+    """A seed in [0, 2**32) from the run's seed and a request's index or id (any JSON
+    value): the first 4 bytes of SHA-256 over both, stable across processes and runs."""
+    digest = hashlib.sha256(json.dumps([run_seed, key], sort_keys=True).encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def with_seed(sampling: Sampling, run_seed: int, key) -> Sampling:
+    """`sampling` with a concrete seed: its own, or `derive_seed(run_seed, key)` if None."""
+    if sampling.seed is not None:
+        return sampling
+    return dataclasses.replace(sampling, seed=derive_seed(run_seed, key))
 
 
 def _cutoff(scaled, top_k, top_p, min_p):

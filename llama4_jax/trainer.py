@@ -252,7 +252,7 @@ def run(args) -> int:
     from . import load
     from .config import load_config
     from .data import DataError, batch_rows, make_batch, pack, read_jsonl
-    from .generate import _image_processor
+    from .prompts import image_processor_for
 
     try:
         config = load_config(args.model)
@@ -270,7 +270,7 @@ def run(args) -> int:
     except Exception as e:
         return _err(f"--model: cannot load its tokenizer: {type(e).__name__}: {e}")
     try:
-        examples = read_jsonl(args.data, tokenizer, config, _image_processor(args.model, config))
+        examples = read_jsonl(args.data, tokenizer, config, image_processor_for(args.model, config))
         pad = config.text.pad_token_id if config.text.pad_token_id is not None else 0
         packed = pack(examples, args.seq_len, pad)
     except DataError as e:

@@ -66,7 +66,7 @@ def _incremental(params, ids, mask, kv_dtype=None):
     """Logits [B, TOTAL, V] from prefill, a second multi-token piece, then one token at a time.
 
     The single-token steps run the unrolled model on per-group weights, as decode does
-    on CPU for large weights (`generate._unroll_decode`); the prefill pieces the scan."""
+    on CPU for large weights (`engine.unroll_decode`); the prefill pieces the scan."""
     unstacked = unstack_layers(params)
     B = ids.shape[0]
     cache = init_cache(CFG, B, TOTAL + 3, kv_dtype=kv_dtype)  # global layers: room to spare

@@ -13,7 +13,8 @@ import pytest
 
 import llama4_jax
 from llama4_jax import tasks
-from llama4_jax.generate import DEFAULT_MODEL, _render_images
+from llama4_jax.generate import DEFAULT_MODEL
+from llama4_jax.prompts import render_images
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPECTED = {"color": "orange", "color-2": "blue"}
@@ -36,7 +37,7 @@ def test_transformers_loads_it_with_the_same_logits(shipped):
                                                                         dtype=torch.float32).eval()
     image = np.full((150, 260, 3), (250, 160, 10), np.uint8)
     for prompt, images in (("123+456=", None), ("color?", [image])):
-        ids, px = _render_images(prompt, images, tok, config, "test", 8)
+        ids, px = render_images(prompt, images, tok, config, "test", 8)
         with torch.no_grad():
             ref = model(input_ids=torch.tensor([ids]),
                         pixel_values=None if px is None else torch.from_numpy(px.astype(np.float32))).logits.numpy()

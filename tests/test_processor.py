@@ -205,7 +205,8 @@ def test_processor_from_checkpoint_matches_generate_rendering():
     """`Processor` (text-level expansion) and `generate` (token-level expansion) give the
     same ids and pixels for a chat prompt with two images on the shipped checkpoint."""
     import llama4_jax
-    from llama4_jax.generate import DEFAULT_MODEL, _render_images
+    from llama4_jax.generate import DEFAULT_MODEL
+    from llama4_jax.prompts import render_images
     from llama4_jax.processor import Processor
 
     proc = Processor.from_pretrained(DEFAULT_MODEL, backend="numpy")
@@ -219,7 +220,7 @@ def test_processor_from_checkpoint_matches_generate_rendering():
     assert text.count("<|image|>") == 2
     batch = proc([text, "plain text"], [imgs, []])
     parts = [{"type": "image", "image": imgs[0]}, {"type": "text", "text": "Compare"}, {"type": "image", "image": imgs[1]}]
-    ids, px = _render_images([{"role": "user", "content": parts}], None, proc.tokenizer, config, "p", 8,
+    ids, px = render_images([{"role": "user", "content": parts}], None, proc.tokenizer, config, "p", 8,
                              proc.image_processor)
     row = batch["input_ids"][0][batch["attention_mask"][0] == 1].tolist()
     assert row == ids

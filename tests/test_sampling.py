@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama4_jax.sampling import Greedy, MinP, Sampling, Temperature, TopK, TopP, _cutoff, resolve, sample
+from llama4_jax.sampling import (Greedy, MinP, Sampling, Temperature, TopK, TopP, _cutoff, derive_seed, resolve, sample,
+                                 with_seed)
 
 _sample = jax.jit(sample)
 
@@ -17,7 +18,7 @@ def _rows(samplings, V):
         jnp.asarray([s.top_k for s in samplings], jnp.int32),
         jnp.asarray([s.top_p for s in samplings], jnp.float32),
         jnp.asarray([s.min_p for s in samplings], jnp.float32),
-        jnp.asarray([s.seed for s in samplings], jnp.uint32),
+        jnp.asarray([with_seed(s, 0, i).seed for i, s in enumerate(samplings)], jnp.uint32),
     )
 
 
@@ -109,12 +110,25 @@ def test_method_classes_resolve():
     ({"top_k": -1}, "top_k must be an integer >= 0, got -1"),
     ({"top_k": 2.5}, "top_k must be an integer >= 0"),
     ({"min_p": 2}, "min_p must be in [0, 1], got 2"),
-    ({"seed": -1}, "seed must be an integer in [0, 4294967296), got -1"),
+    ({"seed": -1}, "seed must be None or an integer in [0, 4294967296), got -1"),
 ])
 def test_invalid_parameters(kw, msg):
     with pytest.raises(ValueError) as e:
         Sampling(**kw)
     assert msg in str(e.value)
+
+
+def test_derived_seeds():
+    """A request without a seed gets one from (run seed, index or id): distinct per
+    request, the same on every call, and an explicit seed is kept."""
+    s = TopP(0.9).resolve()
+    assert s.seed is None
+    seeds = [with_seed(s, 7, i).seed for i in range(100)] + [with_seed(s, 7, "id-a").seed]
+    assert len(set(seeds)) == len(seeds) and all(0 <= x < 2**32 for x in seeds)
+    assert with_seed(s, 7, 3).seed == derive_seed(7, 3) == with_seed(s, 7, 3).seed
+    assert derive_seed(8, 3) != derive_seed(7, 3) and derive_seed(7, "3") != derive_seed(7, 3)
+    assert derive_seed(0, 0) == 3025942955  # stable across processes and versions: a fixed hash, not hash()
+    assert with_seed(TopP(0.9, seed=5).resolve(), 7, 3).seed == 5
 
 
 def test_invalid_method():

@@ -1,0 +1,189 @@
+"""The jitted generation engine: prefill, decode, and the compile cache.
+
+    state = call_compiled(stats, prefill, params, ids, mask, samp, budget, stop_ids, pixel_values, **statics)
+    state = call_compiled(stats, decode, params, state, samp, budget, stop_ids, limit, **statics)
+
+`prefill` runs a left-padded batch of prompts into a fresh KV cache and samples each
+row's first token; `decode` is one `lax.while_loop` that donates its state (cache
+included) and runs until every row is done or a step limit. Both are compiled ahead of
+time through `call_compiled`, which keeps the executables across calls and books the
+compile time apart from prefill and decode time (`GenerationStats`).
+
+Shapes are kept few by buckets: prompt lengths round up to powers of two
+(`prompt_bucket`), new-token buffers to multiples of 16 (`new_token_bucket`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import sharding
+from .cache import init_cache
+from .config import TextConfig
+from .model.text import TextModel, positions_from_mask
+from .sampling import sample
+
+__all__ = ["GenerationStats", "prefill", "decode", "call_compiled", "to_host", "prompt_bucket", "new_token_bucket",
+           "unroll_decode", "COMPILED"]
+
+MIN_BUCKET = 16  # smallest prompt-length bucket
+_UNROLL_MIN_BYTES = 32 << 20
+
+
+@dataclasses.dataclass
+class GenerationStats:
+    """Counts and timings of a run (seconds; compile time is kept apart).
+
+    prompts: completions made (a prompt with `n` samples counts n times);
+    prompt_tokens: tokens prefilled; generated_tokens: tokens in the completions;
+    prefill_s / decode_s: time in the prefill and decode executables (compilation
+    excluded); compile_s: time compiling them.
+    """
+
+    prompts: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    compile_s: float = 0.0
+
+    def summary(self) -> str:
+        pf = self.prompt_tokens / self.prefill_s if self.prefill_s else float("nan")
+        dc = self.generated_tokens / self.decode_s if self.decode_s else float("nan")
+        return (f"{self.prompts} prompts, {self.prompt_tokens} prompt tokens, {self.generated_tokens} generated "
+                f"tokens; prefill {pf:.1f} tok/s ({self.prefill_s:.2f} s), decode {dc:.1f} tok/s "
+                f"({self.decode_s:.2f} s), compile {self.compile_s:.2f} s")
+
+
+def _model(text: TextConfig, params, attn_impl, moe_impl, scan_layers: bool = True):
+    return TextModel(text, params["params"]["embed"].dtype, attn_impl, moe_impl, scan_layers=scan_layers)
+
+
+def unroll_decode(params) -> bool:
+    """Decode with per-group weight arrays (`unstack_layers`) on CPU, where a scanned
+    layer's weights are copied out of the stacked array on every step (3x the memory
+    traffic of a batch-1 step). It costs one extra copy of the layer weights for the
+    duration of a `generate` call and a longer compile, so only weights beyond the
+    caches (>= 32 MiB) take it."""
+    layers = jax.tree_util.tree_leaves(params["params"]["layers"])
+    return jax.default_backend() == "cpu" and sum(x.nbytes for x in layers) >= _UNROLL_MIN_BYTES
+
+
+@functools.partial(jax.jit, static_argnames=("text", "max_len", "max_new", "attn_impl", "moe_impl", "kv_dtype",
+                                             "mm"))
+def prefill(params, ids, mask, samp, budget, stop_ids, pixel_values=None, *, text, max_len, max_new, attn_impl,
+            moe_impl, kv_dtype, mm=None):
+    """Run the prompts [B, T] (left-padded, mask 0/1) and sample the first token.
+
+    samp: dict of per-row sampling arrays [B]; budget: int32 [B] tokens each row may
+    generate (>= 1 for real rows, 0 for filler rows). pixel_values: the tiles of the
+    batch's images in row order (padded with blank tiles to a bucket; only the first
+    ones are referenced by `<|patch|>` tokens), with `mm` the full config. Returns the
+    decode state.
+    """
+    B = ids.shape[0]
+    model = _model(text, params, attn_impl, moe_impl)
+    dtype = params["params"]["embed"].dtype
+    cache = init_cache(text, B, max_len, dtype=dtype, kv_dtype=kv_dtype)
+    if sharding.active() is not None:  # on a mesh: the cache is split like the rules say (batch, KV heads)
+        cache = jax.lax.with_sharding_constraint(cache, sharding.cache_shardings(cache, *sharding.active()))
+    positions, valid = positions_from_mask(mask)
+    embeds = None
+    if pixel_values is not None:
+        from .model.text import input_embeddings
+
+        with jax.named_scope("images"):
+            embeds = input_embeddings(mm, params, ids, pixel_values)
+    with jax.named_scope("prefill"):
+        logits, cache, _ = model.apply(params, ids, positions, valid, cache, last_only=True, embeds=embeds)
+    tok, lp = sample(logits[:, 0], samp["temperature"], samp["top_k"], samp["top_p"], samp["min_p"],
+                     samp["seed"], 0)
+    stopped = jnp.isin(tok, stop_ids) & (budget > 0)
+    return {
+        "tokens": jnp.zeros((B, max_new), jnp.int32).at[:, 0].set(tok),
+        "logprobs": jnp.zeros((B, max_new), jnp.float32).at[:, 0].set(lp),
+        "last": tok,
+        "pos": jnp.sum(mask, axis=1).astype(jnp.int32),  # position of the next input token
+        "step": jnp.int32(1),
+        "done": stopped | (budget <= 1),
+        "stopped": stopped,
+        "cache": cache,
+    }
+
+
+@functools.partial(jax.jit, static_argnames=("text", "attn_impl", "moe_impl", "scan_layers"), donate_argnums=(1,))
+def decode(params, state, samp, budget, stop_ids, limit, *, text, attn_impl, moe_impl, scan_layers=True):
+    """Decode until every row is done or `step` reaches `limit` (<= max_new).
+
+    One `lax.while_loop`; each iteration feeds every row's last token [B, 1] at its
+    own position, samples the next one and updates the done flags. Finished rows are
+    fed as invalid tokens (their cache is left alone) and emit 0.
+    """
+    model = _model(text, params, attn_impl, moe_impl, scan_layers)
+
+    def cond(s):
+        return (s["step"] < limit) & ~jnp.all(s["done"])
+
+    def body(s):
+        with jax.named_scope("decode_step"):
+            logits, cache, _ = model.apply(params, s["last"][:, None], s["pos"][:, None], ~s["done"][:, None],
+                                           s["cache"])
+            tok, lp = sample(logits[:, 0], samp["temperature"], samp["top_k"], samp["top_p"], samp["min_p"],
+                             samp["seed"], s["step"])
+            tok = jnp.where(s["done"], 0, tok)
+            new_stop = ~s["done"] & jnp.isin(tok, stop_ids)
+            step = s["step"] + 1
+            return {
+                "tokens": jax.lax.dynamic_update_slice(s["tokens"], tok[:, None], (0, s["step"])),
+                "logprobs": jax.lax.dynamic_update_slice(s["logprobs"], lp[:, None], (0, s["step"])),
+                "last": tok,
+                "pos": s["pos"] + (~s["done"]).astype(jnp.int32),
+                "step": step,
+                "done": s["done"] | new_stop | (step >= budget),
+                "stopped": s["stopped"] | new_stop,
+                "cache": cache,
+            }
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+COMPILED: dict = {}  # (function, argument structure, shapes and dtypes, statics, mesh) -> executable
+
+
+def to_host(x) -> np.ndarray:
+    """A device array on the host: every process gets the whole value, also when the
+    array spans the devices of several processes (`jax.distributed`)."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def call_compiled(stats: GenerationStats, jitted, *args, **static):
+    """Call `jitted` through an ahead-of-time compiled executable, kept across calls,
+    so compile time is measured apart from prefill and decode time."""
+    leaves = jax.tree_util.tree_leaves(args)
+    key = (jitted, jax.tree_util.tree_structure(args), tuple((x.shape, x.dtype) for x in leaves),
+           tuple(sorted(static.items())), sharding.active())
+    if key not in COMPILED:
+        t0 = time.perf_counter()
+        COMPILED[key] = jitted.lower(*args, **static).compile()
+        stats.compile_s += time.perf_counter() - t0
+    return COMPILED[key](*args)
+
+
+def prompt_bucket(n: int, cap: int) -> int:
+    """The prompt-length bucket of n tokens: the next power of two >= 16, at most cap."""
+    return min(max(MIN_BUCKET, 1 << (n - 1).bit_length()), max(cap, n))
+
+
+def new_token_bucket(n: int) -> int:
+    """Size of the new-token buffer: n rounded up to a multiple of 16 (few shapes, little waste)."""
+    return -(-n // 16) * 16

@@ -1,0 +1,466 @@
+"""The `llama4-jax generate` command: JSONL prompts in, JSONL completions out.
+
+    llama4-jax generate --model DIR --input prompts.jsonl --output out.jsonl [--resume | --overwrite]
+
+Files are handled so that a long run loses at most the prompts in flight:
+  * every path is checked before anything is loaded: the input exists and is not the
+    output, the output is not a directory, and an existing output is refused unless
+    `--resume` (keep it, do the rest) or `--overwrite` (start it again);
+  * the input is read twice, lazily, one line at a time: a first pass checks every
+    line (JSON, fields, tokens, the context, image headers: see `prompts.check_image_file`)
+    and reports each bad one with its line number before the model is loaded; the
+    second reads `--queue-size` requests at a time, renders their images, and runs
+    them. A file need not fit in memory;
+  * each completion is appended to the output as soon as it is done, one JSON object
+    per line with its `id`, flushed, so the file is valid JSONL at any moment (in the
+    order completions finish, not the input order);
+  * `--resume` skips the ids already in the output and appends the rest; a truncated
+    last line (a run killed mid-write) is dropped and redone;
+  * SIGTERM or Ctrl-C stops the run after the line being written: the output holds
+    every finished prompt, and `--resume` completes it.
+The output is created with the process's umask, as any file the user writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+
+from . import distributed
+from .generate import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MODEL
+from .prompts import DEFAULT_MAX_IMAGE_PIXELS, check_image_file, image_processor_for, render, render_images
+from .sampling import Sampling, with_seed
+from .scheduler import Request, check_request, context_length, run_requests
+
+__all__ = ["add_arguments", "run"]
+
+PROG = "llama4-jax generate"
+_LINE_KEYS = {"id", "prompt", "messages", "images", "temperature", "top_p", "top_k", "min_p", "seed",
+              "max_new_tokens", "stop"}
+_SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "seed")
+
+
+class _InputError(ValueError):
+    """A bad input line; str() is the message, `line` its 1-based number."""
+
+    def __init__(self, line: int, message: str):
+        super().__init__(message)
+        self.line = line
+
+
+class _Interrupted(Exception):
+    """SIGTERM arrived: stop after the line being written."""
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="checkpoint directory (Hugging Face format with tokenizer files, or converted); "
+                             "default: the small trained checkpoint shipped with the package")
+    parser.add_argument("--input", required=True,
+                        help='JSONL, one request per line: {"id": ..., "prompt": "..."} or {"id": ..., '
+                             '"messages": [...]}, optionally with "images" (paths, relative to the file\'s '
+                             "directory), temperature, top_p, top_k, min_p, seed, max_new_tokens, stop")
+    parser.add_argument("--output", required=True,
+                        help="JSONL of completions, one line per request with its id, written as each finishes")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    mode.add_argument("--resume", action="store_true",
+                      help="keep an existing --output, skip the ids it holds and append the rest")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--queue-size", type=int, default=1024,
+                        help="requests read ahead and sorted by length together (memory ~ their tokens and images)")
+    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="0 = greedy (the default unless generation_config.json says otherwise)")
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--min-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="the run's seed: a request without its own seed samples with one derived from this "
+                             "and its id")
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--logprobs", action="store_true", help="write the log-probability of each token")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="parameter dtype (auto: the checkpoint's)")
+    parser.add_argument("--kv-cache-dtype", default=None, choices=["float32", "bfloat16", "float16", "int8"],
+                        help="KV cache dtype (default: the parameter dtype)")
+    parser.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
+    parser.add_argument("--on-error", choices=["fail", "skip"], default="fail",
+                        help="a malformed input line fails the run before any work (default) or is skipped")
+    parser.add_argument("--attention-impl", default="auto", choices=["auto", "xla", "blockwise", "pallas"],
+                        help="attention backend: auto (xla for short contexts, blockwise for long ones), xla, "
+                             "blockwise or pallas")
+    parser.add_argument("--moe-impl", default=None, choices=["ragged", "dense", "ep"],
+                        help="MoE strategy (default: ep when --mesh splits the experts, else ragged)")
+    parser.add_argument("--mesh", default=None, metavar="SPEC",
+                        help='device mesh, e.g. "data=2,expert=4" (axes data, fsdp, expert, tensor): the model is '
+                             "loaded straight onto it and batches run data- and expert-parallel")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--max-images-per-prompt", type=int, default=8,
+                        help='most images one request may carry ("images": [paths] or image parts of "messages")')
+    parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                        help="an image of more pixels is refused, from its header, before it is decoded")
+    distributed.add_arguments(parser)
+
+
+def _read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _checkpoint_defaults(path: str) -> tuple[dict, set[int], str]:
+    """(sampling defaults, extra stop ids, dtype name) from generation_config.json / config.json."""
+    gen = {}
+    gpath = os.path.join(path, "generation_config.json")
+    if os.path.exists(gpath):
+        gen = _read_json(gpath)
+    defaults = {}
+    if gen.get("do_sample"):
+        for k in ("temperature", "top_p", "top_k", "min_p"):
+            if gen.get(k) is not None:
+                defaults[k] = gen[k]
+    eos = gen.get("eos_token_id")
+    stop_ids = set([eos] if isinstance(eos, int) else eos or [])
+    dtype = "bfloat16"
+    cpath = os.path.join(path, "config.json")
+    if os.path.exists(cpath):
+        c = _read_json(cpath)
+        name = c.get("torch_dtype") or c.get("dtype") or (c.get("text_config") or {}).get("torch_dtype")
+        if name in ("float32", "bfloat16", "float16"):
+            dtype = name
+    return defaults, stop_ids, dtype
+
+
+def _id_key(i) -> str:
+    """A hashable, type-exact key of a JSON id (7 and "7" differ)."""
+    return json.dumps(i, sort_keys=True)
+
+
+def _lines(path: str):
+    """(line number, text) of each non-blank line, read lazily; invalid UTF-8 is an
+    `_InputError` in place of the text."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue  # blank lines carry no request
+            try:
+                yield n, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield n, _InputError(n, f"not valid UTF-8 ({e.reason} at byte {e.start})")
+
+
+class _Parser:
+    """Input lines -> (id, Request), checked against the model and the run's options."""
+
+    def __init__(self, args, tokenizer, config, ctx: int, defaults: dict):
+        self.args, self.tokenizer, self.config, self.ctx, self.defaults = args, tokenizer, config, ctx, defaults
+        self.base = os.path.dirname(os.path.abspath(args.input))
+
+    def parse(self, n: int, raw: str, *, decode_images: bool):
+        """(id, Request) of line n. decode_images=False (the checking pass): image files
+        are checked from their headers only, and no pixels are made."""
+        try:
+            d = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise _InputError(n, f"invalid JSON: {e.msg} at column {e.colno}") from None
+        if not isinstance(d, dict):
+            raise _InputError(n, f"expected a JSON object, got {type(d).__name__}")
+        unknown = sorted(set(d) - _LINE_KEYS)
+        if unknown:
+            raise _InputError(n, f"unknown field(s) {unknown}; allowed: {sorted(_LINE_KEYS)}")
+        if ("prompt" in d) == ("messages" in d):
+            raise _InputError(n, 'expected exactly one of "prompt" (a string) or "messages" (a list of chat '
+                                 'messages)')
+        if "prompt" in d and not isinstance(d["prompt"], str):
+            raise _InputError(n, f'"prompt" must be a string, got {type(d["prompt"]).__name__}')
+        if "messages" in d and (not isinstance(d["messages"], list) or not d["messages"]
+                                or not all(isinstance(m, dict) for m in d["messages"])):
+            raise _InputError(n, '"messages" must be a non-empty list of {"role": ..., "content": ...} objects')
+        rid = d.get("id", n)
+        if not isinstance(rid, (str, int)) or isinstance(rid, bool):
+            raise _InputError(n, f'"id" must be a string or an integer, got {rid!r}')
+        try:
+            samp = Sampling(**{**self.defaults, **{k: d[k] for k in _SAMPLING_KEYS if k in d}})
+        except (ValueError, TypeError) as e:
+            raise _InputError(n, f"invalid sampling parameter: {e}") from None
+        max_new = d.get("max_new_tokens", self.args.max_new_tokens)
+        if not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 1:
+            raise _InputError(n, f'"max_new_tokens" must be an integer >= 1, got {max_new!r}')
+        stop = d.get("stop", self.args.stop)
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+            raise _InputError(n, f'"stop" must be a non-empty string or a list of them, got {stop!r}')
+        images = d.get("images")
+        if images is not None and (not isinstance(images, list) or not all(isinstance(x, str) and x for x in images)):
+            raise _InputError(n, f'"images" must be a list of image file paths, got {images!r}')
+        if images:  # relative to the JSONL file, not to wherever the command runs
+            images = [os.path.join(self.base, os.path.expanduser(p)) for p in images]
+        prompt, where = d.get("prompt", d.get("messages")), "the prompt"
+        try:
+            if decode_images:
+                ids, px = render_images(prompt, images, self.tokenizer, self.config, where,
+                                        self.args.max_images_per_prompt, image_processor_for(self.args.model,
+                                                                                              self.config),
+                                        self.args.max_image_pixels)
+            else:
+                ids, px = self._check_images(prompt, images, where), None
+            r = Request(ids, with_seed(samp, self.args.seed, rid), max_new, tuple(stop), px)
+            check_request(r, where, self.config.text.vocab_size, self.ctx)
+        except ValueError as e:
+            raise _InputError(n, str(e)) from None
+        except Exception as e:  # chat template errors come from jinja
+            raise _InputError(n, f"cannot render the prompt: {type(e).__name__}: {e}") from None
+        return rid, r
+
+    def _check_images(self, prompt, images, where: str) -> list[int]:
+        """The text's ids (image placeholders unexpanded) after checking every image
+        file's header; the expanded length is checked when the images are decoded."""
+        from .processor import ImageError, collect_message_images
+
+        if isinstance(prompt, list):
+            prompt, found = collect_message_images(prompt)
+            images = list(images or []) + [p for p in found if isinstance(p, (str, os.PathLike))]
+        try:
+            if images and self.config.vision is None:
+                raise ImageError(f"{len(images)} image(s) given, but the checkpoint has no vision tower "
+                                 f"({self.config.architecture})")
+            if len(images or ()) > self.args.max_images_per_prompt:
+                raise ImageError(f"{len(images)} images, more than the limit of {self.args.max_images_per_prompt} "
+                                 "per prompt (max_images_per_prompt)")
+            for p in images or ():
+                check_image_file(p, self.args.max_image_pixels)
+        except ImageError as e:
+            raise ValueError(f"{where}: {e}") from None
+        return render(prompt, self.tokenizer, where)
+
+
+def _finished_ids(path: str) -> tuple[set[str], int]:
+    """(id keys of the records in an existing output, byte length of its valid part).
+
+    Read line by line. A last line that is cut short (no newline: the run was killed
+    mid-write) is left out of the valid part, to be redone; a line that is not a
+    record anywhere else raises ValueError (the file is not one of ours, or was
+    edited: we do not guess)."""
+    done, good = set(), 0
+    with open(path, "rb") as f:
+        for k, line in enumerate(f, start=1):
+            if not line.endswith(b"\n"):
+                break  # cut short
+            if line.strip():
+                try:
+                    rec = json.loads(line.decode("utf-8"))
+                except (ValueError, UnicodeDecodeError):
+                    rec = None
+                if not isinstance(rec, dict) or "id" not in rec:
+                    raise ValueError(f"--resume: {path}:{k} is not a completion record; not resuming over it")
+                done.add(_id_key(rec["id"]))
+            good += len(line)
+    return done, good
+
+
+def _err(msg: str) -> int:
+    print(f"{PROG}: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _check_paths(args) -> str | None:
+    """The error message of bad --input / --output paths, or None."""
+    if not os.path.isfile(args.input):
+        return f"--input: no such file: {args.input}"
+    if os.path.isdir(args.output):
+        return f"--output {args.output} is a directory; name a file"
+    if os.path.exists(args.output) and os.path.samefile(args.input, args.output) or \
+            os.path.realpath(args.input) == os.path.realpath(args.output):
+        return f"--output {args.output} is the --input file; name another file"
+    if os.path.exists(args.output) and not (args.overwrite or args.resume):
+        return f"--output {args.output} exists; pass --overwrite to replace it or --resume to complete it"
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(out_dir):
+        return f"--output: directory {out_dir} does not exist"
+    if not os.access(out_dir, os.W_OK) or os.path.exists(args.output) and not os.access(args.output, os.W_OK):
+        return f"--output {args.output} is not writable"
+    return None
+
+
+@contextlib.contextmanager
+def _sigterm_stops():
+    """SIGTERM raises `_Interrupted` in the main thread for the duration (elsewhere: nothing)."""
+    def handler(signum, frame):
+        raise _Interrupted()
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: signals cannot be caught here
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def run(args) -> int:
+    # Cheap checks first, before anything is loaded.
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--max-new-tokens", args.max_new_tokens, 1),
+                             ("--queue-size", args.queue_size, 1), ("--max-images-per-prompt",
+                                                                    args.max_images_per_prompt, 0),
+                             ("--max-image-pixels", args.max_image_pixels, 1)):
+        if value < low:
+            return _err(f"{flag} must be >= {low}, got {value}")
+    flags = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "min_p": args.min_p}
+    try:
+        Sampling(**{k: v for k, v in flags.items() if v is not None}, seed=args.seed)
+    except ValueError as e:
+        return _err(f"invalid sampling option: {e}")
+    if any(not s for s in args.stop):
+        return _err("--stop must not be empty")
+    bad_path = _check_paths(args)
+    if bad_path:
+        return _err(bad_path)
+    finished, valid_bytes = set(), 0
+    if args.resume and os.path.exists(args.output):
+        try:
+            finished, valid_bytes = _finished_ids(args.output)
+        except ValueError as e:
+            return _err(str(e))
+    model = args.model
+    if not os.path.isdir(model):
+        return _err(f"--model: no such checkpoint directory: {model}")
+    if not os.path.exists(os.path.join(model, "config.json")):
+        return _err(f"--model: {model} has no config.json (expected a Hugging Face-format checkpoint)")
+    if os.path.abspath(model) == DEFAULT_MODEL:
+        print(f"{PROG}: using the default checkpoint (a small model trained on the add, recall and color tasks of "
+              "llama4_jax.tasks; see its README)", file=sys.stderr)
+
+    import transformers
+
+    from . import load, load_config
+
+    defaults, extra_stop, ckpt_dtype = _checkpoint_defaults(model)
+    defaults = {**defaults, **{k: v for k, v in flags.items() if v is not None}}
+    defaults.setdefault("temperature", 0.0)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model, local_files_only=True)
+        config = load_config(model)
+    except Exception as e:
+        return _err(f"--model: cannot load a tokenizer and config from {model}: {type(e).__name__}: {e}")
+    try:
+        ctx = context_length(config, args.max_model_len)
+    except ValueError as e:
+        return _err(f"--max-model-len: {e}")
+
+    # Pass 1: check every line before the model is loaded.
+    parser = _Parser(args, tokenizer, config, ctx, defaults)
+    errors, seen, todo = {}, {}, 0
+    for n, raw in _lines(args.input):
+        try:
+            if isinstance(raw, _InputError):
+                raise raw
+            rid, _ = parser.parse(n, raw, decode_images=False)
+            key = _id_key(rid)
+            if key in seen:
+                raise _InputError(n, f"duplicate id {rid!r} (also on line {seen[key]})")
+            seen[key] = n
+            todo += key not in finished
+        except _InputError as e:
+            errors[n] = e
+            print(f"{args.input}:{n}: {e}", file=sys.stderr)
+    del seen
+    if errors and args.on_error == "fail":
+        return _err(f"{len(errors)} bad input line(s); nothing was generated (--on-error skip to skip them)")
+    if errors:
+        print(f"{PROG}: skipping {len(errors)} bad input line(s)", file=sys.stderr)
+    if not todo and not finished:
+        return _err(f"{args.input} has no valid requests")
+    if not todo:
+        print(f"{PROG}: {args.output} already holds every request of {args.input}; nothing to do", file=sys.stderr)
+        return 0
+
+    try:
+        mesh, main_process = distributed.start(args, PROG)
+    except ValueError as e:
+        return _err(str(e))
+    try:
+        config, params = load(model, dtype=ckpt_dtype if args.dtype == "auto" else args.dtype, mesh=mesh)
+    except Exception as e:
+        return _err(f"--model: cannot load {model}: {type(e).__name__}: {e}")
+
+    from tqdm import tqdm
+
+    from .engine import GenerationStats
+
+    stats, written, late_errors = GenerationStats(), 0, 0
+    out = None
+    if main_process:  # every process computes the same results; process 0 writes them
+        if args.resume and os.path.exists(args.output):
+            with open(args.output, "r+b") as f:
+                f.truncate(valid_bytes)  # a cut-short last line is redone
+            out = open(args.output, "a", encoding="utf-8")
+        else:
+            out = open(args.output, "w", encoding="utf-8")
+    run_kw = dict(tokenizer=tokenizer, stop_token_ids=set(config.text.eos_token_id) | extra_stop,
+                  batch_size=args.batch_size, max_model_len=ctx, logprobs=args.logprobs, kv_dtype=args.kv_cache_dtype,
+                  attention_impl=args.attention_impl, moe_impl=args.moe_impl, mesh=mesh, stats=stats)
+    try:
+        with _sigterm_stops(), tqdm(total=todo, desc="generate", unit="prompt", file=sys.stderr,
+                                    disable=args.no_progress or not main_process) as bar:
+            queue: list[tuple[object, Request]] = []
+
+            def flush_queue():
+                nonlocal written
+                ids = [i for i, _ in queue]
+
+                def write(k, c):
+                    nonlocal written
+                    bar.update(1)
+                    if out is None:
+                        return
+                    rec = {"id": ids[k], "text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason,
+                           "prompt_tokens": len(c.prompt_token_ids)}
+                    if args.logprobs:
+                        rec["logprobs"] = c.logprobs
+                    out.write(json.dumps(rec, ensure_ascii=False) + "\n")  # one whole line, then flushed
+                    out.flush()
+                    written += 1
+
+                run_requests(config, params, [r for _, r in queue], on_complete=write, **run_kw)
+                queue.clear()
+
+            # Pass 2: read lazily, --queue-size requests at a time, images decoded when queued.
+            for n, raw in _lines(args.input):
+                if n in errors:
+                    continue
+                try:
+                    rid, r = parser.parse(n, raw, decode_images=True)
+                except _InputError as e:  # only image prompts can fail here (their expanded length)
+                    print(f"{args.input}:{n}: {e}", file=sys.stderr)
+                    if args.on_error == "fail":
+                        raise
+                    late_errors += 1
+                    continue
+                if _id_key(rid) in finished:
+                    continue
+                queue.append((rid, r))
+                if len(queue) >= args.queue_size:
+                    flush_queue()
+            if queue:
+                flush_queue()
+    except (_Interrupted, KeyboardInterrupt):
+        print(f"{PROG}: interrupted: {written} completion(s) written to {args.output} this run; run again with "
+              "--resume to do the rest", file=sys.stderr)
+        return 130
+    except _InputError:
+        return _err(f"stopped at a bad input line; {written} completion(s) written to {args.output} "
+                    "(--resume continues, --on-error skip skips such lines)")
+    finally:
+        if out is not None:
+            out.close()
+    if main_process:
+        skipped = len(errors) + late_errors
+        kept = f"; kept {len(finished)} finished before (--resume)" if finished else ""
+        print(f"{PROG}: wrote {args.output}: {stats.summary()}{kept}"
+              + (f"; skipped {skipped} bad line(s)" if skipped else ""), file=sys.stderr)
+    return 0
