@@ -64,7 +64,7 @@ def build_checkpoint(path: str, layers: int, shard_bytes: int = 1 << 30) -> dict
     pool = (rng.standard_normal(1 << 24, dtype=np.float32) * 0.02).astype(bf16)
     tensors = []
     for e in ck.checkpoint_entries(config):
-        leaf = ck._get(abstract, e.paths[0])
+        leaf = ck.base._get(abstract, e.paths[0])
         shape = ck.hf_shape(e.rule, leaf.shape[1:] if e.group is not None else leaf.shape)
 
         def produce(shape=shape):

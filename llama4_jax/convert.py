@@ -18,13 +18,15 @@ import sys
 import time
 
 from . import checkpoint as ck
+from .checkpoint.base import _DTYPES
+from .config import ConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", help="Hugging Face checkpoint directory (or a converted one with --to-hf)")
     parser.add_argument("dst", help="output directory (must not exist unless --overwrite)")
     parser.add_argument("--to-hf", action="store_true", help="export a converted directory back to HF safetensors")
-    parser.add_argument("--dtype", default=None, choices=list(ck._DTYPES),
+    parser.add_argument("--dtype", default=None, choices=list(_DTYPES),
                         help="parameter dtype (default: bfloat16 for HF -> orbax, the stored dtype for --to-hf)")
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     parser.add_argument("--max-shard-size", default="5GB",
@@ -72,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             ck.atomic_dir(dst, overwrite=args.overwrite, write=lambda out: ck.convert_hf_to_orbax(
                 src, out, dtype=args.dtype or "bfloat16", progress=progress))
-    except (ck.CheckpointError, ck.ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (ck.CheckpointError, ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(dst) for f in fs)

@@ -36,16 +36,16 @@ def inputs(vocab: int):
 def count_reads():
     """Record the distinct checkpoint byte ranges this process reads (wraps the loader's
     one read primitive; a replicated tensor is read once per local device, counted once)."""
-    from llama4_jax import checkpoint
+    from llama4_jax.checkpoint import safetensors_io
 
     ranges = set()
-    read = checkpoint._pread_into
+    read = safetensors_io._pread_into
 
     def counted(fd, offset, out, file):
         ranges.add((file, offset, out.nbytes))
         read(fd, offset, out, file)
 
-    checkpoint._pread_into = counted
+    safetensors_io._pread_into = counted
     return ranges
 
 

@@ -58,7 +58,7 @@ def convert(*argv) -> int:
 
 
 def assert_same_params(a, b):
-    fa, fb = dict(ck._flatten(a)), dict(ck._flatten(b))
+    fa, fb = dict(ck.base._flatten(a)), dict(ck.base._flatten(b))
     assert fa.keys() == fb.keys()
     for k in fa:
         x, y = np.asarray(fa[k]), np.asarray(fb[k])
@@ -114,15 +114,15 @@ def test_sharded_load_equals_unsharded(scout_like, tmp_path):
     assert n_sharded > 10  # the test must actually shard most leaves
     _, params = llama4_jax.load(scout_like.path, dtype="float32", shardings=shardings)
     assert_same_params(params, ref)
-    for path, arr in ck._flatten(params):
-        assert arr.sharding == ck._get(shardings, path), path
+    for path, arr in ck.base._flatten(params):
+        assert arr.sharding == ck.base._get(shardings, path), path
     # the converted directory restores straight into the same shardings
     dst = tmp_path / "orbax"
     assert convert(scout_like.path, dst, "--dtype", "float32") == 0
     _, restored = llama4_jax.load(str(dst), dtype="float32", shardings=shardings)
     assert_same_params(restored, ref)
-    for path, arr in ck._flatten(restored):
-        assert arr.sharding == ck._get(shardings, path), path
+    for path, arr in ck.base._flatten(restored):
+        assert arr.sharding == ck.base._get(shardings, path), path
 
 
 @pytest.fixture(scope="session")
@@ -144,7 +144,7 @@ def test_converted_restores_in_another_dtype(ckpt, converted):
 
     _, params = llama4_jax.load(converted, dtype="bfloat16")  # stored float32
     ref = loaded(ckpt.path)[1]
-    for (path, a), (_, b) in zip(ck._flatten(params), ck._flatten(ref)):
+    for (path, a), (_, b) in zip(ck.base._flatten(params), ck.base._flatten(ref)):
         assert a.dtype == ml_dtypes.bfloat16, path
         # orbax's cast on restore rounds to nearest even, as numpy's (and torch's) does
         assert np.array_equal(np.asarray(a).view(np.int16), np.asarray(b).astype(ml_dtypes.bfloat16).view(np.int16))
