@@ -62,7 +62,7 @@ def test_it_answers_the_example_prompts(shipped):
     config, params, tok = shipped
     lines = [json.loads(x) for x in open(os.path.join(ROOT, "examples", "prompts.jsonl"))]
     outs = llama4_jax.generate(config, params, [x["prompt"] for x in lines], tokenizer=tok, max_new_tokens=8,
-                               images=[[os.path.join(ROOT, p) for p in x["images"]] if "images" in x else None
+                               images=[[os.path.join(ROOT, "examples", p) for p in x["images"]] if "images" in x else None
                                        for x in lines])
     got = {x["id"]: o.text for x, o in zip(lines, outs)}
     assert {k: got[k] for k in EXPECTED} == EXPECTED

@@ -80,6 +80,59 @@ def test_seeded_sampling_independent_of_batch(scout):
     assert alt[0].token_ids != first[0].token_ids
 
 
+def test_budgets_stats_and_derived_seeds(scout):
+    """max_new_tokens per prompt equals separate calls; return_stats counts what was
+    done; requests sharing a seedless method draw differently, reproducibly, from the
+    run's seed."""
+    _, config, params = scout
+    a, b = _prompts(config.text.vocab_size, (6, 11), seed=3)
+    greedy = dict(max_new_tokens=[4, MAX_NEW], batch_size=2)
+    both, stats = llama4_jax.generate(config, params, [a, b], return_stats=True, **greedy)
+    assert both[0].token_ids == llama4_jax.generate(config, params, [a], max_new_tokens=4)[0].token_ids
+    assert both[1].token_ids == llama4_jax.generate(config, params, [b], max_new_tokens=MAX_NEW)[0].token_ids
+    assert len(both[0].token_ids) <= 4 and len(both[1].token_ids) > 4
+    assert (stats.prompts, stats.prompt_tokens) == (2, 17)
+    assert stats.generated_tokens == sum(len(o.token_ids) for o in both)
+    assert stats.prefill_s > 0 and stats.decode_s > 0 and stats.compile_s >= 0
+    hot = TopP(0.95, temperature=2.0)  # no seed: derived from (seed, prompt index)
+    run = lambda s: [o.token_ids for o in llama4_jax.generate(  # noqa: E731
+        config, params, [a, a], sampling=hot, seed=s, max_new_tokens=MAX_NEW, batch_size=2)]
+    first = run(0)
+    assert first[0] != first[1]  # the same prompt, two indices: two different draws
+    assert run(0) == first and run(1) != first
+    fixed = [o.token_ids for o in llama4_jax.generate(config, params, [a, a], sampling=TopP(0.95, 2.0, seed=4),
+                                                      seed=0, max_new_tokens=MAX_NEW, batch_size=2)]
+    assert fixed[0] == fixed[1]  # an explicit seed is the seed
+    with pytest.raises(ValueError, match="max_new_tokens has 1 entries for 2 prompts"):
+        llama4_jax.generate(config, params, [a, b], max_new_tokens=[3])
+
+
+def test_incremental_text_equals_full_decode():
+    """Each token decoded once (with a window of context) gives the text of the full
+    decode at every prefix, also across multi-byte characters; stop strings are found
+    at the fewest tokens that contain them."""
+    from transformers import AutoTokenizer
+
+    from llama4_jax.generate import DEFAULT_MODEL
+    from llama4_jax.scheduler import IncrementalText
+
+    tok = AutoTokenizer.from_pretrained(DEFAULT_MODEL, local_files_only=True)
+    text = "Grüße, 東京! ok 1+1=2 <|eot|> naïve café ☕ done"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    inc = IncrementalText(tok)
+    for k in range(0, len(ids), 3):  # in segments, as the scheduler feeds it
+        inc.extend(ids[k:k + 3])
+        full = tok.decode(ids[:k + 3], skip_special_tokens=True)
+        assert full.startswith(inc.text) and len(full) - len(inc.text) <= 1, (full, inc.text)
+    assert inc.text == tok.decode(ids, skip_special_tokens=True)
+    for j in range(len(ids)):  # ends[j]: the text of ids[:j + 1]
+        prefix = tok.decode(ids[:j + 1], skip_special_tokens=True)
+        assert prefix.startswith(inc.text[:inc.ends[j]])
+    n, cut = inc.find_stop(("café", "東京"), 0)
+    assert inc.text[:cut] == "Grüße, " and "東京" in tok.decode(ids[:n]) and "東京" not in tok.decode(ids[:n - 1])
+    assert inc.find_stop(("xyz",), 0) is None
+
+
 def test_api_errors(scout):
     _, config, params = scout
     with pytest.raises(ValueError, match=r"prompt 1 has 40 tokens, longer than the context allows: at most 31"):
