@@ -245,7 +245,12 @@ def init_state(config, params, train_config: TrainConfig = TrainConfig()) -> Tra
     """A fresh train state from `params` (cast to fp32 master weights)."""
     params = jax.tree_util.tree_map(lambda p: jnp.array(p, jnp.float32), params)  # a copy: the step donates it
     opt_state = optimizer(train_config).init(params)
-    return TrainState(jnp.zeros((), jnp.int32), params, opt_state)
+    state = TrainState(jnp.zeros((), jnp.int32), params, opt_state)
+    # Loaded parameters are committed to their device, the fresh step counter and
+    # optimizer moments are not; the step's outputs all are, so its second call would
+    # see other input shardings and compile again. Commit every leaf to the one device.
+    devices = {d for x in jax.tree_util.tree_leaves(params) for d in x.sharding.device_set}
+    return jax.device_put(state, devices.pop()) if len(devices) == 1 else state
 
 
 def state_shardings(config, state: TrainState, mesh, rules=None, train_config: TrainConfig = TrainConfig()):

@@ -144,6 +144,18 @@ def test_steps_lower_the_loss(tiny):
         losses.append(float(m["loss"]))
     assert losses[-1] < 0.5 * losses[0], losses
     assert all(np.isfinite(losses))
+    assert step._cache_size() == 1  # one compilation for the whole run
+
+
+def test_loaded_params_compile_once(tiny):
+    """Parameters committed to a device (as `load` returns them) give one compilation."""
+    params, batch = tiny
+    tc = train.TrainConfig(learning_rate=1e-3, warmup_steps=1, total_steps=3)
+    step = train.make_train_step(TINY, tc)
+    state = train.init_state(TINY, jax.device_put(params, jax.devices()[0]), tc)
+    for _ in range(3):
+        state, _ = step(state, batch)
+    assert step._cache_size() == 1
     # The caller's params were copied, not donated.
     assert np.isfinite(np.asarray(params["params"]["embed"])).all()
 
