@@ -106,24 +106,31 @@ def quantize_kv(x):
     return q, scale
 
 
-def read_cache(entry, dtype):
-    """Keys and values [B, S, K, d] of a cache entry in `dtype` (dequantised if int8)."""
+def read_cache(entry, dtype, group=None):
+    """Keys and values [B, S, K, d] of a cache entry in `dtype` (dequantised if int8).
+
+    group: for a stacked entry ([G, B, S, ...]), the group whose slice is read."""
+    pick = (lambda x: x) if group is None else (lambda x: x[group])
     if "k_scale" not in entry:
-        return entry["k"].astype(dtype), entry["v"].astype(dtype)
-    deq = lambda q, s: (q.astype(jnp.float32) * s[..., None]).astype(dtype)
+        return pick(entry["k"]).astype(dtype), pick(entry["v"]).astype(dtype)
+    deq = lambda q, s: (pick(q).astype(jnp.float32) * pick(s)[..., None]).astype(dtype)
     return deq(entry["k"], entry["k_scale"]), deq(entry["v"], entry["v_scale"])
 
 
-def write_cache(entry, k, v, k_pos, *, ring: bool):
+def write_cache(entry, k, v, k_pos, *, ring: bool, group=None):
     """Store the valid new keys/values of [B, T] tokens in a cache entry.
 
     entry: {'k','v': [B, S, K, d], 'pos': [B, S]}, plus 'k_scale','v_scale' [B, S, K]
-    for an int8 cache (see `quantize_kv`). Global layers store position p in
-    slot p. Chunked layers keep a ring buffer of S = chunk slots, slot p % S, and keep
-    only the last S tokens of each row (older ones can never be attended again).
-    Everything else (padding, evicted tokens) is dropped by an out-of-range index.
+    for an int8 cache (see `quantize_kv`); with `group` (an int or a traced scalar) the
+    entry is stacked over groups ([G, B, S, ...]) and only group `group` is written.
+    Global layers store position p in slot p. Chunked layers keep a ring buffer of
+    S = chunk slots, slot p % S, and keep only the last S tokens of each row (older
+    ones can never be attended again). Everything else (padding, evicted tokens) is
+    dropped by an out-of-range index. The update is one scatter of the T new tokens
+    into the buffers, which XLA performs in place when the cache is donated or carried
+    (never a copy of the cache).
     """
-    S = entry["pos"].shape[1]
+    S = entry["pos"].shape[-1]
     valid = k_pos < INVALID_POS
     if ring:
         last = jnp.max(jnp.where(valid, k_pos, -1), axis=1, keepdims=True)
@@ -132,7 +139,8 @@ def write_cache(entry, k, v, k_pos, *, ring: bool):
     else:
         slot = jnp.where(valid & (k_pos < S), k_pos, S)
     b = jnp.arange(k_pos.shape[0])[:, None]
-    upd = lambda buf, val: buf.at[b, slot].set(val.astype(buf.dtype), mode="drop")
+    index = (b, slot) if group is None else (group, b, slot)
+    upd = lambda buf, val: buf.at[index].set(val.astype(buf.dtype), mode="drop")
     new = {"pos": upd(entry["pos"], k_pos)}
     for name, x in (("k", k), ("v", v)):
         if name + "_scale" in entry:
@@ -150,7 +158,12 @@ class Attention(nn.Module):
     impl: str = "xla"
 
     @nn.compact
-    def __call__(self, x, ctx, cache=None):
+    def __call__(self, x, ctx, cache=None, group=None):
+        """x [B, T, D] -> (out [B, T, D], updated cache entry or None).
+
+        cache: this layer's entry ([B, S, ...]), or with `group` the entry stacked over
+        all groups ([G, B, S, ...]), of which group `group` is read and written in place.
+        """
         cfg, dt = self.cfg, self.dtype
         D, H, K, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         wq = param(self, "q", (D, H, d), ("embed", "q_heads", "head_dim"), dt)
@@ -175,17 +188,22 @@ class Attention(nn.Module):
         k_pos = ctx["k_pos"]
         if cache is None:
             keys, vals, kpos = k, v, k_pos
-        elif self.flags.is_chunked:
-            # Ring buffer: attend over [cached | new] so a prefill longer than the ring
-            # still sees its own chunk, then keep the last `chunk` tokens per row.
-            ck, cv = read_cache(cache, dt)
+        elif self.flags.is_chunked and x.shape[1] > 1:
+            # Ring buffer, several new tokens: attend over [cached | new] so a prefill
+            # longer than the ring still sees its own chunk, then keep the last `chunk`
+            # tokens per row.
+            ck, cv = read_cache(cache, dt, group)
             keys = jnp.concatenate([ck, k], axis=1)
             vals = jnp.concatenate([cv, v], axis=1)
-            kpos = jnp.concatenate([cache["pos"], k_pos], axis=1)
-            cache = write_cache(cache, k, v, k_pos, ring=True)
+            kpos = jnp.concatenate([cache["pos"] if group is None else cache["pos"][group], k_pos], axis=1)
+            cache = write_cache(cache, k, v, k_pos, ring=True, group=group)
         else:
-            cache = write_cache(cache, k, v, k_pos, ring=False)
-            (keys, vals), kpos = read_cache(cache, dt), cache["pos"]
+            # Global layers, and a chunked layer's single decode token: write first, then
+            # attend over the cache. The one token at position p evicts p - S, which is
+            # never in p's chunk (S is the chunk, or max_len > p), so nothing it may see
+            # is lost, and no [cached | new] copy of the ring is made per step.
+            cache = write_cache(cache, k, v, k_pos, ring=self.flags.is_chunked, group=group)
+            (keys, vals), kpos = read_cache(cache, dt, group), cache["pos"] if group is None else cache["pos"][group]
 
         out = attend(q, keys, vals, q_pos, kpos, chunk_size=chunk, impl=self.impl)
         # One [H*d, D] matmul: contracting (h, e) as two dims made XLA transpose and copy

@@ -41,11 +41,11 @@ class DecoderLayer(nn.Module):
     moe_impl: str
 
     @nn.compact
-    def __call__(self, x, ctx, cache):
+    def __call__(self, x, ctx, cache, group=None):
         cfg = self.cfg
         with jax.named_scope("attention"):
             h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="attn_norm")(x)
-            a, cache = Attention(cfg, self.flags, self.dtype, self.attn_impl, name="attn")(h, ctx, cache)
+            a, cache = Attention(cfg, self.flags, self.dtype, self.attn_impl, name="attn")(h, ctx, cache, group)
             x = x + a
         with jax.named_scope("moe" if self.flags.is_moe else "mlp"):
             h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="ffn_norm")(x)
@@ -58,7 +58,13 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderGroup(nn.Module):
-    """One period of the layer pattern: layers layer_0 .. layer_{p-1}."""
+    """One period of the layer pattern: layers layer_0 .. layer_{p-1}.
+
+    Called on the carry (x, cache, g): the residual stream, the whole cache stacked
+    over groups ([G, ...] leaves, or None) and this group's index, so each layer updates
+    its slice of the cache in place (a scatter into the carried buffer). Returning the
+    cache as a scan output instead would restack a new copy of it on every call.
+    """
 
     cfg: TextConfig
     dtype: Any
@@ -67,16 +73,17 @@ class DecoderGroup(nn.Module):
     with_hidden: bool = False
 
     @nn.compact
-    def __call__(self, x, ctx, cache):
+    def __call__(self, carry, ctx):
+        x, cache, g = carry
         new_cache, hidden = {}, []
         for j, flags in enumerate(self.cfg.group_flags):
             name = f"layer_{j}"
             layer = DecoderLayer(self.cfg, flags, self.dtype, self.attn_impl, self.moe_impl, name=name)
-            x, c = layer(x, ctx, cache.get(name) if cache else None)
+            x, c = layer(x, ctx, cache.get(name) if cache else None, g)
             if c is not None:
                 new_cache[name] = c
             hidden.append(x if self.with_hidden else None)
-        return x, (new_cache, tuple(hidden) if self.with_hidden else ())
+        return (x, new_cache if cache else None, g + 1), (tuple(hidden) if self.with_hidden else ())
 
 
 class TextModel(nn.Module):
@@ -108,7 +115,7 @@ class TextModel(nn.Module):
         ctx["temp"] = temperature_scale(positions, cfg)
 
         group_args = (cfg, dt, self.attn_impl, self.moe_impl, self.with_hidden)
-        cache_in = cache_layers if cache_layers is not None else {}
+        cache_in = cache_layers if cache_layers else None
         # jax.checkpoint per group: the backward pass keeps only each group's input.
         group_cls = nn.remat(DecoderGroup) if self.remat else DecoderGroup
         if self.scan_layers:
@@ -116,23 +123,20 @@ class TextModel(nn.Module):
                 group_cls,
                 variable_axes={"params": 0, "intermediates": 0},
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast, 0),
+                in_axes=(nn.broadcast,),
                 length=cfg.num_groups,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, (new_cache, hidden) = Group(*group_args, name="layers")(x, ctx, cache_in)
+            (x, new_cache, _), hidden = Group(*group_args, name="layers")((x, cache_in, jnp.int32(0)), ctx)
         else:
             # Unrolled groups whose weights are separate arrays (`layers_{g}`): a scan
             # slices each step's weights out of the stacked array, and XLA on CPU copies
             # that slice before every matmul (3x the memory traffic of a decode step).
-            # The cache keeps its stacked [G, ...] layout.
-            caches, hiddens = [], []
+            # The cache keeps its stacked [G, ...] layout, each group writing its slice.
+            new_cache, hiddens = cache_in, []
             for g in range(cfg.num_groups):
-                cache_g = jax.tree_util.tree_map(lambda c: c[g], cache_in)
-                x, (c, h) = group_cls(*group_args, name=f"layers_{g}")(x, ctx, cache_g)
-                caches.append(c)
+                (x, new_cache, _), h = group_cls(*group_args, name=f"layers_{g}")((x, new_cache, g), ctx)
                 hiddens.append(h)
-            new_cache = jax.tree_util.tree_map(lambda *c: jnp.stack(c), *caches)
             hidden = tuple(jnp.stack(h) for h in zip(*hiddens))
         if last_only:
             x = x[:, -1:]
