@@ -419,3 +419,100 @@ def test_to_hf_needs_a_converted_directory(scout_like, tmp_path, capsys):
     assert convert(scout_like.path, tmp_path / "out", "--to-hf") == 1
     assert "is not a converted checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------------
+# The reader refuses untrusted headers and indexes
+# --------------------------------------------------------------------------------------
+
+def _raw_safetensors(path, header: dict, nbytes: int) -> None:
+    """A safetensors file with exactly this header and `nbytes` zero bytes of data."""
+    raw = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw + bytes(nbytes))
+
+
+def _f32(name_offsets: dict) -> dict:
+    """Header of float32 [2] tensors at the given data offsets."""
+    return {k: {"dtype": "F32", "shape": [2], "data_offsets": list(v)} for k, v in name_offsets.items()}
+
+
+def _shards(tmp_path, files: dict) -> str:
+    """A checkpoint directory of float32 [2] tensors: {file name: {tensor: offsets}};
+    each file holds as many data bytes as its largest end offset."""
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    for fn, offsets in files.items():
+        _raw_safetensors(d / fn, _f32(offsets), max(e for _, e in offsets.values()))
+    return str(d)
+
+
+def _index(d, weight_map: dict) -> None:
+    with open(os.path.join(d, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+
+
+@pytest.mark.parametrize("how", ["absolute", "dotdot", "symlink"])
+def test_reader_refuses_index_shard_outside_the_directory(tmp_path, how):
+    outside = tmp_path / "outside.safetensors"
+    _raw_safetensors(outside, _f32({"w": (0, 8)}), 8)
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    if how == "symlink":
+        os.symlink(outside, d / "link.safetensors")
+    name = {"absolute": str(outside), "dotdot": "../outside.safetensors", "symlink": "link.safetensors"}[how]
+    _index(d, {"w": name})
+    with pytest.raises(ck.CheckpointError, match=rf"shard '{name}'.*(not a file name inside|leads outside)"):
+        ck.SafetensorsReader(str(d))
+
+
+def test_reader_refuses_a_tensor_stored_in_two_shards(tmp_path):
+    d = _shards(tmp_path, {"a.safetensors": {"w": (0, 8), "x": (8, 16)}, "b.safetensors": {"x": (0, 8)}})
+    # without an index every *.safetensors file is read; with one, every listed shard
+    for index in (False, True):
+        if index:
+            _index(d, {"w": "a.safetensors", "x": "b.safetensors"})
+        with pytest.raises(ck.CheckpointError, match=r"tensor x is stored twice, in a.safetensors and b.safetensors"):
+            ck.SafetensorsReader(d)
+
+
+def test_reader_refuses_a_tensor_in_another_shard_than_the_index_says(tmp_path):
+    d = _shards(tmp_path, {"a.safetensors": {"w": (0, 8), "x": (8, 16)}, "b.safetensors": {"y": (0, 8)}})
+    _index(d, {"w": "a.safetensors", "x": "b.safetensors", "y": "b.safetensors"})
+    with pytest.raises(ck.CheckpointError, match=r"not in their shard: \['x'\] \(x: index says b.safetensors, "
+                                                 r"found in a.safetensors\)"):
+        ck.SafetensorsReader(str(d))
+
+
+@pytest.mark.parametrize("offsets, nbytes, message", [
+    ({"a": (0, 8), "b": (4, 12)}, 12, "the data of tensors a and b overlap"),
+    ({"a": (0, 8), "b": (0, 8)}, 8, "the data of tensors a and b overlap"),
+    ({"a": (0, 16), "b": (4, 12)}, 16, "bytes for shape"),  # a is too long for its shape: refused first
+    ({"a": (8, 0)}, 8, r"data_offsets \[8, 0\]"),
+    ({"a": (-8, 0)}, 8, r"data_offsets \[-8, 0\]"),
+    ({"a": (0, 8), "b": (8, 16)}, 12, "truncated: tensor b ends at byte"),
+    ({"a": (0.0, 8)}, 8, "bad header entry for tensor 'a'"),
+])
+def test_reader_refuses_bad_data_offsets(tmp_path, offsets, nbytes, message):
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    _raw_safetensors(d / "model.safetensors", _f32(offsets), nbytes)
+    with pytest.raises(ck.CheckpointError, match=message):
+        ck.SafetensorsReader(str(d))
+
+
+def test_reader_reads_adjacent_and_empty_tensors(tmp_path):
+    """The overlap check accepts what valid files do: back-to-back tensors, and empty
+    tensors (zero bytes) at any offset, including inside another tensor's range."""
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    ck.write_safetensors(str(d / "model.safetensors"), [
+        ("a", (2,), np.float32, lambda: np.array([1, 2], np.float32)),
+        ("e", (0, 3), np.float32, lambda: np.zeros((0, 3), np.float32)),
+        ("b", (3,), np.float32, lambda: np.array([3, 4, 5], np.float32))])
+    header = _f32({"a": (0, 8)}) | {"b": {"dtype": "F32", "shape": [3], "data_offsets": [8, 20]},
+                                    "e": {"dtype": "F32", "shape": [0], "data_offsets": [4, 4]}}
+    _raw_safetensors(d / "raw.safetensors", {k + "_raw": v for k, v in header.items()}, 20)
+    r = ck.SafetensorsReader(str(d))
+    np.testing.assert_array_equal(r.read("b"), [3, 4, 5])
+    assert r.read("e").shape == (0, 3) and r.read("e_raw").shape == (0,) and r.read("b_raw").shape == (3,)

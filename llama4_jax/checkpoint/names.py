@@ -117,6 +117,7 @@ class Entry:
     `paths` are full paths in the params tree (without the layer index); `group` is the
     index on the stacked `layers` axis, None for non-layer tensors.
     """
+
     hf_name: str
     rule: Rule
     paths: tuple[tuple[str, ...], ...]
@@ -252,6 +253,7 @@ class Leaf:
     sources: one Entry per group (or a single one for non-layer leaves).
     k: which output of the rule this leaf is (0, or 1 for the `up` half of a split).
     """
+
     path: tuple[str, ...]
     shape: tuple[int, ...]
     sources: tuple[Entry, ...]

@@ -14,7 +14,7 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -79,23 +79,62 @@ def _read_header(path: str) -> dict[str, TensorInfo]:
         raise CheckpointError(f"{path} is corrupted: its header is not valid JSON ({e})") from None
     out = {}
     data_start = 8 + n
+    spans = []  # (begin, end, name): data ranges, checked below for overlaps
     for name, h in header.items():
         if name == "__metadata__":
             continue
         try:
             dtype = dtypes[h["dtype"]]
-            shape = tuple(int(x) for x in h["shape"])
-            b, e = (int(x) for x in h["data_offsets"])
+            shape = tuple(_header_int(x) for x in h["shape"])
+            b, e = (_header_int(x) for x in h["data_offsets"])
         except (KeyError, TypeError, ValueError) as ex:
             raise CheckpointError(f"{path} is corrupted: bad header entry for tensor {name!r}: {h!r} ({ex})") from None
-        if e - b != math.prod(shape) * dtype.itemsize or b < 0:
+        if b < 0 or e < b or any(d < 0 for d in shape):
+            raise CheckpointError(f"{path} is corrupted: tensor {name} has data_offsets [{b}, {e}] and shape {shape}")
+        if e - b != math.prod(shape) * dtype.itemsize:
             raise CheckpointError(
                 f"{path} is corrupted: tensor {name} has {e - b} bytes for shape {shape} of {h['dtype']}")
         if data_start + e > size:
             raise CheckpointError(
                 f"{path} is truncated: tensor {name} ends at byte {data_start + e}, the file has {size} bytes")
+        spans.append((b, e, name))
         out[name] = TensorInfo(path, dtype, shape, data_start + b)
+    # Two tensors sharing bytes would alias each other's data (a crafted or corrupted
+    # file); empty tensors occupy no bytes and cannot overlap anything.
+    spans.sort()
+    end, last = 0, None
+    for b, e, name in spans:
+        if b < end and e > b:
+            raise CheckpointError(f"{path} is corrupted: the data of tensors {last} and {name} overlap "
+                                  f"(bytes {b}..{e} begin before {end})")
+        if e > end:
+            end, last = e, name
     return out
+
+
+def _header_int(x) -> int:
+    """An integer of a safetensors header (JSON numbers only: no floats, strings, booleans)."""
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise ValueError(f"{x!r} is not an integer")
+    return x
+
+
+def _shard_path(root: str, name) -> str:
+    """The path of shard `name` listed in the index, refused unless it stays inside `root`.
+
+    The index is untrusted input: an absolute name, a `..` component, or a symlink
+    leading out of the checkpoint directory would read (and report on) any file.
+    """
+    if (not isinstance(name, str) or not name or os.path.isabs(name)
+            or ".." in name.replace("\\", "/").split("/")):
+        raise CheckpointError(f"{root}: the index names shard {name!r}, which is not a file name inside the "
+                              "checkpoint directory")
+    full = os.path.join(root, name)
+    real_root = os.path.realpath(root)
+    if os.path.commonpath([real_root, os.path.realpath(full)]) != real_root:
+        raise CheckpointError(f"{root}: shard {name!r} named in the index leads outside the checkpoint directory "
+                              f"(to {os.path.realpath(full)})")
+    return full
 
 
 class SafetensorsReader:
@@ -106,6 +145,7 @@ class SafetensorsReader:
     the file sizes, so truncation is caught before any data is read); data is read
     with `os.pread` only when asked, one region at a time.
     """
+
     def __init__(self, path: str):
         if not os.path.exists(path):
             raise FileNotFoundError(f"checkpoint path does not exist: {path}")
@@ -118,26 +158,39 @@ class SafetensorsReader:
             try:
                 with open(index) as f:
                     weight_map = json.load(f)["weight_map"]
+                if not isinstance(weight_map, dict):
+                    raise TypeError("weight_map is not an object")
             except (ValueError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index} is not a valid safetensors index: {e!r}") from None
-            files = sorted(set(weight_map.values()))
-            missing = [v for v in files if not os.path.exists(os.path.join(path, v))]
+            shards = {v: _shard_path(path, v) for v in weight_map.values()}
+            files = sorted(shards)
+            missing = [v for v in files if not os.path.isfile(shards[v])]
             if missing:
                 raise CheckpointError(f"{path}: shard(s) named in the index are missing: {', '.join(missing)}")
-            for fn in files:
-                for name, info in _read_header(os.path.join(path, fn)).items():
-                    self.tensors[name] = info
-            absent = sorted(k for k, v in weight_map.items() if k not in self.tensors)
-            if absent:
+            self._add_files(shards[v] for v in files)
+            misplaced = sorted(k for k, v in weight_map.items()
+                               if k not in self.tensors or self.tensors[k].file != shards[v])
+            if misplaced:
+                k = misplaced[0]
+                where = os.path.basename(self.tensors[k].file) if k in self.tensors else "no shard"
                 raise CheckpointError(
-                    f"{path}: tensors named in the index are not in their shard: {absent[:5]}")
+                    f"{path}: tensors named in the index are not in their shard: {misplaced[:5]} "
+                    f"({k}: index says {weight_map[k]}, found in {where})")
         else:
             files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
             if not files:
                 raise CheckpointError(
                     f"{path} has no *.safetensors weights (pickled .bin/.pth weights are never read)")
-            for fn in files:
-                self.tensors.update(_read_header(os.path.join(path, fn)))
+            self._add_files(os.path.join(path, fn) for fn in files)
+
+    def _add_files(self, files: Iterable[str]) -> None:
+        """Read the headers of `files`; a tensor stored in two of them is refused, naming both."""
+        for file in files:
+            for name, info in _read_header(file).items():
+                if name in self.tensors:
+                    raise CheckpointError(f"{self.path}: tensor {name} is stored twice, in "
+                                          f"{os.path.basename(self.tensors[name].file)} and {os.path.basename(file)}")
+                self.tensors[name] = info
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
