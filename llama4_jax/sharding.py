@@ -286,13 +286,19 @@ def _is_boxed(x) -> bool:
     return isinstance(x, nn.Partitioned)
 
 
-def param_specs(config, mesh, rules: Rules | None = None, *, dtype="bfloat16", warn: bool = True):
-    """PartitionSpec tree (same structure as the params) from the params' logical axes."""
+def param_specs(config, mesh, rules: Rules | None = None, *, dtype="bfloat16", warn: bool = True, quantize=None,
+                group_size: int | None = None):
+    """PartitionSpec tree (same structure as the params) from the params' logical axes.
+
+    quantize / group_size: the tree of `abstract_params(..., quantize=)`; a quantized
+    weight's q, scale and offset leaves each get a spec from their own axis names
+    (`llama4_jax.quant`: scales follow their weight's output axes, int4 groups its K).
+    """
     from .model.text import abstract_params
 
     rules = default_rules(mesh) if rules is None else rules
     rules.check(mesh)
-    boxed = abstract_params(config, dtype=dtype, boxed=True)
+    boxed = abstract_params(config, dtype=dtype, boxed=True, quantize=quantize, group_size=group_size)
 
     def one(path, box):
         name = jax.tree_util.keystr(path)
@@ -307,12 +313,14 @@ def param_specs(config, mesh, rules: Rules | None = None, *, dtype="bfloat16", w
     return jax.tree_util.tree_map_with_path(one, boxed, is_leaf=_is_boxed)
 
 
-def param_shardings(config, mesh, rules: Rules | None = None, *, dtype="bfloat16"):
+def param_shardings(config, mesh, rules: Rules | None = None, *, dtype="bfloat16", quantize=None,
+                    group_size: int | None = None):
     """NamedSharding tree for the parameters of `config` on `mesh` (default rules if None).
 
-    Works for concrete meshes (to place arrays) and `AbstractMesh`es (for planning).
+    Works for concrete meshes (to place arrays) and `AbstractMesh`es (for planning);
+    quantize / group_size as for `param_specs`.
     """
-    specs = param_specs(config, mesh, rules, dtype=dtype)
+    specs = param_specs(config, mesh, rules, dtype=dtype, quantize=quantize, group_size=group_size)
     return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
 
 

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from ..config import LayerFlags, TextConfig
+from .. import quant
 from .layers import apply_rope, param, rms_norm
 
 # Larger than any real position, small enough that pos // chunk stays in int32.
@@ -171,9 +172,9 @@ class Attention(nn.Module):
         wv = param(self, "v", (D, K, d), ("embed", "kv_heads", "head_dim"), dt)
         wo = param(self, "o", (H, d, D), ("q_heads", "head_dim", "embed"), dt)
 
-        q = jnp.einsum("btd,dhe->bthe", x, wq)
-        k = jnp.einsum("btd,dke->btke", x, wk)
-        v = jnp.einsum("btd,dke->btke", x, wv)
+        q = quant.matmul(x, wq)
+        k = quant.matmul(x, wk)
+        v = quant.matmul(x, wv)
         if self.flags.uses_rope:
             q = apply_rope(q, ctx["cos"], ctx["sin"])
             k = apply_rope(k, ctx["cos"], ctx["sin"])
@@ -206,11 +207,11 @@ class Attention(nn.Module):
             (keys, vals), kpos = read_cache(cache, dt, group), cache["pos"] if group is None else cache["pos"][group]
 
         out = attend(q, keys, vals, q_pos, kpos, chunk_size=chunk, impl=self.impl)
-        # One [H*d, D] matmul: contracting (h, e) as two dims made XLA transpose and copy
-        # the whole weight on every call (seen in the compiled decode step); the reshapes
-        # of contiguous dims are free.
+        # One [H*d, D] matmul (quant.matmul): contracting (h, e) as two dims made XLA
+        # transpose and copy the whole weight on every call (seen in the compiled decode
+        # step); the reshapes of contiguous dims are free.
         B, T = out.shape[:2]
-        return jnp.einsum("btf,fd->btd", out.reshape(B, T, H * d), wo.reshape(H * d, D)), cache
+        return quant.matmul(out.reshape(B, T, H * d), wo, n_in=2), cache
 
 
 # The kernels package registers the blockwise, pallas and ring backends on import.

@@ -11,12 +11,26 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from .. import quant
+
 INIT = nn.initializers.normal(stddev=0.02)
 
 
 def param(module: nn.Module, name: str, shape, axes, dtype, init=INIT):
-    """A parameter annotated with logical axis names (one name per dimension)."""
+    """A parameter annotated with logical axis names (one name per dimension).
+
+    A stored `quant.QuantizedWeight` is returned as it is (the matmuls take it in place
+    of the array) once its logical shape is checked: flax's own check compares the
+    leaves, and an int4 weight's packed leaf has another shape than the float one.
+    """
     assert len(shape) == len(axes), (name, shape, axes)
+    if module.has_variable("params", name):
+        value = module.get_variable("params", name)
+        if quant.is_quantized(value):
+            if tuple(value.shape) != tuple(shape):
+                raise quant.QuantError(f"quantized parameter {'/'.join(module.path)}/{name} has shape "
+                                       f"{tuple(value.shape)}, the model expects {tuple(shape)}")
+            return value
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
@@ -77,6 +91,11 @@ class MLP(nn.Module):
         gate = param(self, "gate", (D, self.hidden), ("embed", "mlp"), self.dtype)
         up = param(self, "up", (D, self.hidden), ("embed", "mlp"), self.dtype)
         down = param(self, "down", (self.hidden, D), ("mlp", "embed"), self.dtype)
-        g = jnp.einsum("btd,df->btf", x, gate)
-        u = jnp.einsum("btd,df->btf", x, up)
-        return jnp.einsum("btf,fd->btd", u * jax.nn.silu(g), down)
+        return swiglu(x, gate, up, down)
+
+
+def swiglu(x, gate, up, down):
+    """down(silu(x @ gate) * (x @ up)) for x [..., D] and float or quantized [D, F] / [F, D]
+    weights (`quant.matmul`)."""
+    mm = quant.matmul
+    return mm(jax.nn.silu(mm(x, gate)) * mm(x, up), down)

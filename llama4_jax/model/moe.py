@@ -22,7 +22,10 @@ Implementations behind `moe_impl`, all tested equal to `dense`:
         unrolled, so only the chosen experts' weights are read.
 Expert weights are stored as the matmul consumes them (gate/up [E, D, F], down
 [E, F, D]: `x @ w[e]`), so no strategy transposes or re-lays-out a weight;
-tests/test_moe.py checks the compiled HLO for that.
+tests/test_moe.py checks the compiled HLO for that. Every strategy also takes
+quantized experts (`llama4_jax.quant.QuantizedWeight`, through `quant.matmul`,
+`quant.take` and `quant.ragged_dot`); only the backward pass of `blocked` needs float
+weights.
 Further strategies (expert parallelism) register themselves with `register_moe`.
 """
 
@@ -34,8 +37,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from .. import quant
 from ..config import TextConfig
-from .layers import MLP, param
+from .layers import MLP, param, swiglu
 
 _MOE_IMPLS: dict = {}
 
@@ -62,9 +66,9 @@ def route(h, router, k: int):
 
 
 def _swiglu_experts(x_etd, w):
-    g = jnp.einsum("etd,edf->etf", x_etd, w["gate"])
-    u = jnp.einsum("etd,edf->etf", x_etd, w["up"])
-    return jnp.einsum("etf,efd->etd", u * jax.nn.silu(g), w["down"])
+    g = quant.expert_matmul(x_etd, w["gate"])
+    u = quant.expert_matmul(x_etd, w["up"])
+    return quant.expert_matmul(u * jax.nn.silu(g), w["down"])
 
 
 def dense_moe(h, w, idx, score):
@@ -115,9 +119,9 @@ def ragged_dot_moe(h, w, idx, score):
     T, k = idx.shape
     x, order, sizes = _sorted_inputs(h, idx, score, E)
     with jax.named_scope("ragged_dot_experts"):
-        g = jax.lax.ragged_dot(x, w["gate"], sizes)
-        u = jax.lax.ragged_dot(x, w["up"], sizes)
-        y = jax.lax.ragged_dot(u * jax.nn.silu(g), w["down"], sizes)
+        g = quant.ragged_dot(x, w["gate"], sizes)
+        u = quant.ragged_dot(x, w["up"], sizes)
+        y = quant.ragged_dot(u * jax.nn.silu(g), w["down"], sizes)
     return _unsort(y, order, T, k)
 
 
@@ -171,8 +175,7 @@ def _expert_blocks(sizes, block: int, carry, step, local_init=None, local_done=N
     return jax.lax.while_loop(lambda c: c[0] < n_active, expert_step, (jnp.int32(0), carry))[1]
 
 
-def _expert(w, e):
-    return jax.lax.dynamic_index_in_dim(w, e, 0, keepdims=False)
+_expert = quant.take  # expert e's [D, F] / [F, D] slice of a float or quantized weight
 
 
 def _rows(x, r0, block):
@@ -198,16 +201,19 @@ def grouped_swiglu(x, gate, up, down, sizes, block: int):
     Differentiable through a custom VJP: the backward pass walks the same blocks,
     recomputes the block's gate/up activations, and accumulates each expert's weight
     gradients in the loop carry (rows of other experts are masked out of the block).
+    The forward pass also takes quantized weights (`quant.QuantizedWeight`); the
+    backward pass needs float ones.
     """
     def step(e, r0, keep, y, local):
         xb = _rows(x, r0, block)
-        yb = (jax.nn.silu(xb @ _expert(gate, e)) * (xb @ _expert(up, e))) @ _expert(down, e)
+        yb = swiglu(xb, _expert(gate, e), _expert(up, e), _expert(down, e))
         return _put_rows(y, r0, keep, yb), local
 
     return _expert_blocks(sizes, block, jnp.zeros_like(x), step)
 
 
 def _grouped_swiglu_fwd(x, gate, up, down, sizes, block):
+    quant.check_trainable(gate, up, down)
     return grouped_swiglu(x, gate, up, down, sizes, block), (x, gate, up, down, sizes)
 
 
@@ -304,9 +310,8 @@ def rowwise_moe(h, w, idx, score):
     with jax.named_scope("rowwise_experts"):
         for r in range(T * k):
             e = flat[r]
-            wg, wu, wd = (jax.lax.dynamic_index_in_dim(w[n], e, 0, keepdims=False) for n in ("gate", "up", "down"))
-            xr = x[r : r + 1]
-            ys.append((jax.nn.silu(xr @ wg) * (xr @ wu)) @ wd)
+            wg, wu, wd = (quant.take(w[n], e) for n in ("gate", "up", "down"))
+            ys.append(swiglu(x[r : r + 1], wg, wu, wd))
     return jnp.concatenate(ys).reshape(T, k, -1).sum(axis=1)
 
 

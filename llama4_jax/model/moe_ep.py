@@ -36,12 +36,16 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from .. import sharding
+from .. import quant, sharding
 from .moe import ragged_moe, register_moe, sort_by_expert
 
 
-def _plan_axes(mesh, rules, num_experts: int, ffn: int):
-    """(expert axes, tensor axes, token axes) for this mesh, rules and expert shape."""
+def _plan_axes(mesh, rules, num_experts: int, ffn: int, ffn_group: int = 1):
+    """(expert axes, tensor axes, token axes) for this mesh, rules and expert shape.
+
+    ffn_group: the F rows of `down` that share a scale (int4 experts: the group size),
+    so a tensor split of F keeps every group on one device.
+    """
     sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
     ep = tuple(a for a in rules.mesh_axes("expert") if sizes[a] > 1)
     n = math.prod(sizes[a] for a in ep)
@@ -53,7 +57,7 @@ def _plan_axes(mesh, rules, num_experts: int, ffn: int):
                          f"mesh axes {ep} of size {n}; use an expert axis whose size divides {num_experts}, "
                          f"or moe_impl='ragged'")
     tp = tuple(a for a in rules.mesh_axes("expert_mlp") if sizes[a] > 1 and a not in ep)
-    if ffn % math.prod(sizes[a] for a in tp):
+    if ffn % (math.prod(sizes[a] for a in tp) * ffn_group):
         tp = ()  # the weights fell back to unsplit F (see sharding.param_specs); follow them
     eligible = [a for a in mesh.axis_names if sizes[a] > 1 and a not in tp]
     preferred = rules.mesh_axes("batch") + rules.mesh_axes("length") + ep
@@ -62,7 +66,8 @@ def _plan_axes(mesh, rules, num_experts: int, ffn: int):
 
 
 def _local_ep(h, gate, up, down, idx, score, *, n, ep, tp, local_impl):
-    """Per-device body: h [t, D], idx/score [t, k], experts [E/n, D, F/tp] -> [t, D]."""
+    """Per-device body: h [t, D], idx/score [t, k], experts [E/n, D, F/tp] (float or
+    quantized) -> [t, D]."""
     t, D = h.shape
     k = idx.shape[1]
     R = t * k  # rows this device routes
@@ -112,7 +117,7 @@ def ep_moe(h, w, idx, score, *, local=ragged_moe):
     mesh, rules = ctx
     sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
     E, _, F = w["gate"].shape
-    ep, tp, tokens = _plan_axes(mesh, rules, E, F)
+    ep, tp, tokens = _plan_axes(mesh, rules, E, F, getattr(w["down"], "group_size", 0) or 1)
     N = math.prod(sizes[a] for a in tokens)
     T = h.shape[0]
     pad = -T % N
@@ -123,12 +128,13 @@ def ep_moe(h, w, idx, score, *, local=ragged_moe):
     tok_spec = P(tokens, None)
     w_in = P(ep, None, tp or None)
     w_out = P(ep, tp or None, None)
+    specs = [quant.partition_spec(w[name], spec) for name, spec in (("gate", w_in), ("up", w_in), ("down", w_out))]
     n = math.prod(sizes[a] for a in ep)
     body = functools.partial(_local_ep, n=n, ep=ep, tp=tp, local_impl=local)
     # check_vma=False: the local implementation is single-device code (its loops do not
     # declare which mesh axes their carries vary over); every collective here is explicit.
     out = jax.shard_map(body, mesh=sharding._tracing_mesh(mesh),
-                        in_specs=(tok_spec, w_in, w_in, w_out, tok_spec, tok_spec), out_specs=tok_spec,
+                        in_specs=(tok_spec, *specs, tok_spec, tok_spec), out_specs=tok_spec,
                         check_vma=False)(
         h, w["gate"], w["up"], w["down"], idx, score)
     return out[:T] if pad else out

@@ -27,7 +27,7 @@ import numpy as np
 from ..config import LayerFlags, Llama4Config, TextConfig, rope_inv_freq
 from .attention import INVALID_POS, Attention, temperature_scale
 from .layers import MLP, RMSNorm, param, rope_angles
-from .. import sharding
+from .. import quant, sharding
 from . import moe_ep  # noqa: F401  (registers moe_impl='ep')
 from .moe import MoE
 from .vision import check_image_tokens, image_features, init_vision_params, merge_image_features
@@ -331,24 +331,34 @@ def _init(config: Llama4Config, key, dtype, vision: bool | None):
     return variables
 
 
-def init_params(config: Llama4Config, key, *, dtype="float32", vision: bool | None = None):
+def init_params(config: Llama4Config, key, *, dtype="float32", vision: bool | None = None, quantize=None,
+                group_size: int | None = None):
     """Random parameters (normal(0.02), norms at 1) with logical-axis metadata removed.
 
     vision: include the vision tower and projector (default: when the config has one).
+    quantize: None, "int8", "int4" or "fp8" (or a `quant.QuantFormat`): the decoder
+    layers' weight matrices drawn in `dtype`, then quantized (`quant.quantize_params`);
+    group_size: int4 elements per scale (default 128).
     """
     if isinstance(config, TextConfig):
         config = Llama4Config(text=config)
-    variables = jax.jit(lambda k: _init(config, k, jnp.dtype(dtype), vision))(key)
-    return nn.meta.unbox(variables)
+    fmt = quant.as_format(quantize, group_size)
+    variables = jax.jit(lambda k: quant.quantize_params(nn.meta.unbox(_init(config, k, jnp.dtype(dtype), vision)),
+                                                        fmt))(key)
+    return variables
 
 
-def abstract_params(config: Llama4Config, *, dtype="bfloat16", boxed: bool = False, vision: bool | None = None):
+def abstract_params(config: Llama4Config, *, dtype="bfloat16", boxed: bool = False, vision: bool | None = None,
+                    quantize=None, group_size: int | None = None):
     """Shapes and dtypes of the parameter tree (no memory), optionally with axis names.
 
     vision: include the vision tower and projector (default: when the config has one;
-    False gives the text decoder alone).
+    False gives the text decoder alone). quantize / group_size: as for `init_params`;
+    the quantized weights' leaves (q, scale, offset) get axis names too (boxed).
     """
     if isinstance(config, TextConfig):
         config = Llama4Config(text=config)
-    tree = jax.eval_shape(lambda: _init(config, jax.random.key(0), jnp.dtype(dtype), vision))
+    fmt = quant.as_format(quantize, group_size)
+    tree = quant.quantize_params(jax.eval_shape(lambda: _init(config, jax.random.key(0), jnp.dtype(dtype), vision)),
+                                 fmt)
     return tree if boxed else nn.meta.unbox(tree)
