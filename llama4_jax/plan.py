@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 
 import jax
 import numpy as np
@@ -237,7 +238,34 @@ def add_arguments(parser) -> None:
     parser.add_argument("--text-only", action="store_true", help="leave out the vision tower")
 
 
+def _bad_arguments(args) -> str | None:
+    """What is wrong with the command line before any config is read (None: nothing)."""
+    if any(not part.strip() for part in str(args.mesh).split(",")):
+        return f"--mesh {args.mesh!r}: empty axis entry; write e.g. data=2,expert=2"
+    for flag, value in (("--max-len", args.max_len), ("--batch", args.batch), ("--prefill-chunk", args.prefill_chunk)):
+        if value is not None and value < 1:
+            return f"{flag} must be >= 1, got {value}"
+    if not args.device_memory > 0:  # also refuses nan
+        return f"--device-memory must be > 0 GiB, got {args.device_memory}"
+    return None
+
+
 def run(args) -> int:
+    """`llama4-jax plan`: print the plan. A user's mistake (unknown preset, bad mesh
+    spec, non-positive sizes, unreadable config) is one line on stderr and exit code 2."""
+    from .config import ConfigError
+
+    problem = _bad_arguments(args)
+    if problem is None:
+        try:
+            return _run(args)
+        except (ConfigError, sharding.ShardingError, OSError) as e:
+            problem = str(e)
+    print(f"llama4-jax plan: error: {problem}", file=sys.stderr)
+    return 2
+
+
+def _run(args) -> int:
     from .config import load_config, preset
 
     config = preset(args.preset) if args.preset else load_config(args.config)

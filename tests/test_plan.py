@@ -80,3 +80,21 @@ def test_plan_rejects_bad_input():
         plan(preset("tiny"), "data=1", weight_format="int3")
     with pytest.raises(ValueError, match="KV cache format must be one of"):
         plan(preset("tiny"), "data=1", kv_format="int4")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--preset", "scoot"], "unknown preset 'scoot'"),
+    (["--preset", "tiny", "--mesh", "expert=3x"], "size of 'expert' must be an integer, found '3x'"),
+    (["--preset", "tiny", "--mesh", "data=2,,expert=2"], "empty axis entry"),
+    (["--preset", "tiny", "--mesh", "model=2"], "unknown axis 'model'"),
+    (["--preset", "tiny", "--device-memory", "0"], "--device-memory must be > 0 GiB, got 0.0"),
+    (["--preset", "tiny", "--max-len", "0"], "--max-len must be >= 1, got 0"),
+    (["--preset", "tiny", "--batch", "-1"], "--batch must be >= 1, got -1"),
+    (["--config", "/nonexistent/ckpt"], "/nonexistent/ckpt"),
+])
+def test_plan_cli_mistakes_are_one_line_errors(capsys, flags, message):
+    assert cli.main(["plan", *flags]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert captured.out == "" and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.startswith("llama4-jax plan: error: ") and message in err, err
