@@ -2,8 +2,8 @@
 
     python scripts/train_default_checkpoint.py --overwrite          # train (resumes), export, evaluate
     python scripts/train_default_checkpoint.py --export-only --overwrite   # export the latest train state
-    python scripts/train_default_checkpoint.py --init llama4_jax/assets/tiny-llama4 --work runs/more \
-        --steps 4000 --overwrite                                   # train the shipped weights further
+    python scripts/train_default_checkpoint.py --init llama4_jax/assets/tiny-llama4 --work runs/stage2 \
+        --stage 2 --steps 1500 --lr 1e-3 --warmup 150 --overwrite  # train the shipped weights further
 
 A small Llama 4 (`Llama4ForConditionalGeneration`: text decoder + vision tower), shaped
 the way Llama 4 is, scaled down: 8 layers, chunked RoPE layers (chunk 128) with a
@@ -92,7 +92,19 @@ RECALL_PAIRS = (1, 62)  # 62 pairs: 506 prompt tokens + 4 completion tokens <= S
 # recall, with pair counts log-uniform (most prompts short, so the lookup is learnt
 # on many cheap examples; long ones still appear).
 PHASE_2 = 1000
-TASK_MIX = ({"add": 0.6, "recall": 0.25, "color": 0.15}, {"add": 0.5, "recall": 0.4, "color": 0.1})
+# Stage 2 (`--stage 2 --init <stage-1 checkpoint>`): one mix throughout, with an auxiliary
+# multi-query recall ("recall_multi": the pairs, then up to 8 queries "; {k}:{v}" with the
+# loss on every queried value). Stage 1 leaves recall nearly unlearnt (4% exact match
+# after 4000 steps): its prompts give one 3-token answer per up to 500 context tokens.
+# The auxiliary task trains the same lookup (match the key, copy the value after it)
+# with several answers per context; its separator ";" keeps it apart from the graded
+# format " | ", whose single answer must still end in <|eot|>. Measured: 1500 stage-2
+# steps (lr 1e-3, warm-up 150) from the shipped 4000-step checkpoint gave add 42.0%,
+# recall 5.0%, color 100% (200 fresh instances each), against 37.5% / 4.0% / 100%
+# before: within noise, so the shipped weights stay the stage-1 ones.
+TASK_MIX = ({"add": 0.6, "recall": 0.25, "color": 0.15}, {"add": 0.5, "recall": 0.4, "color": 0.1},
+            {"add": 0.4, "recall": 0.25, "recall_multi": 0.25, "color": 0.1})
+MULTI_QUERIES = 8
 PREPROCESSOR = {"image_processor_type": "Llama4ImageProcessor", "processor_class": "Llama4Processor",
                 "size": {"height": TILE, "width": TILE}, "max_patches": MAX_TILES, "resize_to_max_canvas": False,
                 "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
@@ -159,10 +171,10 @@ class TaskBatches:
     """batches(step): B rows of SEQ_LEN tokens packed with fresh task instances drawn
     from a generator seeded by (seed, step)."""
 
-    def __init__(self, tokenizer, config, batch_size: int, seed: int):
+    def __init__(self, tokenizer, config, batch_size: int, seed: int, stage: int = 1):
         from llama4_jax.processor import ImageProcessor
 
-        self.tok, self.config, self.B, self.seed = tokenizer, config, batch_size, seed
+        self.tok, self.config, self.B, self.seed, self.stage = tokenizer, config, batch_size, seed, stage
         self.proc = ImageProcessor.from_dict(PREPROCESSOR)
         self.pad = config.text.pad_token_id
 
@@ -178,28 +190,51 @@ class TaskBatches:
             task = "add"
         if task == "add":
             e = tasks.add_example(rng)
-        elif task == "recall":
+        elif task in ("recall", "recall_multi"):
             lo, hi = RECALL_PAIRS
             if phase == 0:
                 n = int(rng.integers(lo, hi + 1))
             else:
                 n = min(hi, int(np.exp(rng.uniform(np.log(lo), np.log(hi + 1)))))
             e = tasks.recall_example(rng, n)
+            if task == "recall_multi":
+                return self.multi_query(rng, e["prompt"].split(" | ")[0])
         else:
             e = tasks.color_example(rng)
         images = [e["image"]] if "image" in e else None
         return encode(self.tok, self.config, prompt=e["prompt"], completion=e["completion"], images=images,
                       image_processor=self.proc)
 
+    def multi_query(self, rng, body: str):
+        """The recall pairs, then queries " ; {k}:{v}" (keys drawn with replacement) that fit
+        SEQ_LEN; the loss is on the queried values' digits only."""
+        from llama4_jax.data import Example
+
+        pairs = [p.split(":") for p in body.split(" ")]
+        room = (SEQ_LEN - 1 - len(body)) // 10  # BOS; each query is " ; kkk:vvv"
+        text, value_at = body, []
+        for q in rng.integers(len(pairs), size=max(1, min(MULTI_QUERIES, room))):
+            k, v = pairs[q]
+            text += f" ; {k}:"
+            value_at.append(len(text))
+            text += v
+        ids = list(self.tok(text)["input_ids"])
+        assert len(ids) == len(text) + 1, "the byte tokenizer gives one token per character after BOS"
+        mask = [0] * len(ids)
+        for c in value_at:
+            mask[c + 1:c + 4] = [1, 1, 1]
+        return Example(ids, mask)
+
     def __call__(self, step: int) -> dict:
         import numpy as np
 
         from llama4_jax.data import make_batch, pack
 
-        rng = np.random.default_rng([self.seed, step])
+        rng = np.random.default_rng([self.seed, step] if self.stage == 1 else [self.seed, step, self.stage])
         examples, tiles = [], 0
         while True:
-            examples.append(self.example(rng, BATCH_TILES - tiles, 0 if step < PHASE_2 else 1))
+            phase = 2 if self.stage == 2 else 0 if step < PHASE_2 else 1
+            examples.append(self.example(rng, BATCH_TILES - tiles, phase))
             if examples[-1].pixel_values is not None:
                 tiles += examples[-1].pixel_values.shape[0]
             packed = pack(examples, SEQ_LEN, self.pad) if len(examples) % 8 == 0 else None
@@ -253,6 +288,9 @@ def main(argv=None) -> int:
     ap.add_argument("--init", default=None,
                     help="start from this checkpoint's weights (e.g. the shipped one, to train it further) "
                          "instead of a seeded random initialisation")
+    ap.add_argument("--stage", type=int, choices=(1, 2), default=1,
+                    help="1: the phased mix from a random initialisation; 2: the stage-2 mix (with the "
+                         "multi-query recall task) throughout, continuing --init")
     ap.add_argument("--eval-n", type=int, default=200, help="fresh instances per task for the final evaluation")
     ap.add_argument("--export-only", action="store_true", help="export the latest train state, no training")
     ap.add_argument("--eval-only", action="store_true", help="evaluate --out and rewrite its README")
@@ -277,6 +315,9 @@ def main(argv=None) -> int:
                            min_lr_ratio=0.05, weight_decay=0.1, b2=0.98, grad_clip=1.0)
 
     if not args.eval_only:
+        if args.stage == 2 and not args.init:
+            print("--stage 2 continues a stage-1 checkpoint: pass --init DIR", file=sys.stderr)
+            return 2
         if args.init:
             init_config, params = llama4_jax.load(args.init, dtype="float32")
             if init_config != config:
@@ -292,7 +333,7 @@ def main(argv=None) -> int:
                 print(f"step {step}: loss {m['loss']:.4f} acc {m['accuracy']:.3f} ({time.time() - t0:.0f} s)",
                       flush=True)
 
-        state, _ = trainer.fit(config, params, TaskBatches(tokenizer, config, args.batch_size, args.seed),
+        state, _ = trainer.fit(config, params, TaskBatches(tokenizer, config, args.batch_size, args.seed, args.stage),
                                train_config=tc, steps=0 if args.export_only else args.steps,
                                ckpt_dir=os.path.join(args.work, "ckpt"), save_every=args.save_every,
                                attention_impl="blockwise", progress=sys.stderr.isatty(), log_every=10,

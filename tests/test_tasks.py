@@ -33,3 +33,28 @@ def test_make_examples_and_grade():
     assert a == tasks.make_examples("recall", 5, seed=1, recall_pairs=(3, 3))  # seeded
     assert all(e["prompt"].count(":") == 4 for e in a)
     assert tasks.grade(" 579\n", "579") and not tasks.grade("5790", "579")
+
+
+def test_training_batches_of_the_default_checkpoint_script():
+    """scripts/train_default_checkpoint.py: one shape per step, and the stage-2
+    multi-query recall rows put the loss on exactly the queried values."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts"))
+    import train_default_checkpoint as script
+
+    tok, ids = script.build_tokenizer(65536)
+    config = script.build_config(ids, -(-len(tok) // 64) * 64)
+    batches = script.TaskBatches(tok, config, 2, seed=0, stage=2)
+    e = batches.multi_query(np.random.default_rng(0), "abc:123 xyz:456")
+    text = tok.decode(e.ids[1:])
+    assert text.startswith("abc:123 xyz:456 ; ")
+    pairs = {"abc": "123", "xyz": "456"}
+    queries = re.findall(r" ; ([a-z]{3}):(\d{3})", text)
+    assert queries and all(pairs[k] == v for k, v in queries)
+    trained = "".join(tok.decode([t]) for t, m in zip(e.ids, e.loss_mask) if m)
+    assert trained == "".join(v for _, v in queries)
+    b = batches(0)
+    assert b["input_ids"].shape == (2, script.SEQ_LEN) and b["loss_mask"].sum() > 0
+    assert b["pixel_values"].shape[0] == script.BATCH_TILES
