@@ -127,8 +127,11 @@ def test_sharded_load_equals_unsharded(scout_like, tmp_path):
 
 @pytest.fixture(scope="session")
 def converted(ckpt, tmp_path_factory):
+    """Converted with no --dtype: the fp32 source stays fp32 (so the export is bitwise)."""
     dst = tmp_path_factory.mktemp("converted") / "orbax"
-    assert convert(ckpt.path, dst, "--dtype", "float32") == 0
+    assert convert(ckpt.path, dst) == 0
+    with open(dst / ck.FORMAT_FILE) as f:
+        assert json.load(f)["dtype"] == "float32"
     return str(dst)
 
 

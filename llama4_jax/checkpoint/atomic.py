@@ -28,7 +28,10 @@ def atomic_dir(dst: str, *, overwrite: bool, write: Callable[[str], None]) -> No
             old = tmp_root + "-old"
             os.rename(dst, old)
             os.rename(out, dst)
-            shutil.rmtree(old, ignore_errors=True)
+            if os.path.isdir(old) and not os.path.islink(old):
+                shutil.rmtree(old, ignore_errors=True)
+            else:  # a regular file or a symlink: removed itself (the link's target is kept)
+                os.remove(old)
         else:
             os.rename(out, dst)
     finally:

@@ -26,7 +26,8 @@ import jax
 from ..config import load_config, to_hf as config_to_hf
 from ..model.text import abstract_params
 from .base import CheckpointError, _default_sharding, _get, _np_dtype, _progress, _set
-from .hf import _check_consumed, _jitted, _piece_sharding, _read_leaf_region, load_hf, save_hf
+from .hf import (_check_consumed, _jitted, _piece_sharding, _read_leaf_region, copy_side_files, load_hf, save_hf,
+                 source_dtype)
 from .names import plan_leaves
 from .quantized import read_quantization
 from .safetensors_io import SafetensorsReader
@@ -79,13 +80,16 @@ def _release_freed_memory() -> None:
         pass
 
 
-def convert_hf_to_orbax(src: str, dst: str, *, dtype: str = "bfloat16", progress: bool = False,
+def convert_hf_to_orbax(src: str, dst: str, *, dtype: str | None = None, progress: bool = False,
                         batch_bytes: int = 64 << 20) -> None:
     """Stream an HF checkpoint into a converted directory at `dst` (which must not exist).
 
     Writes `config.json`, `llama4_jax.json` and `params/` (orbax). Tensors are read one
     at a time and handed to orbax partial saves in batches of at most `batch_bytes`
-    (or one tensor, if larger), so host memory stays about one tensor.
+    (or one tensor, if larger), so host memory stays about one tensor. dtype: None
+    keeps the source's dtype (`source_dtype`: an fp32 checkpoint stays fp32, FP8 ones
+    become the dtype their config names). The tokenizer, chat template, processor and
+    generation config files are copied across (`copy_side_files`).
     """
     from orbax.checkpoint.experimental import v1 as ocp
 
@@ -93,10 +97,12 @@ def convert_hf_to_orbax(src: str, dst: str, *, dtype: str = "bfloat16", progress
         raise FileNotFoundError(f"checkpoint path does not exist: {src}")
     if os.path.exists(dst):
         raise FileExistsError(f"destination already exists: {dst}")
+    src, dst = os.path.abspath(src), os.path.abspath(dst)  # orbax refuses relative paths
     config = load_config(src)
-    np_dtype = _np_dtype(dtype)
     quant = read_quantization(src)
     reader = SafetensorsReader(src)
+    dtype = dtype or source_dtype(src, reader)
+    np_dtype = _np_dtype(dtype)
     leaves = plan_leaves(config, abstract_params(config, dtype=dtype), reader.tensors)
     consumed: set[str] = set()
     os.makedirs(dst)
@@ -130,8 +136,9 @@ def convert_hf_to_orbax(src: str, dst: str, *, dtype: str = "bfloat16", progress
         ocp.partial.finalize(pdir)
     with open(os.path.join(dst, "config.json"), "w") as f:
         json.dump({**config_to_hf(config), "torch_dtype": dtype}, f, indent=2)
+    copy_side_files(src, dst)
     with open(os.path.join(dst, FORMAT_FILE), "w") as f:
-        json.dump({"format_version": FORMAT_VERSION, "dtype": np_dtype.name, "source": os.path.abspath(src),
+        json.dump({"format_version": FORMAT_VERSION, "dtype": np_dtype.name, "source": src,
                    "dequantized_from": (quant or {}).get("quant_method")}, f, indent=2)
 
 
@@ -154,6 +161,7 @@ def load_orbax(path: str, *, dtype: str | None = None, shardings=None):
     """
     from orbax.checkpoint.experimental import v1 as ocp
 
+    path = os.path.abspath(path)  # orbax refuses relative paths
     fmt = _read_format(path)
     config = load_config(path)
     dt = _np_dtype(dtype or fmt["dtype"])
@@ -192,6 +200,7 @@ def convert_orbax_to_hf(src: str, dst: str, *, dtype: str | None = None, progres
     """Export a converted directory back to Hugging Face safetensors at `dst`."""
     config, params = load_orbax(src, dtype=dtype)
     save_hf(config, params, dst, max_shard_bytes=max_shard_bytes, progress=progress)
+    copy_side_files(src, dst)
     del params
     jax.clear_caches()
 

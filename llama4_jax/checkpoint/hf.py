@@ -18,6 +18,7 @@ import functools
 import json
 import math
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from ..config import Llama4Config, load_config, to_hf as config_to_hf
 from ..model.text import abstract_params
-from .base import CheckpointError, _default_sharding, _get, _np_dtype, _progress, _set
+from .base import _DTYPES, CheckpointError, _default_sharding, _get, _np_dtype, _progress, _set
 from .names import Entry, Leaf, _region_to_hf, checkpoint_entries, hf_shape, plan_leaves, to_hf
 from .quantized import _is_ignored, _read_hf, read_quantization
 from .safetensors_io import SafetensorsReader, _norm_region, write_safetensors
@@ -224,6 +225,46 @@ def save_hf(config: Llama4Config, params, path: str, *, max_shard_bytes: int = 5
     if len(shards) > 1:
         with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+# Files of a Hugging Face directory besides config and weights that the tokenizer,
+# processor and generation defaults are read from (`AutoTokenizer`, `AutoProcessor`,
+# `generation_config.json`); conversion carries them across so a converted directory
+# serves wherever the source did.
+SIDE_FILE_PREFIXES = ("tokenizer", "special_tokens", "chat_template", "generation_config", "preprocessor_config",
+                      "processor_config", "added_tokens")
+
+
+def copy_side_files(src: str, dst: str) -> list[str]:
+    """Copy the tokenizer, chat template, processor and generation config files of `src`
+    into `dst` (plain files only; symlinks are copied as the files they point to).
+    Returns the names copied."""
+    names = sorted(f for f in os.listdir(src) if f.startswith(SIDE_FILE_PREFIXES)
+                   and os.path.isfile(os.path.join(src, f)))
+    for f in names:
+        shutil.copyfile(os.path.join(src, f), os.path.join(dst, f))
+    return names
+
+
+def source_dtype(path: str, reader: SafetensorsReader) -> str:
+    """The dtype a checkpoint keeps by default (transformers' `dtype="auto"`).
+
+    config.json's `dtype` (transformers >= 5) or `torch_dtype`, when it is a parameter
+    dtype we support; else the dtype shared by the stored floating weights. FP8
+    weights do not count: their config names the dtype they dequantize to.
+    """
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    for key in ("dtype", "torch_dtype"):
+        if cfg.get(key) in _DTYPES:
+            return cfg[key]
+    stored = {t.dtype.name for t in reader.tensors.values()
+              if t.dtype.kind == "f" or t.dtype.name == "bfloat16"} - {"float64"}
+    stored = {d for d in stored if not d.startswith("float8")}
+    if len(stored) == 1 and stored <= set(_DTYPES):
+        return stored.pop()
+    raise CheckpointError(f"{path}: cannot tell the checkpoint's dtype (config.json names none, the weights are "
+                          f"{sorted(stored)}); pass one of {list(_DTYPES)}")
 
 
 def _torch_dtype_name(dt: np.dtype) -> str:
