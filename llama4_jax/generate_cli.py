@@ -354,7 +354,7 @@ def run(args) -> int:
 
     # Pass 1: check every line before the model is loaded.
     parser = _Parser(args, tokenizer, config, ctx, defaults)
-    errors, seen, todo = {}, {}, 0
+    errors, seen, todo, done_lines = {}, {}, 0, set()
     for n, raw in _lines(args.input):
         try:
             if isinstance(raw, _InputError):
@@ -364,7 +364,10 @@ def run(args) -> int:
             if key in seen:
                 raise _InputError(n, f"duplicate id {rid!r} (also on line {seen[key]})")
             seen[key] = n
-            todo += key not in finished
+            if key in finished:
+                done_lines.add(n)
+            else:
+                todo += 1
         except _InputError as e:
             errors[n] = e
             print(f"{args.input}:{n}: {e}", file=sys.stderr)
@@ -431,7 +434,7 @@ def run(args) -> int:
 
             # Pass 2: read lazily, --queue-size requests at a time, images decoded when queued.
             for n, raw in _lines(args.input):
-                if n in errors:
+                if n in errors or n in done_lines:  # checked bad, or finished before (--resume)
                     continue
                 try:
                     rid, r = parser.parse(n, raw, decode_images=True)
@@ -440,8 +443,6 @@ def run(args) -> int:
                     if args.on_error == "fail":
                         raise
                     late_errors += 1
-                    continue
-                if _id_key(rid) in finished:
                     continue
                 queue.append((rid, r))
                 if len(queue) >= args.queue_size:

@@ -101,13 +101,28 @@ def test_stop_strings(tokenizer):
     ('{"prompt": "x", "max_new_tokens": 0}', '"max_new_tokens" must be an integer >= 1, got 0'),
     ('{"prompt": "x", "stop": [""]}', '"stop" must be a non-empty string or a list of them'),
     ('{"messages": [{"content": "no role"}]}', "message 0: expected {'role': str, 'content': ...}"),
+    ('{"id": [1], "prompt": "x"}', '"id" must be a string or an integer, got [1]'),
+    ('{"id": 1, "prompt": "x"}', "duplicate id 1 (also on line 1)"),  # line 1 has no id: its id is 1
+    ('{"prompt": "x", "images": ["sub/nope.png"]}', "image file not found: {dir}/sub/nope.png"),  # the JSONL's dir
+    ('{"prompt": "x", "images": ["big.png"]}', "image {dir}/big.png has 40 x 30 = 1200 pixels, more than the "
+                                               "limit of 1000 (max_image_pixels)"),
+    ('{"prompt": "x", "images": ["bomb.png"]}', "image {dir}/bomb.png refused as a decompression bomb"),
 ])
-def test_bad_line_fails_with_line_number(tmp_path, capsys, line, message):
+def test_bad_line_fails_with_line_number(tmp_path, capsys, monkeypatch, line, message):
+    """Every line is checked before the model loads (these fail in the checking pass)."""
+    from PIL import Image
+
+    Image.new("RGB", (40, 30)).save(tmp_path / "big.png")
+    Image.new("RGB", (20, 20)).save(tmp_path / "bomb.png")
+    if "bomb.png" in line:
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)  # 400 pixels: PIL's warning (not yet its error)
     inp = _write(tmp_path / "in.jsonl", [{"prompt": "fine"}, line])
     out = tmp_path / "out.jsonl"
-    assert main(["generate", "--input", inp, "--output", str(out), *COMMON]) == 2
+    monkeypatch.chdir("/")  # relative image paths must not depend on the working directory
+    limit = ["--max-image-pixels", "1000"] if "big.png" in line else []
+    assert main(["generate", "--input", inp, "--output", str(out), *COMMON, *limit]) == 2
     err = capsys.readouterr().err
-    assert f"{inp}:2: " in err and message in err, err
+    assert f"{inp}:2: " in err and message.replace("{dir}", str(tmp_path)) in err, err
     assert "1 bad input line(s); nothing was generated" in err
     assert not out.exists()
 
@@ -123,12 +138,14 @@ def test_non_utf8_line_fails_with_line_number(tmp_path, capsys):
 
 
 def test_bad_line_skipped(tmp_path, capsys):
-    inp = _write(tmp_path / "in.jsonl", [{"id": "x", "messages": CHAT}, "{not json", {"id": "y", "prompt": "also"}])
+    inp = tmp_path / "in.jsonl"
+    lines = [json.dumps({"id": "x", "messages": CHAT}), "{not json", '{"prompt": "\xff"}', json.dumps({"id": "y", "prompt": "also"})]
+    inp.write_bytes(b"\n".join(x.encode("latin-1") for x in lines) + b"\n")
     out = tmp_path / "out.jsonl"
-    assert main(["generate", "--input", inp, "--output", str(out), "--on-error", "skip", *COMMON]) == 0
+    assert main(["generate", "--input", str(inp), "--output", str(out), "--on-error", "skip", *COMMON]) == 0
     err = capsys.readouterr().err
-    assert f"{inp}:2: invalid JSON" in err and "skipped 1 bad line(s)" in err
-    assert [r["id"] for r in _read(out)] == ["x", "y"]
+    assert f"{inp}:2: invalid JSON" in err and f"{inp}:3: not valid UTF-8" in err and "skipped 2 bad line(s)" in err
+    assert sorted(r["id"] for r in _read(out)) == ["x", "y"]
 
 
 def test_prompt_longer_than_context(tmp_path, capsys, tokenizer):
@@ -163,6 +180,8 @@ def test_existing_output_needs_overwrite(tmp_path, capsys):
     (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
     (["--max-model-len", "1"], "--max-model-len: max_model_len must be an integer in [2, 65536]"),
     (["--model", "/nonexistent/ckpt"], "--model: no such checkpoint directory: /nonexistent/ckpt"),
+    (["--queue-size", "0"], "--queue-size must be >= 1, got 0"),
+    (["--max-image-pixels", "0"], "--max-image-pixels must be >= 1, got 0"),
 ])
 def test_bad_options(tmp_path, capsys, flags, message):
     inp = _write(tmp_path / "in.jsonl", [{"prompt": "fine"}])
@@ -179,3 +198,20 @@ def test_missing_input_and_model_files(tmp_path, capsys):
     inp = _write(tmp_path / "in.jsonl", [{"prompt": "fine"}])
     assert main(["generate", "--input", inp, "--output", out, "--model", str(tmp_path)]) == 2
     assert f"--model: {tmp_path} has no config.json" in capsys.readouterr().err
+
+
+def test_output_paths_checked_before_loading(tmp_path, capsys):
+    """A directory as --output, or --output naming --input, is refused at once (with
+    --overwrite too), and the input is left as it was."""
+    inp = _write(tmp_path / "in.jsonl", [{"prompt": "fine"}])
+    before = open(inp).read()
+    assert main(["generate", "--input", inp, "--output", str(tmp_path), "--overwrite", "--model", "/nonexistent"]) == 2
+    assert f"--output {tmp_path} is a directory; name a file" in capsys.readouterr().err
+    for same in (inp, str(tmp_path / "." / "in.jsonl")):
+        assert main(["generate", "--input", inp, "--output", same, "--overwrite"]) == 2
+        assert "is the --input file; name another file" in capsys.readouterr().err
+    os.symlink(inp, tmp_path / "link.jsonl")
+    assert main(["generate", "--input", inp, "--output", str(tmp_path / "link.jsonl"), "--overwrite"]) == 2
+    assert "is the --input file" in capsys.readouterr().err
+    assert open(inp).read() == before
+
