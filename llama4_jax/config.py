@@ -109,7 +109,9 @@ class TextConfig:
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}"
             )
-        if not 1 <= self.num_experts_per_tok <= self.num_local_experts:
+        # A dense model (moe_layers empty, e.g. Llama Guard 4) routes nothing: its expert
+        # counts are unused (its config.json may even say 0 experts).
+        if self.moe_layers and not 1 <= self.num_experts_per_tok <= self.num_local_experts:
             raise ConfigError(
                 f"num_experts_per_tok={self.num_experts_per_tok} must be in 1..num_local_experts={self.num_local_experts}"
             )
@@ -476,6 +478,13 @@ _BEHEMOTH_TEXT = dataclasses.replace(
     no_rope_layers=(1, 1, 1, 0) * 28,
 )
 
+# Llama Guard 4 (12B): Meta's safety classifier, pruned from Scout. Scout's attention and
+# layer pattern (48 layers, width 5120, 40 query / 8 KV heads of 128, chunked RoPE layers
+# with a global NoPE layer every 4th, llama3 RoPE scaling) with every routed expert removed:
+# each layer is dense, its SwiGLU the width of Scout's shared expert (8192); the vision
+# tower is Scout's. `abstract_params` gives 12.0B parameters (11.1B without the vision tower).
+_LLAMA_GUARD_4_TEXT = dataclasses.replace(_SCOUT_TEXT, moe_layers=(), intermediate_size_mlp=8192)
+
 _TINY_TEXT = TextConfig(
     vocab_size=512,
     hidden_size=64,
@@ -510,13 +519,16 @@ PRESETS: dict[str, Llama4Config] = {
     "behemoth-estimate": Llama4Config(
         text=_BEHEMOTH_TEXT, vision=VisionConfig(), architecture="Llama4ForConditionalGeneration"
     ),
+    "llama-guard-4": Llama4Config(
+        text=_LLAMA_GUARD_4_TEXT, vision=VisionConfig(), architecture="Llama4ForConditionalGeneration"
+    ),
     "tiny": Llama4Config(text=_TINY_TEXT),
     "tiny-vision": Llama4Config(text=_TINY_TEXT, vision=_TINY_VISION, architecture="Llama4ForConditionalGeneration"),
 }
 
 
 def preset(name: str) -> Llama4Config:
-    """A named preset: scout, maverick, behemoth-estimate, tiny, tiny-vision."""
+    """A named preset: scout, maverick, behemoth-estimate, llama-guard-4, tiny, tiny-vision."""
     try:
         return PRESETS[name]
     except KeyError:
