@@ -136,7 +136,7 @@ def converted(ckpt, tmp_path_factory):
 
 
 def test_convert_then_load_gives_identical_params(ckpt, converted):
-    assert sorted(os.listdir(converted)) == ["config.json", ck.FORMAT_FILE, "params"]
+    assert {"config.json", ck.FORMAT_FILE, "params"} <= set(os.listdir(converted))
     config, params = llama4_jax.load(converted, dtype="float32")
     assert config == loaded(ckpt.path)[0]
     assert_same_params(params, loaded(ckpt.path)[1])

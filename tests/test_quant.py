@@ -172,7 +172,8 @@ def test_training_through_quantized_weights_is_refused(mav, ids):
     config, params = mav
     qp = quant.quantize_params(params, "int8")
     with pytest.raises(quant.QuantError, match="differentiating through quantized weights"):
-        jax.grad(lambda p: train.loss_fn(config, p, {"input_ids": jnp.asarray(ids)}, moe_impl="blocked")[0])(qp)
+        jax.grad(lambda p: train.loss_fn(config, p, {"input_ids": jnp.asarray(ids)}, moe_impl="blocked")[0],
+                 allow_int=True)(qp)
 
 
 @pytest.mark.parametrize("spec", ["data=2,expert=2,tensor=2", "expert=2,tensor=4"])

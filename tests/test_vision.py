@@ -268,8 +268,8 @@ def test_cli_generate_with_images(tmp_path, capsys):
                "--max-images-per-prompt", "2", "--on-error", "skip"])
     err = capsys.readouterr().err
     assert rc == 0, err
-    assert f"{inp}:3: the prompt: image 0: image file not found: {tmp_path / 'missing.png'}" in err
-    assert f"{inp}:4: the prompt: image 0: cannot read image {tmp_path / 'notes.png'}" in err
+    assert f"{inp}:3: the prompt: image file not found: {tmp_path / 'missing.png'}" in err
+    assert f"{inp}:4: the prompt: cannot read image {tmp_path / 'notes.png'}" in err
     assert f"{inp}:5: the prompt: 3 images, more than the limit of 2 per prompt" in err
     recs = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["id"] for r in recs] == ["one", "two"]
