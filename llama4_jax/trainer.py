@@ -209,16 +209,12 @@ def _distill_weight(s: str):
 def export(config, params, src_dir: str, out: str, *, overwrite: bool) -> None:
     """Write params as a Hugging Face directory at `out`, with the tokenizer, generation
     and processor files of `src_dir`, atomically (see `checkpoint.atomic_dir`)."""
-    import shutil
-
     from .checkpoint import atomic_dir, save_hf
+    from .checkpoint.hf import copy_side_files
 
     def write(tmp):
         save_hf(config, params, tmp)
-        for f in sorted(os.listdir(src_dir)):
-            if f.startswith(("tokenizer", "special_tokens", "chat_template", "generation_config",
-                             "preprocessor_config", "processor_config")):
-                shutil.copy(os.path.join(src_dir, f), os.path.join(tmp, f))
+        copy_side_files(src_dir, tmp)
 
     atomic_dir(out, overwrite=overwrite, write=write)
 
