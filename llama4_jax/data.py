@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -187,3 +187,65 @@ def batch_rows(num_rows: int, batch_size: int, step: int, seed: int) -> np.ndarr
             perms[epoch] = np.random.default_rng([seed, epoch]).permutation(num_rows)
         out.append(perms[epoch][k])
     return np.asarray(out)
+
+
+class Prefetch:
+    """`batches(step)` computed ahead in worker processes.
+
+        with Prefetch(batches, workers=8) as fetch:
+            trainer.fit(config, params, fetch, ...)
+
+    `batches` must be a picklable pure function of the step (a module-level function or
+    an instance of a module-level class): the workers compute steps s+1 .. s+depth while
+    step s trains, and `fetch(s)` returns exactly `batches(s)`. A call out of sequence
+    (a resumed run) drops what was queued and starts again from that step. The workers
+    are started with "spawn" (no fork of a process whose runtime holds threads) and run
+    JAX on the CPU only, so they never claim an accelerator.
+    """
+
+    def __init__(self, batches: Callable[[int], dict], *, workers: int, depth: int | None = None):
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.batches, self.workers, self.depth = batches, workers, depth or 2 * workers
+        self._pool, self._queued = None, {}
+
+    def _start(self):
+        import concurrent.futures as cf
+        import multiprocessing as mp
+        import os
+
+        # The children inherit the environment at start: keep their JAX off any accelerator.
+        saved = os.environ.get("JAX_PLATFORMS")
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        try:
+            self._pool = cf.ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"))
+        finally:
+            if saved is None:
+                del os.environ["JAX_PLATFORMS"]
+            else:
+                os.environ["JAX_PLATFORMS"] = saved
+
+    def __call__(self, step: int) -> dict:
+        if self._pool is None:
+            self._start()
+        if step not in self._queued:
+            for f in self._queued.values():
+                f.cancel()
+            self._queued = {}
+        for s in range(step, step + self.depth + 1):
+            if s not in self._queued:
+                self._queued[s] = self._pool.submit(self.batches, s)
+        return self._queued.pop(step).result()
+
+    def close(self):
+        if self._pool is not None:
+            for f in self._queued.values():
+                f.cancel()
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool, self._queued = None, {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -99,12 +99,20 @@ def _put(batch: dict, mesh, rules):
 def fit(config, params, batches: Callable[[int], dict], *, train_config: T.TrainConfig, steps: int,
         ckpt_dir: str | None = None, save_every: int = 500, keep: int = 2, moe_impl: str = "ragged",
         attention_impl: str = "xla", mesh=None, rules=None, teacher=None, progress: bool = True,
-        log_every: int = 10, on_log: Callable[[int, dict], None] | None = None):
+        log_every: int = 10, on_log: Callable[[int, dict], None] | None = None,
+        time_limit_s: float | None = None):
     """Train for `steps` steps (in total, counting resumed ones); returns (state, history).
 
     teacher: optional (config, params) for distillation (its logits are computed in
     the step, without gradient). history: a list of per-step metric dicts (floats)
-    of the steps run in this call.
+    of the steps run in this call. time_limit_s: stop (with a checkpoint) at the first
+    log boundary after this many seconds of this call; a later call resumes.
+
+    The loop does not wait for each step: metrics stay on the device and are fetched
+    every `log_every` steps (and before every checkpoint), so the host prepares the
+    next batch while the device computes. A non-finite loss among them stops the run
+    naming the first bad step; checkpoints are only written after their steps' losses
+    were checked, so the last one written is good.
     """
     from tqdm.auto import tqdm
 
@@ -119,41 +127,60 @@ def fit(config, params, batches: Callable[[int], dict], *, train_config: T.Train
         if mngr.latest_step() is not None:
             state = restore_state(mngr, state)
     start = int(state.step)
-    history = []
+    history, pending = [], []  # pending: (step, device metrics, real tokens) not yet fetched
     log = None
     if ckpt_dir and jax.process_index() == 0:
         path = os.path.join(ckpt_dir, "metrics.jsonl")
         _truncate_log(path, start)
         log = open(path, "a")
     bar = tqdm(total=steps, initial=start, disable=not progress, desc="train", dynamic_ncols=True)
-    t_last, tok_last = time.perf_counter(), 0.0
+    t_start = t_last = time.perf_counter()
+    tok_last = 0.0
+
+    def flush():
+        """Fetch the pending steps' metrics, check them, log the last one."""
+        nonlocal t_last, tok_last
+        if not pending:
+            return
+        fetched = jax.device_get([m for _, m, _ in pending])
+        for (s, _, real), mv in zip(pending, fetched):
+            m = {k: float(v) for k, v in mv.items()}
+            if not math.isfinite(m["loss"]):
+                last = mngr.latest_step() if mngr else None
+                raise TrainingDiverged(
+                    f"loss is {m['loss']} at step {s}; stopped. The last good checkpoint "
+                    f"({'step ' + str(last) if last else 'none'}) is kept; lower the learning rate or check the data")
+            m["step"], m["real_tokens"] = s, real
+            history.append(m)
+            tok_last += real
+        pending.clear()
+        now = time.perf_counter()
+        m["tokens_per_s"] = tok_last / max(now - t_last, 1e-9)
+        t_last, tok_last = now, 0.0
+        bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
+        if log:
+            log.write(json.dumps(m) + "\n")
+            log.flush()
+        if on_log:
+            on_log(m["step"], m)
+
     try:
         for s in range(start, steps):
-            batch = _put(batches(s), mesh, rules)
+            host_batch = batches(s)
+            real = float(np.sum(host_batch["attention_mask"]))
+            batch = _put(host_batch, mesh, rules)
             state, metrics = step_fn(state, batch, teacher[1]) if teacher else step_fn(state, batch)
-            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            if not math.isfinite(m["loss"]):
-                raise TrainingDiverged(
-                    f"loss is {m['loss']} at step {s + 1}; stopped. The last good checkpoint "
-                    f"({'step ' + str(mngr.latest_step()) if mngr and mngr.latest_step() else 'none'}) is kept; "
-                    f"lower the learning rate or check the data")
-            m["step"] = s + 1
-            m["real_tokens"] = float(np.sum(batch["attention_mask"]))
-            history.append(m)
-            tok_last += m["real_tokens"]
+            pending.append((s + 1, metrics, real))
             bar.update(1)
-            if (s + 1) % log_every == 0 or s + 1 == steps:
-                now = time.perf_counter()
-                m["tokens_per_s"] = tok_last / max(now - t_last, 1e-9)
-                t_last, tok_last = now, 0.0
-                bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
-                if log:
-                    log.write(json.dumps(m) + "\n")
-                    log.flush()
-                if on_log:
-                    on_log(s + 1, m)
-            if mngr is not None and ((s + 1) % save_every == 0 or s + 1 == steps):
+            last = s + 1 == steps
+            out_of_time = time_limit_s is not None and time.perf_counter() - t_start > time_limit_s
+            if (s + 1) % log_every == 0 or last or out_of_time:
+                flush()
+            if mngr is not None and ((s + 1) % save_every == 0 or last or out_of_time):
+                flush()
                 save_state(mngr, state)
+            if out_of_time:
+                break
     finally:
         bar.close()
         if log:

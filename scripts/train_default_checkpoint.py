@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import string
 import sys
 import tempfile
 import time
@@ -83,27 +84,19 @@ CHAT_TEMPLATE = (
 
 TILE = 112  # vision tiles: 112 pixels, 14-pixel patches, 16 tokens per tile after the pixel shuffle
 MAX_TILES = 4  # canvases of up to 4 tiles (+ the global tile)
-BATCH_TILES = 48  # image tiles per training batch (padded to this: one compiled shape)
+BATCH_TILES = 48  # image tiles per training batch (padded to this: one compiled shape; color is learnt on ~10 images a step)
 SEQ_LEN = 512  # the longest training length
-RECALL_PAIRS = (1, 62)  # 62 pairs: 506 prompt tokens + 4 completion tokens <= SEQ_LEN
-# Two phases (each batch is still a pure function of (seed, step)). Phase 1: recall
-# pair counts uniform in RECALL_PAIRS; it learns color within ~1000 steps but neither
-# addition nor recall (0% exact match at step 1000). Phase 2, from PHASE_2 on: more
-# recall, with pair counts log-uniform (most prompts short, so the lookup is learnt
-# on many cheap examples; long ones still appear).
-PHASE_2 = 1000
-# Stage 2 (`--stage 2 --init <stage-1 checkpoint>`): one mix throughout, with an auxiliary
-# multi-query recall ("recall_multi": the pairs, then up to 8 queries "; {k}:{v}" with the
-# loss on every queried value). Stage 1 leaves recall nearly unlearnt (4% exact match
-# after 4000 steps): its prompts give one 3-token answer per up to 500 context tokens.
-# The auxiliary task trains the same lookup (match the key, copy the value after it)
-# with several answers per context; its separator ";" keeps it apart from the graded
-# format " | ", whose single answer must still end in <|eot|>. Measured: 1500 stage-2
-# steps (lr 1e-3, warm-up 150) from the shipped 4000-step checkpoint gave add 42.0%,
-# recall 5.0%, color 100% (200 fresh instances each), against 37.5% / 4.0% / 100%
-# before: within noise, so the shipped weights stay the stage-1 ones.
-TASK_MIX = ({"add": 0.6, "recall": 0.25, "color": 0.15}, {"add": 0.5, "recall": 0.4, "color": 0.1},
-            {"add": 0.4, "recall": 0.25, "recall_multi": 0.25, "color": 0.1})
+RECALL_PAIRS = (1, 62)  # 62 pairs: 502 prompt tokens + BOS + 4 completion tokens <= SEQ_LEN
+# Each batch is filled to these shares of its tokens (the task furthest below its share
+# goes next). The shares are of tokens, not examples: an addition is ~13 tokens, a
+# recall prompt up to 507, so a per-example mix spends nearly every token on recall
+# contexts and trains addition on a few dozen instances per step (the first recipe:
+# ~107 loss tokens per 4096-token step; add 37.5%, recall 4% after 4000 steps).
+# "recall_multi" is the recall context followed by up to MULTI_QUERIES queries
+# " ; {k}:{v}" with the loss on every queried value: the same lookup (find the key,
+# copy the value after it), trained several times per context. Its separator keeps it
+# apart from the graded format " | {k}:", whose single answer ends with <|eot|>.
+TOKEN_SHARE = {"add": 0.30, "recall": 0.30, "recall_multi": 0.35, "color": 0.05}
 MULTI_QUERIES = 8
 PREPROCESSOR = {"image_processor_type": "Llama4ImageProcessor", "processor_class": "Llama4Processor",
                 "size": {"height": TILE, "width": TILE}, "max_patches": MAX_TILES, "resize_to_max_canvas": False,
@@ -167,43 +160,58 @@ def write_support_files(tmp: str, tokenizer, config) -> None:
         json.dump({"processor_class": "Llama4Processor", "patch_size": 14, "pixel_shuffle_ratio": 0.5}, f, indent=2)
 
 
-class TaskBatches:
-    """batches(step): B rows of SEQ_LEN tokens packed with fresh task instances drawn
-    from a generator seeded by (seed, step)."""
+def recall_pairs(rng) -> int:
+    """Pairs of one recall context: half log-uniform over RECALL_PAIRS (many short
+    contexts, where the lookup is learnt cheaply), half uniform (the graded lengths)."""
+    import numpy as np
 
-    def __init__(self, tokenizer, config, batch_size: int, seed: int, stage: int = 1):
+    lo, hi = RECALL_PAIRS
+    if rng.random() < 0.5:
+        return min(hi, int(np.exp(rng.uniform(np.log(lo), np.log(hi + 1)))))
+    return int(rng.integers(lo, hi + 1))
+
+
+class TaskBatches:
+    """batches(step): B rows of SEQ_LEN tokens filled with fresh task instances drawn
+    from a generator seeded by (seed, step), so a batch is a pure function of the step
+    (a resumed run sees the batches an uninterrupted one would; worker processes can
+    compute them ahead: `llama4_jax.data.Prefetch`).
+
+    Instances are generated until they hold a little more than B x SEQ_LEN tokens, in
+    TOKEN_SHARE proportions, then packed first-fit by decreasing length (few padding
+    tokens, unlike in-order packing with prompts of up to 507 tokens); what does not
+    fit is dropped, and each row's instances are shuffled."""
+
+    def __init__(self, tokenizer, config, batch_size: int, seed: int):
+        from llama4_jax.data import end_of_turn_id
         from llama4_jax.processor import ImageProcessor
 
-        self.tok, self.config, self.B, self.seed, self.stage = tokenizer, config, batch_size, seed, stage
+        self.tok, self.config, self.B, self.seed = tokenizer, config, batch_size, seed
         self.proc = ImageProcessor.from_dict(PREPROCESSOR)
         self.pad = config.text.pad_token_id
+        # The byte tokenizer maps each character to one token: text-only instances are
+        # encoded by this table (what `data.encode` gives, tested, without its per-call cost).
+        self.char_ids = {c: tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in string.printable}
+        self.bos, self.eot = config.text.bos_token_id, end_of_turn_id(tokenizer)
 
-    def example(self, rng, tiles_left: int, phase: int):
-        import numpy as np
+    def ids(self, text: str) -> list[int]:
+        """BOS + one token per character."""
+        return [self.bos] + [self.char_ids[c] for c in text]
 
+    def example(self, rng, task: str):
         from llama4_jax import tasks
-        from llama4_jax.data import encode
+        from llama4_jax.data import Example, encode
 
-        mix = TASK_MIX[phase]
-        task = rng.choice(list(mix), p=list(mix.values()))
-        if task == "color" and tiles_left < MAX_TILES + 1:  # keep pixel_values one shape
-            task = "add"
-        if task == "add":
-            e = tasks.add_example(rng)
-        elif task in ("recall", "recall_multi"):
-            lo, hi = RECALL_PAIRS
-            if phase == 0:
-                n = int(rng.integers(lo, hi + 1))
-            else:
-                n = min(hi, int(np.exp(rng.uniform(np.log(lo), np.log(hi + 1)))))
-            e = tasks.recall_example(rng, n)
-            if task == "recall_multi":
-                return self.multi_query(rng, e["prompt"].split(" | ")[0])
-        else:
+        if task == "color":
             e = tasks.color_example(rng)
-        images = [e["image"]] if "image" in e else None
-        return encode(self.tok, self.config, prompt=e["prompt"], completion=e["completion"], images=images,
-                      image_processor=self.proc)
+            return encode(self.tok, self.config, prompt=e["prompt"], completion=e["completion"], images=[e["image"]],
+                          image_processor=self.proc)
+        e = tasks.add_example(rng) if task == "add" else tasks.recall_example(rng, recall_pairs(rng))
+        if task == "recall_multi":
+            return self.multi_query(rng, e["prompt"].split(" | ")[0])
+        prompt = self.ids(e["prompt"])
+        completion = [self.char_ids[c] for c in e["completion"]] + [self.eot]
+        return Example(prompt + completion, [0] * len(prompt) + [1] * len(completion))
 
     def multi_query(self, rng, body: str):
         """The recall pairs, then queries " ; {k}:{v}" (keys drawn with replacement) that fit
@@ -218,8 +226,7 @@ class TaskBatches:
             text += f" ; {k}:"
             value_at.append(len(text))
             text += v
-        ids = list(self.tok(text)["input_ids"])
-        assert len(ids) == len(text) + 1, "the byte tokenizer gives one token per character after BOS"
+        ids = self.ids(text)
         mask = [0] * len(ids)
         for c in value_at:
             mask[c + 1:c + 4] = [1, 1, 1]
@@ -228,18 +235,38 @@ class TaskBatches:
     def __call__(self, step: int) -> dict:
         import numpy as np
 
-        from llama4_jax.data import make_batch, pack
+        from llama4_jax.data import Packed, make_batch
 
-        rng = np.random.default_rng([self.seed, step] if self.stage == 1 else [self.seed, step, self.stage])
-        examples, tiles = [], 0
-        while True:
-            phase = 2 if self.stage == 2 else 0 if step < PHASE_2 else 1
-            examples.append(self.example(rng, BATCH_TILES - tiles, phase))
-            if examples[-1].pixel_values is not None:
-                tiles += examples[-1].pixel_values.shape[0]
-            packed = pack(examples, SEQ_LEN, self.pad) if len(examples) % 8 == 0 else None
-            if packed is not None and len(packed) > self.B:  # the first B rows are full
-                return make_batch(packed, range(self.B), num_tiles=BATCH_TILES)
+        rng = np.random.default_rng([self.seed, step])
+        used = dict.fromkeys(TOKEN_SHARE, 0)
+        examples, tiles, total = [], 0, 0
+        while total < 1.02 * self.B * SEQ_LEN:
+            short = {t: share * (total + 1) - used[t] for t, share in TOKEN_SHARE.items()
+                     if t != "color" or tiles + MAX_TILES + 1 <= BATCH_TILES}
+            task = max(short, key=short.get)
+            e = self.example(rng, task)
+            if e.pixel_values is not None:
+                tiles += e.pixel_values.shape[0]
+            examples.append(e)
+            used[task] += len(e.ids)
+            total += len(e.ids)
+        rows = [[] for _ in range(self.B)]
+        room = [SEQ_LEN] * self.B
+        for i in sorted(range(len(examples)), key=lambda i: -len(examples[i].ids)):
+            r = next((r for r in range(self.B) if room[r] >= len(examples[i].ids)), None)
+            if r is not None:
+                rows[r].append(examples[i])
+                room[r] -= len(examples[i].ids)
+        ids = np.full((self.B, SEQ_LEN), self.pad, np.int32)
+        att, loss, row_tiles = np.zeros_like(ids), np.zeros_like(ids), []
+        for r, row in enumerate(rows):
+            row = [row[j] for j in rng.permutation(len(row))]
+            seq = [t for e in row for t in e.ids]
+            ids[r, :len(seq)], att[r, :len(seq)] = seq, 1
+            loss[r, :len(seq)] = [m for e in row for m in e.loss_mask]
+            px = [e.pixel_values for e in row if e.pixel_values is not None]
+            row_tiles.append(np.concatenate(px) if px else None)
+        return make_batch(Packed(ids, att, loss, row_tiles), range(self.B), num_tiles=BATCH_TILES)
 
 
 def evaluate_all(config, params, tokenizer, n: int, seed: int) -> dict:
@@ -275,27 +302,43 @@ Completions end with `<|eot|>`; the generation config is greedy. Measured with
 """
 
 
+def plan_steps(args, probe_rate: float, elapsed: float) -> int:
+    """--time-budget: the total steps that fit what is left of the budget at the
+    probed rate (steps/s), keeping a margin for the second compile and the export."""
+    left = args.time_budget - elapsed - args.reserve
+    return max(args.warmup + 1, int(args.probe_steps + left * probe_rate))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=DEFAULT_OUT, help="where the checkpoint is written")
     ap.add_argument("--work", default=DEFAULT_WORK, help="train state checkpoints and metrics (resumable)")
-    ap.add_argument("--steps", type=int, default=5000)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=6000, help="total optimizer steps (the cosine schedule's length)")
+    ap.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                    help="instead of --steps: train as many steps as fit in this wall time (measured on the "
+                         "first --probe-steps steps, which are warm-up steps of any schedule), then export")
+    ap.add_argument("--probe-steps", type=int, default=40)
+    ap.add_argument("--reserve", type=float, default=75.0,
+                    help="--time-budget seconds kept for the second compile and the export")
+    ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=300)
-    ap.add_argument("--save-every", type=int, default=250)
+    ap.add_argument("--save-every", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                    help="processes that build batches ahead of the step")
+    ap.add_argument("--moe-impl", default="ragged", help="ragged (CPU) or dense (cheapest on a GPU at 4 experts)")
+    ap.add_argument("--attention-impl", default="blockwise", help="blockwise (CPU) or xla (GPU)")
     ap.add_argument("--init", default=None,
                     help="start from this checkpoint's weights (e.g. the shipped one, to train it further) "
                          "instead of a seeded random initialisation")
-    ap.add_argument("--stage", type=int, choices=(1, 2), default=1,
-                    help="1: the phased mix from a random initialisation; 2: the stage-2 mix (with the "
-                         "multi-query recall task) throughout, continuing --init")
-    ap.add_argument("--eval-n", type=int, default=200, help="fresh instances per task for the final evaluation")
+    ap.add_argument("--eval-n", type=int, default=200,
+                    help="fresh instances per task for the final evaluation (0: no evaluation)")
     ap.add_argument("--export-only", action="store_true", help="export the latest train state, no training")
     ap.add_argument("--eval-only", action="store_true", help="evaluate --out and rewrite its README")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = ap.parse_args(argv)
+    t_start = time.time()
 
     import jax
     import numpy as np
@@ -303,21 +346,25 @@ def main(argv=None) -> int:
     import llama4_jax
     from llama4_jax import train, trainer
     from llama4_jax.checkpoint import atomic_dir, save_hf
+    from llama4_jax.data import Prefetch
     from llama4_jax.model.text import init_params
 
     if os.path.exists(args.out) and not (args.overwrite or args.eval_only):
         print(f"{args.out} exists; pass --overwrite to replace it", file=sys.stderr)
         return 2
+    if args.time_budget is not None and not 10 <= args.probe_steps < args.warmup:
+        print("--probe-steps must be at least 10 and below --warmup (the probe runs warm-up steps, equal under any length)",
+              file=sys.stderr)
+        return 2
     tokenizer, ids = build_tokenizer(65536)
     vocab = -(-len(tokenizer) // 64) * 64
     config = build_config(ids, vocab)
-    tc = train.TrainConfig(learning_rate=args.lr, warmup_steps=args.warmup, total_steps=args.steps,
-                           min_lr_ratio=0.05, weight_decay=0.1, b2=0.98, grad_clip=1.0)
+
+    def train_config(total):
+        return train.TrainConfig(learning_rate=args.lr, warmup_steps=args.warmup, total_steps=total,
+                                 min_lr_ratio=0.05, weight_decay=0.1, b2=0.98, grad_clip=1.0)
 
     if not args.eval_only:
-        if args.stage == 2 and not args.init:
-            print("--stage 2 continues a stage-1 checkpoint: pass --init DIR", file=sys.stderr)
-            return 2
         if args.init:
             init_config, params = llama4_jax.load(args.init, dtype="float32")
             if init_config != config:
@@ -326,18 +373,37 @@ def main(argv=None) -> int:
         else:
             params = init_params(config, jax.random.key(args.seed), dtype="float32")
         os.makedirs(args.work, exist_ok=True)
-        t0 = time.time()
+        ckpt = os.path.join(args.work, "ckpt")
+        steps_file = os.path.join(args.work, "total_steps")
+        marks = []
 
         def on_log(step, m):
-            if step % 500 == 0:
-                print(f"step {step}: loss {m['loss']:.4f} acc {m['accuracy']:.3f} ({time.time() - t0:.0f} s)",
-                      flush=True)
+            marks.append((step, time.time()))
+            if step % 250 == 0 or step == args.probe_steps:
+                print(f"step {step}: loss {m['loss']:.4f} acc {m['accuracy']:.3f} lr {m['lr']:.2e} "
+                      f"{m['tokens_per_s']:.0f} tok/s ({time.time() - t_start:.0f} s)", flush=True)
 
-        state, _ = trainer.fit(config, params, TaskBatches(tokenizer, config, args.batch_size, args.seed, args.stage),
-                               train_config=tc, steps=0 if args.export_only else args.steps,
-                               ckpt_dir=os.path.join(args.work, "ckpt"), save_every=args.save_every,
-                               attention_impl="blockwise", progress=sys.stderr.isatty(), log_every=10,
-                               on_log=on_log)
+        common = dict(ckpt_dir=ckpt, save_every=args.save_every, attention_impl=args.attention_impl,
+                      moe_impl=args.moe_impl, progress=sys.stderr.isatty(), log_every=10, on_log=on_log)
+        with Prefetch(TaskBatches(tokenizer, config, args.batch_size, args.seed), workers=args.workers) as batches:
+            total = args.steps
+            if args.export_only:
+                total = 0
+            elif args.time_budget is not None:
+                if os.path.exists(steps_file):  # a resumed budgeted run keeps its schedule
+                    total = int(open(steps_file).read())
+                else:
+                    trainer.fit(config, params, batches, train_config=train_config(args.steps),
+                                steps=args.probe_steps, **{**common, "log_every": 5})
+                    (s0, t0), (s1, t1) = marks[min(1, len(marks) - 2)], marks[-1]  # after the compile
+                    total = plan_steps(args, (s1 - s0) / (t1 - t0), time.time() - t_start)
+                    with open(steps_file, "w") as f:
+                        f.write(str(total))
+                    print(f"--time-budget {args.time_budget:.0f} s: {(t1 - t0) / (s1 - s0) * 1e3:.1f} ms/step, "
+                          f"training {total} steps", flush=True)
+            limit = None if args.time_budget is None else args.time_budget - args.reserve / 3 - (time.time() - t_start)
+            state, _ = trainer.fit(config, params, batches, train_config=train_config(max(total, 1)), steps=total,
+                                   time_limit_s=limit, **common)
         params = jax.device_get(state.params)
         steps_done = int(state.step)
 
@@ -348,7 +414,9 @@ def main(argv=None) -> int:
         atomic_dir(args.out, overwrite=True, write=write)
         with open(os.path.join(args.work, "exported_step"), "w") as f:
             f.write(str(steps_done))
-        print(f"exported step {steps_done} to {args.out}", flush=True)
+        print(f"exported step {steps_done} of {total} to {args.out} ({time.time() - t_start:.0f} s)", flush=True)
+    if args.eval_n <= 0:
+        return 0
     config, params = llama4_jax.load(args.out, dtype="float32")
     tok = __import__("transformers").AutoTokenizer.from_pretrained(args.out, local_files_only=True)
     res = evaluate_all(config, params, tok, args.eval_n, seed=12345)

@@ -1,12 +1,12 @@
 """The shipped checkpoint: transformers loads it with the same logits, its tokenizer keeps
 characters as tokens, and it answers its tasks in their formats (the README's main
 command). Accuracy floors are regression checks of what the checkpoint measures on
-seeded fresh instances (its README gives the measured accuracies): it names colors
-(100% measured); addition and recall are learnt only in part so far (37.5% / 4% of 200)."""
+seeded fresh instances (its README gives the measured accuracies on 200 per task:
+add 99.5%, recall 97%, color 100%); the floors leave room for the few misses a small
+sample can hold."""
 
 import json
 import os
-import re
 
 import numpy as np
 import pytest
@@ -17,7 +17,7 @@ from llama4_jax.generate import DEFAULT_MODEL
 from llama4_jax.prompts import render_images
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXPECTED = {"color": "orange", "color-2": "blue"}
+EXPECTED = {"color": "orange", "color-2": "blue", "add": "579", "add-carry": "1000", "recall": "456"}
 
 
 @pytest.fixture(scope="module")
@@ -65,13 +65,11 @@ def test_it_answers_the_example_prompts(shipped):
                                images=[[os.path.join(ROOT, "examples", p) for p in x["images"]] if "images" in x else None
                                        for x in lines])
     got = {x["id"]: o.text for x, o in zip(lines, outs)}
-    assert {k: got[k] for k in EXPECTED} == EXPECTED
-    assert got["add"] == "579"
-    assert all(re.fullmatch(r"\d{3,4}", got[k]) for k in ("add-carry", "recall"))  # numbers, in the task's format
+    assert got == EXPECTED
     assert all(o.finish_reason == "stop" for o in outs)  # each completion ends with <|eot|>
 
 
-@pytest.mark.parametrize("task, n, at_least", [("add", 40, 0.2), ("color", 16, 0.9)])
+@pytest.mark.parametrize("task, n, at_least", [("add", 40, 0.9), ("recall", 24, 0.85), ("color", 16, 0.9)])
 def test_accuracy_on_fresh_instances(shipped, task, n, at_least):
     config, params, tok = shipped
     from llama4_jax.processor import ImageProcessor

@@ -36,8 +36,9 @@ def test_make_examples_and_grade():
 
 
 def test_training_batches_of_the_default_checkpoint_script():
-    """scripts/train_default_checkpoint.py: one shape per step, and the stage-2
-    multi-query recall rows put the loss on exactly the queried values."""
+    """scripts/train_default_checkpoint.py: one shape per step, a pure function of the
+    step, nearly no padding, and the multi-query recall rows put the loss on exactly
+    the queried values."""
     import os
     import sys
 
@@ -46,7 +47,7 @@ def test_training_batches_of_the_default_checkpoint_script():
 
     tok, ids = script.build_tokenizer(65536)
     config = script.build_config(ids, -(-len(tok) // 64) * 64)
-    batches = script.TaskBatches(tok, config, 2, seed=0, stage=2)
+    batches = script.TaskBatches(tok, config, 2, seed=0)
     e = batches.multi_query(np.random.default_rng(0), "abc:123 xyz:456")
     text = tok.decode(e.ids[1:])
     assert text.startswith("abc:123 xyz:456 ; ")
@@ -55,6 +56,20 @@ def test_training_batches_of_the_default_checkpoint_script():
     assert queries and all(pairs[k] == v for k, v in queries)
     trained = "".join(tok.decode([t]) for t, m in zip(e.ids, e.loss_mask) if m)
     assert trained == "".join(v for _, v in queries)
+    from llama4_jax import tasks
+    from llama4_jax.data import encode
+
+    for seed in range(4):  # the table encoder equals data.encode on the same instances
+        for task in ("add", "recall"):
+            fast = batches.example(np.random.default_rng(seed), task)
+            rng = np.random.default_rng(seed)
+            e = tasks.add_example(rng) if task == "add" else tasks.recall_example(rng, script.recall_pairs(rng))
+            ref = encode(tok, config, prompt=e["prompt"], completion=e["completion"])
+            assert (fast.ids, fast.loss_mask) == (ref.ids, ref.loss_mask)
     b = batches(0)
     assert b["input_ids"].shape == (2, script.SEQ_LEN) and b["loss_mask"].sum() > 0
     assert b["pixel_values"].shape[0] == script.BATCH_TILES
+    assert b["attention_mask"].mean() > 0.9  # first-fit packing leaves little padding
+    assert all(np.array_equal(v, batches(0)[k]) for k, v in b.items())
+    text = tok.decode(b["input_ids"][b["attention_mask"] > 0])
+    assert re.search(r"\d+\+\d+=", text) and " ; " in text  # additions and multi-query recall in the mix

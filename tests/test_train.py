@@ -235,6 +235,31 @@ def test_resume_equals_uninterrupted(tiny, tmp_path):
     assert logged[-3:] == [4, 5, 6]
 
 
+def test_time_limit_stops_with_a_checkpoint_and_resumes(tiny, tmp_path):
+    params, batch = tiny
+    ck = str(tmp_path / "ck")
+    tc = train.TrainConfig(learning_rate=5e-3, warmup_steps=1, total_steps=4)
+    state, hist = trainer.fit(TINY, params, lambda s: batch, train_config=tc, steps=4, ckpt_dir=ck,
+                              save_every=100, progress=False, time_limit_s=0.0)
+    assert int(state.step) == 1 and [m["step"] for m in hist] == [1]
+    assert trainer._manager(ck, 2).latest_step() == 1  # stopped with a checkpoint
+    state, hist = trainer.fit(TINY, params, lambda s: batch, train_config=tc, steps=4, ckpt_dir=ck,
+                              save_every=100, progress=False)
+    assert int(state.step) == 4 and [m["step"] for m in hist] == [2, 3, 4]
+
+
+def test_prefetch_returns_the_steps_batches_in_and_out_of_order():
+    import functools
+
+    from llama4_jax.data import Prefetch
+
+    with Prefetch(functools.partial(np.full, 3), workers=1, depth=2) as fetch:
+        assert [fetch(s).tolist() for s in (0, 1, 2)] == [[0, 0, 0], [1, 1, 1], [2, 2, 2]]
+        assert fetch(7).tolist() == [7, 7, 7] and fetch(8).tolist() == [8, 8, 8]  # a resumed run
+    with pytest.raises(ValueError, match="workers"):
+        Prefetch(np.zeros, workers=0)
+
+
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path):
     params, batch = tiny
     ck = str(tmp_path / "ck")
