@@ -1,9 +1,11 @@
 """Train the default checkpoint shipped in llama4_jax/assets/tiny-llama4.
 
-    python scripts/train_default_checkpoint.py --overwrite          # train (resumes), export, evaluate
-    python scripts/train_default_checkpoint.py --export-only --overwrite   # export the latest train state
-    python scripts/train_default_checkpoint.py --init llama4_jax/assets/tiny-llama4 --work runs/stage2 \
-        --stage 2 --steps 1500 --lr 1e-3 --warmup 150 --overwrite  # train the shipped weights further
+    # how the shipped weights were made (one H200, 5.5 minutes; 7663 steps):
+    python scripts/train_default_checkpoint.py --time-budget 405 --moe-impl dense --attention-impl xla \
+        --overwrite --eval-n 0
+    python scripts/train_default_checkpoint.py --steps 7663 --overwrite   # the same schedule on any machine
+    python scripts/train_default_checkpoint.py --export-only --overwrite  # export the latest train state
+    python scripts/train_default_checkpoint.py --eval-only               # evaluate --out, rewrite its README
 
 A small Llama 4 (`Llama4ForConditionalGeneration`: text decoder + vision tower), shaped
 the way Llama 4 is, scaled down: 8 layers, chunked RoPE layers (chunk 128) with a
@@ -14,11 +16,17 @@ Its tokenizer is byte-level with no merges: every character (every digit, every
 letter) is one token, plus Llama 4's special tokens and chat format.
 
 It is trained with `llama4_jax.trainer.fit` on freshly generated instances of the
-three tasks of `llama4_jax.tasks` (add, recall at <= 512 tokens, color), packed into
-rows of 512 tokens, loss on the completions only. Every step's batch is a pure
-function of (seed, step), and the train state is checkpointed (orbax) every
---save-every steps under --work, so an interrupted run resumes where it stopped and
-gives the same result. Everything is seeded.
+three tasks of `llama4_jax.tasks` (add, recall at <= 512 tokens, color), filled into
+rows of 512 tokens by token share (see TOKEN_SHARE), loss on the completions only.
+Every step's batch is a pure function of (seed, step), built ahead by --workers
+processes, and the train state is checkpointed (orbax) every --save-every steps under
+--work, so an interrupted run resumes where it stopped and gives the same result.
+Everything is seeded. `--time-budget` picks the number of steps that fit a wall time
+from the speed of the first --probe-steps (warm-up) steps and records it under
+--work, so a resumed budgeted run keeps its schedule; the step count it chose is
+printed, and `--steps N` reruns that schedule anywhere (on this repository's 2-core
+CPU a step of 64 x 512 tokens takes ~15 s: the H200 run's 7663 steps would take
+about 32 hours here; the GPU run is the recipe of record).
 
 At the end the weights are exported (Hugging Face format, float32) with the tokenizer
 and processor files, evaluated on fresh instances (greedy, exact match), and the
