@@ -24,9 +24,9 @@ processes, and the train state is checkpointed (orbax) every --save-every steps 
 Everything is seeded. `--time-budget` picks the number of steps that fit a wall time
 from the speed of the first --probe-steps (warm-up) steps and records it under
 --work, so a resumed budgeted run keeps its schedule; the step count it chose is
-printed, and `--steps N` reruns that schedule anywhere (on this repository's 2-core
-CPU a step of 64 x 512 tokens takes ~15 s: the H200 run's 7663 steps would take
-about 32 hours here; the GPU run is the recipe of record).
+printed, and `--steps N` reruns that schedule anywhere. The GPU run is the recipe of
+record: on a 2-core CPU a step of 8 x 512 tokens measured ~2.5 s, so its 7663 steps of
+64 x 512 would take about two days there (an estimate scaled from that measurement).
 
 At the end the weights are exported (Hugging Face format, float32) with the tokenizer
 and processor files, evaluated on fresh instances (greedy, exact match), and the
