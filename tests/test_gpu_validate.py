@@ -1,0 +1,118 @@
+"""benchmarks/gpu_validate.py, the prepared GPU run: what CI can check of it without a GPU.
+
+* `--lower-only` exports every GPU program of the run (attention backends and their
+  gradients, every MoE implementation and its gradient, the model forward per backend,
+  the generate engine's prefill and decode) for `cuda` with `jax.export`, traced as on
+  a GPU (the Pallas kernel compiled to Triton, `ragged` as `ragged_dot`);
+* the report keeps going past a failing section, stops a section at its time box and
+  skips what the budget no longer covers, rewriting its markdown after every line.
+"""
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_validate.py")
+
+
+@pytest.fixture(scope="module")
+def gv():
+    spec = importlib.util.spec_from_file_location("gpu_validate", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_lower_only_exports_every_gpu_program():
+    # A subprocess: lowering patches the kernel and MoE choices to the GPU's while tracing,
+    # and those traces must not land in this process's jit caches (they cannot run on CPU).
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, SCRIPT, "--lower-only"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=900)
+    out = r.stdout
+    assert r.returncode == 0, out[-6000:] + r.stderr[-3000:]
+    summary = re.search(r"lower-only: (\d+) lowered, (\d+) skipped, (\d+) failed", out)
+    assert summary and summary.group(3) == "0", out[-3000:]
+    lowered = set(re.findall(r"^lowered (.+) \(\d", out, re.M))
+    assert len(lowered) == int(summary.group(1)) >= 50
+    for name in ("attention xla global fp32 gradient", "attention blockwise chunked bf16 forward",
+                 "attention pallas chunked fp32 gradient", "attention pallas global bf16 forward",
+                 "moe ragged T=32 k=2 gradient", "moe ragged_dot T=4 k=1 forward", "moe blocked T=32 k=2 gradient",
+                 "moe ep T=32 k=2 gradient", "model forward attention=pallas moe=ragged",
+                 "model forward attention=blockwise moe=ragged", "engine prefill batch 4", "engine decode batch 1"):
+        assert name in lowered, name
+    # Only the cuDNN candidate may be skipped (jax checks for cuDNN while tracing).
+    skipped = re.findall(r"^skipped (.+?):", out, re.M)
+    assert all(n.startswith("attention cudnn") for n in skipped), skipped
+
+
+def _fake_plan(gv, clock):
+    def ok(s, ctx):
+        s.line("- first line")
+        s.table("a", "b")
+        s.row(1, 2)
+        ctx["ran"].append("ok")
+
+    def boom(s, ctx):
+        ctx["ran"].append("boom")
+        raise ValueError("boom at step 3")
+
+    def boxed(s, ctx):
+        ctx["ran"].append("boxed")
+        s.line("- before the box")
+        s.check(s.box_s + 1, "the long step")  # more than the box, less than the budget
+        s.line("- never written")
+
+    def spend(s, ctx):
+        ctx["ran"].append("spend")
+        clock["report"].t0 -= 1e4  # as if the budget were spent during this section
+
+    def never(s, ctx):
+        ctx["ran"].append("never")
+
+    return [("ok", "Fine", ok, 0.2), ("boom", "Fails", boom, 0.2), ("boxed", "Boxed", boxed, 0.2),
+            ("spend", "Spends", spend, 0.2), ("never", "Too late", never, 0.2)]
+
+
+def test_report_records_failures_timeouts_and_skips(gv, tmp_path):
+    path = str(tmp_path / "out" / "gpu-test.md")
+    clock = {}
+    report = gv.Report("GPU validation: test", ["header line"], [path], budget_s=600.0, t0=time.perf_counter())
+    clock["report"] = report
+    ctx = {"ran": []}
+    report.run(_fake_plan(gv, clock), ctx)
+    assert ctx["ran"] == ["ok", "boom", "boxed", "spend"]
+    status = {s.name: s.status for s in report.sections}
+    assert status["ok"] == "ok" and status["spend"] == "ok"
+    assert status["boom"] == "failed: ValueError: boom at step 3"
+    assert status["boxed"].startswith("stopped: time box") and "before the long step" in status["boxed"]
+    assert status["never"].startswith("skipped: budget")
+    md = open(path).read()
+    assert "| ok | ok |" in md and "| never | skipped: budget" in md
+    assert "- first line" in md and "| 1 | 2 |" in md and "- before the box" in md and "never written" not in md
+    assert "ValueError: boom at step 3" in md and "Traceback" in md  # the short traceback, in a code block
+    data = json.load(open(path[:-3] + ".json"))
+    assert data["sections"]["boom"]["status"].startswith("failed")
+
+
+def test_counting_helpers(gv):
+    brute = lambda T, C: sum(1 for i in range(T) for j in range(i + 1) if not C or i // C == j // C)  # noqa: E731
+    for T, C in ((10, 4), (16, 8), (17, 8), (5, None), (8, 8), (3, 16)):
+        assert gv.visible_pairs(T, C) == brute(T, C), (T, C)
+    assert gv._slug("NVIDIA H200") == "h200"
+    assert gv._slug("NVIDIA H100 80GB HBM3") == "h100-80gb-hbm3"
+    # The Scout-shaped config of the GPU run: ~1B parameters, a quarter of its layers global.
+    config = gv.scout_shaped(gv.Sizes())
+    t = config.text
+    assert sum(not f.is_chunked for f in t.layer_flags) == t.num_hidden_layers // 4
+    D, E, F = t.hidden_size, t.num_local_experts, t.intermediate_size
+    attn = 2 * D * t.num_attention_heads * t.head_dim + 2 * D * t.num_key_value_heads * t.head_dim
+    assert gv.active_matmul_params(t) == t.num_hidden_layers * (attn + D * E + 6 * D * F) + D * t.vocab_size
