@@ -54,7 +54,7 @@ sections that would start with too little budget left are recorded as skipped.
    (bytes of active weights read per token plus the KV cache at the mean context,
    divided by the measured copy rate). Batch-64 decode tokens/s, same methods, and
    the greedy agreement of the two. Last, the prefill through the `xla` and `pallas`
-   attention backends (`auto` is `blockwise` past 1024 tokens).
+   attention backends (`auto`: `kernels.default_attention_impl`; the recorded H200 run predates `xla` as the GPU default, when `auto` was `blockwise` past 1024 tokens).
 6. parity_1b: the same ~1B model in fp32 (weights are bf16-representable, so both
    dtypes hold the same model) against HF fp32, and the bf16 logits of section 5
    against it.
@@ -1015,7 +1015,7 @@ def section_throughput(s: Section, ctx: dict) -> None:
     s.data["greedy_b64_agreement"] = float((toks == hf_toks).mean())
     ctx["big_greedy"] = _agreement(toks, hf_toks)
 
-    # The prefill through the other attention backends (`auto` is `blockwise` past 1024 tokens).
+    # The prefill through the other attention backends (`auto` resolves by `kernels.default_attention_impl`).
     s.line()
     s.line(f"Prefill through the other attention backends ({B} x {T}, as above):")
     s.table("prefill", "ms", "tokens/s", "MFU")

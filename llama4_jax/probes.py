@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import Llama4Config, TextConfig, rope_inv_freq
-from .model.attention import _NEG, INVALID_POS, temperature_scale, visible
+from .kernels.reference import INVALID_POS, NEG, visible
+from .model.attention import temperature_scale
 from .model.layers import apply_rope, rms_norm, rope_angles
 from .model.text import TextModel, check_token_ids, input_embeddings, positions_from_mask
 
@@ -146,7 +147,7 @@ def _softmax_weights(t: TextConfig, flags, attn, h, positions, valid):
     logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * (1.0 / math.sqrt(d))
     chunk = t.attention_chunk_size if flags.is_chunked else None
     mask = visible(positions, jnp.where(valid, positions, INVALID_POS), chunk)[:, None, None]
-    probs = jax.nn.softmax(jnp.where(mask, logits, _NEG), axis=-1)
+    probs = jax.nn.softmax(jnp.where(mask, logits, NEG), axis=-1)
     return probs.reshape(B, H, T, -1)
 
 

@@ -223,3 +223,33 @@ def test_pallas_lowers_for_cuda(chunk):
         exp = pallas_flash.lower_for_cuda(f, q, k, v, qp, kp)
         assert exp.platforms == ("cuda",)
         assert "triton" in exp.mlir_module()
+
+
+def test_auto_picks_by_platform_and_size():
+    """CPU: xla up to XLA_MAX_LEN tokens, then blockwise. GPU: xla while its fp32 scores
+    fit GPU_XLA_MAX_SCORE_BYTES (faster than blockwise at 16K on an H200), then blockwise."""
+    from llama4_jax import kernels
+
+    assert default_attention_impl(1024, platform="cpu") == "xla"
+    assert default_attention_impl(1025, platform="cpu") == "blockwise"
+    assert default_attention_impl(16384, batch_heads=4, platform="gpu") == "xla"  # 4 GiB of scores
+    assert default_attention_impl(16384, batch_heads=5, platform="gpu") == "blockwise"
+    assert default_attention_impl(1, key_len=65536, batch_heads=64, platform="gpu") == "xla"  # a decode step
+    assert kernels.backends()[:3] == ("xla", "blockwise", "pallas")
+
+
+def test_kernels_do_not_import_the_model():
+    """No import cycle: the kernels package imports nothing of llama4_jax.model (its
+    shared leaf is kernels/reference.py); the model imports `attend` from it."""
+    import ast
+    import pathlib
+
+    import llama4_jax.kernels
+
+    for path in pathlib.Path(llama4_jax.kernels.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                name = "." * node.level + (node.module or "")
+                assert not (name.startswith("..model") or name.startswith("llama4_jax.model")), (path.name, name)
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("llama4_jax.model") for a in node.names), path.name

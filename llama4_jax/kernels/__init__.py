@@ -1,56 +1,97 @@
-"""Attention kernels behind the `model.attention.attend` seam.
+"""Attention kernels behind the one `attend` seam, and the table that names them.
 
-Backends registered here (each equal to the `xla` reference, see tests):
+Backends (each equal to the `xla` reference, see tests):
+  xla             einsum + mask, the reference (`reference.py`)
   blockwise       pure-JAX flash attention that skips fully-masked key blocks (`blockwise.py`)
   pallas          the Pallas flash kernel; interpret mode off GPU (`pallas_flash.py`)
   ring            ring attention over a `seq` mesh axis (`ring.py`); inner kernel per platform
   ring_blockwise  ring attention with the blockwise inner kernel
   ring_pallas     ring attention with the Pallas inner kernel
   auto            the platform/length default (`default_attention_impl`)
+
+The table is written out here; `register_backend` adds a user's own implementation.
+This package depends on nothing of the model (`reference.py` is its leaf: positions,
+the mask rule, the reference); the model imports `attend` from here.
 """
 
 from __future__ import annotations
 
+import jax
 
-from ..model.attention import attend, register_backend
 from . import blockwise, pallas_flash, ring
-
-register_backend("blockwise", blockwise.blockwise_attention)
-register_backend("pallas", pallas_flash.pallas_attention)
-register_backend("ring", ring.make_backend(None))
-register_backend("ring_blockwise", ring.make_backend("blockwise"))
-register_backend("ring_pallas", ring.make_backend("pallas"))
+from .reference import xla_attention
 
 # Below this many tokens one fused [T, S] einsum beats the blocked loop on CPU.
 XLA_MAX_LEN = 1024
+# On GPU the fused einsum stays fastest much longer (H200, 16K tokens, chunk 8192, fp32:
+# 17 ms forward against blockwise's 33 ms with the chunked mask, 17 against 56 with the
+# global one; benchmarks/results/gpu-h200.md); its cost is the [B, H, T, S] fp32 score
+# array, so it is used while that stays under this many bytes.
+GPU_XLA_MAX_SCORE_BYTES = 4 << 30
 
 
-def default_attention_impl(seq_len: int, *, mesh=None) -> str:
+def default_attention_impl(seq_len: int, *, mesh=None, batch_heads: int = 1, key_len: int | None = None,
+                           platform: str | None = None) -> str:
     """The attention backend `attention_impl='auto'` resolves to.
 
-    `ring` when a mesh with more than one device on its `seq` axis is given; otherwise
-    `xla` for short sequences (<= XLA_MAX_LEN, where the [T, S] mask is small and one
-    fused einsum is fastest), and the pure-JAX `blockwise` backend for longer ones on
-    every platform. The Pallas kernel lowers for CUDA (tested through `jax.export`) but
-    has not been run on GPU hardware yet, so it is opt-in (`attention_impl="pallas"`)
-    rather than the GPU default.
+    `ring` when a mesh with more than one device on its `seq` axis is given. Otherwise,
+    on CPU: `xla` for short sequences (<= XLA_MAX_LEN, where the [T, S] mask is small
+    and one fused einsum is fastest) and the pure-JAX `blockwise` backend for longer
+    ones. On GPU: `xla` while its fp32 scores (batch_heads x seq_len x key_len x 4
+    bytes) stay under GPU_XLA_MAX_SCORE_BYTES, then `blockwise`. The Pallas kernel runs
+    on GPU (its bf16 forward measured 0.98 ms against xla's 6.5 ms at 16K) but its
+    backward is far slower (870 ms against 26 ms), so it stays opt-in
+    (`attention_impl="pallas"`) for inference.
     """
     if mesh is not None and ring.SEQ_AXIS in mesh.axis_names and mesh.shape[ring.SEQ_AXIS] > 1:
         return "ring"
+    if (platform or jax.default_backend()) == "gpu":
+        scores = 4 * batch_heads * seq_len * (key_len or seq_len)
+        return "xla" if scores <= GPU_XLA_MAX_SCORE_BYTES else "blockwise"
     return "xla" if seq_len <= XLA_MAX_LEN else "blockwise"
 
 
 def auto_attention(q, k, v, q_pos, k_pos, *, chunk_size=None):
-    """The `auto` backend: `default_attention_impl` of the longer of T and S (no mesh).
+    """The `auto` backend: `default_attention_impl` for these shapes (no mesh).
 
     Lets code that calls the seam directly (the generate engine, TextModel) ask for the
     platform default; a prefill picks by prompt length, a decode step by cache length
     (where `blockwise` also skips the empty cache blocks).
     """
-    impl = default_attention_impl(max(q.shape[1], k.shape[1]))
+    impl = default_attention_impl(max(q.shape[1], k.shape[1]), batch_heads=q.shape[0] * q.shape[2],
+                                  key_len=k.shape[1])
     return attend(q, k, v, q_pos, k_pos, chunk_size=chunk_size, impl=impl)
 
 
-register_backend("auto", auto_attention)
+_BACKENDS = {
+    "xla": xla_attention,
+    "blockwise": blockwise.blockwise_attention,
+    "pallas": pallas_flash.pallas_attention,
+    "ring": ring.make_backend(None),
+    "ring_blockwise": ring.make_backend("blockwise"),
+    "ring_pallas": ring.make_backend("pallas"),
+    "auto": auto_attention,
+}
 
-__all__ = ["blockwise", "pallas_flash", "ring", "default_attention_impl", "auto_attention", "XLA_MAX_LEN"]
+
+def register_backend(name: str, fn) -> None:
+    """Make an attention implementation selectable as `attention_impl=name`; fn has
+    `xla_attention`'s signature and must equal it."""
+    _BACKENDS[name] = fn
+
+
+def backends() -> tuple[str, ...]:
+    return tuple(_BACKENDS)
+
+
+def attend(q, k, v, q_pos, k_pos, *, chunk_size: int | None, impl: str = "xla"):
+    """Dispatch to the attention backend `impl` (see `backends()`)."""
+    try:
+        fn = _BACKENDS[impl]
+    except KeyError:
+        raise ValueError(f"unknown attention_impl {impl!r}; available: {sorted(_BACKENDS)}") from None
+    return fn(q, k, v, q_pos, k_pos, chunk_size=chunk_size)
+
+
+__all__ = ["attend", "backends", "register_backend", "default_attention_impl", "auto_attention", "XLA_MAX_LEN",
+           "GPU_XLA_MAX_SCORE_BYTES", "blockwise", "pallas_flash", "ring"]

@@ -31,7 +31,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from ..model.attention import INVALID_POS
+from .reference import INVALID_POS
 
 NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite "minus infinity" for logits and lse
 _MAX_POS = INVALID_POS - 1
@@ -131,7 +131,7 @@ def pad_inputs(q, k, v, q_pos, k_pos, bq: int, bk: int):
 def tile_mask(qp, kp, chunk_size: int | None):
     """Visibility of a [bq, bk] tile from positions [B, bq] and [B, bk] -> [B, bq, bk].
 
-    The same rule as `model.attention.visible`, plus: a query with position < 0 (block
+    The same rule as `reference.visible`, plus: a query with position < 0 (block
     padding) sees nothing, and a padded key (INVALID_POS) is never visible.
     """
     m = (kp[:, None, :] <= qp[:, :, None]) & (qp[:, :, None] >= 0)
@@ -353,7 +353,7 @@ def check_shapes(q, k, v, q_pos, k_pos):
 def flash_attention(q, k, v, q_pos, k_pos, *, chunk_size=None, block_q=DEFAULT_BLOCK_Q, block_k=DEFAULT_BLOCK_K):
     """Blockwise attention with log-sum-exp: (out fp32 [B, T, H, d], lse fp32 [B, T, H]).
 
-    Same inputs and mask as `model.attention.xla_attention` (q already temperature
+    Same inputs and mask as `reference.xla_attention` (q already temperature
     scaled, positions per row, INVALID_POS for padding). Differentiable (custom VJP).
     """
     check_shapes(q, k, v, q_pos, k_pos)

@@ -169,7 +169,7 @@ def pallas_flash_attention(q, k, v, q_pos, k_pos, *, chunk_size=None, block_q=DE
                            block_k=DEFAULT_BLOCK_K, interpret: bool | None = None):
     """Flash attention through the Pallas kernel: (out fp32 [B,T,H,d], lse fp32 [B,T,H]).
 
-    Same inputs and mask as `model.attention.xla_attention`. Block sizes are rounded to
+    Same inputs and mask as `reference.xla_attention`. Block sizes are rounded to
     powers of two >= 16 and capped by the (rounded) sequence lengths. `interpret`
     defaults to True off GPU.
     """

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ..model.attention import INVALID_POS
+from .reference import INVALID_POS
 from . import blockwise as bw
 from . import pallas_flash
 
@@ -290,7 +290,7 @@ def ring_flash_attention(q, k, v, q_pos, k_pos, *, chunk_size=None, mesh=None, i
                          axis: str = SEQ_AXIS):
     """Context-parallel attention over `mesh[axis]`: (out fp32 [B, T, H, d], lse fp32 [B, T, H]).
 
-    Same inputs and mask as `model.attention.xla_attention`. T == S means
+    Same inputs and mask as `reference.xla_attention`. T == S means
     self-attention with the sequence split over the devices (T a multiple of N);
     T != S means queries against a cache, split along S (padded to a multiple of N).
     """

@@ -1,85 +1,21 @@
-"""Attention: the projection layer and the attention seam.
+"""Attention: the projection layer, the temperature, and the KV-cache entries.
 
-Masks are never passed around. Every query and key carries its absolute position
-(per row, so left padding shifts nothing), and `attend` derives the mask from them:
-
-    key j is visible to query i  iff  k_pos[j] <= q_pos[i]
-                                      and (not chunked or k_pos[j] // C == q_pos[i] // C)
-
-Padding and empty cache slots get the position `INVALID_POS`, which fails the causal
-test for every query. This is HF's mask exactly: chunks are aligned to the first real
-token of each row (HF offsets them by the leading-pad count), not to a sliding window.
-
-`attend(q, k, v, q_pos, k_pos, chunk_size=..., impl=...)` is the one seam every
-attention backend sits behind; `xla` here is the reference.
+Every query and key carries its absolute position; the mask follows from them (see
+`llama4_jax.kernels.reference`). `attend(q, k, v, q_pos, k_pos, chunk_size=...,
+impl=...)` (from `llama4_jax.kernels`) is the one seam every attention backend sits
+behind; `xla` is the reference.
 """
 
 from __future__ import annotations
 
-import math
-
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from ..config import LayerFlags, TextConfig
 from .. import quant
+from ..config import LayerFlags, TextConfig
+from ..kernels import attend, backends  # noqa: F401  (re-exported: the seam and its backends)
+from ..kernels.reference import INVALID_POS, NEG, visible, xla_attention  # noqa: F401  (re-exported)
 from .layers import apply_rope, param, rms_norm
-
-# Larger than any real position, small enough that pos // chunk stays in int32.
-INVALID_POS = 2**30
-_NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so fully-masked rows give no NaN
-
-_BACKENDS: dict = {}
-
-
-def register_backend(name: str, fn) -> None:
-    """Make an attention implementation selectable as `attention_impl=name`."""
-    _BACKENDS[name] = fn
-
-
-def backends() -> tuple[str, ...]:
-    return tuple(_BACKENDS)
-
-
-def visible(q_pos, k_pos, chunk_size: int | None):
-    """Boolean mask [B, T, S] from query positions [B, T] and key positions [B, S]."""
-    qp, kp = q_pos[:, :, None], k_pos[:, None, :]
-    m = kp <= qp
-    if chunk_size:
-        m = m & (kp // chunk_size == qp // chunk_size)
-    return m
-
-
-def xla_attention(q, k, v, q_pos, k_pos, *, chunk_size: int | None = None):
-    """Reference attention: softmax(q k^T / sqrt(d) + mask) v with GQA.
-
-    q [B, T, H, d] (already temperature-scaled), k/v [B, S, K, d]; H = K * G and
-    query head h reads KV head h // G (HF's repeat_kv). Logits, softmax statistics
-    and the probability-weighted sum accumulate in fp32 (as SDPA does).
-    """
-    B, T, H, d = q.shape
-    K = k.shape[2]
-    qg = q.reshape(B, T, K, H // K, d)
-    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-    logits = logits * (1.0 / math.sqrt(d))
-    mask = visible(q_pos, k_pos, chunk_size)[:, None, None]
-    logits = jnp.where(mask, logits, _NEG)
-    probs = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.reshape(B, T, H, d).astype(q.dtype)
-
-
-register_backend("xla", xla_attention)
-
-
-def attend(q, k, v, q_pos, k_pos, *, chunk_size: int | None, impl: str = "xla"):
-    """Dispatch to the attention backend `impl` (see `backends()`)."""
-    try:
-        fn = _BACKENDS[impl]
-    except KeyError:
-        raise ValueError(f"unknown attention_impl {impl!r}; available: {sorted(_BACKENDS)}") from None
-    return fn(q, k, v, q_pos, k_pos, chunk_size=chunk_size)
 
 
 def temperature_scale(positions, cfg: TextConfig):
@@ -212,7 +148,3 @@ class Attention(nn.Module):
         # step); the reshapes of contiguous dims are free.
         B, T = out.shape[:2]
         return quant.matmul(out.reshape(B, T, H * d), wo, n_in=2), cache
-
-
-# The kernels package registers the blockwise, pallas and ring backends on import.
-from .. import kernels as _kernels  # noqa: E402,F401

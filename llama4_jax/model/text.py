@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import LayerFlags, Llama4Config, TextConfig, rope_inv_freq
+from ..kernels import default_attention_impl, ring
 from .attention import INVALID_POS, Attention, temperature_scale
 from .layers import MLP, RMSNorm, param, rope_angles
 from .. import quant, sharding
@@ -195,7 +196,6 @@ def _forward_body(config, params, input_ids, attention_mask, attn_impl, moe_impl
     positions, valid = positions_from_mask(attention_mask)
     embeds = input_embeddings(config, params, input_ids, pixel_values)
     if attn_impl.startswith("ring"):  # zigzag sequence layout over the mesh's `seq` axis
-        from ..kernels import ring
 
         apply = lambda ids, pos, val, emb: model.apply(params, ids, pos, val, embeds=emb)[::2]  # noqa: E731
         return ring.zigzag_call(apply, mesh, input_ids, positions, valid, embeds)
@@ -308,9 +308,8 @@ def forward(
         input_ids, attention_mask = (jax.device_put(a, sharding.batch_sharding(mesh, rules, a.shape))
                                      for a in (input_ids, attention_mask))
     if attention_impl == "auto":
-        from ..kernels import default_attention_impl
-
-        attention_impl = default_attention_impl(input_ids.shape[1], mesh=mesh)
+        attention_impl = default_attention_impl(input_ids.shape[1], mesh=mesh,
+                                                batch_heads=input_ids.shape[0] * config.text.num_attention_heads)
     if moe_impl is None:
         moe_impl = "ep" if mesh is not None and sharding.splits_experts(mesh, rules, config.text) else "ragged"
     logits, hidden = _forward(config, params, input_ids, attention_mask, attention_impl, moe_impl,
