@@ -1,6 +1,7 @@
 """The `llama4-jax generate` command: JSONL prompts in, JSONL completions out.
 
     llama4-jax generate --model DIR --input prompts.jsonl --output out.jsonl [--resume | --overwrite]
+        [--safety-model GUARD_DIR [--safety-on prompts|completions|both]]
 
 Files are handled so that a long run loses at most the prompts in flight:
   * every path is checked before anything is loaded: the input exists and is not the
@@ -19,17 +20,25 @@ Files are handled so that a long run loses at most the prompts in flight:
   * SIGTERM or Ctrl-C stops the run after the line being written: the output holds
     every finished prompt, and `--resume` completes it.
 The output is created with the process's umask, as any file the user writes.
+
+`--safety-model` (a Llama Guard 4 checkpoint, `safety`) classifies each prompt and/or
+completion: its tokenizer, config and chat template are checked, and every line's
+conversation rendered through the template, in the first pass; its weights load right
+after the model's (same --dtype and --mesh); each batch of finished completions is
+classified in one batched call and written with its verdicts.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 
-from . import distributed
+from . import distributed, safety
 from .generate import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MODEL
 from .prompts import DEFAULT_MAX_IMAGE_PIXELS, check_image_file, image_processor_for, render, render_images
 from .sampling import Sampling, with_seed
@@ -103,6 +112,20 @@ def add_arguments(parser) -> None:
                         help='most images one request may carry ("images": [paths] or image parts of "messages")')
     parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
                         help="an image of more pixels is refused, from its header, before it is decoded")
+    parser.add_argument("--safety-model", default=None, metavar="DIR",
+                        help="a Llama Guard 4 checkpoint directory (weights, tokenizer with its chat template): "
+                             "classify each prompt and/or completion (--safety-on) and record the verdicts in its "
+                             'output line, "safety": {"prompt": V, "completion": V} with V = {"label": "safe" | '
+                             '"unsafe" | "invalid", "categories": ["S1", ...], "text": the answer (unless safe)}; '
+                             '"invalid" (an unreadable answer, or with "error" a conversation the classifier cannot '
+                             "take, e.g. longer than its context) is never safe. Each batch of finished completions is "
+                             "classified together (--batch-size rows), then written. Images go to the classifier with "
+                             "the text (if it has no vision tower, only the text is classified, with a warning). Real "
+                             "verdicts need the real checkpoint (meta-llama/Llama-Guard-4-12B)")
+    parser.add_argument("--safety-on", default=None, choices=["prompts", "completions", "both"],
+                        help="what --safety-model classifies: the prompt (its user and assistant turns; system "
+                             "messages are left out), the completion (as the assistant's reply to the prompt), or "
+                             "both (default)")
     distributed.add_arguments(parser)
 
 
@@ -152,16 +175,91 @@ def _lines(path: str):
                 yield n, _InputError(n, f"not valid UTF-8 ({e.reason} at byte {e.start})")
 
 
-class _Parser:
-    """Input lines -> (id, Request), checked against the model and the run's options."""
+def _one_line(e: Exception) -> str:
+    """An exception's message on one line (transformers' and jinja's span several)."""
+    msg = " ".join(str(e).split())
+    return msg if isinstance(e, ValueError) and msg else f"{type(e).__name__}: {msg}"
 
-    def __init__(self, args, tokenizer, config, ctx: int, defaults: dict):
+
+class _Safety:
+    """--safety-model: the classifier, what it classifies, and its verdict counts."""
+
+    def __init__(self, args, path: str, tokenizer, config):
+        self.args, self.path, self.tokenizer, self.config = args, path, tokenizer, config
+        on = args.safety_on or "both"
+        self.keys = [k for k, flag in (("prompt", on != "completions"), ("completion", on != "prompts")) if flag]
+        self.vision = config.vision is not None
+        self.params = None
+        self.text_only = 0  # prompts with images judged on their text (no vision tower)
+        self.counts = collections.Counter()
+
+    def _conversations(self, prompt, images, completion: str) -> list[list[dict]]:
+        kw = dict(images=images, with_images=self.vision)
+        return [safety.conversation(prompt, completion if k == "completion" else None, **kw) for k in self.keys]
+
+    def check(self, prompt, images) -> None:
+        """Render this line's conversations (a stand-in completion) through the chat
+        template: raises what safety.conversation or the template raises."""
+        from .processor import collect_message_images
+
+        for conv in self._conversations(prompt, images, "..."):
+            safety.render(collect_message_images(conv)[0], self.tokenizer)
+        if not self.vision and any(isinstance(p, dict) and p.get("type") == "image"
+                                   for m in safety.conversation(prompt, images=images) for p in m["content"]):
+            self.text_only += 1
+
+    def load(self, mesh) -> None:
+        from . import load
+
+        dtype = _checkpoint_defaults(self.path)[2] if self.args.dtype == "auto" else self.args.dtype
+        _, self.params = load(self.path, dtype=dtype, mesh=mesh)
+
+    def _classify(self, conversations: list, mesh) -> list[dict]:
+        """Verdict dicts from one batched call. If the classifier refuses one (longer than
+        its context), each conversation alone: a refused one gets an "invalid" verdict
+        with the "error"."""
+        try:
+            return [v.as_dict() for v in safety.classify(
+                self.config, self.params, conversations, tokenizer=self.tokenizer, batch_size=self.args.batch_size,
+                image_processor=image_processor_for(self.path, self.config),
+                max_images_per_prompt=self.args.max_images_per_prompt, max_image_pixels=self.args.max_image_pixels,
+                mesh=mesh)]
+        except ValueError as e:
+            if len(conversations) == 1:  # generate and classify name it by its index in the call
+                msg = re.sub(r"^(prompt|conversation) 0\b", "the conversation", _one_line(e))
+                return [{"label": "invalid", "categories": [], "error": f"--safety-model cannot classify it: {msg}"}]
+        return [d for conv in conversations for d in self._classify([conv], mesh)]
+
+    def verdicts(self, items: list[tuple[tuple, str]], mesh) -> list[dict]:
+        """One "safety" record per ((prompt, images), completion text), classified together."""
+        convs = [c for source, text in items for c in self._conversations(*source, text)]
+        flat = iter(self._classify(convs, mesh))
+        records = [{k: next(flat) for k in self.keys} for _ in items]
+        for rec in records:
+            self.counts.update(v["label"] if "error" not in v else "error" for v in rec.values())
+        return records
+
+    def summary(self) -> str:
+        c = self.counts
+        errors = f" ({c['error']} could not be classified)" if c["error"] else ""
+        return (f"safety: {sum(c.values())} verdict(s), {c['safe']} safe, {c['unsafe']} unsafe, "
+                f"{c['invalid'] + c['error']} invalid{errors}")
+
+
+class _Parser:
+    """Input lines -> (id, Request, what --safety-model classifies), checked against the
+    model, the classifier and the run's options."""
+
+    def __init__(self, args, tokenizer, config, ctx: int, defaults: dict, guard: _Safety | None = None):
         self.args, self.tokenizer, self.config, self.ctx, self.defaults = args, tokenizer, config, ctx, defaults
+        self.guard = guard
         self.base = os.path.dirname(os.path.abspath(args.input))
 
     def parse(self, n: int, raw: str, *, decode_images: bool):
-        """(id, Request) of line n. decode_images=False (the checking pass): image files
-        are checked from their headers only, and no pixels are made."""
+        """(id, Request, (prompt, images)) of line n; the last is what --safety-model
+        classifies (None without it). decode_images=False (the checking pass): image
+        files are checked from their headers only, and no pixels are made, and the
+        classifier's conversations are rendered through its chat template."""
         try:
             d = json.loads(raw)
         except json.JSONDecodeError as e:
@@ -213,7 +311,18 @@ class _Parser:
             raise _InputError(n, str(e)) from None
         except Exception as e:  # chat template errors come from jinja
             raise _InputError(n, f"cannot render the prompt: {type(e).__name__}: {e}") from None
-        return rid, r
+        source = None
+        if self.guard is not None:
+            source = (prompt, images)
+            if not decode_images:
+                try:
+                    self.guard.check(*source)
+                except ValueError as e:  # from safety.conversation
+                    raise _InputError(n, f"--safety-model: {_one_line(e)}") from None
+                except Exception as e:  # the template's own errors come from jinja
+                    raise _InputError(n, f"--safety-model: its chat template cannot render this prompt: "
+                                         f"{_one_line(e)}") from None
+        return rid, r, source
 
     def _check_images(self, prompt, images, where: str) -> list[int]:
         """The text's ids (image placeholders unexpanded) after checking every image
@@ -317,6 +426,8 @@ def run(args) -> int:
         return _err(f"invalid sampling option: {e}")
     if any(not s for s in args.stop):
         return _err("--stop must not be empty")
+    if args.safety_on and not args.safety_model:
+        return _err("--safety-on needs --safety-model DIR (the classifier)")
     bad_path = _check_paths(args)
     if bad_path:
         return _err(bad_path)
@@ -331,6 +442,12 @@ def run(args) -> int:
         return _err(f"--model: no such checkpoint directory: {model}")
     if not os.path.exists(os.path.join(model, "config.json")):
         return _err(f"--model: {model} has no config.json (expected a Hugging Face-format checkpoint)")
+    guard_dir = args.safety_model
+    if guard_dir is not None and not os.path.isdir(guard_dir):
+        return _err(f"--safety-model: no such checkpoint directory: {guard_dir}")
+    if guard_dir is not None and not os.path.exists(os.path.join(guard_dir, "config.json")):
+        return _err(f"--safety-model: {guard_dir} has no config.json (expected a Llama Guard 4 checkpoint in "
+                    "Hugging Face format)")
     if os.path.abspath(model) == DEFAULT_MODEL:
         print(f"{PROG}: using the default checkpoint (a small model trained on the add, recall and color tasks of "
               "llama4_jax.tasks; see its README)", file=sys.stderr)
@@ -351,15 +468,25 @@ def run(args) -> int:
         ctx = context_length(config, args.max_model_len)
     except ValueError as e:
         return _err(f"--max-model-len: {e}")
+    guard = None
+    if guard_dir is not None:
+        try:
+            guard_tokenizer = transformers.AutoTokenizer.from_pretrained(guard_dir, local_files_only=True)
+            guard = _Safety(args, guard_dir, guard_tokenizer, load_config(guard_dir))
+        except Exception as e:
+            return _err(f"--safety-model: cannot load a tokenizer and config from {guard_dir}: {_one_line(e)}")
+        if not getattr(guard.tokenizer, "chat_template", None):
+            return _err(f"--safety-model: the tokenizer of {guard_dir} has no chat template (Llama Guard's asks the "
+                        "model for its verdict)")
 
     # Pass 1: check every line before the model is loaded.
-    parser = _Parser(args, tokenizer, config, ctx, defaults)
+    parser = _Parser(args, tokenizer, config, ctx, defaults, guard)
     errors, seen, todo, done_lines = {}, {}, 0, set()
     for n, raw in _lines(args.input):
         try:
             if isinstance(raw, _InputError):
                 raise raw
-            rid, _ = parser.parse(n, raw, decode_images=False)
+            rid, _, _ = parser.parse(n, raw, decode_images=False)
             key = _id_key(rid)
             if key in seen:
                 raise _InputError(n, f"duplicate id {rid!r} (also on line {seen[key]})")
@@ -381,6 +508,9 @@ def run(args) -> int:
     if not todo:
         print(f"{PROG}: {args.output} already holds every request of {args.input}; nothing to do", file=sys.stderr)
         return 0
+    if guard is not None and guard.text_only:
+        print(f"{PROG}: warning: --safety-model {guard_dir} has no vision tower: {guard.text_only} prompt(s) of "
+              f"{args.input} have images, which are not classified, only their text", file=sys.stderr)
 
     try:
         mesh, main_process = distributed.start(args, PROG)
@@ -390,6 +520,11 @@ def run(args) -> int:
         config, params = load(model, dtype=ckpt_dtype if args.dtype == "auto" else args.dtype, mesh=mesh)
     except Exception as e:
         return _err(f"--model: cannot load {model}: {type(e).__name__}: {e}")
+    if guard is not None:
+        try:
+            guard.load(mesh)
+        except Exception as e:
+            return _err(f"--safety-model: cannot load {guard_dir}: {_one_line(e)}")
 
     from tqdm import tqdm
 
@@ -410,26 +545,30 @@ def run(args) -> int:
     try:
         with _sigterm_stops(), tqdm(total=todo, desc="generate", unit="prompt", file=sys.stderr,
                                     disable=args.no_progress or not main_process) as bar:
-            queue: list[tuple[object, Request]] = []
+            queue: list[tuple[object, Request, tuple | None]] = []  # (id, request, what --safety-model reads)
 
-            def flush_queue():
+            def write_batch(done):
+                """Write a finished batch's lines (with their verdicts, classified together), each flushed."""
                 nonlocal written
-                ids = [i for i, _ in queue]
-
-                def write(k, c):
-                    nonlocal written
+                verdicts = [None] * len(done)
+                if guard is not None:  # every process classifies (the classifier may span them all)
+                    verdicts = guard.verdicts([(queue[k][2], c.text) for k, c in done], mesh)
+                for (k, c), verdict in zip(done, verdicts):
                     bar.update(1)
                     if out is None:
-                        return
-                    rec = {"id": ids[k], "text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason,
-                           "prompt_tokens": len(c.prompt_token_ids)}
+                        continue
+                    rec = {"id": queue[k][0], "text": c.text, "token_ids": c.token_ids,
+                           "finish_reason": c.finish_reason, "prompt_tokens": len(c.prompt_token_ids)}
                     if args.logprobs:
                         rec["logprobs"] = c.logprobs
+                    if verdict is not None:
+                        rec["safety"] = verdict
                     out.write(json.dumps(rec, ensure_ascii=False) + "\n")  # one whole line, then flushed
                     out.flush()
                     written += 1
 
-                run_requests(config, params, [r for _, r in queue], on_complete=write, **run_kw)
+            def flush_queue():
+                run_requests(config, params, [r for _, r, _ in queue], on_batch=write_batch, **run_kw)
                 queue.clear()
 
             # Pass 2: read lazily, --queue-size requests at a time, images decoded when queued.
@@ -437,14 +576,14 @@ def run(args) -> int:
                 if n in errors or n in done_lines:  # checked bad, or finished before (--resume)
                     continue
                 try:
-                    rid, r = parser.parse(n, raw, decode_images=True)
+                    rid, r, source = parser.parse(n, raw, decode_images=True)
                 except _InputError as e:  # only image prompts can fail here (their expanded length)
                     print(f"{args.input}:{n}: {e}", file=sys.stderr)
                     if args.on_error == "fail":
                         raise
                     late_errors += 1
                     continue
-                queue.append((rid, r))
+                queue.append((rid, r, source))
                 if len(queue) >= args.queue_size:
                     flush_queue()
             if queue:
@@ -463,5 +602,6 @@ def run(args) -> int:
         skipped = len(errors) + late_errors
         kept = f"; kept {len(finished)} finished before (--resume)" if finished else ""
         print(f"{PROG}: wrote {args.output}: {stats.summary()}{kept}"
-              + (f"; skipped {skipped} bad line(s)" if skipped else ""), file=sys.stderr)
+              + (f"; skipped {skipped} bad line(s)" if skipped else "")
+              + (f"; {guard.summary()}" if guard is not None else ""), file=sys.stderr)
     return 0

@@ -7,6 +7,8 @@
         [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}],  # a reply
     ], tokenizer=tokenizer)
     verdicts[0].label, verdicts[0].categories        # "safe", () / "unsafe", ("S1", "S9")
+    # a generate prompt (string or messages, images too) and its completion, as Llama Guard reads them
+    safety.conversation("How do I bake bread?", completion="Mix flour and water...")
 
 Llama Guard 4 (`preset("llama-guard-4")`) is a dense `Llama4ForConditionalGeneration`
 that answers, for the last turn of a conversation rendered through its own chat template
@@ -14,7 +16,9 @@ that answers, for the last turn of a conversation rendered through its own chat 
 second line of comma-separated categories `S1`..`S14` (`CATEGORIES`). `classify` renders
 each conversation with the checkpoint's chat template, runs the batched greedy
 `llama4_jax.generate` (images too, as `{"type": "image", "path": ...}` message parts),
-and parses the answer with `parse_verdict`.
+and parses the answer with `parse_verdict`. `conversation` turns a `llama4_jax.generate`
+prompt (and its completion) into the conversation to classify; `llama4-jax generate
+--safety-model DIR` uses it to record a verdict for each prompt and/or completion.
 
 Real verdicts need the real checkpoint (`meta-llama/Llama-Guard-4-12B`, its weights and
 its tokenizer with the chat template); the tests use a tiny random model of the same
@@ -25,10 +29,13 @@ parsing, not the judgement.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from typing import Any, Sequence
 
-__all__ = ["CATEGORIES", "Verdict", "parse_verdict", "render", "classify"]
+from .prompts import DEFAULT_MAX_IMAGE_PIXELS
+
+__all__ = ["CATEGORIES", "Verdict", "parse_verdict", "conversation", "render", "classify"]
 
 # The MLCommons hazard taxonomy Llama Guard 4 is trained on, plus code interpreter abuse.
 CATEGORIES = {
@@ -103,6 +110,76 @@ def _check_conversation(conv, where: str) -> None:
                          f"got role {conv[-1]['role']!r}")
 
 
+def conversation(prompt, completion: str | None = None, *, images: Sequence | None = None,
+                 with_images: bool = True) -> list[dict]:
+    """The conversation Llama Guard classifies for a generation prompt, and its completion.
+
+    prompt: a string (one user turn) or chat messages, as `llama4_jax.generate` takes
+      them. Only user and assistant turns are kept (Llama Guard's template reads those
+      two roles; a system prompt is the deployer's, not the content classified).
+    completion: the model's reply, appended as an assistant turn (then the reply is
+      what is classified, in the context of the prompt); None classifies the prompt.
+    images: the prompt's images (paths, PIL images or arrays), placed as generate places
+      them: the k-th fills the k-th `<|image|>` placeholder of the text, or, for a string
+      prompt without placeholders, all of them come first. Image parts of the messages
+      are kept as they are.
+    with_images: False leaves every image and placeholder out (a classifier with no
+      vision tower judges the text alone).
+
+    Every message's content is a list of {"type": "text" | "image", ...} parts, the form
+    Llama Guard 4's chat template reads. Raises ValueError when images and placeholders
+    do not pair up, or no user or assistant turn is left.
+    """
+    from .processor import SPECIAL_TOKENS
+
+    mark = SPECIAL_TOKENS["image"]
+    images = list(images or ())
+    if isinstance(prompt, str):
+        messages = [{"role": "user", "content": mark * len(images) + prompt if images and mark not in prompt
+                     else prompt}]
+    elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+        messages = list(prompt)
+    else:
+        raise TypeError(f"prompt must be a string or a non-empty list of chat messages, got {type(prompt).__name__}")
+    if completion is not None and not isinstance(completion, str):
+        raise TypeError(f"completion must be a string, got {type(completion).__name__}")
+    pending = list(reversed(images))
+    turns = []
+    for m in messages:
+        content = m.get("content")
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else list(content or ())
+        out = []
+        for p in parts:
+            if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) and images:
+                pieces = p["text"].split(mark)
+                for k, piece in enumerate(pieces):
+                    if k:  # a placeholder stood here
+                        if not pending:
+                            raise ValueError(f"the prompt has more {mark} placeholders than its {len(images)} "
+                                             "image(s)")
+                        img = pending.pop()
+                        if with_images:
+                            out.append({"type": "image", "path" if isinstance(img, (str, os.PathLike))
+                                        else "image": img})
+                    if piece or len(pieces) == 1:
+                        out.append({"type": "text", "text": piece})
+            elif isinstance(p, dict) and p.get("type") == "image":
+                if with_images:
+                    out.append(p)
+            else:
+                out.append(p)
+        if m.get("role") in ("user", "assistant"):
+            turns.append({"role": m["role"], "content": out})
+    if pending:
+        raise ValueError(f"the prompt has {len(images)} image(s) but {len(images) - len(pending)} {mark} "
+                         "placeholder(s)")
+    if not turns:
+        raise ValueError("the prompt has no user or assistant message to classify")
+    if completion is not None:
+        turns.append({"role": "assistant", "content": [{"type": "text", "text": completion}]})
+    return turns
+
+
 def render(conversation, tokenizer, **template_kwargs) -> str:
     """The classifier's prompt text for one conversation: the tokenizer's chat template
     with the generation prompt (template_kwargs go to the template, e.g. Llama Guard 4's
@@ -114,8 +191,9 @@ def render(conversation, tokenizer, **template_kwargs) -> str:
                                          **template_kwargs)
 
 
-def classify(config, params, conversations: Sequence, *, tokenizer, batch_size: int = 8, max_new_tokens: int = 16, image_processor=None, mesh=None, rules=None,
-             template_kwargs: dict | None = None) -> list[Verdict]:
+def classify(config, params, conversations: Sequence, *, tokenizer, batch_size: int = 8, max_new_tokens: int = 16,
+             image_processor=None, max_images_per_prompt: int = 8, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, mesh=None,
+             rules=None, template_kwargs: dict | None = None) -> list[Verdict]:
     """Classify the last turn of each conversation; one `Verdict` per conversation.
 
     conversations: lists of chat messages ({"role": "user" | "assistant", "content": str
@@ -125,8 +203,9 @@ def classify(config, params, conversations: Sequence, *, tokenizer, batch_size: 
       Images are image parts; each is rendered as an `<|image|>` placeholder where it
       stands and expanded to its tiles' tokens.
     tokenizer: the classifier's tokenizer, with its chat template.
-    batch_size, image_processor, mesh, rules: as for `llama4_jax.generate`, which runs
-      the classifier (greedy: Llama Guard's answer is a few tokens, `max_new_tokens`).
+    batch_size, image_processor, max_images_per_prompt, max_image_pixels, mesh, rules:
+      as for `llama4_jax.generate`, which runs the classifier (greedy: Llama Guard's
+      answer is a few tokens, `max_new_tokens`).
     template_kwargs: extra variables for the chat template.
     """
     from .generate import generate
@@ -147,6 +226,7 @@ def classify(config, params, conversations: Sequence, *, tokenizer, batch_size: 
         all_images.append(found or None)
     outs = generate(config, params, prompts, tokenizer=tokenizer, max_new_tokens=max_new_tokens,
                     batch_size=batch_size, images=all_images if any(all_images) else None,
-                    image_processor=image_processor, mesh=mesh, rules=rules)
+                    image_processor=image_processor, max_images_per_prompt=max_images_per_prompt,
+                    max_image_pixels=max_image_pixels, mesh=mesh, rules=rules)
     return [parse_verdict(o.text) for o in outs]
 

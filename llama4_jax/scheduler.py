@@ -2,13 +2,15 @@
 
     results, stats = run_requests(config, params, requests, tokenizer=tok, stop_token_ids={2}, batch_size=8,
                                   max_model_len=ctx, logprobs=False, kv_dtype=None, attention_impl="auto",
-                                  moe_impl=None, on_complete=lambda i, c: ...)
+                                  moe_impl=None, on_complete=lambda i, c: ...,
+                                  on_batch=lambda done: ...)
 
 How a run goes (static batching):
   * requests are sorted by length (results come back in request order, and each
     completion is handed to `on_complete` as soon as its batch ends) and cut into
     batches of `batch_size` rows; the last batch is filled with inert rows so every
-    batch has the same shape;
+    batch has the same shape; `on_batch` gets a finished batch's completions together
+    (e.g. to post-process them in one batched call before they are written);
   * each batch is left-padded to a prompt-length bucket (powers of two), so new
     lengths reuse a compiled prefill; the cache of a run holds the largest bucket +
     the new-token budget, so decode compiles once per run;
@@ -156,12 +158,14 @@ class IncrementalText:
 
 def run_requests(config: Llama4Config, params, requests: list[Request], *, tokenizer, stop_token_ids,
                  batch_size: int, max_model_len: int, logprobs: bool, kv_dtype, attention_impl: str, moe_impl: str,
-                 on_complete: Callable[[int, Completion], None] | None = None, mesh=None, rules=None,
+                 on_complete: Callable[[int, Completion], None] | None = None,
+                 on_batch: Callable[[list[tuple[int, Completion]]], None] | None = None, mesh=None, rules=None,
                  stats: GenerationStats | None = None) -> tuple[list[Completion], GenerationStats]:
     """Generate for checked requests; returns completions in request order and stats.
 
     on_complete(i, completion) is called as each request finishes (its batch ends),
-    in the order they finish. `stats` (optional) accumulates across calls.
+    in the order they finish; on_batch([(i, completion), ...]) once per batch, after
+    on_complete of its rows, with all of them. `stats` (optional) accumulates across calls.
     """
     mesh = sharding.resolve_mesh(params, mesh, "generate")
     if mesh is not None and sharding._explicit_axes(mesh):
@@ -178,7 +182,7 @@ def run_requests(config: Llama4Config, params, requests: list[Request], *, token
     stats = GenerationStats() if stats is None else stats
     kw = dict(tokenizer=tokenizer, stop_token_ids=stop_token_ids, batch_size=batch_size, max_model_len=max_model_len,
               logprobs=logprobs, kv_dtype=kv_dtype, attention_impl=attention_impl, moe_impl=moe_impl,
-              on_complete=on_complete, stats=stats)
+              on_complete=on_complete, on_batch=on_batch, stats=stats)
     if mesh is None:
         return _run_batches(config, params, requests, place=jnp.asarray, **kw), stats
     rules = sharding.default_rules(mesh) if rules is None else rules
@@ -217,7 +221,7 @@ def _pixel_batch(config: Llama4Config, params, reqs: list[Request]):
 
 def _run_batches(config: Llama4Config, params, requests: list[Request], *, tokenizer, stop_token_ids,
                  batch_size: int, max_model_len: int, logprobs: bool, kv_dtype, attention_impl: str, moe_impl: str,
-                 on_complete, place, stats: GenerationStats) -> list[Completion]:
+                 on_complete, on_batch, place, stats: GenerationStats) -> list[Completion]:
     text = config.text
     stats.prompts += len(requests)
     stats.prompt_tokens += sum(len(r.ids) for r in requests)
@@ -299,4 +303,6 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
                                     logprobs=lps[b, :n].tolist() if logprobs else None, prompt_token_ids=r.ids)
             if on_complete is not None:
                 on_complete(i, results[i])
+        if on_batch is not None:
+            on_batch([(i, results[i]) for i in rows])
     return results

@@ -8,7 +8,9 @@ No Llama Guard 4 weights can be obtained here, so:
   * `classify` runs through a chat template written in Llama Guard's format, on a
     "forced" model whose greedy answer is fixed (a bigram table: every layer's output
     projections are zero, so the logits depend on the last token only), which tests the
-    rendering, batching and parsing of "unsafe\\nS1,S9", not any judgement.
+    rendering, batching and parsing of "unsafe\\nS1,S9", not any judgement;
+  * `llama4-jax generate --safety-model` runs the shipped checkpoint with that forced
+    model (saved as a checkpoint directory, with a vision tower) as the classifier.
 """
 
 from __future__ import annotations
@@ -201,15 +203,26 @@ def _token_id(tok, text: str) -> int:
     return ids[0]
 
 
-def _forced(tok, answer: list[str]):
-    """A text-only dense model whose greedy continuation of any prompt ending in the
-    assistant header is `answer` (tokens) and then <|eot|>.
+def _forced(tok, answer: list[str], vision: bool = False):
+    """A dense model whose greedy continuation of any prompt ending in the assistant
+    header is `answer` (tokens) and then <|eot|>; text-only, or with GUARD's vision tower.
 
     Each chained token t_i gets embedding e_i (one-hot); attention and MLP outputs are
-    zero, so the final hidden state is e_i and lm_head maps row i to the next token.
+    zero, so the final hidden state is e_i and lm_head maps row i to the next token
+    (image features, which replace the image tokens' embeddings, reach no other position).
     """
-    config = Llama4Config(text=dataclasses.replace(GUARD_TEXT, num_hidden_layers=4, no_rope_layers=(1, 1, 1, 0)))
-    p = jax.tree_util.tree_map(np.array, L.init_params(config, jax.random.key(0)))["params"]
+    text = dataclasses.replace(GUARD_TEXT, num_hidden_layers=4, no_rope_layers=(1, 1, 1, 0))
+    config = dataclasses.replace(GUARD, text=text) if vision else Llama4Config(text=text)
+    rng = np.random.default_rng(0)
+
+    def fill(path, x):  # as init_params draws them (norms at 1, biases 0), without compiling it
+        name = jax.tree_util.keystr(path)
+        if name.endswith("['scale']"):
+            return np.ones(x.shape, np.float32)
+        return np.zeros(x.shape, np.float32) if name.endswith("bias']") else \
+            (0.02 * rng.standard_normal(x.shape)).astype(np.float32)
+
+    p = jax.tree_util.tree_map_with_path(fill, L.abstract_params(config, dtype="float32"))["params"]
     for group in p["layers"].values():
         group["attn"]["o"][:] = 0
         group["mlp"]["down"][:] = 0
@@ -295,3 +308,242 @@ def test_classify_refuses_bad_input():
     with pytest.raises(ValueError, match="no chat template"):
         safety.classify(config, params, CONVERSATIONS[:1], tokenizer=tok)
 
+
+
+# --------------------------------------------------------------------------------------
+# llama4-jax generate --safety-model
+# --------------------------------------------------------------------------------------
+
+UNSAFE = {"label": "unsafe", "categories": ["S1", "S9"], "text": "unsafe\nS1,S9"}
+# As tests/test_cli_generate.py runs the shipped checkpoint (one compiled prefill/decode).
+COMMON = ["--batch-size", "2", "--max-new-tokens", "8", "--no-progress"]
+SYSTEM = {"role": "system", "content": "You are brief."}
+
+
+@pytest.fixture(scope="module")
+def unsafe_dir(tmp_path_factory):
+    """A checkpoint directory (weights, config, tokenizer with the Llama Guard-format
+    template) of the forced model, with a vision tower, answering `unsafe\\nS1,S9`."""
+    from llama4_jax.checkpoint import save_hf
+
+    tok = _tokenizer(["unsafe", "S1", "S9", "\n\n"])
+    config, params = _forced(tok, ["unsafe", "\n", "S1", ",", "S9"], vision=True)
+    path = str(tmp_path_factory.mktemp("guard_cli") / "unsafe")
+    save_hf(config, params, path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def classify_calls(monkeypatch):
+    """The conversations of each `safety.classify` call (the real one still runs)."""
+    calls, real = [], safety.classify
+
+    def spy(config, params, conversations, **kw):
+        calls.append(list(conversations))
+        return real(config, params, conversations, **kw)
+
+    monkeypatch.setattr(safety, "classify", spy)
+    return calls
+
+
+def _jsonl(path, lines) -> str:
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return str(path)
+
+
+def _records(path) -> dict:
+    with open(path) as f:
+        return {r["id"]: r for r in map(json.loads, f)}
+
+
+def _user(*parts):
+    return {"role": "user", "content": list(parts)}
+
+
+def _text(t):
+    return {"type": "text", "text": t}
+
+
+def _three_prompts(tmp_path) -> str:
+    """A text prompt, chat messages with a system prompt, an image prompt: one JSONL
+    (the same shapes in every test, so the shipped model compiles once)."""
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), (200, 40, 40)).save(tmp_path / "red.png")
+    return _jsonl(tmp_path / "in.jsonl", [
+        {"id": "add", "prompt": "123+456="},
+        {"id": "chat", "messages": [SYSTEM, {"role": "user", "content": "Name a river."}]},
+        {"id": "color", "prompt": "color?", "images": ["red.png"]},  # relative to the JSONL
+    ])
+
+
+@pytest.mark.parametrize("on", ["prompts", "completions", "both"])
+def test_generate_records_verdicts(unsafe_dir, classify_calls, tmp_path, capsys, on):
+    from llama4_jax.cli import main
+
+    inp = _three_prompts(tmp_path)
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--input", inp, "--output", str(out), "--safety-model", unsafe_dir, "--safety-on", on,
+                 *COMMON]) == 0
+    err = capsys.readouterr().err
+    recs = _records(out)
+    keys = {"prompts": ["prompt"], "completions": ["completion"], "both": ["prompt", "completion"]}[on]
+    assert sorted(recs) == ["add", "chat", "color"]
+    for r in recs.values():
+        assert r["safety"] == {k: UNSAFE for k in keys}, r
+    assert f"safety: {3 * len(keys)} verdict(s), 0 safe, {3 * len(keys)} unsafe, 0 invalid" in err, err
+    # One classifier call per generator batch (2 rows, then 1), holding that batch's conversations.
+    assert sorted(map(len, classify_calls)) == [len(keys), 2 * len(keys)]
+    seen = [c for call in classify_calls for c in call]
+    prompts = {
+        "add": [_user(_text("123+456="))],
+        "chat": [_user(_text("Name a river."))],  # the system message is left out
+        "color": [_user({"type": "image", "path": str(tmp_path / "red.png")}, _text("color?"))],
+    }
+    expected = [conv + [{"role": "assistant", "content": [_text(recs[i]["text"])]}] if k == "completion" else conv
+                for i, conv in prompts.items() for k in keys]
+    assert sorted(map(json.dumps, seen)) == sorted(map(json.dumps, expected))
+
+
+def test_generate_safety_records_a_conversation_the_classifier_refuses(unsafe_dir, monkeypatch, tmp_path, capsys):
+    """A conversation the classifier refuses (here: said to be past its context) gets an
+    "invalid" verdict with the error; the rest of its batch is still classified."""
+    from llama4_jax.cli import main
+
+    calls = []
+
+    def classify(config, params, conversations, **kw):  # as generate refuses a prompt past the context
+        calls.append(len(conversations))
+        for i, conv in enumerate(conversations):
+            if "river" in json.dumps(conv):
+                raise ValueError(f"prompt {i} has 9000 tokens, longer than the context allows: at most 8191 prompt "
+                                 "tokens fit a context of 8192 (max_model_len)")
+        return [safety.parse_verdict("safe")] * len(conversations)
+
+    monkeypatch.setattr(safety, "classify", classify)
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--input", _three_prompts(tmp_path), "--output", str(out), "--safety-model", unsafe_dir,
+                 "--safety-on", "prompts", *COMMON]) == 0
+    recs = _records(out)
+    assert recs["add"]["safety"] == recs["color"]["safety"] == {"prompt": {"label": "safe", "categories": []}}
+    assert recs["chat"]["safety"] == {"prompt": {"label": "invalid", "categories": [], "error": (
+        "--safety-model cannot classify it: the conversation has 9000 tokens, longer than the context allows: at "
+        "most 8191 prompt tokens fit a context of 8192 (max_model_len)")}}
+    # Batches of 2 (color and chat, the longest) and 1; the refused one's batch again one at a time.
+    assert calls == [2, 1, 1, 1]
+    assert "safety: 3 verdict(s), 2 safe, 0 unsafe, 1 invalid (1 could not be classified)" in capsys.readouterr().err
+
+
+def test_generate_safety_resume(unsafe_dir, classify_calls, tmp_path, capsys):
+    """--resume with --safety-model classifies only the redone lines; every line ends
+    with its verdicts."""
+    from llama4_jax.cli import main
+
+    out = tmp_path / "out.jsonl"
+    args = ["generate", "--input", _three_prompts(tmp_path), "--output", str(out), "--safety-model", unsafe_dir,
+            *COMMON]
+    assert main(args) == 0
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text(lines[0] + lines[1][:20])  # a run killed while writing its second line
+    kept = json.loads(lines[0])["id"]
+    classify_calls.clear()
+    assert main(args + ["--resume"]) == 0
+    assert "kept 1 finished before (--resume)" in capsys.readouterr().err
+    recs = _records(out)
+    assert sorted(recs) == ["add", "chat", "color"] and len(out.read_text().splitlines()) == 3
+    assert all(r["safety"] == {"prompt": UNSAFE, "completion": UNSAFE} for r in recs.values())
+    texts = {"add": "123+456=", "chat": "Name a river.", "color": "color?"}
+    redone = [next(p["text"] for p in c[0]["content"] if p["type"] == "text") for call in classify_calls for c in call]
+    assert sorted(redone) == sorted(t for i, t in texts.items() if i != kept for _ in range(2))
+
+
+def test_generate_safety_option_errors(unsafe_dir, tmp_path, capsys):
+    """Each is one error line (exit 2, no traceback) before anything is generated."""
+    import shutil
+
+    from llama4_jax.cli import main
+
+    inp = _jsonl(tmp_path / "in.jsonl", [{"prompt": "fine"}])
+    out = tmp_path / "out.jsonl"
+    (tmp_path / "empty").mkdir()
+    no_template = tmp_path / "no_template"
+    tok = _tokenizer()
+    tok.chat_template = None
+    tok.save_pretrained(no_template)
+    shutil.copy(f"{unsafe_dir}/config.json", no_template)
+    bad_config = tmp_path / "bad_config"
+    shutil.copytree(unsafe_dir, bad_config)
+    (bad_config / "config.json").write_text("{not json")
+    no_weights = tmp_path / "no_weights"
+    shutil.copytree(unsafe_dir, no_weights)
+    (no_weights / "model.safetensors").unlink()
+    cases = [
+        (["--safety-on", "prompts"], "--safety-on needs --safety-model DIR"),
+        (["--safety-model", "/nonexistent/guard"], "--safety-model: no such checkpoint directory: /nonexistent/guard"),
+        (["--safety-model", str(tmp_path / "empty")], f"--safety-model: {tmp_path / 'empty'} has no config.json"),
+        (["--safety-model", str(no_template)], f"--safety-model: the tokenizer of {no_template} has no chat template"),
+        (["--safety-model", str(bad_config)], f"--safety-model: cannot load a tokenizer and config from {bad_config}"),
+        (["--safety-model", str(no_weights)], f"--safety-model: cannot load {no_weights}: "),  # after the model loads
+    ]
+    for flags, message in cases:
+        assert main(["generate", "--input", inp, "--output", str(out), *COMMON, *flags]) == 2, flags
+        err = capsys.readouterr().err
+        lines = [ln for ln in err.splitlines() if "using the default checkpoint" not in ln]
+        assert len(lines) == 1 and lines[0].startswith(f"llama4-jax generate: error: {message}"), (flags, err)
+        assert "Traceback" not in err and not out.exists()
+
+
+def test_generate_safety_checks_lines_before_loading(unsafe_dir, tmp_path, capsys):
+    """A prompt the classifier cannot read is a bad input line, reported in the first pass."""
+    from llama4_jax.cli import main
+
+    inp = _jsonl(tmp_path / "in.jsonl", [{"prompt": "fine"}, {"messages": [SYSTEM]}])
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--input", inp, "--output", str(out), "--safety-model", unsafe_dir, *COMMON]) == 2
+    err = capsys.readouterr().err
+    assert f"{inp}:2: --safety-model: the prompt has no user or assistant message to classify" in err, err
+    assert "1 bad input line(s); nothing was generated" in err and not out.exists()
+
+
+def test_generate_safety_text_only_classifier_warns(tmp_path, capsys):
+    """A classifier without a vision tower judges an image prompt on its text, and says
+    so in the first pass (the bad --mesh then stops the run before anything loads)."""
+    from PIL import Image
+
+    from llama4_jax.cli import main
+
+    text_only = tmp_path / "text_only"
+    _tokenizer().save_pretrained(text_only)
+    (text_only / "config.json").write_text(json.dumps(to_hf(Llama4Config(text=GUARD_TEXT))))
+    Image.new("RGB", (20, 20)).save(tmp_path / "im.png")
+    inp = _jsonl(tmp_path / "in.jsonl", [{"prompt": "color?", "images": ["im.png"]}, {"prompt": "1+1="}])
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--input", inp, "--output", str(out), "--safety-model", str(text_only),
+                 "--mesh", "nonsense=3", *COMMON]) == 2
+    err = capsys.readouterr().err
+    assert f"--safety-model {text_only} has no vision tower: 1 prompt(s) of {inp} have images, which are not " \
+           "classified, only their text" in err, err
+    assert "error: --mesh" in err and not out.exists()
+
+
+def test_conversation():
+    user = [SYSTEM, {"role": "user", "content": "a <|image|> b"}]
+    assert safety.conversation("hi", "hello") == [_user(_text("hi")),
+                                                  {"role": "assistant", "content": [_text("hello")]}]
+    assert safety.conversation("hi", images=["x.png", "y.png"]) == [
+        _user({"type": "image", "path": "x.png"}, {"type": "image", "path": "y.png"}, _text("hi"))]
+    assert safety.conversation(user, images=["x.png"]) == [
+        _user(_text("a "), {"type": "image", "path": "x.png"}, _text(" b"))]
+    assert safety.conversation(user, images=["x.png"], with_images=False) == [_user(_text("a "), _text(" b"))]
+    parts = [_user({"type": "image", "path": "x.png"}, _text("q"))]
+    assert safety.conversation(parts, with_images=False) == [_user(_text("q"))]
+    assert safety.conversation(parts) == parts
+    with pytest.raises(ValueError, match="1 image\\(s\\) but 0"):
+        safety.conversation([{"role": "user", "content": "no placeholder"}], images=["x.png"])
+    with pytest.raises(ValueError, match="more <\\|image\\|> placeholders"):
+        safety.conversation("<|image|><|image|>", images=["x.png"])
+    with pytest.raises(ValueError, match="no user or assistant message"):
+        safety.conversation([SYSTEM])
+    with pytest.raises(TypeError, match="prompt must be"):
+        safety.conversation([])
