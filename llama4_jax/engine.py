@@ -76,16 +76,18 @@ def unroll_decode(params) -> bool:
 
 
 @functools.partial(jax.jit, static_argnames=("text", "max_len", "max_new", "attn_impl", "moe_impl", "kv_dtype",
-                                             "mm"))
+                                             "mm", "piece"))
 def prefill(params, ids, mask, samp, budget, stop_ids, pixel_values=None, *, text, max_len, max_new, attn_impl,
-            moe_impl, kv_dtype, mm=None):
+            moe_impl, kv_dtype, mm=None, piece=None):
     """Run the prompts [B, T] (left-padded, mask 0/1) and sample the first token.
 
     samp: dict of per-row sampling arrays [B]; budget: int32 [B] tokens each row may
     generate (>= 1 for real rows, 0 for filler rows). pixel_values: the tiles of the
     batch's images in row order (padded with blank tiles to a bucket; only the first
-    ones are referenced by `<|patch|>` tokens), with `mm` the full config. Returns the
-    decode state.
+    ones are referenced by `<|patch|>` tokens), with `mm` the full config. piece: a
+    prompt longer than this is prefilled in pieces of `piece` tokens (chunked prefill),
+    each writing the cache the next one reads, so activations are bounded by the piece,
+    not the prompt. Returns the decode state.
     """
     B = ids.shape[0]
     model = _model(text, params, attn_impl, moe_impl)
@@ -101,7 +103,10 @@ def prefill(params, ids, mask, samp, budget, stop_ids, pixel_values=None, *, tex
         with jax.named_scope("images"):
             embeds = input_embeddings(mm, params, ids, pixel_values)
     with jax.named_scope("prefill"):
-        logits, cache, _ = model.apply(params, ids, positions, valid, cache, last_only=True, embeds=embeds)
+        if piece is None or ids.shape[1] <= piece:
+            logits, cache, _ = model.apply(params, ids, positions, valid, cache, last_only=True, embeds=embeds)
+        else:
+            logits, cache = _prefill_pieces(model, params, ids, positions, valid, cache, embeds, piece)
     tok, lp = sample(logits[:, 0], samp["temperature"], samp["top_k"], samp["top_p"], samp["min_p"],
                      samp["seed"], 0)
     stopped = jnp.isin(tok, stop_ids) & (budget > 0)
@@ -115,6 +120,32 @@ def prefill(params, ids, mask, samp, budget, stop_ids, pixel_values=None, *, tex
         "stopped": stopped,
         "cache": cache,
     }
+
+
+def _prefill_pieces(model, params, ids, positions, valid, cache, embeds, piece: int):
+    """The prompt in pieces of `piece` tokens, one `lax.scan` step each (compiled once).
+
+    Each piece attends to the cache the earlier pieces wrote, plus itself: global
+    layers keep every position, chunked layers their last `chunk` tokens, which hold
+    every earlier key of a piece query's chunk (a query at p sees keys from
+    p - p % chunk, never before p - chunk + 1). The prompt is first left-padded to a
+    multiple of `piece` (padding is invalid: no position, never written or seen).
+    Returns the last piece's logits [B, 1, V] (every row's last real token, the batch
+    being left-padded) and the cache.
+    """
+    B, T = ids.shape
+    pad = -T % piece
+    left = lambda x: jnp.pad(x, ((0, 0), (pad, 0)) + ((0, 0),) * (x.ndim - 2))  # noqa: E731
+    split = lambda x: left(x).reshape(B, (T + pad) // piece, piece, *x.shape[2:]).swapaxes(0, 1)  # noqa: E731
+    xs = (split(ids), split(positions), split(valid), None if embeds is None else split(embeds))
+
+    def step(cache, x):
+        i, p, v, e = x
+        logits, cache, _ = model.apply(params, i, p, v, cache, last_only=True, embeds=e)
+        return cache, logits
+
+    cache, logits = jax.lax.scan(step, cache, xs)
+    return logits[-1], cache
 
 
 @functools.partial(jax.jit, static_argnames=("text", "attn_impl", "moe_impl", "scan_layers"), donate_argnums=(1,))

@@ -25,6 +25,13 @@ __all__ = ["generate", "Completion", "GenerationStats", "DEFAULT_MODEL", "DEFAUL
 
 DEFAULT_MAX_NEW_TOKENS = 256
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny-llama4")
+DEFAULT_PREFILL_CHUNK = 8192  # prompt tokens per prefill piece for models without an attention chunk
+
+
+def default_prefill_chunk(config: Llama4Config) -> int:
+    """Prompt tokens per prefill piece: the attention chunk (a chunked layer's piece then
+    reads at most one chunk of cache), else DEFAULT_PREFILL_CHUNK."""
+    return config.text.attention_chunk_size or DEFAULT_PREFILL_CHUNK
 
 
 def _per_prompt(value, n: int, name: str) -> list:
@@ -53,6 +60,7 @@ def generate(
     kv_dtype: str | None = None,
     attention_impl: str = "auto",
     moe_impl: str | None = None,
+    prefill_chunk: int | None = None,
     images: Sequence[Sequence[Any] | None] | None = None,
     max_images_per_prompt: int = 8,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
@@ -87,6 +95,10 @@ def generate(
       attention_impl, moe_impl: backends (see `model.attention.backends()`, `model.moe.moe_impls()`);
         "auto" attention picks per length and platform; moe_impl None means "ep" when
         the mesh splits the experts evenly, else "ragged".
+      prefill_chunk: prompts longer than this are prefilled in pieces of this many
+        tokens, each attending to the cache the earlier ones wrote, so activation memory
+        is bounded by the piece, not the prompt (default: the attention chunk, else
+        8192 tokens).
       images: per prompt, None or a list of images (paths, PIL images, uint8 [H, W, 3]
         arrays) for conditional-generation checkpoints; chat messages may instead hold
         {"type": "image", "path": ...} parts. Each image fills one `<|image|>` placeholder
@@ -112,6 +124,10 @@ def generate(
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     ctx = context_length(config, max_model_len)
+    if prefill_chunk is None:
+        prefill_chunk = default_prefill_chunk(config)
+    if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
     samplings = [resolve(s) for s in _per_prompt(sampling, len(prompts), "sampling")]
     budgets = _per_prompt(max_new_tokens, len(prompts), "max_new_tokens")
     stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
@@ -129,5 +145,6 @@ def generate(
     stop_ids = set(config.text.eos_token_id) | set(stop_token_ids or ())
     completions, stats = run_requests(config, params, requests, tokenizer=tokenizer, stop_token_ids=stop_ids,
                                       batch_size=batch_size, max_model_len=ctx, logprobs=logprobs, kv_dtype=kv_dtype,
-                                      attention_impl=attention_impl, moe_impl=moe_impl, mesh=mesh, rules=rules)
+                                      attention_impl=attention_impl, moe_impl=moe_impl, prefill_chunk=prefill_chunk,
+                                      mesh=mesh, rules=rules)
     return (completions, stats) if return_stats else completions

@@ -39,7 +39,7 @@ import signal
 import sys
 
 from . import distributed, safety
-from .generate import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MODEL
+from .generate import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MODEL, default_prefill_chunk
 from .prompts import DEFAULT_MAX_IMAGE_PIXELS, check_image_file, image_processor_for, render, render_images
 from .sampling import Sampling, with_seed
 from .scheduler import Request, check_request, context_length, run_requests
@@ -102,6 +102,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--attention-impl", default="auto", choices=["auto", "xla", "blockwise", "pallas"],
                         help="attention backend: auto (xla for short contexts, blockwise for long ones), xla, "
                              "blockwise or pallas")
+    parser.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
+                        help="prefill prompts longer than N tokens in pieces of N (bounds activation memory; "
+                             "default: the model's attention chunk, else 8192)")
     parser.add_argument("--moe-impl", default=None, choices=["ragged", "dense", "ep"],
                         help="MoE strategy (default: ep when --mesh splits the experts, else ragged)")
     parser.add_argument("--mesh", default=None, metavar="SPEC",
@@ -416,7 +419,8 @@ def run(args) -> int:
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--max-new-tokens", args.max_new_tokens, 1),
                              ("--queue-size", args.queue_size, 1), ("--max-images-per-prompt",
                                                                     args.max_images_per_prompt, 0),
-                             ("--max-image-pixels", args.max_image_pixels, 1)):
+                             ("--max-image-pixels", args.max_image_pixels, 1),
+                             ("--prefill-chunk", 1 if args.prefill_chunk is None else args.prefill_chunk, 1)):
         if value < low:
             return _err(f"{flag} must be >= {low}, got {value}")
     flags = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "min_p": args.min_p}
@@ -541,7 +545,8 @@ def run(args) -> int:
             out = open(args.output, "w", encoding="utf-8")
     run_kw = dict(tokenizer=tokenizer, stop_token_ids=set(config.text.eos_token_id) | extra_stop,
                   batch_size=args.batch_size, max_model_len=ctx, logprobs=args.logprobs, kv_dtype=args.kv_cache_dtype,
-                  attention_impl=args.attention_impl, moe_impl=args.moe_impl, mesh=mesh, stats=stats)
+                  attention_impl=args.attention_impl, moe_impl=args.moe_impl, mesh=mesh, stats=stats,
+                  prefill_chunk=args.prefill_chunk or default_prefill_chunk(config))
     try:
         with _sigterm_stops(), tqdm(total=todo, desc="generate", unit="prompt", file=sys.stderr,
                                     disable=args.no_progress or not main_process) as bar:

@@ -158,6 +158,7 @@ class IncrementalText:
 
 def run_requests(config: Llama4Config, params, requests: list[Request], *, tokenizer, stop_token_ids,
                  batch_size: int, max_model_len: int, logprobs: bool, kv_dtype, attention_impl: str, moe_impl: str,
+                 prefill_chunk: int | None = None,
                  on_complete: Callable[[int, Completion], None] | None = None,
                  on_batch: Callable[[list[tuple[int, Completion]]], None] | None = None, mesh=None, rules=None,
                  stats: GenerationStats | None = None) -> tuple[list[Completion], GenerationStats]:
@@ -182,7 +183,7 @@ def run_requests(config: Llama4Config, params, requests: list[Request], *, token
     stats = GenerationStats() if stats is None else stats
     kw = dict(tokenizer=tokenizer, stop_token_ids=stop_token_ids, batch_size=batch_size, max_model_len=max_model_len,
               logprobs=logprobs, kv_dtype=kv_dtype, attention_impl=attention_impl, moe_impl=moe_impl,
-              on_complete=on_complete, on_batch=on_batch, stats=stats)
+              prefill_chunk=prefill_chunk, on_complete=on_complete, on_batch=on_batch, stats=stats)
     if mesh is None:
         return _run_batches(config, params, requests, place=jnp.asarray, **kw), stats
     rules = sharding.default_rules(mesh) if rules is None else rules
@@ -221,6 +222,7 @@ def _pixel_batch(config: Llama4Config, params, reqs: list[Request]):
 
 def _run_batches(config: Llama4Config, params, requests: list[Request], *, tokenizer, stop_token_ids,
                  batch_size: int, max_model_len: int, logprobs: bool, kv_dtype, attention_impl: str, moe_impl: str,
+                 prefill_chunk: int | None = None,
                  on_complete, on_batch, place, stats: GenerationStats) -> list[Completion]:
     text = config.text
     stats.prompts += len(requests)
@@ -256,7 +258,8 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
         pixel_values, mm = _pixel_batch(config, params, reqs)
         t0, c0 = time.perf_counter(), stats.compile_s
         state = call_compiled(stats, engine.prefill, params, place(ids), place(mask), samp, budget, stop_ids,
-                              pixel_values, max_len=max_len, max_new=N, kv_dtype=kv_dtype, mm=mm, **statics)
+                              pixel_values, max_len=max_len, max_new=N, kv_dtype=kv_dtype, mm=mm,
+                              piece=prefill_chunk if prefill_chunk and T > prefill_chunk else None, **statics)
         jax.block_until_ready(state["tokens"])
         stats.prefill_s += time.perf_counter() - t0 - (stats.compile_s - c0)
 

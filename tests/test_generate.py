@@ -107,6 +107,24 @@ def test_budgets_stats_and_derived_seeds(scout):
         llama4_jax.generate(config, params, [a, b], max_new_tokens=[3])
 
 
+def test_chunked_prefill_equals_one_piece(scout):
+    """Prompts prefilled in pieces (each reading the cache the earlier ones wrote) give
+    the tokens and log-probabilities of one whole prefill: pieces of 8 (the chunk), 5
+    (not dividing the bucket or the chunk: the prompt is left-padded to a multiple) and
+    3 (several pieces per chunk), prompts crossing 3-5 chunk boundaries, left padding."""
+    _, config, params = scout
+    prompts = _prompts(config.text.vocab_size, (29, 41, 6), seed=9)
+    run = lambda n: llama4_jax.generate(config, params, prompts, max_new_tokens=12, batch_size=3,  # noqa: E731
+                                        logprobs=True, prefill_chunk=n)
+    whole = run(10**6)
+    for n in (8, 5, 3):
+        for o, w in zip(run(n), whole):
+            assert o.token_ids == w.token_ids, n
+            np.testing.assert_allclose(o.logprobs, w.logprobs, atol=1e-5)  # fp32, another summation order
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        run(0)
+
+
 def test_incremental_text_equals_full_decode():
     """Each token decoded once (with a window of context) gives the text of the full
     decode at every prefix, also across multi-byte characters; stop strings are found
