@@ -1,13 +1,17 @@
 """The jitted generation engine: prefill, decode, and the compile cache.
 
     state = call_compiled(stats, prefill, params, ids, mask, samp, budget, stop_ids, pixel_values, **statics)
-    state = call_compiled(stats, decode, params, state, samp, budget, stop_ids, limit, **statics)
+    state = call_compiled(stats, insert, state, new_state, slots)
+    state, steps = call_compiled(stats, decode, params, state, samp, budget, stop_ids, limit, **statics)
 
 `prefill` runs a left-padded batch of prompts into a fresh KV cache and samples each
-row's first token; `decode` is one `lax.while_loop` that donates its state (cache
-included) and runs until every row is done or a step limit. Both are compiled ahead of
-time through `call_compiled`, which keeps the executables across calls and books the
-compile time apart from prefill and decode time (`GenerationStats`).
+row's first token; `insert` writes such a state's rows into the decode slots of a
+running one (continuous batching); `decode` is one `lax.while_loop` that donates its
+state (cache included) and runs until a row finishes, every row is done, or a step
+limit. Each row keeps its own step (index of its next token), so a request's tokens and
+random stream do not depend on when it entered a slot. All are compiled ahead of time
+through `call_compiled`, which keeps the executables across calls and books the compile
+time apart from prefill and decode time (`GenerationStats`).
 
 Shapes are kept few by buckets: prompt lengths round up to powers of two
 (`prompt_bucket`), new-token buffers to multiples of 16 (`new_token_bucket`).
@@ -29,8 +33,8 @@ from .config import TextConfig
 from .model.text import TextModel, positions_from_mask
 from .sampling import sample
 
-__all__ = ["GenerationStats", "prefill", "decode", "call_compiled", "to_host", "prompt_bucket", "new_token_bucket",
-           "unroll_decode", "COMPILED"]
+__all__ = ["GenerationStats", "prefill", "insert", "decode", "call_compiled", "to_host", "prompt_bucket",
+           "new_token_bucket", "unroll_decode", "COMPILED"]
 
 MIN_BUCKET = 16  # smallest prompt-length bucket
 _UNROLL_MIN_BYTES = 32 << 20
@@ -43,7 +47,8 @@ class GenerationStats:
     prompts: completions made (a prompt with `n` samples counts n times);
     prompt_tokens: tokens prefilled; generated_tokens: tokens in the completions;
     prefill_s / decode_s: time in the prefill and decode executables (compilation
-    excluded); compile_s: time compiling them.
+    excluded); compile_s: time compiling them; decode_steps: decode loop iterations
+    (each one feeds every slot one token).
     """
 
     prompts: int = 0
@@ -52,6 +57,7 @@ class GenerationStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     compile_s: float = 0.0
+    decode_steps: int = 0
 
     def summary(self) -> str:
         pf = self.prompt_tokens / self.prefill_s if self.prefill_s else float("nan")
@@ -110,16 +116,34 @@ def prefill(params, ids, mask, samp, budget, stop_ids, pixel_values=None, *, tex
     tok, lp = sample(logits[:, 0], samp["temperature"], samp["top_k"], samp["top_p"], samp["min_p"],
                      samp["seed"], 0)
     stopped = jnp.isin(tok, stop_ids) & (budget > 0)
-    return {
+    return _pin({
         "tokens": jnp.zeros((B, max_new), jnp.int32).at[:, 0].set(tok),
         "logprobs": jnp.zeros((B, max_new), jnp.float32).at[:, 0].set(lp),
         "last": tok,
         "pos": jnp.sum(mask, axis=1).astype(jnp.int32),  # position of the next input token
-        "step": jnp.int32(1),
+        "step": jnp.ones((B,), jnp.int32),  # per row: index of the next token
         "done": stopped | (budget <= 1),
         "stopped": stopped,
         "cache": cache,
-    }
+    })
+
+
+def _pin(state):
+    """On a mesh: the decode state's per-row arrays split by batch and its cache as the
+    rules say, so prefill, insert and decode all return (and so take) one sharding."""
+    if sharding.active() is None:
+        return state
+    mesh, rules = sharding.active()
+    rules = sharding.default_rules(mesh) if rules is None else rules
+
+    def row(x):
+        spec, _ = rules.spec(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh, what="decode state")
+        return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
+
+    out = {k: row(v) for k, v in state.items() if k != "cache"}
+    out["cache"] = jax.lax.with_sharding_constraint(state["cache"], sharding.cache_shardings(state["cache"], mesh,
+                                                                                              rules))
+    return out
 
 
 def _prefill_pieces(model, params, ids, positions, valid, cache, embeds, piece: int):
@@ -148,20 +172,46 @@ def _prefill_pieces(model, params, ids, positions, valid, cache, embeds, piece: 
     return logits[-1], cache
 
 
+@functools.partial(jax.jit, donate_argnums=(0,))
+def insert(state, new, slots):
+    """Write the rows of `new` (a prefill state of K rows) into `state` at `slots` [K].
+
+    `state` is donated and updated in place: every cache leaf ([G, B, S, ...], batch on
+    axis 1) and every per-row array (tokens, logprobs, last, pos, step, done, stopped).
+    A slot index out of range (e.g. B) drops its row: filler rows of `new` go nowhere.
+    Both caches have the same length (the run's), so whole rows are replaced.
+    """
+    def put(axis):
+        def one(big, small):
+            idx = (slice(None),) * axis + (slots,)
+            return big.at[idx].set(small, mode="drop")
+        return one
+
+    rows = {k: jax.tree_util.tree_map(put(0), state[k], new[k]) for k in state if k != "cache"}
+    return _pin({**rows, "cache": jax.tree_util.tree_map(put(1), state["cache"], new["cache"])})
+
+
 @functools.partial(jax.jit, static_argnames=("text", "attn_impl", "moe_impl", "scan_layers"), donate_argnums=(1,))
 def decode(params, state, samp, budget, stop_ids, limit, *, text, attn_impl, moe_impl, scan_layers=True):
-    """Decode until every row is done or `step` reaches `limit` (<= max_new).
+    """Decode until a row finishes, every row is done, or `limit` iterations ran.
 
     One `lax.while_loop`; each iteration feeds every row's last token [B, 1] at its
-    own position, samples the next one and updates the done flags. Finished rows are
-    fed as invalid tokens (their cache is left alone) and emit 0.
+    own position, samples the next one (row b's token number step[b], with the key
+    folded from that step) and updates the done flags. Finished rows are fed as invalid
+    tokens (their cache is left alone), emit nothing and keep their step. Stopping as
+    soon as a row that was running finishes lets the host refill its slot.
+    Returns (state, iterations run).
     """
     model = _model(text, params, attn_impl, moe_impl, scan_layers)
+    B, N = state["tokens"].shape
+    done0 = state["done"]
 
-    def cond(s):
-        return (s["step"] < limit) & ~jnp.all(s["done"])
+    def cond(c):
+        s, n = c
+        return (n < limit) & ~jnp.all(s["done"]) & ~jnp.any(s["done"] & ~done0)
 
-    def body(s):
+    def body(c):
+        s, n = c
         with jax.named_scope("decode_step"):
             logits, cache, _ = model.apply(params, s["last"][:, None], s["pos"][:, None], ~s["done"][:, None],
                                            s["cache"])
@@ -169,22 +219,26 @@ def decode(params, state, samp, budget, stop_ids, limit, *, text, attn_impl, moe
                              samp["seed"], s["step"])
             tok = jnp.where(s["done"], 0, tok)
             new_stop = ~s["done"] & jnp.isin(tok, stop_ids)
-            step = s["step"] + 1
+            live = (~s["done"]).astype(jnp.int32)
+            col = jnp.where(s["done"], N, s["step"])  # done rows write nowhere (dropped)
+            rows = jnp.arange(B)
+            step = s["step"] + live
             return {
-                "tokens": jax.lax.dynamic_update_slice(s["tokens"], tok[:, None], (0, s["step"])),
-                "logprobs": jax.lax.dynamic_update_slice(s["logprobs"], lp[:, None], (0, s["step"])),
+                "tokens": s["tokens"].at[rows, col].set(tok, mode="drop"),
+                "logprobs": s["logprobs"].at[rows, col].set(lp, mode="drop"),
                 "last": tok,
-                "pos": s["pos"] + (~s["done"]).astype(jnp.int32),
+                "pos": s["pos"] + live,
                 "step": step,
                 "done": s["done"] | new_stop | (step >= budget),
                 "stopped": s["stopped"] | new_stop,
                 "cache": cache,
-            }
+            }, n + 1
 
-    return jax.lax.while_loop(cond, body, state)
+    state, n = jax.lax.while_loop(cond, body, (state, jnp.int32(0)))
+    return _pin(state), n
 
 
-COMPILED: dict = {}  # (function, argument structure, shapes and dtypes, statics, mesh) -> executable
+COMPILED: dict = {}  # (function, argument structure, shapes, dtypes and shardings, statics, mesh) -> executable
 
 
 def to_host(x) -> np.ndarray:
@@ -201,7 +255,8 @@ def call_compiled(stats: GenerationStats, jitted, *args, **static):
     """Call `jitted` through an ahead-of-time compiled executable, kept across calls,
     so compile time is measured apart from prefill and decode time."""
     leaves = jax.tree_util.tree_leaves(args)
-    key = (jitted, jax.tree_util.tree_structure(args), tuple((x.shape, x.dtype) for x in leaves),
+    key = (jitted, jax.tree_util.tree_structure(args),
+           tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves),
            tuple(sorted(static.items())), sharding.active())
     if key not in COMPILED:
         t0 = time.perf_counter()

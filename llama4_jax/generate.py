@@ -86,7 +86,8 @@ def generate(
         differently and the same call draws the same again.
       max_new_tokens: most tokens generated per prompt (also capped by the context):
         one int for every prompt or one per prompt.
-      batch_size: rows per batch (memory ~ weights + batch * (prompt + new) KV cache).
+      batch_size: decode slots (continuous batching: a finished row's slot is refilled
+        from the queue; memory ~ weights + batch * (longest prompt + new) KV cache).
       stop: stop string(s): generation ends once the text contains one; it is cut off.
       stop_token_ids: extra stop tokens, added to the config's eos ids.
       logprobs: also return each generated token's log-probability.
@@ -115,7 +116,7 @@ def generate(
         split over the batch rule's axes (data-parallel), experts over `expert`
         (expert-parallel), the KV cache like the rules say. Same tokens as one device.
       return_stats: return `(completions, stats)`, with `stats` a `GenerationStats`
-        (prompt and generated token counts, prefill / decode / compile seconds).
+        (prompt and generated token counts, prefill / decode / compile seconds, decode steps).
     """
     if isinstance(config, TextConfig):
         config = Llama4Config(text=config)

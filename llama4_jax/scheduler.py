@@ -5,19 +5,26 @@
                                   moe_impl=None, on_complete=lambda i, c: ...,
                                   on_batch=lambda done: ...)
 
-How a run goes (static batching):
-  * requests are sorted by length (results come back in request order, and each
-    completion is handed to `on_complete` as soon as its batch ends) and cut into
-    batches of `batch_size` rows; the last batch is filled with inert rows so every
-    batch has the same shape; `on_batch` gets a finished batch's completions together
-    (e.g. to post-process them in one batched call before they are written);
-  * each batch is left-padded to a prompt-length bucket (powers of two), so new
-    lengths reuse a compiled prefill; the cache of a run holds the largest bucket +
-    the new-token budget, so decode compiles once per run;
-  * prefill (one jitted call) fills the KV cache and samples the first token;
-  * decode (one jitted `lax.while_loop`) runs until every row is done or the budget is
-    spent. With stop strings it runs in segments of `STOP_STRING_SEGMENT` tokens and
-    the host checks only the new text of each row in between (`IncrementalText`).
+How a run goes (continuous batching over `batch_size` decode slots):
+  * requests are queued longest first (similar lengths prefill together; results come
+    back in request order, each completion handed to `on_complete` as soon as its row
+    finishes); the run keeps one decode state of `batch_size` rows, its cache sized for
+    the largest prompt bucket + the new-token budget, so decode compiles once per run;
+  * the first `batch_size` requests are prefilled together (one jitted call fills the
+    KV cache and samples each row's first token; inert filler rows when there are fewer);
+  * decode (one jitted `lax.while_loop`) runs until a row finishes (or every row is
+    done). The host then harvests the finished rows (`on_batch` gets each harvest's
+    completions together, e.g. to post-process them in one batched call before they
+    are written) and refills their slots from the queue: the new requests are
+    prefilled as a batch padded to a power of two (at most `batch_size`) and their rows
+    written into the running state in place (`engine.insert`), then decode resumes.
+    Each row has its own step, so a request's tokens do not depend on its slot, its
+    batch-mates or when it entered;
+  * prompts are left-padded to a prompt-length bucket (powers of two), so a run
+    compiles prefill once per (bucket, refill size), insert once per refill size and
+    decode once;
+  * with stop strings decode runs in segments of at most `STOP_STRING_SEGMENT` steps
+    and the host checks only the new text of each row in between (`IncrementalText`).
 
 A row stops at a stop token (the checkpoint's eos list, e.g. `<|eot|>` and `<|eom|>`;
 the token is kept in `token_ids`, as transformers and vLLM do), at a stop string
@@ -26,6 +33,7 @@ the token is kept in `token_ids`, as transformers and vLLM do), at a stop string
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 from typing import Any, Callable
@@ -164,9 +172,10 @@ def run_requests(config: Llama4Config, params, requests: list[Request], *, token
                  stats: GenerationStats | None = None) -> tuple[list[Completion], GenerationStats]:
     """Generate for checked requests; returns completions in request order and stats.
 
-    on_complete(i, completion) is called as each request finishes (its batch ends),
-    in the order they finish; on_batch([(i, completion), ...]) once per batch, after
-    on_complete of its rows, with all of them. `stats` (optional) accumulates across calls.
+    on_complete(i, completion) is called as each request finishes, in the order they
+    finish; on_batch([(i, completion), ...]) once per harvest (the rows that finished
+    in the same decode segment, or at their first token), after on_complete of them.
+    `stats` (optional) accumulates across calls.
     """
     mesh = sharding.resolve_mesh(params, mesh, "generate")
     if mesh is not None and sharding._explicit_axes(mesh):
@@ -224,6 +233,7 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
                  batch_size: int, max_model_len: int, logprobs: bool, kv_dtype, attention_impl: str, moe_impl: str,
                  prefill_chunk: int | None = None,
                  on_complete, on_batch, place, stats: GenerationStats) -> list[Completion]:
+    """Continuous batching over `batch_size` decode slots (see the module docstring)."""
     text = config.text
     stats.prompts += len(requests)
     stats.prompt_tokens += sum(len(r.ids) for r in requests)
@@ -233,79 +243,124 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
     stop_ids = place(np.asarray(sorted(stop_set) or [-1], np.int32))
     unroll = engine.unroll_decode(params)
     decode_params = unstack_layers(params) if unroll else params
-    order = sorted(range(len(requests)), key=lambda i: -len(requests[i].ids))  # similar lengths together
+    queue = collections.deque(sorted(range(len(requests)), key=lambda i: -len(requests[i].ids)))
     B = min(batch_size, len(requests))
     results: list[Completion | None] = [None] * len(requests)
-    # One token buffer and cache length for the whole run, so decode compiles once;
-    # only prefill is compiled per prompt-length bucket.
-    N = new_token_bucket(max(min(r.max_new_tokens, max_model_len - len(r.ids)) for r in requests))
+    budgets = [min(r.max_new_tokens, max_model_len - len(r.ids)) for r in requests]
+    # One token buffer and cache length for the whole run, so decode and insert compile
+    # once per refill size; prefill compiles per (prompt-length bucket, refill size).
+    N = new_token_bucket(max(budgets))
     max_len = prompt_bucket(max(len(r.ids) for r in requests), max_model_len) + N
     statics = dict(text=text, attn_impl=attention_impl, moe_impl=moe_impl)
-    for start in range(0, len(order), B):
-        rows = order[start:start + B]
-        reqs = [requests[i] for i in rows]
-        budgets = [min(r.max_new_tokens, max_model_len - len(r.ids)) for r in reqs]
+    filler = Sampling(temperature=0.0, seed=0)
+    slot_req: dict[int, int] = {}  # slot -> index of the request it holds
+    slot_samp, slot_budget = [filler] * B, [0] * B  # host copies of the per-slot decode inputs
+    texts: dict[int, IncrementalText] = {}  # slots whose request has stop strings
+    cuts: dict[int, tuple[int, str]] = {}  # slot -> (tokens kept, text) at a stop string
+    state, arrays = None, None
+
+    def prefill(take: list[int], K: int):
+        """A prefill state of K rows: requests `take`, then inert filler rows."""
+        reqs = [requests[i] for i in take]
         T = prompt_bucket(max(len(r.ids) for r in reqs), max_model_len)
-        ids = np.zeros((B, T), np.int32)
-        mask = np.zeros((B, T), np.int32)
+        ids = np.zeros((K, T), np.int32)
+        mask = np.zeros((K, T), np.int32)
         for b, r in enumerate(reqs):
             ids[b, T - len(r.ids):] = r.ids
             mask[b, T - len(r.ids):] = 1
         mask[len(reqs):, -1] = 1  # filler rows: one token, budget 0
-        pad = B - len(reqs)
-        samp = _sampling_arrays([r.sampling for r in reqs] + [Sampling(temperature=0.0, seed=0)] * pad, place)
-        budget = place(np.asarray(budgets + [0] * pad, np.int32))
+        pad = K - len(reqs)
+        samp = _sampling_arrays([r.sampling for r in reqs] + [filler] * pad, place)
+        budget = place(np.asarray([budgets[i] for i in take] + [0] * pad, np.int32))
         pixel_values, mm = _pixel_batch(config, params, reqs)
-        t0, c0 = time.perf_counter(), stats.compile_s
-        state = call_compiled(stats, engine.prefill, params, place(ids), place(mask), samp, budget, stop_ids,
-                              pixel_values, max_len=max_len, max_new=N, kv_dtype=kv_dtype, mm=mm,
-                              piece=prefill_chunk if prefill_chunk and T > prefill_chunk else None, **statics)
-        jax.block_until_ready(state["tokens"])
-        stats.prefill_s += time.perf_counter() - t0 - (stats.compile_s - c0)
+        return call_compiled(stats, engine.prefill, params, place(ids), place(mask), samp, budget, stop_ids,
+                             pixel_values, max_len=max_len, max_new=N, kv_dtype=kv_dtype, mm=mm,
+                             piece=prefill_chunk if prefill_chunk and T > prefill_chunk else None, **statics)
 
-        texts = {b: IncrementalText(tokenizer) for b, r in enumerate(reqs) if r.stop and tokenizer is not None}
-        cuts: dict[int, tuple[int, str]] = {}
-        t0, c0 = time.perf_counter(), stats.compile_s
-        while True:
-            limit = min(N, int(to_host(state["step"])) + STOP_STRING_SEGMENT) if texts else N
-            state = call_compiled(stats, engine.decode, decode_params, state, samp, budget, stop_ids,
-                                  place(np.int32(limit)), scan_layers=not unroll, **statics)
-            step, done = int(to_host(state["step"])), to_host(state["done"])
-            if texts:  # cut rows whose new text reached a stop string, then carry on with the rest
-                toks = to_host(state["tokens"])
-                for b, inc in texts.items():
-                    if b in cuts:
-                        continue
-                    searched = len(inc.text)
-                    inc.extend(toks[b, len(inc.ids):min(step, budgets[b])])
-                    cut = inc.find_stop(reqs[b].stop, searched)
-                    if cut is not None:
-                        cuts[b] = (cut[0], inc.text[:cut[1]])
-                if cuts:
-                    state = {**state, "done": state["done"].at[jnp.asarray(sorted(cuts))].set(True)}
-                    done = to_host(state["done"])
-            if step >= N or done.all():
-                break
-        toks, lps, stopped = (to_host(state[k]) for k in ("tokens", "logprobs", "stopped"))
-        stats.decode_s += time.perf_counter() - t0 - (stats.compile_s - c0)
+    def check_stops(slots, toks, step):
+        """Extend the text of `slots` with their new tokens; record the first stop string."""
+        for b in slots:
+            if b not in texts or b in cuts:
+                continue
+            inc = texts[b]
+            searched = len(inc.text)
+            inc.extend(toks[b, len(inc.ids):min(int(step[b]), slot_budget[b])])
+            cut = inc.find_stop(requests[slot_req[b]].stop, searched)
+            if cut is not None:
+                cuts[b] = (cut[0], inc.text[:cut[1]])
 
-        for b, (i, r) in enumerate(zip(rows, reqs)):
-            n = min(budgets[b], step)
+    def harvest(slots):
+        """Completions of the finished `slots`, handed to on_complete / on_batch; frees the slots."""
+        toks, lps, stopped, step = (to_host(state[k]) for k in ("tokens", "logprobs", "stopped", "step"))
+        check_stops(slots, toks, step)
+        finished = []
+        for b in slots:
+            i = slot_req.pop(b)
+            n = min(budgets[i], int(step[b]))
             row = toks[b, :n].tolist()
             if stopped[b]:  # keep the stop token, drop what follows
                 n = next(j for j, t in enumerate(row) if t in stop_set) + 1
             reason = "stop" if stopped[b] else "length"
             txt = None
-            if b in cuts and cuts[b][0] <= n:
-                n, txt = cuts[b]
+            cut = cuts.pop(b, None)
+            texts.pop(b, None)
+            if cut is not None and cut[0] <= n:
+                n, txt = cut
                 reason = "stop"
             elif tokenizer is not None:
                 txt = tokenizer.decode(row[:n], skip_special_tokens=True)
             stats.generated_tokens += n
             results[i] = Completion(text=txt, token_ids=row[:n], finish_reason=reason,
-                                    logprobs=lps[b, :n].tolist() if logprobs else None, prompt_token_ids=r.ids)
+                                    logprobs=lps[b, :n].tolist() if logprobs else None,
+                                    prompt_token_ids=requests[i].ids)
             if on_complete is not None:
                 on_complete(i, results[i])
+            finished.append((i, results[i]))
         if on_batch is not None:
-            on_batch([(i, results[i]) for i in rows])
+            on_batch(finished)
+
+    while True:
+        if state is not None:  # harvest the rows that finished (in decode, or at their first token)
+            done = to_host(state["done"])
+            fin = [b for b in sorted(slot_req) if done[b]]
+            if fin:
+                harvest(fin)
+        free = [b for b in range(B) if b not in slot_req]
+        if queue and free:  # refill the free slots from the queue: prefill, then insert in place
+            take = [queue.popleft() for _ in range(min(len(free), len(queue)))]
+            slots = free[:len(take)]
+            # The first fill is the whole batch; refills are padded to a power of two.
+            K = B if state is None else min(B, 1 << (len(take) - 1).bit_length())
+            t0, c0 = time.perf_counter(), stats.compile_s
+            new = prefill(take, K)
+            if state is None:
+                state = new
+            else:
+                where = place(np.asarray(slots + [B] * (K - len(slots)), np.int32))  # B: dropped
+                state = call_compiled(stats, engine.insert, state, new, where)
+            jax.block_until_ready(state["tokens"])
+            stats.prefill_s += time.perf_counter() - t0 - (stats.compile_s - c0)
+            for b, i in zip(slots, take):
+                slot_req[b], slot_samp[b], slot_budget[b] = i, requests[i].sampling, budgets[i]
+                if requests[i].stop and tokenizer is not None:
+                    texts[b] = IncrementalText(tokenizer)
+            arrays = None
+            continue  # a new row may be done at its first token
+        if not slot_req:
+            break
+        if arrays is None:
+            arrays = _sampling_arrays(slot_samp, place), place(np.asarray(slot_budget, np.int32))
+        # With stop strings, decode in segments and check the new text in between.
+        limit = STOP_STRING_SEGMENT if texts else N
+        t0, c0 = time.perf_counter(), stats.compile_s
+        state, steps = call_compiled(stats, engine.decode, decode_params, state, *arrays, stop_ids,
+                                     place(np.int32(limit)), scan_layers=not unroll, **statics)
+        stats.decode_steps += int(to_host(steps))
+        if texts:  # cut rows whose new text reached a stop string
+            check_stops(sorted(texts), to_host(state["tokens"]), to_host(state["step"]))
+            done = to_host(state["done"])
+            hit = [b for b in cuts if not done[b]]
+            if hit:
+                state = {**state, "done": state["done"].at[jnp.asarray(sorted(hit))].set(True)}
+        stats.decode_s += time.perf_counter() - t0 - (stats.compile_s - c0)
     return results

@@ -5,6 +5,7 @@ import pytest
 
 import llama4_jax
 from llama4_jax import Greedy, Sampling, TopK, TopP
+from llama4_jax.scheduler import Request, run_requests
 from tests.hf_models import Checkpoint
 
 MAX_NEW = 20  # with chunk 8 / 16 every completion crosses at least one chunk boundary
@@ -107,6 +108,63 @@ def test_budgets_stats_and_derived_seeds(scout):
         llama4_jax.generate(config, params, [a, b], max_new_tokens=[3])
 
 
+def test_continuous_batching_equals_one_at_a_time(scout):
+    """Rows that finish early free their slot for the next prompt (prefilled, then
+    inserted into the running decode state): greedy and seeded-sampled tokens and
+    log-probabilities equal those of one prompt at a time, whatever slot a request
+    lands in and whenever it enters."""
+    _, config, params = scout
+    prompts = _prompts(config.text.vocab_size, (6, 23, 3, 11, 17, 4, 9), seed=21)
+    budgets = [2, 20, 5, 20, 3, 20, 9]
+    for sampling in (None, [TopP(0.95, temperature=1.5, seed=s) for s in range(7)]):
+        run = lambda ps, n, smp, bs: llama4_jax.generate(  # noqa: E731
+            config, params, ps, max_new_tokens=n, sampling=smp, batch_size=bs, logprobs=True, return_stats=True)
+        out, stats = run(prompts, budgets, sampling, 3)
+        for b, p in enumerate(prompts):
+            (one,), _ = run([p], budgets[b], None if sampling is None else sampling[b], 1)
+            assert out[b].token_ids == one.token_ids, (sampling, b)
+            assert out[b].finish_reason == one.finish_reason
+            np.testing.assert_allclose(out[b].logprobs, one.logprobs, atol=1e-5)  # fp32, other batch-mates
+        assert stats.generated_tokens == sum(len(o.token_ids) for o in out)
+        # Seven requests over three slots in fewer steps than the longest three budgets run back to back.
+        assert stats.decode_steps < 3 * (20 - 1)
+
+
+def test_finished_slot_is_refilled(scout):
+    """batch_size 2, budgets [2, 2, 2, 20], the long request first (the queue runs
+    longest prompt first): it decodes beside the short ones as they come and go,
+    so the run takes its 19 decode steps, not the 19 + 1 of two static batches."""
+    _, config, params = scout
+    prompts = _prompts(config.text.vocab_size, (4, 5, 6, 14), seed=5)
+    seen = []
+    requests = [Request(p, Sampling(temperature=0.0, seed=0), n) for p, n in zip(prompts, (2, 2, 2, 20))]
+    out, stats = run_requests(config, params, requests, tokenizer=None, stop_token_ids=(), batch_size=2,
+                              max_model_len=64, logprobs=False, kv_dtype=None, attention_impl="auto", moe_impl=None,
+                              on_batch=lambda done: seen.append([i for i, _ in done]))
+    assert [len(o.token_ids) for o in out] == [2, 2, 2, 20]
+    assert stats.decode_steps == 19  # the long row never waited; static batching: 19 + 1
+    assert seen[-1] == [3] and sorted(i for s in seen for i in s) == [0, 1, 2, 3]
+
+
+def test_stop_strings_with_refilled_slots():
+    """Stop strings are checked per row as slots are refilled: each completion (ids,
+    text cut before the stop string, reason) equals the prompt's alone."""
+    from transformers import AutoTokenizer
+
+    from llama4_jax.generate import DEFAULT_MODEL
+
+    tok = AutoTokenizer.from_pretrained(DEFAULT_MODEL, local_files_only=True)
+    config, params = llama4_jax.load(DEFAULT_MODEL, dtype="float32")
+    prompts = ["987+654=", "123+456=", "12+34=", "999+999=", "321+345="]  # answered with 2-4 digits
+    kw = dict(tokenizer=tok, stop=["4", "9"])
+    many = llama4_jax.generate(config, params, prompts, max_new_tokens=[8, 2, 3, 8, 8], batch_size=2, **kw)
+    assert {o.finish_reason for o in many} == {"stop", "length"} and any(o.text for o in many)
+    for i, p in enumerate(prompts):
+        (one,) = llama4_jax.generate(config, params, [p], max_new_tokens=[8, 2, 3, 8, 8][i], batch_size=1, **kw)
+        assert (many[i].token_ids, many[i].text, many[i].finish_reason) == (one.token_ids, one.text,
+                                                                             one.finish_reason), i
+
+
 def test_chunked_prefill_equals_one_piece(scout):
     """Prompts prefilled in pieces (each reading the cache the earlier ones wrote) give
     the tokens and log-probabilities of one whole prefill: pieces of 8 (the chunk), 5
@@ -177,7 +235,8 @@ def test_api_errors(scout):
 def test_generate_on_a_mesh_equals_one_device(maverick_like: Checkpoint):
     """Data- and expert-parallel generation (params loaded onto a data=2 x expert=2 x
     tensor=2 mesh; 6 experts split evenly, so the `ep` MoE is the default) gives the
-    single-device tokens, greedy and sampled, across chunk-16 ring-buffer wraps."""
+    single-device tokens, greedy and sampled, across chunk-16 ring-buffer wraps, with
+    finished slots refilled (six prompts, four slots, mixed budgets)."""
     from llama4_jax import sharding
 
     config, params = llama4_jax.load(maverick_like.path, dtype="float32")
@@ -185,11 +244,12 @@ def test_generate_on_a_mesh_equals_one_device(maverick_like: Checkpoint):
     assert sharding.splits_experts(mesh, None, config.text)
     _, sharded = llama4_jax.load(maverick_like.path, dtype="float32", mesh=mesh)
     assert len(sharded["params"]["layers"]["layer_1"]["moe"]["gate"].sharding.device_set) == 8
-    prompts = _prompts(config.text.vocab_size, (9, 4, 12, 6), seed=11)
+    prompts = _prompts(config.text.vocab_size, (9, 4, 12, 6, 7, 5), seed=11)
+    budgets = [3, 20, 20, 5, 20, 2]
     for sampling in (None, TopP(p=0.9, temperature=0.8, seed=3)):
-        one = llama4_jax.generate(config, params, prompts, max_new_tokens=20, batch_size=4, sampling=sampling)
-        many = llama4_jax.generate(config, sharded, prompts, max_new_tokens=20, batch_size=4, sampling=sampling,
-                                   mesh=mesh)
+        one = llama4_jax.generate(config, params, prompts, max_new_tokens=budgets, batch_size=4, sampling=sampling)
+        many = llama4_jax.generate(config, sharded, prompts, max_new_tokens=budgets, batch_size=4,
+                                   sampling=sampling, mesh=mesh)
         assert [o.token_ids for o in many] == [o.token_ids for o in one]
     with pytest.raises(ValueError, match="generate splits batches"):
         llama4_jax.generate(config, params, prompts, attention_impl="ring")

@@ -423,8 +423,11 @@ def test_generate_safety_records_a_conversation_the_classifier_refuses(unsafe_di
 
     monkeypatch.setattr(safety, "classify", classify)
     out = tmp_path / "out.jsonl"
+    # One new token: every row finishes at its first token, so each harvest of the
+    # continuous batching is a whole prefill (color and chat, the longest; then add).
+    one_token = [*COMMON[:COMMON.index("--max-new-tokens") + 1], "1", *COMMON[COMMON.index("--max-new-tokens") + 2:]]
     assert main(["generate", "--input", _three_prompts(tmp_path), "--output", str(out), "--safety-model", unsafe_dir,
-                 "--safety-on", "prompts", *COMMON]) == 0
+                 "--safety-on", "prompts", *one_token]) == 0
     recs = _records(out)
     assert recs["add"]["safety"] == recs["color"]["safety"] == {"prompt": {"label": "safe", "categories": []}}
     assert recs["chat"]["safety"] == {"prompt": {"label": "invalid", "categories": [], "error": (
