@@ -20,7 +20,8 @@ from .model.vision import image_features
 from . import distributed
 
 
-def load(path, *, dtype="bfloat16", mesh=None, rules=None, shardings=None, progress=False):
+def load(path, *, dtype="bfloat16", quantize=None, group_size=None, mesh=None, rules=None, shardings=None,
+         progress=False):
     """Load a checkpoint directory: returns (config, params).
 
     `path` is a Hugging Face directory (safetensors, FP8 dequantized) or one written by
@@ -29,18 +30,28 @@ def load(path, *, dtype="bfloat16", mesh=None, rules=None, shardings=None, progr
     `sharding.default_rules`); pass the same mesh and rules to `forward`. `shardings`:
     alternatively, an explicit pytree like params of `jax.sharding.Sharding`s (see
     `llama4_jax.checkpoint.load_hf`); None with no mesh means the default device.
-    """
-    from .checkpoint import load_checkpoint
 
+    quantize: None, "int8", "int4" or "fp8" (group_size: int4 elements per scale,
+    default 128): the tree of `abstract_params(config, dtype=dtype, quantize=)`, each
+    attention / MLP / expert matrix quantized from its stored values as it is read,
+    one tensor at a time (host memory about one tensor; the float model is never
+    formed), and on a mesh each device receives its shard of the quantized weights
+    and scales. An FP8 checkpoint loaded with quantize="fp8" keeps its stored e4m3
+    weights and per-channel scales. A converted directory stored quantized
+    (`llama4-jax convert --quantize`) loads as stored (quantize None or its own format).
+    """
+    from .checkpoint import load_checkpoint, load_format
+
+    fmt = load_format(path, quantize, group_size)
     if mesh is not None:
         if shardings is not None:
             raise ValueError("load: pass either mesh (with optional rules) or shardings, not both")
         from .sharding import param_shardings
 
-        shardings = param_shardings(load_config(path), mesh, rules, dtype=dtype)
+        shardings = param_shardings(load_config(path), mesh, rules, dtype=dtype, quantize=fmt)
     elif rules is not None:
         raise ValueError("load: rules need a mesh")
-    return load_checkpoint(path, dtype=dtype, shardings=shardings, progress=progress)
+    return load_checkpoint(path, dtype=dtype, shardings=shardings, progress=progress, quantize=fmt)
 
 
 __all__ = [

@@ -8,10 +8,13 @@ the same `Rules` that `forward` and `load` use, on a device-free `AbstractMesh`.
 the plan is exactly what loading onto that mesh allocates (a test checks it against
 real sharded arrays).
 
-Weight formats: bf16/fp16/fp32 store every parameter in that dtype. fp8, int8 and
-int4 apply to the matrices inside the decoder layers (attention, dense MLP, shared and
-routed experts); embeddings, the LM head, router, norms and the vision tower stay
-bf16, and quantization scales (about 1/D of the weights per channel) are not counted.
+Weights: `weight_format` (bf16/fp16/fp32) is the dtype of the parameters; with
+`quantize` (int8 / int4 / fp8, see `llama4_jax.quant`) the decoder layers' matrices
+(attention, dense MLP, shared and routed experts) are the `QuantizedWeight`s of
+`abstract_params(..., quantize=)`, counted array by array (packed values, scales,
+int4 zero points) under the sharding rules of their scale leaves: the tree and the
+shardings `llama4_jax.load(..., quantize=, mesh=)` produces, not a bytes-per-parameter
+table.
 
 Activations are an estimate, not a measurement: one prefill chunk per batch row
 through the largest layer with blockwise attention, plus the last-position logits.
@@ -26,12 +29,11 @@ import sys
 import jax
 import numpy as np
 
-from . import sharding
+from . import quant, sharding
 
 GiB = 1 << 30
-# bits per element of each weight format
-WEIGHT_BITS = {"fp32": 32, "bf16": 16, "fp16": 16, "fp8": 8, "int8": 8, "int4": 4}
-_FLOAT = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# the float dtypes parameters are stored in
+WEIGHT_FORMATS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 KV_FORMATS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "int8": "int8"}
 # Query rows of one attention block in the blockwise estimate (kernels' default tile).
 _ATTN_BLOCK = 512
@@ -42,7 +44,8 @@ class Plan:
     """Bytes per device (the most loaded device) for a config on a mesh."""
 
     mesh: tuple[tuple[str, int], ...]
-    weight_format: str
+    weight_format: str  # float dtype of the parameters
+    quantize: quant.QuantFormat | None  # format of the decoder layers' matrices (None: float)
     kv_format: str
     batch: int
     max_len: int
@@ -90,38 +93,41 @@ def _part(path: tuple[str, ...]) -> str:
     return "shared expert + dense MLP"
 
 
-def _quantized(path: tuple[str, ...], ndim: int) -> bool:
-    """Decoder-layer matrices (stacked: layers + >= 2 dims), not the router."""
-    return path[1] == "layers" and ndim >= 3 and path[-1] != "router"
-
-
-def _bytes(shape, bits: int) -> int:
-    return math.ceil(math.prod(shape) * bits / 8)
-
-
 def _mesh(mesh):
     if isinstance(mesh, (str, dict)):
         return sharding.abstract_mesh(mesh)
     return mesh
 
 
-def weight_bytes(config, mesh, *, rules=None, weight_format: str = "bf16") -> tuple[int, dict]:
-    """(total bytes unsharded, {part: bytes on the most loaded device})."""
-    if weight_format not in WEIGHT_BITS:
-        raise ValueError(f"weight format must be one of {sorted(WEIGHT_BITS)}, got {weight_format!r}")
+def _float_dtype(weight_format: str) -> str:
+    if weight_format not in WEIGHT_FORMATS:
+        hint = (f"; {weight_format} is a quantization: pass quantize={weight_format!r}"
+                if weight_format in quant.FORMATS else "")
+        raise ValueError(f"weight format must be one of {sorted(WEIGHT_FORMATS)}, got {weight_format!r}{hint}")
+    return WEIGHT_FORMATS[weight_format]
+
+
+def weight_bytes(config, mesh, *, rules=None, weight_format: str = "bf16", quantize=None,
+                 group_size: int | None = None) -> tuple[int, dict]:
+    """(total bytes unsharded, {part: bytes on the most loaded device}) of the tree
+    `abstract_params(config, dtype=weight_format, quantize=)` placed by the rules:
+    every array of a quantized weight (values, scales, zero points) counted under its
+    own sharding."""
     from .model.text import abstract_params
 
     mesh = _mesh(mesh)
-    float_dtype = _FLOAT.get(weight_format, "bfloat16")
-    abstract = abstract_params(config, dtype=float_dtype)
-    shardings = sharding.param_shardings(config, mesh, rules, dtype=float_dtype)
+    float_dtype = _float_dtype(weight_format)
+    fmt = quant.as_format(quantize, group_size)
+    abstract = abstract_params(config, dtype=float_dtype, quantize=fmt)
+    shardings = sharding.param_shardings(config, mesh, rules, dtype=float_dtype, quantize=fmt)
+    nodes = jax.tree_util.tree_flatten_with_path(abstract, is_leaf=quant.is_quantized)[0]
     total, parts = 0, {}
-    for (path, leaf), sh in zip(jax.tree_util.tree_leaves_with_path(abstract), jax.tree_util.tree_leaves(shardings)):
-        keys = tuple(str(getattr(k, "key", k)) for k in path)
-        bits = WEIGHT_BITS[weight_format] if _quantized(keys, leaf.ndim) else np.dtype(leaf.dtype).itemsize * 8
-        total += _bytes(leaf.shape, bits)
-        part = _part(keys)
-        parts[part] = parts.get(part, 0) + _bytes(sh.shard_shape(leaf.shape), bits)
+    for (path, node), sh in zip(nodes, jax.tree_util.tree_leaves(shardings, is_leaf=quant.is_quantized)):
+        part = _part(tuple(str(getattr(k, "key", k)) for k in path))
+        for leaf, s in zip(jax.tree_util.tree_leaves(node), jax.tree_util.tree_leaves(sh)):
+            item = np.dtype(leaf.dtype).itemsize
+            total += math.prod(leaf.shape) * item
+            parts[part] = parts.get(part, 0) + math.prod(s.shard_shape(leaf.shape)) * item
     return total, parts
 
 
@@ -173,19 +179,26 @@ def activation_bytes(config, mesh, *, rules=None, batch: int, prefill_chunk: int
     return rows * per_row
 
 
-def plan(config, mesh, *, rules=None, weight_format: str = "bf16", kv_format: str | None = None, batch: int = 1,
-         max_len: int = 8192, prefill_chunk: int | None = None, device_memory_gib: float = 80.0) -> Plan:
-    """The memory plan of `config` on `mesh` (a spec string like "expert=8", or a mesh)."""
+def plan(config, mesh, *, rules=None, weight_format: str = "bf16", quantize=None, group_size: int | None = None,
+         kv_format: str | None = None, batch: int = 1, max_len: int = 8192, prefill_chunk: int | None = None,
+         device_memory_gib: float = 80.0) -> Plan:
+    """The memory plan of `config` on `mesh` (a spec string like "expert=8", or a mesh).
+
+    weight_format: the parameters' float dtype; quantize / group_size: the format of
+    the decoder layers' matrices (as for `llama4_jax.load`)."""
     if batch < 1 or max_len < 1:
         raise ValueError(f"batch and max_len must be >= 1, got batch={batch}, max_len={max_len}")
     mesh = _mesh(mesh)
-    kv_format = kv_format or (weight_format if weight_format in KV_FORMATS else "bf16")
+    _float_dtype(weight_format)
+    fmt = quant.as_format(quantize, group_size)
+    kv_format = kv_format or weight_format
     chunk = min(max_len, prefill_chunk or 8192)
-    total, parts = weight_bytes(config, mesh, rules=rules, weight_format=weight_format)
+    total, parts = weight_bytes(config, mesh, rules=rules, weight_format=weight_format, quantize=fmt)
     kv = dict(rules=rules, batch=batch, max_len=max_len, kv_format=kv_format)
     return Plan(
         mesh=tuple(zip(mesh.axis_names, mesh.axis_sizes)),
         weight_format=weight_format,
+        quantize=fmt,
         kv_format=kv_format,
         batch=batch,
         max_len=max_len,
@@ -203,11 +216,18 @@ def _gib(n: int) -> str:
     return f"{n / GiB:10.2f} GiB"
 
 
+def _describe_weights(p: Plan) -> str:
+    if p.quantize is None:
+        return p.weight_format
+    q = p.quantize.name + (f" in groups of {p.quantize.group_size}" if p.quantize.name == "int4" else "")
+    return f"decoder matrices {q} with their scales, the rest {p.weight_format}"
+
+
 def format_plan(p: Plan, name: str = "") -> str:
     mesh = ",".join(f"{a}={s}" for a, s in p.mesh)
     lines = [f"plan{' for ' + name if name else ''} on mesh {mesh} ({p.devices} devices), "
              f"batch {p.batch}, max length {p.max_len:,} tokens",
-             f"weights ({p.weight_format}), per device:"]
+             f"weights ({_describe_weights(p)}), per device:"]
     for part in sorted(p.weights_by_part, key=lambda k: -p.weights_by_part[k]):
         lines.append(f"  {part:<28}{_gib(p.weights_by_part[part])}")
     lines += [
@@ -228,9 +248,12 @@ def add_arguments(parser) -> None:
     src.add_argument("--config", help="a checkpoint directory or config.json")
     parser.add_argument("--mesh", default="data=1", help="mesh spec, e.g. expert=8 or data=2,expert=2,tensor=2")
     parser.add_argument("--rules", choices=("default", "fsdp"), default="default", help="sharding rule set")
-    parser.add_argument("--dtype", choices=sorted(WEIGHT_BITS), default="bf16", help="weight format")
+    parser.add_argument("--dtype", default="bf16", metavar="{bf16,fp16,fp32}", help="float dtype of the weights")
+    parser.add_argument("--quantize", default=None, metavar="{int8,int4,fp8}",
+                        help="quantize the decoder layers' matrices (what load(..., quantize=) produces)")
+    parser.add_argument("--group-size", default=None, metavar="N", help="int4: elements per scale (default 128)")
     parser.add_argument("--kv-dtype", choices=sorted(KV_FORMATS), default=None,
-                        help="KV cache format (default: the weight dtype if it is a float, else bf16)")
+                        help="KV cache format (default: the weight dtype)")
     parser.add_argument("--max-len", type=int, default=8192, help="tokens per row the KV cache holds")
     parser.add_argument("--batch", type=int, default=1, help="rows decoded together")
     parser.add_argument("--prefill-chunk", type=int, default=None, help="tokens per prefill step (default 8192)")
@@ -247,7 +270,19 @@ def _bad_arguments(args) -> str | None:
             return f"{flag} must be >= 1, got {value}"
     if not args.device_memory > 0:  # also refuses nan
         return f"--device-memory must be > 0 GiB, got {args.device_memory}"
+    if args.dtype not in WEIGHT_FORMATS:
+        hint = f" ({args.dtype} is a quantization: --quantize {args.dtype})" if args.dtype in quant.FORMATS else ""
+        return f"--dtype must be one of {sorted(WEIGHT_FORMATS)}, got {args.dtype!r}{hint}"
+    try:
+        _weight_format(args)
+    except quant.QuantError as e:
+        return str(e)
     return None
+
+
+def _weight_format(args) -> quant.QuantFormat | None:
+    """--quantize / --group-size as a format (None: float); QuantError on a bad value."""
+    return quant.parse_format(args.quantize, args.group_size)
 
 
 def run(args) -> int:
@@ -273,7 +308,8 @@ def _run(args) -> int:
         config = config.replace(vision=None)
     mesh = sharding.abstract_mesh(args.mesh)
     rules = sharding.fsdp_rules(mesh) if args.rules == "fsdp" else sharding.default_rules(mesh)
-    p = plan(config, mesh, rules=rules, weight_format=args.dtype, kv_format=args.kv_dtype, batch=args.batch,
-             max_len=args.max_len, prefill_chunk=args.prefill_chunk, device_memory_gib=args.device_memory)
+    p = plan(config, mesh, rules=rules, weight_format=args.dtype, quantize=_weight_format(args),
+             kv_format=args.kv_dtype, batch=args.batch, max_len=args.max_len, prefill_chunk=args.prefill_chunk,
+             device_memory_gib=args.device_memory)
     print(format_plan(p, args.preset or args.config))
     return 0

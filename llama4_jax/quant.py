@@ -62,7 +62,7 @@ import numpy as np
 __all__ = [
     "FORMATS", "QuantFormat", "QuantizedWeight", "as_format", "quantize", "dequantize", "matmul", "take",
     "ragged_dot", "expert_matmul", "is_quantized", "quantizable", "quantize_params", "partition_spec",
-    "QuantError", "params_format",
+    "QuantError", "params_format", "parse_format",
 ]
 
 FORMATS = ("int8", "int4", "fp8")
@@ -111,6 +111,17 @@ def as_format(quantize, group_size: int | None = None) -> QuantFormat | None:
     if group_size is not None and quantize != "int4":
         raise QuantError(f"a group size applies to int4 only, not {quantize!r}")
     return QuantFormat(quantize, DEFAULT_GROUP_SIZE if group_size is None else group_size)
+
+
+def parse_format(quantize: str | None, group_size: str | int | None = None) -> QuantFormat | None:
+    """`as_format` for command-line values (`--quantize`, `--group-size`): a group size
+    given as text must be an integer; every bad value raises a one-line QuantError."""
+    if isinstance(group_size, str):
+        try:
+            group_size = int(group_size)
+        except ValueError:
+            raise QuantError(f"--group-size must be a positive integer, got {group_size!r}") from None
+    return as_format(quantize, group_size)
 
 
 # --------------------------------------------------------------------------------------

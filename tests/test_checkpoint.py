@@ -214,16 +214,17 @@ def test_interrupted_conversion_leaves_no_destination(scout_like, tmp_path, monk
 # FP8 checkpoints (both layouts), built here by quantizing a tiny model
 # --------------------------------------------------------------------------------------
 
-def _quantize_rows(w):
-    """Per-output-row FP8 e4m3: w [..., out, in] -> (w8, scale [..., out, 1]) with amax -> 448."""
+def _quantize_rows(w, top=448.0):
+    """Per-output-row FP8 e4m3: w [..., out, in] -> (w8, scale [..., out, 1]) with amax -> top."""
     import torch
 
-    scale = w.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 448.0
+    scale = w.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / top
     return (w / scale).to(torch.float8_e4m3fn), scale.float()
 
 
-def _write_fp8(src: str, dst: str, layout: str):
-    """Quantize routed experts and shared-expert Linears of a causal checkpoint.
+def _write_fp8(src: str, dst: str, layout: str, top: float = 448.0):
+    """Quantize routed experts and shared-expert Linears of a causal checkpoint (each
+    row's largest |w| stored as `top`).
 
     Returns the dequantized fp32 state dict (what a correct reader must reproduce).
     """
@@ -235,7 +236,7 @@ def _write_fp8(src: str, dst: str, layout: str):
     for k, v in sd.items():
         if k.endswith("experts.gate_up_proj") or k.endswith("experts.down_proj"):
             wt = v.transpose(1, 2)  # [E, out, in]
-            w8, s = _quantize_rows(wt)
+            w8, s = _quantize_rows(wt, top)
             deq[k] = (w8.float() * s).transpose(1, 2).contiguous()
             if layout == "compressed-tensors":
                 base = k[: -len("gate_up_proj" if k.endswith("gate_up_proj") else "down_proj")]
@@ -253,7 +254,7 @@ def _write_fp8(src: str, dst: str, layout: str):
                 out[k] = w8.transpose(1, 2).contiguous()
                 out[k + "_scale"] = s.transpose(1, 2).contiguous() if k.endswith("gate_up_proj") else s.contiguous()
         elif "shared_expert" in k:
-            w8, s = _quantize_rows(v)
+            w8, s = _quantize_rows(v, top)
             out[k], out[k[: -len("weight")] + "weight_scale"] = w8, s
             deq[k] = w8.float() * s
         else:
@@ -306,6 +307,92 @@ def test_fp8_checkpoint_dequantizes(scout_like, tmp_path, layout):
     if layout == "fbgemm_fp8":  # conversion dequantizes the same way
         assert convert(dst, tmp_path / "orbax", "--dtype", "float32") == 0
         assert_same_params(llama4_jax.load(str(tmp_path / "orbax"), dtype="float32")[1], params)
+
+
+@pytest.mark.parametrize("layout", ["compressed-tensors", "fbgemm_fp8"])
+def test_fp8_checkpoint_kept_as_stored(scout_like, tmp_path, layout):
+    """load(quantize="fp8") keeps the stored e4m3 weights and per-channel scales as they
+    are: the scales here are stored at max|w| / 300, which quantizing again (max / 448)
+    would change. So the FP8 weights dequantize exactly to what the float load reads,
+    and the weights stored in fp32 (attention) are quantized from their values. FP8 ->
+    int4 quantizes the dequantized weights."""
+    from llama4_jax import quant
+
+    dst = str(tmp_path / layout)
+    _write_fp8(scout_like.path, dst, layout, top=300.0)
+    _, deq = llama4_jax.load(dst, dtype="float32")
+    config, got = llama4_jax.load(dst, dtype="float32", quantize="fp8")
+    reader = ck.SafetensorsReader(dst)
+    pre = "model.layers.0.feed_forward."
+    E = config.text.num_local_experts
+    if layout == "fbgemm_fp8":
+        stored = reader.read(pre + "experts.gate_up_proj")  # [E, D, 2F]
+        F = stored.shape[-1] // 2
+        want_q, want_s = stored[..., :F], reader.read(pre + "experts.gate_up_proj_scale")[:, 0, :F]
+    else:
+        want_q = np.stack([reader.read(f"{pre}experts.{e}.gate_proj.weight").T for e in range(E)])
+        want_s = np.stack([reader.read(f"{pre}experts.{e}.gate_proj.weight_scale")[:, 0] for e in range(E)])
+    gate = got["params"]["layers"]["layer_0"]["moe"]["gate"]  # [G, E, D, F]; HF layer 0 is group 0
+    assert gate.q.dtype == np.dtype("float8_e4m3fn")
+    assert np.abs(np.asarray(gate.q[0], np.float32)).max() <= 320  # 300 rounded in e4m3, not 448
+    assert np.array_equal(np.asarray(gate.q[0]).view(np.uint8), want_q.view(np.uint8))
+    assert np.array_equal(np.asarray(gate.scale[0]), want_s.astype(np.float32))
+    quantize_params = jax.jit(quant.quantize_params, static_argnums=1)  # one compilation, not one per op
+    requantized = quantize_params(deq, "fp8")
+    flat = jax.tree_util.tree_flatten_with_path(got, is_leaf=quant.is_quantized)[0]
+    kept = 0
+    for path, w in flat:
+        if not quant.is_quantized(w):
+            continue
+        keys = [str(getattr(k, "key", k)) for k in path]
+        ref = _leaf(requantized, keys)
+        if "moe" in keys:  # stored FP8: kept, and dequantized exactly as the float load reads
+            kept += 1
+            assert np.array_equal(np.asarray(quant.dequantize(w)), np.asarray(_leaf(deq, keys))), keys
+            assert not np.array_equal(np.asarray(w.scale), np.asarray(ref.scale))  # quantizing again differs
+        else:
+            for a, b in zip(jax.tree_util.tree_leaves(w), jax.tree_util.tree_leaves(ref)):
+                assert np.array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8)), keys
+    assert kept == 4 * 6  # layer_0..3: the experts' gate/up/down and the shared expert's three
+    if layout == "fbgemm_fp8":  # FP8 -> int4: dequantized in fp32, then quantized like the float load
+        _, int4 = llama4_jax.load(dst, dtype="float32", quantize="int4")
+        want = quantize_params(deq, "int4")
+        for a, b in zip(jax.tree_util.tree_leaves(int4), jax.tree_util.tree_leaves(want)):
+            assert a.dtype == b.dtype and np.array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
+
+
+def _leaf(tree, keys):
+    for k in keys:
+        tree = tree[k]
+    return tree
+
+
+def test_fp8_channel_scale_only_for_per_channel_e4m3(tmp_path):
+    """A stored scale that varies along the contraction (or an e5m2 weight) cannot be
+    kept per output channel: None, so the loader dequantizes and quantizes again."""
+    import ml_dtypes
+
+    from llama4_jax.checkpoint.names import Rule
+    from llama4_jax.checkpoint.quantized import fp8_channel_scale
+
+    w = np.linspace(-2, 2, 24, dtype=np.float32).reshape(4, 6)  # HF Linear [out 4, in 6]
+    cases = {"row": np.arange(1, 5, dtype=np.float32).reshape(4, 1), "tensor": np.array([0.5], np.float32),
+             "column": np.ones((1, 6), np.float32)}
+    tensors = []
+    for name, sc in cases.items():
+        tensors += [(f"{name}.weight", (4, 6), np.dtype(ml_dtypes.float8_e4m3fn),
+                     lambda: w.astype(ml_dtypes.float8_e4m3fn)),
+                    (f"{name}.weight_scale", sc.shape, np.dtype(np.float32), lambda sc=sc: sc)]
+    tensors += [("e5m2.weight", (4, 6), np.dtype(ml_dtypes.float8_e5m2), lambda: w.astype(ml_dtypes.float8_e5m2)),
+                ("e5m2.weight_scale", (4, 1), np.dtype(np.float32), lambda: cases["row"])]
+    os.makedirs(tmp_path / "ck")
+    ck.write_safetensors(str(tmp_path / "ck" / "model.safetensors"), tensors)
+    reader = ck.SafetensorsReader(str(tmp_path / "ck"))
+    linear = Rule("x", ("x",), "linear")
+    scale = lambda n: fp8_channel_scale(reader, f"{n}.weight", linear, 0, (6, 4), 1, 1, None)  # noqa: E731
+    np.testing.assert_array_equal(scale("row"), [1, 2, 3, 4])
+    np.testing.assert_array_equal(scale("tensor"), [0.5] * 4)
+    assert scale("column") is None and scale("e5m2") is None
 
 
 # --------------------------------------------------------------------------------------

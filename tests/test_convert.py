@@ -10,14 +10,17 @@ import runpy
 import shutil
 import sys
 
+import jax
 import numpy as np
 import pytest
 
 import llama4_jax
 from llama4_jax import checkpoint as ck
+from llama4_jax import quant
 from llama4_jax.checkpoint.base import _flatten
 from llama4_jax.cli import main
 from llama4_jax.generate import DEFAULT_MODEL
+from tests.trees import assert_bitwise
 
 
 def _tree(root) -> dict:
@@ -111,3 +114,123 @@ def _script(name, *argv) -> int:
         with pytest.raises(SystemExit) as e:
             runpy.run_path(path, run_name="__main__")
     return e.value.code
+
+
+# --------------------------------------------------------------------------------------
+# Quantized conversion: convert --quantize, convert/quantize.py, convert/verify.py
+# --------------------------------------------------------------------------------------
+
+QUANTIZE_FLAGS = {"int8": ["--quantize", "int8"], "int4": ["--quantize", "int4", "--group-size", "16"],
+                  "fp8": ["--quantize", "fp8"]}
+
+
+def _fmt(name):
+    return quant.QuantFormat("int4", 16) if name == "int4" else quant.QuantFormat(name)
+
+
+@pytest.fixture(scope="module")
+def quantized_dirs(maverick_like, tmp_path_factory):
+    """maverick_like (fp32) converted with each --quantize: int8 through
+    convert/quantize.py, int4 (groups of 16) and fp8 through `llama4-jax convert`."""
+    root = tmp_path_factory.mktemp("quantized")
+    out = {}
+    for name, flags in QUANTIZE_FLAGS.items():
+        out[name] = str(root / name)
+        if name == "int8":
+            assert _script("quantize.py", maverick_like.path, out[name], *flags, "--no-progress") == 0
+        else:
+            assert main(["convert", maverick_like.path, out[name], *flags, "--no-progress"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("name", list(QUANTIZE_FLAGS))
+def test_quantized_convert_round_trip(maverick_like, quantized_dirs, name):
+    """load(DST) restores the stored quantized tree as it is, bitwise the leaves
+    load(SRC, quantize=) gives (float leaves in the source's fp32); asking for the
+    stored format again is a no-op; int4 also restores straight into a mesh."""
+    dst = quantized_dirs[name]
+    with open(os.path.join(dst, ck.FORMAT_FILE)) as f:
+        info = json.load(f)
+    assert info["quantize"] == {"format": name, "group_size": 16 if name == "int4" else None}
+    assert info["dtype"] == "float32" and info["format_version"] == ck.QUANTIZED_FORMAT_VERSION
+    config, want = llama4_jax.load(maverick_like.path, dtype="float32", quantize=_fmt(name))
+    assert_bitwise(llama4_jax.load(dst, dtype=None)[1], want)
+    assert_bitwise(llama4_jax.load(dst, dtype="float32", quantize=name)[1], want)
+    if name == "int4":
+        from llama4_jax import sharding
+
+        mesh = sharding.make_mesh("data=2,expert=2,tensor=2")
+        _, placed = llama4_jax.load(dst, dtype="float32", mesh=mesh)
+        assert_bitwise(placed, want)
+        shardings = sharding.param_shardings(config, mesh, dtype="float32", quantize=_fmt(name))
+        for a, s in zip(jax.tree_util.tree_leaves(placed), jax.tree_util.tree_leaves(shardings)):
+            assert a.sharding == s
+
+
+def test_quantize_a_converted_float_directory(maverick_like, quantized_dirs, tmp_path, capsys):
+    """A converted float directory quantizes like its HF source, both while loading
+    (one stored group at a time) and with `convert --quantize`; without --quantize or
+    --to-hf there is nothing to do (one-line error)."""
+    conv, out = str(tmp_path / "f32"), str(tmp_path / "q8")
+    assert main(["convert", maverick_like.path, conv, "--no-progress"]) == 0
+    _, want = llama4_jax.load(quantized_dirs["int8"], dtype=None)
+    assert_bitwise(llama4_jax.load(conv, dtype=None, quantize="int8")[1], want)
+    assert main(["convert", conv, out, "--quantize", "int8", "--no-progress"]) == 0
+    assert_bitwise(llama4_jax.load(out, dtype=None)[1], want)
+    capsys.readouterr()
+    assert main(["convert", conv, str(tmp_path / "x"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "already a converted checkpoint: pass --to-hf to export it, or --quantize" in err
+    assert len(err.strip().splitlines()) == 1 and not os.path.exists(tmp_path / "x")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["SRC", "--quantize", "int3"], "unknown quantization format 'int3'; choose from ['int8', 'int4', 'fp8']"),
+    (["SRC", "--quantize", "int4", "--group-size", "0"], "int4 group size must be a positive integer, got 0"),
+    (["SRC", "--quantize", "int4", "--group-size", "x"], "--group-size must be a positive integer, got 'x'"),
+    (["SRC", "--quantize", "int8", "--group-size", "64"], "a group size applies to int4 only"),
+    (["Q4", "--to-hf", "--quantize", "int4"], "exporting quantized weights to Hugging Face safetensors (--to-hf) "
+                                              "is not supported"),
+    (["Q4", "--to-hf"], "holds weights quantized as int4 (groups of 16); --to-hf exports float weights only"),
+    (["Q4", "--quantize", "int8"], "is already quantized as int4 (groups of 16): nothing to convert"),
+    (["Q4", "--quantize", "int4"], "is already quantized as int4 (groups of 16): nothing to convert"),
+    (["Q4"], "is already quantized as int4 (groups of 16): nothing to convert"),
+])
+def test_quantize_mistakes_are_one_line_errors(maverick_like, quantized_dirs, tmp_path, capsys, argv, message):
+    src = {"SRC": maverick_like.path, "Q4": quantized_dirs["int4"]}[argv[0]]
+    out = str(tmp_path / "out")
+    assert main(["convert", src, out, *argv[1:], "--no-progress"]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+    assert "Traceback" not in err and not os.path.exists(out)
+
+
+def test_quantized_load_mistakes(maverick_like, quantized_dirs):
+    q4 = quantized_dirs["int4"]
+    with pytest.raises(ck.CheckpointError, match=r"stored quantized as int4 \(groups of 16\); it loads as stored "
+                                                 r"\(quantize=None or 'int4'\), not as int8"):
+        llama4_jax.load(q4, quantize="int8")
+    with pytest.raises(ck.CheckpointError, match=r"not as int4 \(groups of 32\)"):
+        llama4_jax.load(q4, quantize="int4", group_size=32)
+    with pytest.raises(quant.QuantError, match="unknown quantization format 'int2'"):
+        llama4_jax.load(maverick_like.path, quantize="int2")
+    with pytest.raises(quant.QuantError, match="a group size needs quantize='int4'"):
+        llama4_jax.load(maverick_like.path, group_size=64)
+
+
+def test_verify_script(maverick_like, quantized_dirs, capsys):
+    """convert/verify.py prints per prompt and overall the max |logit diff| and the
+    greedy agreement; --atol makes a quantized checkpoint fail; verify() of a model
+    against itself is exact."""
+    from llama4_jax import convert as cv
+
+    argv = [maverick_like.path, quantized_dirs["int8"], "--random-prompts", "2", "--max-new-tokens", "3"]
+    assert _script("verify.py", *argv, "--atol", "1e-6") == 1
+    out = capsys.readouterr().out
+    assert "quantized as int8" in out and out.count("greedy") == 3, out
+    diff = float(out.split("overall: max |logit diff| ")[1].split(";")[0])
+    assert 1e-6 < diff < 10
+    ref = llama4_jax.load(maverick_like.path, dtype="float32")
+    report = cv.verify(ref, ref, [[5, 7, 11], [13] * 9], max_new_tokens=3)
+    assert report["max_abs_diff"] == 0 and report["greedy_identical"] == 2 and report["argmax_agreement"] == 1

@@ -40,13 +40,27 @@ def test_plan_matches_placed_params_and_cache(spec, dtype):
     assert p.kv_cache == _per_device_bytes(cache)
 
 
+def test_plans_of_record():
+    """Scout int4 on one 80 GiB device at 128K tokens; Maverick fp8 on expert=8 x 80 GiB
+    at 256K tokens (both with the vision tower, bf16 KV cache). The quantized weight
+    bytes equal those `load(quantize=, mesh=)` places: test_quant.py
+    test_load_quantized_onto_a_mesh."""
+    scout = plan(preset("scout"), "data=1", quantize="int4", max_len=131072)
+    assert scout.fits and 60 * GiB < scout.weights < 62 * GiB  # 60.9 GiB + 7.1 GiB KV
+    maverick = plan(preset("maverick"), "expert=8", quantize="fp8", max_len=262144)
+    assert maverick.fits and 61 * GiB < maverick.weights < 63 * GiB  # 61.8 GiB + 13.1 GiB KV
+    assert not plan(preset("maverick"), "expert=8", max_len=262144).fits  # bf16 does not
+    text = format_plan(scout, "scout")
+    assert "decoder matrices int4 in groups of 128 with their scales, the rest bf16" in text
+
+
 def test_scout_needs_three_h100s_in_bf16():
     p = plan(preset("scout"), "expert=8", weight_format="bf16", max_len=1 << 20)
     assert p.min_devices_for_weights == 3  # ~202 GiB of weights over 80 GiB devices
     assert 200 * GiB < p.weights_total < 205 * GiB
     # Routed experts split 8 ways; everything else is replicated by the expert-only rules.
     assert p.weights_by_part["routed experts"] * 8 == pytest.approx(180 * GiB, rel=0.01)
-    assert plan(preset("scout"), "data=1", weight_format="int4").weights < 80 * GiB  # int4 fits one H100
+    assert plan(preset("scout"), "data=1", quantize="int4").weights < 80 * GiB  # int4 fits one H100
 
 
 def test_long_context_needs_the_chunk_capped_cache():
@@ -78,6 +92,10 @@ def test_plan_rejects_bad_input():
         plan(preset("tiny"), "model=8")
     with pytest.raises(ValueError, match="weight format must be one of"):
         plan(preset("tiny"), "data=1", weight_format="int3")
+    with pytest.raises(ValueError, match="int4 is a quantization: pass quantize='int4'"):
+        plan(preset("tiny"), "data=1", weight_format="int4")
+    with pytest.raises(ValueError, match="unknown quantization format 'int3'"):
+        plan(preset("tiny"), "data=1", quantize="int3")
     with pytest.raises(ValueError, match="KV cache format must be one of"):
         plan(preset("tiny"), "data=1", kv_format="int4")
 
@@ -91,6 +109,11 @@ def test_plan_rejects_bad_input():
     (["--preset", "tiny", "--max-len", "0"], "--max-len must be >= 1, got 0"),
     (["--preset", "tiny", "--batch", "-1"], "--batch must be >= 1, got -1"),
     (["--config", "/nonexistent/ckpt"], "/nonexistent/ckpt"),
+    (["--preset", "tiny", "--quantize", "int3"], "unknown quantization format 'int3'; choose from"),
+    (["--preset", "tiny", "--dtype", "int4"], "int4 is a quantization: --quantize int4"),
+    (["--preset", "tiny", "--quantize", "int4", "--group-size", "0"], "group size must be a positive integer"),
+    (["--preset", "tiny", "--quantize", "int4", "--group-size", "x"], "--group-size must be a positive integer"),
+    (["--preset", "tiny", "--quantize", "int8", "--group-size", "64"], "a group size applies to int4 only"),
 ])
 def test_plan_cli_mistakes_are_one_line_errors(capsys, flags, message):
     assert cli.main(["plan", *flags]) == 2

@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 
 import llama4_jax
-from llama4_jax import quant, sharding
+from llama4_jax import checkpoint as ck, quant, sharding
 from llama4_jax.model.text import abstract_params, forward, init_params
 from tests.hf_models import TEXT
+from tests.trees import assert_bitwise
 
 FORMATS = ("int8", "fp8", "int4")
 
@@ -205,3 +206,116 @@ def test_quantized_matmuls_lower_for_cuda(mav, ids):
         stored = {"int8": "xi8>", "fp8": "xf8E4M3FN>", "int4": "xui8>"}[name]
         assert stored in exp.mlir_module()  # the weights enter the program quantized
 
+
+
+# --------------------------------------------------------------------------------------
+# Loading quantized: llama4_jax.load(..., quantize=)
+# --------------------------------------------------------------------------------------
+
+_REFERENCE: dict = {}
+
+
+def _reference(mav, name):
+    """quantize_params of the fp32 params (jitted: one compilation instead of one per op)."""
+    if name not in _REFERENCE:
+        _REFERENCE[name] = jax.jit(quant.quantize_params, static_argnums=1)(mav[1], _fmt(name))
+    return _REFERENCE[name]
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_load_quantized_equals_quantizing_the_loaded_params(maverick_like, mav, name, monkeypatch):
+    """load(quantize=) is bitwise quantize_params of the fp32 params, in the tree
+    abstract_params(quantize=) describes. With int4 the routed experts are read and
+    quantized one expert at a time (chunk bound forced below one expert), which must
+    not change a bit; the other formats read each layer's experts at once."""
+    from llama4_jax.checkpoint import hf, quantized
+
+    one_expert = name == "int4"
+    if one_expert:
+        monkeypatch.setattr(quantized, "QUANT_CHUNK_BYTES", 1)
+    reads = []
+    real = hf._read_leaf_region
+    monkeypatch.setattr(hf, "_read_leaf_region", lambda *a, **k: reads.append(a[1].path[-2:] + (a[3],)) or real(
+        *a, **k))
+    config = mav[0]
+    fmt = _fmt(name)
+    _, got = llama4_jax.load(maverick_like.path, dtype="float32", quantize=fmt)
+    assert_bitwise(got, _reference(mav, name))
+    spec = lambda t: jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), t)  # noqa: E731
+    assert spec(got) == spec(abstract_params(config, dtype="float32", quantize=fmt))
+    expert_reads = [r for r in reads if r[0] == "moe" and r[1] in ("gate", "up", "down")]
+    E = config.text.num_local_experts
+    assert expert_reads and all(r[2][0].stop - r[2][0].start == (1 if one_expert else E) for r in expert_reads)
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_load_quantized_onto_a_mesh(maverick_like, mav, name):
+    """On data=2,expert=2,tensor=2 each array of a quantized weight (q, scale, offset)
+    lands in the sharding `sharding.param_shardings(quantize=)` gives it, with the bits
+    of the single-device quantization; in bf16 the float leaves are cast, while the
+    quantized ones are still quantized from the stored fp32 values. `plan` counts
+    exactly these bytes, per device and in total."""
+    import ml_dtypes
+
+    from llama4_jax.plan import plan
+
+    config = mav[0]
+    fmt = _fmt(name)
+    mesh = sharding.make_mesh("data=2,expert=2,tensor=2")
+    _, got = llama4_jax.load(maverick_like.path, dtype="bfloat16", quantize=fmt, mesh=mesh)
+    want = jax.tree_util.tree_map(lambda w: w if quant.is_quantized(w) else np.asarray(w).astype(ml_dtypes.bfloat16),
+                                  _reference(mav, name), is_leaf=quant.is_quantized)
+    assert_bitwise(got, want)
+    shardings = sharding.param_shardings(config, mesh, dtype="bfloat16", quantize=fmt)
+    for (path, a), s in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree_util.tree_leaves(shardings)):
+        assert a.sharding == s, jax.tree_util.keystr(path)
+    down = got["params"]["layers"]["layer_1"]["moe"]["down"]
+    assert down.scale.sharding.spec[:2] == (None, "expert")  # the scales are split like their experts
+    assert len({s.device for s in down.q.addressable_shards}) == 8
+    per_device = {}
+    for x in jax.tree_util.tree_leaves(got):
+        for sh in x.addressable_shards:
+            per_device[sh.device] = per_device.get(sh.device, 0) + sh.data.nbytes
+    p = plan(config, mesh, weight_format="bf16", quantize=fmt, max_len=32)
+    assert p.weights == max(per_device.values())
+    assert p.weights_total == sum(x.nbytes for x in jax.tree_util.tree_leaves(got))
+
+
+def test_quantized_load_holds_one_tensor_at_a_time(maverick_like, monkeypatch):
+    """While load(quantize="int4") reads, the host holds about one stored tensor of
+    numpy data (sampled with tracemalloc after every read) and the devices hold no
+    more than the quantized result: the float model is formed neither on the host nor
+    on a device."""
+    import tracemalloc
+
+    from llama4_jax.checkpoint import safetensors_io
+
+    reader = ck.SafetensorsReader(maverick_like.path)
+    largest = max(t.nbytes for t in reader.tensors.values())  # fp32 checkpoint: 56 KB (experts.gate_up_proj)
+    float_total = sum(t.nbytes for t in reader.tensors.values())  # 830 KB
+    fmt = _fmt("int4")
+    llama4_jax.load(maverick_like.path, dtype="float32", quantize=fmt)  # compiled before measuring
+    live = lambda: sum(a.nbytes for a in jax.live_arrays() if not a.is_deleted())  # noqa: E731
+    numpy_data = tracemalloc.DomainFilter(True, np.lib.tracemalloc_domain)
+    base, peak = live(), {"host": 0, "device": 0, "reads": 0}
+    real = safetensors_io.SafetensorsReader.read
+
+    def read(self, name, region=()):
+        peak["device"] = max(peak["device"], live() - base)
+        out = real(self, name, region)
+        if peak["reads"] % 4 == 0:  # a snapshot costs ~30 ms: every 4th read (91 in all)
+            traces = tracemalloc.take_snapshot().filter_traces([numpy_data]).traces
+            peak["host"] = max(peak["host"], sum(t.size for t in traces))
+        peak["reads"] += 1
+        return out
+
+    monkeypatch.setattr(safetensors_io.SafetensorsReader, "read", read)
+    tracemalloc.start()
+    try:
+        _, params = llama4_jax.load(maverick_like.path, dtype="float32", quantize=fmt)
+    finally:
+        tracemalloc.stop()
+    result = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
+    assert peak["reads"] >= len(reader.tensors)
+    assert peak["host"] <= 3 * largest < float_total / 4, peak  # measured 53 KB
+    assert peak["device"] <= result + largest and result < float_total / 1.5, (peak, result)  # measured 260 / 313 KB

@@ -6,10 +6,13 @@ One concern per module:
                   HF <-> our-layout transforms, `plan_leaves`;
   safetensors_io  `SafetensorsReader` (validated headers, regions read with `pread`),
                   `write_safetensors`;
-  quantized       FP8 stored formats: `read_quantization`, scales, dequantizing reads;
-  hf              `load_hf` (streaming, sharded) and `save_hf` (exact export);
-  converted       `convert_hf_to_orbax`, `load_orbax`, `convert_orbax_to_hf`,
-                  `load_checkpoint` (either kind of directory; `llama4_jax.load` wraps it);
+  quantized       FP8 stored formats (`read_quantization`, scales, dequantizing or
+                  keeping them) and quantizing one weight as it is read (`quantize_piece`);
+  hf              `load_hf` (streaming, sharded, optionally quantizing) and `save_hf`
+                  (exact export);
+  converted       `convert_hf_to_orbax` (optionally quantized), `quantize_converted`,
+                  `load_orbax`, `convert_orbax_to_hf`, `load_checkpoint` (either kind of
+                  directory; `llama4_jax.load` wraps it), `load_format`;
   atomic          `atomic_dir` (a write completes at its destination or leaves nothing);
   base            the error type and nested-dict/dtype helpers they share.
 
@@ -20,8 +23,9 @@ from __future__ import annotations
 
 from .atomic import atomic_dir
 from .base import CheckpointError
-from .converted import (FORMAT_FILE, FORMAT_VERSION, convert_hf_to_orbax, convert_orbax_to_hf, is_converted,
-                        load_checkpoint, load_orbax)
+from .converted import (FORMAT_FILE, FORMAT_VERSION, QUANTIZED_FORMAT_VERSION, convert_hf_to_orbax,
+                        convert_orbax_to_hf, describe_format, is_converted, load_checkpoint, load_format, load_orbax,
+                        quantize_converted)
 from .hf import load_hf, save_hf
 from .names import (TEXT_EXPERT_MAP, TEXT_GLOBAL_MAP, TEXT_LAYER_MAP, VISION_GLOBAL_MAP, VISION_LAYER_MAP, Entry,
                     Leaf, Rule, checkpoint_entries, hf_shape, plan_leaves, text_entries, text_prefix, to_hf,
@@ -34,5 +38,6 @@ __all__ = [
     "VISION_GLOBAL_MAP", "vision_entries", "text_entries", "text_prefix", "checkpoint_entries", "hf_shape",
     "to_hf", "plan_leaves", "CheckpointError", "SafetensorsReader", "TensorInfo", "write_safetensors",
     "read_quantization", "load_hf", "save_hf", "load_checkpoint", "convert_hf_to_orbax", "convert_orbax_to_hf",
-    "load_orbax", "is_converted", "FORMAT_FILE", "FORMAT_VERSION", "atomic_dir",
+    "load_orbax", "is_converted", "FORMAT_FILE", "FORMAT_VERSION", "QUANTIZED_FORMAT_VERSION", "atomic_dir",
+    "load_format", "quantize_converted", "describe_format",
 ]

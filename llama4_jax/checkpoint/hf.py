@@ -8,12 +8,19 @@ device copy: ~2x the largest tensor measured), independent of depth. Every HF te
 must be consumed and every parameter produced: `plan_leaves` and `_check_consumed`
 check both directions.
 
+With `quantize=` the decoder layers' weight matrices (`quant.quantizable`) are
+quantized as they are read, one layer's tensor at a time (in chunks of experts,
+`quantized.quantize_piece`), and each device receives its shard of the quantized
+weight and scales: host memory stays about one stored tensor, and the float model is
+never formed. FP8 checkpoints loaded as fp8 keep their stored e4m3 values and scales.
+
 `save_hf` writes safetensors shards one tensor at a time, the exact inverse of the
 reading transforms (bitwise round trip).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -25,33 +32,35 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from .. import quant
 from ..config import Llama4Config, load_config, to_hf as config_to_hf
 from ..model.text import abstract_params
 from .base import _DTYPES, CheckpointError, _default_sharding, _get, _np_dtype, _progress, _set
 from .names import Entry, Leaf, _region_to_hf, checkpoint_entries, hf_shape, plan_leaves, to_hf
-from .quantized import _is_ignored, _read_hf, read_quantization
+from .quantized import FP8_STORED, _is_ignored, _read_hf, fp8_channel_scale, quantize_piece, read_quantization
 from .safetensors_io import SafetensorsReader, _norm_region, write_safetensors
 
 
 def _read_leaf_region(reader: SafetensorsReader, leaf: Leaf, entry: Entry, region, dtype,
-                      consumed: set | None) -> np.ndarray:
-    """The region of one layer's (unstacked) leaf produced by `entry`, in `dtype`."""
+                      consumed: set | None, raw: bool = False) -> np.ndarray:
+    """The region of one layer's (unstacked) leaf produced by `entry`, in `dtype`
+    (raw: FP8 tensors as stored, not dequantized)."""
     shape = leaf.shape[1:] if leaf.stacked else leaf.shape
     region = _norm_region(region, shape)
     if "{e}" in entry.hf_name:  # one HF tensor per expert: leading axis of our leaf
         parts = [_read_view(reader, entry.hf_name.format(e=e), entry.rule, leaf.k, shape[1:], region[1:], dtype,
-                            consumed) for e in range(region[0].start, region[0].stop)]
+                            consumed, raw) for e in range(region[0].start, region[0].stop)]
         return np.stack(parts) if parts else np.empty(tuple(s.stop - s.start for s in region), dtype)
-    return _read_view(reader, entry.hf_name, entry.rule, leaf.k, shape, region, dtype, consumed)
+    return _read_view(reader, entry.hf_name, entry.rule, leaf.k, shape, region, dtype, consumed, raw)
 
 
-def _read_view(reader, name, rule, k, shape, region, dtype, consumed) -> np.ndarray:
+def _read_view(reader, name, rule, k, shape, region, dtype, consumed, raw=False) -> np.ndarray:
     info = reader.info(name)
     want = hf_shape(rule, shape)
     if info.shape != want:
         raise CheckpointError(f"{reader.path}: tensor {name} has shape {info.shape}, expected {want}")
     hf_region, gathers, perm = _region_to_hf(rule, k, shape, region)
-    x = _read_hf(reader, name, hf_region, consumed)
+    x = _read_hf(reader, name, hf_region, consumed, raw)
     x = _transposed(x) if perm == (1, 0) else x.transpose(perm)
     for ax, g in enumerate(gathers):
         if g is not None:
@@ -76,6 +85,89 @@ def _transposed(x: np.ndarray, block: int = 256) -> np.ndarray:
     return out
 
 
+def _quantized_piece(reader: SafetensorsReader, lf: Leaf, entry: Entry, fmt: quant.QuantFormat,
+                     consumed: set | None) -> quant.QuantizedWeight:
+    """One layer's weight of a quantizable leaf (what `entry` produces), quantized to
+    `fmt`: a QuantizedWeight of numpy arrays.
+
+    Quantized from the stored values in fp32 (FP8 ones dequantized), not from values
+    first rounded to the load dtype. fp8 from an FP8 checkpoint keeps the stored e4m3
+    values and scales as they are where the stored scale is per output channel (or per
+    tensor); otherwise (e5m2, scales along the contraction) it is dequantized and
+    quantized again.
+    """
+    n_in, n_out = quant.quantizable(lf.path)
+    shape = lf.shape[1:] if lf.stacked else lf.shape
+    if fmt.name == "fp8":
+        per_expert = "{e}" in entry.hf_name
+        names = entry.hf_names(shape[0]) if per_expert else [entry.hf_name]
+        scales = [fp8_channel_scale(reader, n, entry.rule, lf.k, shape[1:] if per_expert else shape, n_in, n_out,
+                                    consumed) for n in names]
+        if all(s is not None for s in scales):
+            q = _read_leaf_region(reader, lf, entry, (), FP8_STORED, consumed, raw=True)
+            scale = np.stack(scales) if per_expert else scales[0]
+            return quant.QuantizedWeight(q, scale, None, "fp8", n_in, n_out)
+    return quantize_piece(lambda region: _read_leaf_region(reader, lf, entry, region, np.float32, consumed),
+                          shape, fmt, n_in, n_out)
+
+
+_PARTS = ("q", "scale", "offset")
+
+
+def _part_sharding(sharding, node: quant.QuantizedWeight, part: str):
+    """The sharding of one array of a quantized weight, from what the caller gave for
+    the weight: a QuantizedWeight of shardings (`sharding.param_shardings(quantize=)`),
+    one sharding of the logical weight (its spec mapped by `quant.partition_spec`),
+    or None (the default device)."""
+    if sharding is None:
+        return _default_sharding()
+    if quant.is_quantized(sharding):
+        return getattr(sharding, part)
+    if isinstance(sharding, NamedSharding):
+        return NamedSharding(sharding.mesh, getattr(quant.partition_spec(node, sharding.spec), part))
+    return sharding
+
+
+def _place_quantized(node: quant.QuantizedWeight, sharding, lf: Leaf, produce) -> quant.QuantizedWeight:
+    """The device arrays of quantized leaf `lf` (abstract `node`), one layer at a time:
+    produce(g) -> host QuantizedWeight of group g (0 for an unstacked leaf), whose
+    arrays are cut into each device's shard (a scanned leaf's groups written in place,
+    as for float leaves)."""
+    parts = [p for p in _PARTS if getattr(node, p) is not None]
+    shs = {p: _part_sharding(sharding, node, p) for p in parts}
+
+    def check(host, p, shape):
+        a = getattr(host, p)
+        if tuple(a.shape) != tuple(shape) or a.dtype != getattr(node, p).dtype:
+            raise AssertionError(f"{'/'.join(lf.path)}.{p}: produced {a.shape} {a.dtype}, expected {shape} "
+                                 f"{getattr(node, p).dtype}")
+        return a
+
+    if not lf.stacked:
+        host = produce(0)
+        out = {p: jax.make_array_from_callback(getattr(node, p).shape, shs[p],
+                                               lambda idx, a=check(host, p, getattr(node, p).shape): a[idx])
+               for p in parts}
+        return dataclasses.replace(node, **out)
+    # All arrays of the weight at once: one compilation per leaf, not per array.
+    sh = tuple(shs[p] for p in parts)
+    out = _zeros(tuple(getattr(node, p).shape for p in parts), tuple(np.dtype(getattr(node, p).dtype) for p in parts),
+                 sh)()
+    for g in range(len(lf.sources)):
+        host = produce(g)
+        pieces = []
+        for p in parts:
+            a = check(host, p, getattr(node, p).shape[1:])
+            pieces.append(jax.make_array_from_callback(a.shape, _piece_sharding(shs[p]), lambda idx, a=a: a[idx]))
+        out = _update_layer(sh)(out, tuple(pieces), np.int32(g))
+        del host, pieces
+    return dataclasses.replace(node, **dict(zip(parts, out)))
+
+
+def _nbytes(node) -> int:
+    return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(node))
+
+
 def _check_consumed(reader: SafetensorsReader, consumed: set) -> None:
     left = sorted(k for k in reader.tensors if k not in consumed and _is_ignored(k) is None)
     if left:
@@ -83,7 +175,7 @@ def _check_consumed(reader: SafetensorsReader, consumed: set) -> None:
         raise CheckpointError(f"{reader.path}: tensors not used by the model: {left[:8]}{more}")
 
 
-def load_hf(path: str, *, dtype: str = "bfloat16", shardings=None, progress: bool = False):
+def load_hf(path: str, *, dtype: str = "bfloat16", shardings=None, progress: bool = False, quantize=None):
     """Read a Hugging Face Llama 4 checkpoint directory into (config, params) on device.
 
     Args:
@@ -95,24 +187,39 @@ def load_hf(path: str, *, dtype: str = "bfloat16", shardings=None, progress: boo
         `jax.sharding.Sharding`s or None (default device). Each device reads only its
         slice of each HF tensor; a scanned leaf's slice spans one HF tensor per group.
       progress: show a tqdm bar over the bytes read.
+      quantize: None, "int8" | "int4" | "fp8" or a `quant.QuantFormat`: the tree of
+        `abstract_params(config, dtype=dtype, quantize=)`, each quantizable weight
+        quantized as it is read (`_quantized_piece`); its shardings, if given, are a
+        `quant.QuantizedWeight` of shardings (`sharding.param_shardings(quantize=)`)
+        or one NamedSharding of the logical weight.
 
     Returns: (Llama4Config, params) with params a tree of `jax.Array`.
-    Peak host memory: a few buffers of one device shard of the largest HF tensor.
+    Peak host memory: a few buffers of one device shard of the largest HF tensor
+    (quantized: one layer's tensor, chunked by experts, in fp32, and its quantized form).
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint path does not exist: {path}")
     config = load_config(path)
     np_dtype = _np_dtype(dtype)
+    fmt = quant.as_format(quantize)
     read_quantization(path)  # validates the quantization scheme before any data is read
     reader = SafetensorsReader(path)
     abstract = abstract_params(config, dtype=dtype)
+    target = quant.quantize_params(abstract, fmt)
     leaves = plan_leaves(config, abstract, reader.tensors)
-    total = sum(math.prod(lf.shape) * np_dtype.itemsize for lf in leaves)
+    total = sum(_nbytes(_get(target, lf.path)) for lf in leaves)
     consumed: set[str] = set()
     params: dict = {}
     with _progress(total, "load", progress) as bar:
         for lf in leaves:
             sharding = _get(shardings, lf.path) if shardings is not None else None
+            node = _get(target, lf.path)
+            if quant.is_quantized(node):
+                arr = _place_quantized(node, sharding, lf, lambda g, lf=lf: _quantized_piece(
+                    reader, lf, lf.sources[g], fmt, consumed))
+                bar.update(_nbytes(node))
+                _set(params, lf.path, arr)
+                continue
             sharding = sharding if sharding is not None else _default_sharding()
 
             def read(index, lf=lf, entry=lf.sources[0]):
@@ -125,7 +232,7 @@ def load_hf(path: str, *, dtype: str = "bfloat16", shardings=None, progress: boo
                 # (donated): host memory holds one device shard of one HF tensor, and
                 # the device one group beyond the parameter itself.
                 piece_sharding = _piece_sharding(sharding)
-                arr = _zeros(lf.shape, np_dtype.name, sharding)()
+                arr = _zeros(lf.shape, np_dtype, sharding)()
                 for g, entry in enumerate(lf.sources):
                     piece = jax.make_array_from_callback(
                         lf.shape[1:], piece_sharding, functools.partial(read, entry=entry))
@@ -138,15 +245,19 @@ def load_hf(path: str, *, dtype: str = "bfloat16", shardings=None, progress: boo
 
 
 @functools.lru_cache(maxsize=None)
-def _zeros(shape, dtype: str, sharding):
-    return jax.jit(lambda: jnp.zeros(shape, _np_dtype(dtype)), out_shardings=sharding)
+def _zeros(shape, dtype: np.dtype, sharding):
+    """Zeros of `shape` in `sharding`; tuples of shapes, dtypes and shardings give a tuple."""
+    if isinstance(sharding, tuple):
+        return jax.jit(lambda: tuple(jnp.zeros(s, d) for s, d in zip(shape, dtype)), out_shardings=sharding)
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
 
 
 @functools.lru_cache(maxsize=None)
 def _update_layer(sharding):
-    """a[g] = x in place (a donated); g traced, so one compilation per leaf shape."""
-    return jax.jit(lambda a, x, g: jax.lax.dynamic_update_index_in_dim(a, x, g, 0), out_shardings=sharding,
-                   donate_argnums=0)
+    """a[g] = x in place (a donated; a and x arrays or tuples of them); g traced, so one
+    compilation per leaf shape."""
+    return jax.jit(lambda a, x, g: jax.tree_util.tree_map(lambda a, x: jax.lax.dynamic_update_index_in_dim(a, x, g, 0),
+                                                          a, x), out_shardings=sharding, donate_argnums=0)
 
 
 def _host_slice(x, g: int | None) -> np.ndarray:

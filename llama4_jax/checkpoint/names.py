@@ -202,6 +202,22 @@ def to_hf(rule: Rule, leaves: tuple[np.ndarray, ...]) -> np.ndarray:
     raise AssertionError(rule.kind)  # pragma: no cover
 
 
+def from_hf(rule: Rule, k: int, a: np.ndarray, leaf_shape: Sequence[int]) -> np.ndarray:
+    """A whole HF array -> output `k` of `rule` in our layout (the inverse of `to_hf`).
+
+    The readers map regions instead (`_region_to_hf`); this whole-array form serves
+    small companions of a weight, such as an FP8 tensor's per-channel scale.
+    """
+    if rule.kind == "same":
+        return a.reshape(tuple(leaf_shape))
+    if rule.kind == "linear":
+        return np.ascontiguousarray(a.T).reshape(tuple(leaf_shape))
+    if rule.kind == "split":
+        n = int(leaf_shape[-1])
+        return np.ascontiguousarray(a[..., k * n:(k + 1) * n]).reshape(tuple(leaf_shape))
+    raise AssertionError(rule.kind)  # pragma: no cover
+
+
 def _hf_view(rule: Rule, k: int, leaf_shape: Sequence[int]):
     """How HF axes map onto leaf axes for output `k` of a rule.
 

@@ -1,22 +1,34 @@
-"""Quantized stored formats: FP8 checkpoints, read and dequantized.
+"""Quantized formats: FP8 checkpoints as stored, and quantizing weights while streaming.
 
 Float8 e4m3 tensors with per-output-channel scales (compressed-tensors: per-expert
 `experts.{e}.{gate,up,down}_proj.weight` + `weight_scale` [out, 1]; fbgemm:
 `experts.gate_up_proj` + `gate_up_proj_scale` [E, 1, 2F], `experts.down_proj` +
 `down_proj_scale` [E, D, 1], Linear `weight` + `weight_scale`) are dequantized on read,
-`w = float32(w8) * scale`, then cast to the requested dtype. `quantization_config`
-in config.json is validated first (`read_quantization`); the checkpoint's
-`input_scale`s (static activation bounds) are not used (`_is_ignored`).
+`w = float32(w8) * scale`, then cast to the requested dtype, unless the load keeps them
+as fp8 (`fp8_channel_scale`: the stored e4m3 values and scales become a
+`quant.QuantizedWeight` as they are). `quantization_config` in config.json is
+validated first (`read_quantization`); the checkpoint's `input_scale`s (static
+activation bounds) are not used (`_is_ignored`).
+
+`quantize_piece` quantizes one weight as it is read (`load(..., quantize=)`,
+`convert --quantize`): in chunks of its leading (expert) axis, so host memory holds one
+chunk in fp32 and the quantized result, never the float model.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
 
+import jax
+import ml_dtypes
 import numpy as np
 
+from .. import quant
 from .base import CheckpointError
+from .names import Rule, from_hf, hf_shape
 from .safetensors_io import SafetensorsReader, _norm_region
 
 
@@ -67,34 +79,133 @@ def _scale_name(reader: SafetensorsReader, name: str) -> str:
     raise CheckpointError(f"{reader.path}: FP8 tensor {name} has no scale (looked for {' or '.join(cands)})")
 
 
-def _read_hf(reader: SafetensorsReader, name: str, region, consumed: set | None) -> np.ndarray:
-    """A region of an HF tensor, dequantized to float32 if it is stored as FP8."""
-    info = reader.info(name)
-    x = reader.read(name, region)
-    if not info.dtype.name.startswith("float8"):
-        return x
+def _scale_view(reader: SafetensorsReader, name: str):
+    """(scale name, stored shape, swapped): the scale of an FP8 tensor, and whether its
+    last two axes are swapped against the tensor's.
+
+    fbgemm stores `down_proj_scale` as [E, D, 1] for `down_proj` [E, F, D]: the scale of
+    output channel d is scale[e, d, 0].
+    """
     sname = _scale_name(reader, name)
     sshape = reader.info(sname).shape
+    return sname, sshape, name.endswith("experts.down_proj") and len(sshape) == 3
+
+
+def _unswap(shape_or_array, swap: bool):
+    if not swap:
+        return shape_or_array
+    if isinstance(shape_or_array, tuple):
+        return shape_or_array[:-2] + (shape_or_array[-1], shape_or_array[-2])
+    return np.swapaxes(shape_or_array, -1, -2)
+
+
+def _read_hf(reader: SafetensorsReader, name: str, region, consumed: set | None, raw: bool = False) -> np.ndarray:
+    """A region of an HF tensor, dequantized to float32 if it is stored as FP8 (raw: as stored)."""
+    info = reader.info(name)
+    x = reader.read(name, region)
+    if raw or not info.dtype.name.startswith("float8"):
+        return x
+    sname, sshape, swap = _scale_view(reader, name)
 
     def fits(ss):
         return len(ss) == len(info.shape) and all(s in (1, n) for s, n in zip(ss, info.shape))
 
-    # fbgemm stores `down_proj_scale` as [E, D, 1] for `down_proj` [E, F, D]: the scale
-    # of output channel d is scale[e, d, 0], i.e. its last two axes are swapped.
-    swap = name.endswith("experts.down_proj") and len(sshape) == 3
-    if not fits(sshape[:-2] + (sshape[-1], sshape[-2]) if swap else sshape):
+    eff = _unswap(sshape, swap)
+    if not fits(eff):
         raise CheckpointError(f"{reader.path}: scale {sname} has shape {sshape}, which does not broadcast "
                               f"per channel against {name} of shape {info.shape}")
     region = _norm_region(region, info.shape)
-    eff = sshape[:-2] + (sshape[-1], sshape[-2]) if swap else sshape
     sregion = tuple(r if s == n else slice(0, 1) for r, s, n in zip(region, eff, info.shape))
-    if swap:
-        sregion = sregion[:-2] + (sregion[-1], sregion[-2])
-    scale = reader.read(sname, sregion).astype(np.float32)
-    if swap:
-        scale = np.swapaxes(scale, -1, -2)
+    scale = _unswap(reader.read(sname, _unswap(sregion, swap)).astype(np.float32), swap)
     if consumed is not None:
         consumed.add(sname)
     # Dequantize in fp32 (transformers' `w.float() * scale`); the one rounding to a
     # narrower dtype happens at the cast to the requested parameter dtype.
     return x.astype(np.float32) * scale
+
+
+# --------------------------------------------------------------------------------------
+# FP8 kept as stored
+# --------------------------------------------------------------------------------------
+
+FP8_STORED = np.dtype(ml_dtypes.float8_e4m3fn)
+
+
+def fp8_channel_scale(reader: SafetensorsReader, name: str, rule: Rule, k: int, leaf_shape, n_in: int,
+                      n_out: int, consumed: set | None) -> np.ndarray | None:
+    """The per-output-channel scale [*lead, *out] (fp32) of our leaf `leaf_shape` that
+    FP8 tensor `name` produces through `rule`, or None when the stored tensor cannot be
+    kept as our fp8 format: stored in another float8 type (e5m2), or with a scale that
+    varies along the contraction (then the caller dequantizes and re-quantizes).
+
+    A per-tensor scale is broadcast to every channel (exact: the same number).
+    """
+    if reader.info(name).dtype != FP8_STORED:
+        return None
+    sname, sshape, swap = _scale_view(reader, name)
+    lead = len(leaf_shape) - n_in - n_out
+    one = tuple(1 if lead <= i < lead + n_in else int(n) for i, n in enumerate(leaf_shape))  # contraction -> 1
+    want = hf_shape(rule, one)
+    eff = _unswap(sshape, swap)
+    per_tensor = math.prod(eff) == 1
+    if not per_tensor and (len(eff) != len(want) or any(s not in (1, n) for s, n in zip(eff, want))):
+        return None
+    s = _unswap(reader.read(sname).astype(np.float32), swap)
+    s = np.broadcast_to(s.reshape(()) if per_tensor else s, want)
+    if consumed is not None:
+        consumed.add(sname)
+    out = tuple(int(n) for n in leaf_shape[lead + n_in:])
+    return from_hf(rule, k, np.ascontiguousarray(s), one).reshape(tuple(leaf_shape[:lead]) + out)
+
+
+# --------------------------------------------------------------------------------------
+# Quantizing while streaming
+# --------------------------------------------------------------------------------------
+
+# fp32 bytes of the largest chunk of one weight quantized at once (at least one index of
+# its leading axis, i.e. one expert): with the quantized result, what loading or
+# converting with quantize= holds in host memory beyond one stored tensor.
+QUANT_CHUNK_BYTES = 256 << 20
+
+
+@functools.lru_cache(maxsize=None)
+def _host_quantizer(fmt: quant.QuantFormat, n_in: int, n_out: int):
+    """fp32 numpy weight -> QuantizedWeight of numpy arrays, computed by `quant.quantize`
+    (jitted) on a CPU device, so it is the same arithmetic as quantizing a loaded tree."""
+    fn = jax.jit(functools.partial(quant.quantize, fmt=fmt, n_in=n_in, n_out=n_out))
+    try:
+        cpu = jax.devices("cpu")[0]
+    except RuntimeError:  # no CPU backend (JAX_PLATFORMS without cpu): the default device
+        cpu = None
+
+    def run(w: np.ndarray) -> quant.QuantizedWeight:
+        qw = fn(jax.device_put(w, cpu) if cpu is not None else w)
+        return jax.tree_util.tree_map(np.asarray, qw)
+
+    return run
+
+
+def quantize_piece(read, shape, fmt: quant.QuantFormat, n_in: int, n_out: int) -> quant.QuantizedWeight:
+    """Quantize one weight [*lead, *in, *out] of `shape` as it is read.
+
+    read(region) returns the float32 values of a region (a tuple of slices on the
+    leading axis). A weight with leading axes (the experts of one layer) is read and
+    quantized in chunks of that axis of at most `QUANT_CHUNK_BYTES` (one index at
+    least), since quantization is independent per leading index: the result is bitwise
+    `quant.quantize` of the whole weight. Returns a QuantizedWeight of numpy arrays.
+    """
+    quantize = _host_quantizer(fmt, n_in, n_out)
+    shape = tuple(int(n) for n in shape)
+    if len(shape) == n_in + n_out:
+        return quantize(read(()))
+    step = max(1, QUANT_CHUNK_BYTES // (math.prod(shape[1:]) * 4))
+    out = None
+    for i in range(0, shape[0], step):
+        j = min(shape[0], i + step)
+        qw = quantize(read((slice(i, j),)))
+        if out is None:  # the static fields do not depend on the leading size
+            out = jax.tree_util.tree_map(lambda a: np.empty(shape[:1] + a.shape[1:], a.dtype), qw)
+        for dst, src in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(qw)):
+            dst[i:j] = src
+        del qw
+    return out
