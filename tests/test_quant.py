@@ -319,3 +319,21 @@ def test_quantized_load_holds_one_tensor_at_a_time(maverick_like, monkeypatch):
     assert peak["reads"] >= len(reader.tensors)
     assert peak["host"] <= 3 * largest < float_total / 4, peak  # measured 53 KB
     assert peak["device"] <= result + largest and result < float_total / 1.5, (peak, result)  # measured 260 / 313 KB
+
+
+def test_shipped_checkpoint_quantized_answers_alike():
+    """The trained default checkpoint loaded int8 and fp8 (quantized while streaming)
+    gives the float model's greedy completions on its task prompts (measured with
+    convert/verify.py: max |logit diff| 0.094 int8, 0.33 fp8)."""
+    from transformers import AutoTokenizer
+
+    from llama4_jax.generate import DEFAULT_MODEL
+
+    tok = AutoTokenizer.from_pretrained(DEFAULT_MODEL, local_files_only=True)
+    prompts = ["123+456=", "999+1=", "505+77=", "abc:123 xyz:456 qrs:789 | xyz:", "kzq:314 abc:271 | kzq:"]
+    texts = lambda cfg_params: [o.text for o in llama4_jax.generate(*cfg_params, prompts, tokenizer=tok,  # noqa: E731
+                                                                    max_new_tokens=6, batch_size=5)]
+    ref = texts(llama4_jax.load(DEFAULT_MODEL, dtype="float32"))
+    assert ref == ["579", "1000", "582", "456", "314"]
+    for fmt in ("int8", "fp8"):
+        assert texts(llama4_jax.load(DEFAULT_MODEL, dtype="float32", quantize=fmt)) == ref, fmt
