@@ -31,18 +31,37 @@ def load(path, *, dtype="bfloat16", quantize=None, group_size=None, mesh=None, r
     alternatively, an explicit pytree like params of `jax.sharding.Sharding`s (see
     `llama4_jax.checkpoint.load_hf`); None with no mesh means the default device.
 
+    dtype: the dtype of the float parameters, "float32", "bfloat16" or "float16" (or
+    the numpy / jax dtype); None keeps a converted directory's stored dtype. It never
+    selects a weight format (that is `quantize`): anything else, "int8" or
+    "float8_e4m3fn" included, is refused before anything is read (ConfigError, or
+    CheckpointError for a quantized directory, see `checkpoint.check_load_dtype`).
+
     quantize: None, "int8", "int4" or "fp8" (group_size: int4 elements per scale,
     default 128): the tree of `abstract_params(config, dtype=dtype, quantize=)`, each
     attention / MLP / expert matrix quantized from its stored values as it is read,
     one tensor at a time (host memory about one tensor; the float model is never
     formed), and on a mesh each device receives its shard of the quantized weights
-    and scales. An FP8 checkpoint loaded with quantize="fp8" keeps its stored e4m3
-    weights and per-channel scales. A converted directory stored quantized
-    (`llama4-jax convert --quantize`) loads as stored (quantize None or its own format).
+    and scales; the other (float) leaves are cast to `dtype`. An FP8 checkpoint loaded
+    with quantize="fp8" keeps its stored e4m3 weights and per-channel scales (its
+    weights stored in bf16/fp32 are quantized from their values); on a checkpoint with
+    no FP8 weights "fp8" quantizes every such matrix from its values (per output
+    channel, max|w| / 448), like "int8" and "int4". A converted directory stored
+    quantized (`llama4-jax convert --quantize`) loads as stored: quantize None or its
+    own format (another raises CheckpointError), its quantized weights and fp32 scales
+    as stored and only its float leaves cast to `dtype`.
+
+    Bad input is refused with a one-line CheckpointError naming the tensor: an FP8
+    tensor whose scale's shape does not fit it (checked from the safetensors headers
+    before any data is read), or a converted directory's stored array (a weight, a
+    scale) whose shape differs from what its config describes (checked from the orbax
+    metadata before anything is restored). An unknown format or a bad group size
+    raises `quant.QuantError`.
     """
-    from .checkpoint import load_checkpoint, load_format
+    from .checkpoint import check_load_dtype, load_checkpoint, load_format
 
     fmt = load_format(path, quantize, group_size)
+    check_load_dtype(path, dtype)
     if mesh is not None:
         if shardings is not None:
             raise ValueError("load: pass either mesh (with optional rules) or shardings, not both")

@@ -12,7 +12,9 @@ config files come along, so a converted directory serves `llama4-jax generate`.
 matrices quantized as they are read, exactly as `llama4_jax.load(SRC, quantize=)` would
 (FP8 checkpoints keep their e4m3 weights with fp8); `load(DST)` restores that tree as it
 is. SRC may also be a converted directory of float weights. A quantized directory
-cannot be quantized again or exported with `--to-hf`.
+cannot be quantized again or exported with `--to-hf`. FP8 scales that do not fit
+their tensors, and stored arrays of a converted SRC whose shapes do not match its
+config, are refused before any work (exit 2, the tensor named).
 `--to-hf` writes sharded safetensors, an index and config.json that transformers loads.
 The result is written into a temporary sibling of DST and renamed at the end, so an
 interrupted conversion never leaves a half-written DST; an existing DST is refused
@@ -34,11 +36,14 @@ from .config import ConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser, *, to_hf: bool | None = None,
-                  quantize_required: bool = False) -> None:
+                  quantize_required: bool = False, quantize: str | None = None, fp8_source: bool = False) -> None:
     """The options of `llama4-jax convert`; `to_hf` fixes the direction (the scripts in
     `convert/`) instead of offering `--to-hf`; `quantize_required` makes `--quantize`
-    mandatory (`convert/quantize.py`)."""
-    parser.add_argument("src", help="Hugging Face checkpoint directory (or a converted one: exported with --to-hf, "
+    mandatory (`convert/quantize.py`); `quantize` fixes the format instead of offering
+    `--quantize`, and `fp8_source` accepts only Hugging Face checkpoints with FP8 weights
+    (`convert/fp8_to_int4.py`)."""
+    parser.add_argument("src", help="Hugging Face checkpoint directory with FP8 weights" if fp8_source else
+                        "Hugging Face checkpoint directory (or a converted one: exported with --to-hf, "
                         "or quantized with --quantize)")
     parser.add_argument("dst", help="output directory (must not exist unless --overwrite)")
     if to_hf is None:
@@ -49,10 +54,14 @@ def add_arguments(parser: argparse.ArgumentParser, *, to_hf: bool | None = None,
     parser.add_argument("--dtype", default=None, choices=list(_DTYPES),
                         help="parameter dtype (default: the source's: config.json's dtype for HF -> orbax, "
                         "the stored dtype for --to-hf)")
-    if to_hf is not True:
+    parser.set_defaults(fp8_source=fp8_source)
+    if quantize is not None:
+        parser.set_defaults(quantize=quantize)
+    elif to_hf is not True:
         parser.add_argument("--quantize", default=None, metavar="{int8,int4,fp8}", required=quantize_required,
                             help="store the decoder layers' weight matrices quantized"
                             + ("" if quantize_required else " (default: float)"))
+    if to_hf is not True and quantize in (None, "int4"):
         parser.add_argument("--group-size", default=None, metavar="N",
                             help="int4: elements of the contraction per scale (default 128)")
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
@@ -104,10 +113,24 @@ def weight_format(args: argparse.Namespace) -> quant.QuantFormat | None:
 
 
 def check_formats(args: argparse.Namespace, fmt: quant.QuantFormat | None) -> str | None:
-    """Why this conversion of formats cannot be done (None: it can), before any work."""
+    """Why this conversion of formats cannot be done (None: it can), before any work.
+
+    Also checks, from headers and metadata alone, what the conversion would otherwise
+    find only part way through: a Hugging Face source's FP8 scales against their
+    tensors, a converted source's stored arrays against its config (both raise
+    CheckpointError naming the tensor); with `args.fp8_source` a source without FP8
+    weights is refused.
+    """
     src = args.src
     converted = os.path.isdir(src) and ck.is_converted(src)
     stored = ck.load_format(src) if converted else None
+    if getattr(args, "fp8_source", False):
+        if converted:
+            return (f"{src} is a converted directory; this script reads a Hugging Face FP8 checkpoint (quantize a "
+                    "converted float directory with convert/quantize.py --quantize int4)")
+        if not ck.check_fp8_scales(ck.SafetensorsReader(src)):
+            return (f"{src} has no FP8 weights (no float8 tensors): nothing to convert from FP8; quantize a float "
+                    "checkpoint with convert/quantize.py --quantize int4")
     if args.to_hf:
         if fmt is not None:
             return ("--quantize applies to conversion into the converted format; exporting quantized weights to "
@@ -121,6 +144,10 @@ def check_formats(args: argparse.Namespace, fmt: quant.QuantFormat | None) -> st
                 "float checkpoint it was made from to change the format")
     if converted and fmt is None:
         return f"{src} is already a converted checkpoint: pass --to-hf to export it, or --quantize to quantize it"
+    if converted:
+        ck.check_converted(src)
+    elif os.path.isdir(src):
+        ck.check_fp8_scales(ck.SafetensorsReader(src))
     return None
 
 
@@ -133,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             fmt = weight_format(args)
             problem = check_formats(args, fmt)
-        except (quant.QuantError, ck.CheckpointError) as e:
+        except (quant.QuantError, ck.CheckpointError, ConfigError) as e:
             problem = str(e)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
@@ -163,11 +190,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv=None, *, to_hf: bool | None = None, quantize_required: bool = False, prog: str | None = None,
-         description: str | None = None) -> int:
-    """Parse `argv` and convert: the entry point of the scripts in `convert/`."""
+def main(argv=None, *, to_hf: bool | None = None, quantize_required: bool = False, quantize: str | None = None,
+         fp8_source: bool = False, prog: str | None = None, description: str | None = None) -> int:
+    """Parse `argv` and convert: the entry point of the scripts in `convert/` (the
+    keywords as for `add_arguments`)."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    add_arguments(parser, to_hf=to_hf, quantize_required=quantize_required)
+    add_arguments(parser, to_hf=to_hf, quantize_required=quantize_required, quantize=quantize,
+                  fp8_source=fp8_source)
     return run(parser.parse_args(argv))
 
 

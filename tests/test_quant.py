@@ -227,9 +227,12 @@ def test_load_quantized_equals_quantizing_the_loaded_params(maverick_like, mav, 
     """load(quantize=) is bitwise quantize_params of the fp32 params, in the tree
     abstract_params(quantize=) describes. With int4 the routed experts are read and
     quantized one expert at a time (chunk bound forced below one expert), which must
-    not change a bit; the other formats read each layer's experts at once."""
+    not change a bit; the other formats read each layer's experts at once.
+    maverick_like stores no FP8 weights: quantize="fp8" quantizes them to fp8 from
+    their values (the stated behaviour; FP8 checkpoints keep theirs, test_checkpoint)."""
     from llama4_jax.checkpoint import hf, quantized
 
+    assert ck.fp8_weight_names(ck.SafetensorsReader(maverick_like.path)) == []
     one_expert = name == "int4"
     if one_expert:
         monkeypatch.setattr(quantized, "QUANT_CHUNK_BYTES", 1)

@@ -33,13 +33,13 @@ import jax
 import numpy as np
 
 from .. import quant
-from ..config import load_config, to_hf as config_to_hf
+from ..config import ConfigError, load_config, to_hf as config_to_hf
 from ..model.text import abstract_params
-from .base import CheckpointError, _default_sharding, _get, _np_dtype, _progress, _set
+from .base import _DTYPES, CheckpointError, _default_sharding, _get, _np_dtype, _progress, _set
 from .hf import (_PARTS, _check_consumed, _jitted, _nbytes, _part_sharding, _piece_sharding, _place_quantized,
                  _quantized_piece, _read_leaf_region, copy_side_files, load_hf, save_hf, source_dtype)
 from .names import Leaf, plan_leaves
-from .quantized import quantize_piece, read_quantization
+from .quantized import check_fp8_scales, quantize_piece, read_quantization
 from .safetensors_io import SafetensorsReader
 
 
@@ -138,6 +138,104 @@ def load_format(path: str, quantize=None, group_size: int | None = None) -> quan
     return quant.as_format(quantize, group_size)
 
 
+def _format_named_by(dtype) -> str | None:
+    """The weight format a mistaken load `dtype` names ('int8', np.int8 -> 'int8';
+    'int4' -> 'int4'; 'fp8', 'float8_e4m3fn' -> 'fp8'), or None."""
+    try:
+        name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    except TypeError:
+        return None
+    name = name.lower()
+    if name in ("int8", "int4", "uint4"):
+        return "int8" if name == "int8" else "int4"
+    if name == "fp8" or name.startswith("float8"):
+        return "fp8"
+    return None
+
+
+def check_load_dtype(path: str, dtype) -> None:
+    """Refuse a load `dtype` that is not a compute dtype, before anything is read.
+
+    `dtype` is the dtype of the float leaves: float32, bfloat16 or float16 (names,
+    numpy or jax dtypes), or None for a converted directory's stored dtype. It never
+    selects a weight format (that is `quantize=`): the int8 / int4 / fp8 weights and
+    fp32 scales of a quantized directory load as stored whatever `dtype` is, and only
+    its float leaves (embeddings, LM head, norms, router, vision tower) are cast. On a
+    quantized directory another dtype raises CheckpointError; on a float checkpoint,
+    ConfigError ("unsupported dtype", pointing at `quantize=` when the dtype names a
+    weight format).
+    """
+    converted = os.path.isdir(path) and is_converted(path)
+    if dtype is None and converted:
+        return
+    try:
+        _np_dtype(dtype)
+        return
+    except ConfigError as e:
+        error = e
+    info = _read_format(path) if converted else {}
+    stored = _stored_format(path, info)
+    if stored is not None:
+        raise CheckpointError(
+            f"{path} is stored quantized as {describe_format(stored)}: dtype={dtype!r} is not a compute dtype; "
+            f"dtype casts only its float leaves, so pass one of {list(_DTYPES)} or None (as stored, "
+            f"{info.get('dtype')}); the quantized weights and their scales load as stored")
+    fmt = _format_named_by(dtype)
+    if fmt is not None:
+        raise ConfigError(f"{error} (dtype is the float leaves' dtype; to load the weights quantized pass "
+                          f"quantize={fmt!r})")
+    raise error
+
+
+def _check_stored(path: str, pdir: str, leaves, stored_target, stored_fmt) -> None:
+    """Every array a restore of `pdir` reads, against the tree the config and the stored
+    format describe (`stored_target`: abstract params, quantized as stored), from the
+    checkpoint's metadata alone: a missing array, a wrong shape, or a quantized part
+    (q / scale / offset) of the wrong dtype raises CheckpointError naming the stored
+    array and the weight it belongs to. Float arrays may be stored in any float dtype
+    (they are cast on restore)."""
+    from orbax.checkpoint.experimental import v1 as ocp
+
+    try:
+        meta = ocp.metadata(pdir).metadata
+    except (ValueError, FileNotFoundError, KeyError, OSError) as e:
+        raise CheckpointError(f"{path}: cannot read the converted params' metadata: {e}") from None
+    for lf in leaves:
+        node = _get(stored_target, lf.path)
+        for g in range(len(lf.sources)):
+            for key, part in _piece_keys(lf, node, g):
+                want = node if part is None else getattr(node, part)
+                shape = tuple(want.shape[1:] if lf.stacked else want.shape)
+                what = "/".join(lf.path) if part is None else (
+                    f"the {part} of {'/'.join(lf.path)}, stored {describe_format(stored_fmt)}")
+                if lf.stacked:
+                    what += f", layer group {g}"
+                try:
+                    got = _get(meta, key)
+                    got_shape, got_dtype = tuple(got.shape), np.dtype(got.dtype)
+                except (KeyError, TypeError, AttributeError):
+                    raise CheckpointError(f"{path}: the stored params have no array {'/'.join(key)} ({what}, "
+                                          f"shape {shape})") from None
+                if got_shape != shape:
+                    raise CheckpointError(f"{path}: stored array {'/'.join(key)} has shape {got_shape}, expected "
+                                          f"{shape} ({what})")
+                if part is not None and got_dtype != np.dtype(want.dtype):
+                    raise CheckpointError(f"{path}: stored array {'/'.join(key)} has dtype {got_dtype}, expected "
+                                          f"{np.dtype(want.dtype)} ({what})")
+
+
+def check_converted(path: str) -> None:
+    """Check a converted directory's format marker, config and every stored array's
+    shape (and the quantized parts' dtypes) against what they describe, from metadata
+    alone (`_check_stored`); raises CheckpointError naming what does not match."""
+    path = os.path.abspath(path)
+    stored = _stored_format(path, _read_format(path))
+    config = load_config(path)
+    abstract = abstract_params(config, dtype="float32")
+    _check_stored(path, os.path.join(path, "params"), plan_leaves(config, abstract, ()),
+                  quant.quantize_params(abstract, stored), stored)
+
+
 def _piece_keys(lf: Leaf, node, g: int) -> list[tuple[tuple[str, ...], str | None]]:
     """Where group g of leaf `lf` is stored: (path, part) per array; part None for a
     float leaf, else "q" / "scale" / "offset" of its QuantizedWeight."""
@@ -222,6 +320,7 @@ def convert_hf_to_orbax(src: str, dst: str, *, dtype: str | None = None, progres
     config = load_config(src)
     src_quant = read_quantization(src)
     reader = SafetensorsReader(src)
+    check_fp8_scales(reader)
     dtype = dtype or source_dtype(src, reader)
     np_dtype = _np_dtype(dtype)
     abstract = abstract_params(config, dtype=dtype)
@@ -266,6 +365,7 @@ def quantize_converted(src: str, dst: str, quantize, *, group_size: int | None =
     abstract = abstract_params(config, dtype=dt.name)
     target = quant.quantize_params(abstract, fmt)  # = abstract_params(quantize=)
     leaves = plan_leaves(config, abstract, ())
+    _check_stored(src, os.path.join(src, "params"), leaves, abstract, None)
     pieces = _StoredPieces(os.path.join(src, "params"), leaves, [
         (lf, g, np.float32 if quant.is_quantized(_get(target, lf.path)) else dt)
         for lf in leaves for g in range(len(lf.sources))], batch_bytes)
@@ -359,7 +459,11 @@ def load_orbax(path: str, *, dtype: str | None = None, shardings=None, quantize=
     """Restore a converted directory into (config, params) on device.
 
     dtype: None keeps the stored dtype; else the float parameters are cast by orbax on
-    read (quantized weights and their fp32 scales are restored as stored).
+    read (quantized weights and their fp32 scales are restored as stored); a dtype
+    that is not float32 / bfloat16 / float16 is refused (`check_load_dtype`).
+    Every stored array's shape is checked against the config's tree before anything is
+    restored (`_check_stored`: CheckpointError naming the array, e.g. a scale that
+    does not match its weight).
     shardings: as for `load_hf`. Each stored group lands directly in its device
     sharding; the groups of a scanned leaf are then stacked on device, one leaf at a
     time (transient device memory: one leaf).
@@ -369,6 +473,7 @@ def load_orbax(path: str, *, dtype: str | None = None, shardings=None, quantize=
     from orbax.checkpoint.experimental import v1 as ocp
 
     path = os.path.abspath(path)  # orbax refuses relative paths
+    check_load_dtype(path, dtype)
     info = _read_format(path)
     config = load_config(path)
     stored = _stored_format(path, info)
@@ -378,6 +483,7 @@ def load_orbax(path: str, *, dtype: str | None = None, shardings=None, quantize=
     target = quant.quantize_params(abstract, fmt)
     leaves = plan_leaves(config, abstract, ())
     pdir = os.path.join(path, "params")
+    _check_stored(path, pdir, leaves, quant.quantize_params(abstract, stored), stored)
     restore: dict = {}
     given = {lf.path: _get(shardings, lf.path) if shardings is not None else None for lf in leaves}
 
@@ -450,11 +556,12 @@ def load_checkpoint(path: str, *, dtype: str = "bfloat16", shardings=None, progr
     """(config, params) from either a Hugging Face directory or a converted one.
 
     quantize / group_size: see `load_hf` and `load_orbax` (`load_format` says which
-    format results)."""
+    format results); dtype: see `check_load_dtype`."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint path does not exist: {path}")
     if not os.path.isdir(path):
         raise CheckpointError(f"{path} is not a directory")
+    check_load_dtype(path, dtype)
     if is_converted(path):
         return load_orbax(path, dtype=dtype, shardings=shardings, quantize=quantize, group_size=group_size)
     if not os.path.exists(os.path.join(path, "config.json")):

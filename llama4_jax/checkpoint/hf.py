@@ -37,7 +37,8 @@ from ..config import Llama4Config, load_config, to_hf as config_to_hf
 from ..model.text import abstract_params
 from .base import _DTYPES, CheckpointError, _default_sharding, _get, _np_dtype, _progress, _set
 from .names import Entry, Leaf, _region_to_hf, checkpoint_entries, hf_shape, plan_leaves, to_hf
-from .quantized import FP8_STORED, _is_ignored, _read_hf, fp8_channel_scale, quantize_piece, read_quantization
+from .quantized import (FP8_STORED, _is_ignored, _read_hf, check_fp8_scales, fp8_channel_scale, quantize_piece,
+                        read_quantization)
 from .safetensors_io import SafetensorsReader, _norm_region, write_safetensors
 
 
@@ -180,7 +181,9 @@ def load_hf(path: str, *, dtype: str = "bfloat16", shardings=None, progress: boo
 
     Args:
       path: directory with config.json and safetensors weights (one file, several, or
-        shards with `model.safetensors.index.json`). FP8 weights are dequantized.
+        shards with `model.safetensors.index.json`). FP8 weights are dequantized; a
+        scale whose shape does not fit its tensor is refused (CheckpointError naming
+        both) before any data is read.
       dtype: parameter dtype, "bfloat16" | "float32" | "float16".
       shardings: None (every parameter on the default device) or a pytree with the
         structure of the params (`{'params': ...}`) whose leaves are
@@ -204,6 +207,7 @@ def load_hf(path: str, *, dtype: str = "bfloat16", shardings=None, progress: boo
     fmt = quant.as_format(quantize)
     read_quantization(path)  # validates the quantization scheme before any data is read
     reader = SafetensorsReader(path)
+    check_fp8_scales(reader)  # and every FP8 tensor's scale shape
     abstract = abstract_params(config, dtype=dtype)
     target = quant.quantize_params(abstract, fmt)
     leaves = plan_leaves(config, abstract, reader.tensors)

@@ -7,8 +7,10 @@ Float8 e4m3 tensors with per-output-channel scales (compressed-tensors: per-expe
 `w = float32(w8) * scale`, then cast to the requested dtype, unless the load keeps them
 as fp8 (`fp8_channel_scale`: the stored e4m3 values and scales become a
 `quant.QuantizedWeight` as they are). `quantization_config` in config.json is
-validated first (`read_quantization`); the checkpoint's `input_scale`s (static
-activation bounds) are not used (`_is_ignored`).
+validated first (`read_quantization`), then every FP8 tensor's scale against the
+tensor's shape, from the headers alone (`check_fp8_scales`: a scale is per tensor or
+broadcasts axis by axis; anything else is refused naming both tensors); the
+checkpoint's `input_scale`s (static activation bounds) are not used (`_is_ignored`).
 
 `quantize_piece` quantizes one weight as it is read (`load(..., quantize=)`,
 `convert --quantize`): in chunks of its leading (expert) axis, so host memory holds one
@@ -99,24 +101,48 @@ def _unswap(shape_or_array, swap: bool):
     return np.swapaxes(shape_or_array, -1, -2)
 
 
+def fp8_weight_names(reader: SafetensorsReader) -> list[str]:
+    """The tensors of a checkpoint stored in a float8 type (e4m3 or e5m2), sorted."""
+    return sorted(n for n, t in reader.tensors.items() if t.dtype.name.startswith("float8"))
+
+
+def _checked_scale(reader: SafetensorsReader, name: str):
+    """(scale name, its shape as the tensor's axes, swapped): the scale of FP8 tensor
+    `name`, refused with a CheckpointError naming both unless it is per tensor (one
+    value) or broadcasts against the tensor axis by axis (each axis 1 or the tensor's)."""
+    shape = reader.info(name).shape
+    sname, sshape, swap = _scale_view(reader, name)
+    eff = _unswap(sshape, swap)
+    if math.prod(eff) != 1 and (len(eff) != len(shape) or any(s not in (1, n) for s, n in zip(eff, shape))):
+        raise CheckpointError(f"{reader.path}: scale {sname} has shape {sshape}, which does not match FP8 tensor "
+                              f"{name} of shape {shape} (a scale is per tensor, or has the tensor's axes with 1 "
+                              "on those it does not vary along)")
+    return sname, eff, swap
+
+
+def check_fp8_scales(reader: SafetensorsReader) -> list[str]:
+    """Check, from the headers only, that every FP8 tensor has a scale whose shape fits
+    it (CheckpointError naming the scale and the tensor otherwise), before any data is
+    read. Returns the FP8 tensors' names (empty: the checkpoint has no FP8 weights)."""
+    names = fp8_weight_names(reader)
+    for name in names:
+        _checked_scale(reader, name)
+    return names
+
+
 def _read_hf(reader: SafetensorsReader, name: str, region, consumed: set | None, raw: bool = False) -> np.ndarray:
     """A region of an HF tensor, dequantized to float32 if it is stored as FP8 (raw: as stored)."""
     info = reader.info(name)
     x = reader.read(name, region)
     if raw or not info.dtype.name.startswith("float8"):
         return x
-    sname, sshape, swap = _scale_view(reader, name)
-
-    def fits(ss):
-        return len(ss) == len(info.shape) and all(s in (1, n) for s, n in zip(ss, info.shape))
-
-    eff = _unswap(sshape, swap)
-    if not fits(eff):
-        raise CheckpointError(f"{reader.path}: scale {sname} has shape {sshape}, which does not broadcast "
-                              f"per channel against {name} of shape {info.shape}")
-    region = _norm_region(region, info.shape)
-    sregion = tuple(r if s == n else slice(0, 1) for r, s, n in zip(region, eff, info.shape))
-    scale = _unswap(reader.read(sname, _unswap(sregion, swap)).astype(np.float32), swap)
+    sname, eff, swap = _checked_scale(reader, name)
+    if math.prod(eff) == 1:  # per tensor
+        scale = reader.read(sname).astype(np.float32).reshape(())
+    else:
+        region = _norm_region(region, info.shape)
+        sregion = tuple(r if s == n else slice(0, 1) for r, s, n in zip(region, eff, info.shape))
+        scale = _unswap(reader.read(sname, _unswap(sregion, swap)).astype(np.float32), swap)
     if consumed is not None:
         consumed.add(sname)
     # Dequantize in fp32 (transformers' `w.float() * scale`); the one rounding to a
@@ -137,18 +163,18 @@ def fp8_channel_scale(reader: SafetensorsReader, name: str, rule: Rule, k: int, 
     FP8 tensor `name` produces through `rule`, or None when the stored tensor cannot be
     kept as our fp8 format: stored in another float8 type (e5m2), or with a scale that
     varies along the contraction (then the caller dequantizes and re-quantizes).
+    A scale whose shape does not fit the tensor raises CheckpointError naming both.
 
     A per-tensor scale is broadcast to every channel (exact: the same number).
     """
     if reader.info(name).dtype != FP8_STORED:
         return None
-    sname, sshape, swap = _scale_view(reader, name)
+    sname, eff, swap = _checked_scale(reader, name)  # a scale that fits no way is an error, not a fallback
     lead = len(leaf_shape) - n_in - n_out
     one = tuple(1 if lead <= i < lead + n_in else int(n) for i, n in enumerate(leaf_shape))  # contraction -> 1
     want = hf_shape(rule, one)
-    eff = _unswap(sshape, swap)
     per_tensor = math.prod(eff) == 1
-    if not per_tensor and (len(eff) != len(want) or any(s not in (1, n) for s, n in zip(eff, want))):
+    if not per_tensor and any(s not in (1, n) for s, n in zip(eff, want)):
         return None
     s = _unswap(reader.read(sname).astype(np.float32), swap)
     s = np.broadcast_to(s.reshape(()) if per_tensor else s, want)
