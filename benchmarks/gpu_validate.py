@@ -1,7 +1,7 @@
 """Validate llama4_jax on a GPU against transformers, in one prepared command.
 
     PYTHONPATH=. python benchmarks/gpu_validate.py --budget-s 375 --out-dir $OUT   # on the GPU machine (301 s on an H200)
-    python benchmarks/gpu_validate.py --lower-only    # any host (CI): every GPU program lowers for cuda
+    python benchmarks/gpu_validate.py --lower-only    # any host (CI): GPU programs lower for cuda, TPU ones for tpu
     python benchmarks/gpu_validate.py --smoke         # any host: every section on tiny shapes (minutes on CPU)
 
 The GPU run writes `benchmarks/results/gpu-<device>.md` (e.g. `gpu-h200.md`) and a
@@ -63,10 +63,16 @@ sections that would start with too little budget left are recorded as skipped.
 (each MoE implementation and its gradient, `ep` on a 2-device CPU mesh; each
 attention backend forward and gradient; the model forward per attention and MoE
 backend; the generate engine's prefill and decode steps at batch 1 and 4) for `cuda`
-with `jax.export`, tracing them as the GPU would (Pallas compiled, `ragged` as
-`ragged_dot`), and prints one line per program; it exits non-zero if any fails.
-cuDNN attention cannot be lowered without a GPU (jax checks for cuDNN while tracing)
-and is reported as skipped.
+with `jax.export`, tracing them as the GPU would (`kernels.platform.tracing_for`:
+Pallas compiled, `ragged` as `ragged_dot`, `ep` on `ragged_all_to_all`), then the TPU
+paths for `tpu` (`kernels.platform.lower_for_tpu`: splash attention forward and
+gradient, the `gmm` MoE, `ep` on `ragged_all_to_all` with `gmm`, the model forward
+with `auto` attention), and prints one line per program; it exits non-zero if any
+fails. cuDNN attention cannot be lowered without a GPU (jax checks for cuDNN while
+tracing) and is reported as skipped; a TPU program is reported as skipped, with the
+reason, only if this jax lacks the Pallas TPU ops or cannot lower Mosaic kernels
+without a chip (jax 0.10.2 can). Lowering proves tracing and StableHLO; Mosaic's and
+Triton's own compilation of the kernels happens only on the device.
 
 Environment (set only when not already set): on GPU, XLA_PYTHON_CLIENT_PREALLOCATE=false
 and XLA_PYTHON_CLIENT_MEM_FRACTION=0.8, so JAX and PyTorch share the device; for
@@ -768,10 +774,14 @@ def section_moe(s: Section, ctx: dict) -> None:
         s.data[f"time_{name}"] = {"fwd_ms": tf * 1e3, "fwd_bwd_ms": tg * 1e3}
 
 
+TPU_ONLY_MOE = ("gmm",)  # megablox: a Pallas TPU kernel (interpret mode anywhere else)
+
+
 def moe_fns_names() -> tuple[str, ...]:
+    """The MoE implementations a GPU run compares (all registered but the TPU-only ones)."""
     from llama4_jax.model import moe, moe_ep  # noqa: F401
 
-    return moe.moe_impls()
+    return tuple(n for n in moe.moe_impls() if n not in TPU_ONLY_MOE)
 
 
 # --------------------------------------------------------------------------------------
@@ -1086,21 +1096,19 @@ def section_parity_1b(s: Section, ctx: dict) -> None:
 # --------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
 def as_on_gpu():
-    """Trace as on a GPU host: the Pallas kernel compiled (not interpreted) and
-    `ragged` choosing its GPU strategy (`ragged_dot`). Both are chosen at trace time
-    from `jax.default_backend()`, which is `cpu` here."""
-    from llama4_jax.kernels import pallas_flash
-    from llama4_jax.model import moe
+    """Trace as on a GPU host (`llama4_jax.kernels.platform.tracing_for('gpu')`): the
+    Pallas kernel compiled (not interpreted), `ragged` choosing `ragged_dot`, `ep`
+    dispatching with `ragged_all_to_all`. All are chosen at trace time from the target
+    platform, which is otherwise `jax.default_backend()` (`cpu` here)."""
+    from llama4_jax.kernels import platform
 
-    interp, strategy = pallas_flash.default_interpret, moe.ragged_strategy
-    pallas_flash.default_interpret = lambda: False
-    moe.ragged_strategy = lambda rows, experts, platform=None: strategy(rows, experts, platform or "gpu")
-    try:
-        yield
-    finally:
-        pallas_flash.default_interpret, moe.ragged_strategy = interp, strategy
+    return platform.tracing_for("gpu")
+
+
+# Custom calls without jax.export's compatibility guarantee that our programs contain:
+# Pallas Triton kernels, and XLA's ragged all-to-all (a custom call in StableHLO).
+UNSTABLE_CALLS = ("__gpu$xla.gpu.triton", "ragged_all_to_all")
 
 
 def lower_programs():
@@ -1115,7 +1123,7 @@ def lower_programs():
     import llama4_jax as L
     from llama4_jax import engine
 
-    checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    checks = [export.DisabledSafetyCheck.custom_call(c) for c in UNSTABLE_CALLS]
     S = jax.ShapeDtypeStruct
 
     def ex(fn, *args, **kw):
@@ -1203,14 +1211,91 @@ def lower_programs():
 
 
 def expected_markers(name: str) -> tuple[str, ...]:
-    """Substrings the lowered module of program `name` must contain: the Triton custom
-    call for the Pallas kernel, the `ragged_dot` strategy's scope for `ragged`."""
+    """Substrings the lowered module of program `name` must contain to prove the GPU
+    (or TPU) path was traced: the Triton custom call for the Pallas kernel, the
+    `ragged_dot` strategy's scope for `ragged` on GPU, the ragged all-to-all for `ep`;
+    on TPU, Mosaic custom calls (`tpu_custom_call`), the splash kernels by name and the
+    `gmm` strategy's scope."""
     marks = []
+    if name.startswith("tpu "):
+        marks.append("tpu_custom_call")
+        if "splash" in name or "attention=auto" in name:
+            marks.append("splash_mha_fwd")  # the splash kernel itself, not only the fallback
+            if "gradient" in name:
+                marks.append("splash_mha_dkv")
+        if re.search(r"moe (ragged|gmm|ep)|moe=ragged", name):
+            marks.append("gmm_experts")
+        if "moe ep" in name:
+            marks.append("ragged_all_to_all")
+        return tuple(marks)
     if "pallas" in name:
         marks.append("triton")
-    if re.search(r"moe ragged|moe=ragged|engine", name):
+    if re.search(r"moe (ragged|ep)|moe=ragged|engine", name):
         marks.append("ragged_dot_experts")
+    if "moe ep" in name:
+        marks.append("ragged_all_to_all")
     return tuple(marks)
+
+
+def tpu_programs():
+    """[(name, thunk)]: each thunk exports one program for `tpu` with
+    `platform.lower_for_tpu` (traced as for a TPU: splash attention and megablox `gmm`
+    compiled as Mosaic kernels, `ep` on `ragged_all_to_all`). What this checks and what
+    it cannot: see `llama4_jax/kernels/platform.py`."""
+    import jax
+    import jax.numpy as jnp
+    from jax import export
+
+    import llama4_jax as L
+    from llama4_jax.kernels import platform
+
+    checks = [export.DisabledSafetyCheck.custom_call(c) for c in UNSTABLE_CALLS]
+    S = jax.ShapeDtypeStruct
+
+    def ex(fn, *args, axes=None):
+        return platform.lower_for_tpu(fn, *args, axes=axes, disabled_checks=checks)
+
+    progs = []
+    # Splash: T=192 (padded to the 256-token block), chunk 64, GQA 4/2, head dim 128.
+    T, H, K, d = 192, 4, 2, 128
+    for dtype, dn in ((jnp.bfloat16, "bf16"), (jnp.float32, "fp32")):
+        qkv = (S((1, T, H, d), dtype), S((1, T, K, d), dtype), S((1, T, K, d), dtype))
+        pos = (S((1, T), jnp.int32),) * 2
+        ct = S((1, T, H, d), jnp.float32)
+        for mask, chunk in (("chunked", 64), ("global", None)):
+            progs.append((f"tpu attention splash {mask} {dn} forward",
+                          lambda chunk=chunk, qkv=qkv, pos=pos: ex(attention_fns("splash", chunk)[0], *qkv, *pos)))
+            progs.append((f"tpu attention splash {mask} {dn} gradient",
+                          lambda chunk=chunk, qkv=qkv, pos=pos, ct=ct: ex(attention_fns("splash", chunk)[1], *qkv,
+                                                                          *pos, ct)))
+
+    # MoE: `gmm` (what `ragged` runs on TPU) and `ep` on an expert=2 mesh, bf16.
+    E, D, F = 4, 128, 256
+    w = {"gate": S((E, D, F), jnp.bfloat16), "up": S((E, D, F), jnp.bfloat16), "down": S((E, F, D), jnp.bfloat16)}
+    for T_, k_ in ((32, 2), (4, 1)):
+        h, idx, sc = S((T_, D), jnp.bfloat16), S((T_, k_), jnp.int32), S((T_, k_), jnp.bfloat16)
+        ct = S((T_, D), jnp.float32)
+        for name in ("ragged", "gmm", "ep"):
+            axes = {"expert": 2} if name == "ep" else None
+
+            def fwd(name=name, h=h, idx=idx, sc=sc, axes=axes):
+                with _ep_mesh(name):
+                    return ex(moe_fns(name)[0], h, w, idx, sc, axes=axes)
+
+            def grad(name=name, h=h, idx=idx, sc=sc, ct=ct, axes=axes):
+                with _ep_mesh(name):
+                    return ex(moe_fns(name)[1], h, w, idx, sc, ct, axes=axes)
+
+            progs.append((f"tpu moe {name} T={T_} k={k_} forward", fwd))
+            progs.append((f"tpu moe {name} T={T_} k={k_} gradient", grad))
+
+    # The model forward with the TPU defaults (`auto` -> splash, `ragged` -> gmm), bf16.
+    config = scout_shaped(SMOKE)
+    params = L.abstract_params(config, dtype="bfloat16")
+    ids = S((2, 96), jnp.int32)
+    progs.append(("tpu model forward attention=auto moe=ragged",
+                  lambda: ex(lambda p, i: L.forward(config, p, i, attention_impl="auto"), params, ids)))
+    return progs
 
 
 def _ep_mesh(name: str):
@@ -1227,34 +1312,44 @@ def _ep_mesh(name: str):
 
 
 def lower_only() -> int:
-    """Lower every program of `lower_programs` for cuda; returns the number that failed."""
+    """Lower every program of `lower_programs` for cuda (traced as on a GPU) and of
+    `tpu_programs` for tpu; returns the number that failed."""
     import jax
+
+    from llama4_jax.kernels import platform
 
     t0 = time.perf_counter()
     print(f"gpu_validate --lower-only: jax {jax.__version__}, backend {jax.default_backend()}, "
           f"{jax.device_count()} device(s)", flush=True)
     ok = skipped = failed = 0
-    with as_on_gpu():
-        for name, thunk in lower_programs():
-            t = time.perf_counter()
-            try:
+    programs = [(name, "cuda", thunk) for name, thunk in lower_programs()]
+    programs += [(name, "tpu", thunk) for name, thunk in tpu_programs()]
+    for name, target, thunk in programs:
+        t = time.perf_counter()
+        try:
+            with as_on_gpu() if target == "cuda" else contextlib.nullcontext():
                 exp = thunk()
-                assert exp.platforms == ("cuda",), exp.platforms
-                module = exp.mlir_module()
-                missing = [m for m in expected_markers(name) if m not in module]
-                if missing:
-                    raise AssertionError(f"lowered module lacks {missing}: not the GPU path")
-                ok += 1
-                print(f"lowered {name} ({time.perf_counter() - t:.2f} s)", flush=True)
-            except Exception as e:  # noqa: BLE001 (every program is tried; the count decides)
-                msg = str(e).splitlines()[0][:300] if str(e) else ""
-                if name.startswith("attention cudnn") and "cuDNN" in msg:
-                    skipped += 1
-                    print(f"skipped {name}: needs a GPU to trace ({type(e).__name__}: {msg})", flush=True)
-                    continue
-                failed += 1
-                print(f"FAILED {name}: {type(e).__name__}: {msg}", flush=True)
-                traceback.print_exc(limit=-4)
+            assert exp.platforms == (target,), exp.platforms
+            module = exp.mlir_module()
+            missing = [m for m in expected_markers(name) if m not in module]
+            if missing:
+                raise AssertionError(f"lowered module lacks {missing}: not the {target} path")
+            ok += 1
+            print(f"lowered {name} ({time.perf_counter() - t:.2f} s)", flush=True)
+        except Exception as e:  # noqa: BLE001 (every program is tried; the count decides)
+            msg = str(e).splitlines()[0][:300] if str(e) else ""
+            if name.startswith("attention cudnn") and "cuDNN" in msg:
+                skipped += 1
+                print(f"skipped {name}: needs a GPU to trace ({type(e).__name__}: {msg})", flush=True)
+                continue
+            reason = platform.tpu_lowering_unsupported(e) if target == "tpu" else None
+            if reason:
+                skipped += 1
+                print(f"skipped {name}: cannot lower for tpu without a chip: {reason}", flush=True)
+                continue
+            failed += 1
+            print(f"FAILED {name}: {type(e).__name__}: {msg}", flush=True)
+            traceback.print_exc(limit=-4)
     print(f"lower-only: {ok} lowered, {skipped} skipped, {failed} failed in {time.perf_counter() - t0:.1f} s",
           flush=True)
     return failed

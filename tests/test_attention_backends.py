@@ -200,7 +200,7 @@ def test_model_forward_matches_xla():
 
 
 def test_registered_and_default():
-    assert {"xla", "blockwise", "pallas", "ring", "ring_blockwise", "ring_pallas", "auto"} <= set(backends())
+    assert {"xla", "blockwise", "pallas", "splash", "ring", "ring_blockwise", "ring_pallas", "auto"} <= set(backends())
     assert default_attention_impl(512) == "xla"
     assert default_attention_impl(65536) == "blockwise"
     with pytest.raises(ValueError, match="unknown attention_impl 'nope'"):
@@ -253,3 +253,171 @@ def test_kernels_do_not_import_the_model():
                 assert not (name.startswith("..model") or name.startswith("llama4_jax.model")), (path.name, name)
             elif isinstance(node, ast.Import):
                 assert not any(a.name.startswith("llama4_jax.model") for a in node.names), path.name
+
+
+# ---- splash (jax's Pallas TPU kernel; interpret mode here) ----------------------------
+
+# (B, T, H, K, d, chunk): chunk not dividing T, GQA 5, head dim 14 (T padded to 128);
+# global over 130 tokens (two 128-token blocks after padding, one nearly empty);
+# chunk dividing T with GQA 4.
+SPLASH_CASES = {
+    "chunk8_gqa5": (2, 37, 5, 1, 14, 8),
+    "global_two_blocks": (1, 130, 4, 2, 16, None),
+    "chunk16_dividing_gqa4": (2, 48, 8, 2, 10, 16),
+}
+
+
+def contiguous_inputs(B, T, H, K, d, seed=0, dtype=jnp.float32):
+    q, k, v, qp, kp = make_inputs(B, T, T, H, K, d, seed=seed, dtype=dtype)
+    assert np.array_equal(qp, np.tile(np.arange(T), (B, 1))) and np.array_equal(kp, qp)
+    return q, k, v, qp, kp
+
+
+@pytest.mark.parametrize("case", list(SPLASH_CASES))
+def test_splash_equals_xla(case):
+    """The splash kernel (interpret mode) equals xla where it applies (positions 0..T-1
+    in every row), alone and through the `splash` backend."""
+    from llama4_jax.kernels import splash
+
+    B, T, H, K, d, chunk = SPLASH_CASES[case]
+    q, k, v, qp, kp = contiguous_inputs(B, T, H, K, d, seed=5)
+    ref = xla_attention(q, k, v, qp, kp, chunk_size=chunk)
+    out = jax.jit(lambda q, k, v: splash.splash_kernel_attention(q, k, v, chunk_size=chunk))(q, k, v)
+    np.testing.assert_allclose(out, ref, atol=TOL, rtol=0)
+    out = jax.jit(lambda *a: attend(*a, chunk_size=chunk, impl="splash"))(q, k, v, qp, kp)
+    np.testing.assert_allclose(out, ref, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["chunk8_gqa5", "global_two_blocks"])
+def test_splash_gradients_match_reference(case):
+    """Splash's own backward kernels (dq, dkv) equal jax.grad of the reference."""
+    from llama4_jax.kernels import splash
+
+    B, T, H, K, d, chunk = SPLASH_CASES[case]
+    q, k, v, qp, kp = contiguous_inputs(B, T, H, K, d, seed=6)
+    w = jnp.asarray(np.random.default_rng(7).normal(size=(B, T, H, d)), jnp.float32)
+    f = lambda q, k, v: jnp.sum(splash.splash_kernel_attention(q, k, v, chunk_size=chunk) * w)  # noqa: E731
+    f_ref = lambda q, k, v: jnp.sum(xla_attention(q, k, v, qp, kp, chunk_size=chunk) * w)  # noqa: E731
+    grads = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(q, k, v)
+    for g, g_ref, name in zip(grads, jax.grad(f_ref, argnums=(0, 1, 2))(q, k, v), "qkv"):
+        np.testing.assert_allclose(g, g_ref, atol=GRAD_TOL, rtol=0, err_msg=f"d{name}")
+
+
+def test_splash_bf16():
+    """bf16: as close to the fp32 result as the bf16 xla reference is (see `test_bf16`;
+    splash also rounds q * 1/sqrt(d) to bf16 once, and keeps P @ V in fp32)."""
+    from llama4_jax.kernels import splash
+
+    B, T, H, K, d, chunk = SPLASH_CASES["chunk8_gqa5"]
+    q, k, v, qp, kp = contiguous_inputs(B, T, H, K, d, seed=8)
+    exact = xla_attention(q, k, v, qp, kp, chunk_size=chunk)
+    q16, k16, v16 = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    ref = xla_attention(q16, k16, v16, qp, kp, chunk_size=chunk).astype(jnp.float32)
+    out = splash.splash_kernel_attention(q16, k16, v16, chunk_size=chunk)
+    assert out.dtype == jnp.bfloat16
+    out = out.astype(jnp.float32)
+    np.testing.assert_allclose(out, ref, atol=3e-2, rtol=0)
+    err_ref, err_out = float(jnp.max(jnp.abs(ref - exact))), float(jnp.max(jnp.abs(out - exact)))
+    assert err_out <= 1.5 * err_ref + 1e-3, (err_out, err_ref)
+
+
+def test_splash_applies_only_where_its_mask_is_ours():
+    """The kernel runs exactly when positions are 0..T-1 in every row of a self-attention
+    call with no multi-device mesh; everything else takes the fallback. A fallback that
+    returns a sentinel shows which branch ran."""
+    from llama4_jax import sharding
+    from llama4_jax.kernels import splash
+
+    B, T, H, K, d, chunk = SPLASH_CASES["chunk8_gqa5"]
+    q, k, v, qp, kp = contiguous_inputs(B, T, H, K, d, seed=9)
+    sentinel = lambda q, k, v, qp, kp, chunk_size: jnp.full(q.shape, 7.0, q.dtype)  # noqa: E731
+    call = jax.jit(lambda q, k, v, qp, kp: splash.splash_attention(q, k, v, qp, kp, chunk_size=chunk,
+                                                                    fallback=sentinel))
+    np.testing.assert_allclose(call(q, k, v, qp, kp), xla_attention(q, k, v, qp, kp, chunk_size=chunk), atol=TOL)
+    _, _, _, qp_pad, kp_pad = make_inputs(B, T, T, H, K, d, left_pad=(0, 3))  # row 1 left-padded
+    shifted = qp + 8  # contiguous but not starting at 0 (chunks would be misaligned)
+    invalid = kp.at[0, 5].set(INVALID_POS)  # one empty key slot
+    for name, (qpos, kpos) in {"left pad": (qp_pad, kp_pad), "offset": (shifted, shifted),
+                               "invalid slot": (qp, invalid), "keys differ": (qp, kp.at[1].set(kp[1, ::-1]))}.items():
+        assert np.all(np.asarray(call(q, k, v, qpos, kpos)) == 7.0), name
+    # Static: a decode step (T=1 against 37 keys), and an active 8-device mesh.
+    assert np.all(np.asarray(splash.splash_attention(q[:, -1:], k, v, qp[:, -1:], kp, chunk_size=chunk,
+                                                     fallback=sentinel)) == 7.0)
+    with sharding.activate(sharding.make_mesh("data=8")):
+        assert np.all(np.asarray(splash.splash_attention(q, k, v, qp, kp, chunk_size=chunk, fallback=sentinel)) == 7.0)
+    # The registered backend's fallback is a real backend: left-padded rows equal xla.
+    out = jax.jit(lambda *a: attend(*a, chunk_size=chunk, impl="splash"))(q, k, v, qp_pad, kp_pad)
+    m = valid_rows(qp_pad, kp_pad)
+    ref = xla_attention(q, k, v, qp_pad, kp_pad, chunk_size=chunk)
+    np.testing.assert_allclose(np.where(m, out, 0), np.where(m, ref, 0), atol=TOL, rtol=0)
+
+
+def test_model_forward_with_splash_matches_xla():
+    """The decoder with `splash` (3 chunked RoPE layers with QK norm, 1 global NoPE layer
+    with temperature tuning, chunk 8, floor_scale 6) equals xla: unpadded rows run the
+    kernel in every layer; with a left-padded row the whole batch takes the fallback."""
+    params, ids, mask, ref_padded = model_case()
+    ref = forward(MODEL_CFG, params, ids, moe_impl="dense")
+    out = forward(MODEL_CFG, params, ids, attention_impl="splash", moe_impl="dense")
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=0)
+    out = forward(MODEL_CFG, params, ids, attention_mask=mask, attention_impl="splash", moe_impl="dense")
+    m = mask[:, :, None] > 0
+    np.testing.assert_allclose(np.where(m, out, 0), np.where(m, ref_padded, 0), atol=2e-5, rtol=0)
+
+
+def test_auto_on_tpu_is_splash():
+    from llama4_jax.kernels import platform
+
+    assert default_attention_impl(512, platform="tpu") == "splash"
+    assert default_attention_impl(65536, platform="tpu") == "splash"
+    with platform.tracing_for("tpu"):
+        assert default_attention_impl(512) == "splash"
+    with platform.tracing_for("cuda"):
+        assert default_attention_impl(512) == "xla"
+    assert default_attention_impl(512) == "xla" and platform.target() == "cpu"
+
+
+def test_platform_target_and_tracing_for():
+    """Trace-time choices read `platform.target()`: this host's backend, or the platform
+    of an enclosing `tracing_for` (names normalised, nesting restored, typos refused)."""
+    from llama4_jax.kernels import pallas_flash, platform, ring, splash
+
+    assert platform.target() == "cpu"
+    assert pallas_flash.default_interpret() and splash.default_interpret() and ring.default_inner() == "blockwise"
+    with platform.tracing_for("cuda") as p:
+        assert p == platform.target() == "gpu"
+        assert not pallas_flash.default_interpret() and splash.default_interpret()
+        assert ring.default_inner() == "pallas"
+        with platform.tracing_for("tpu"):
+            assert platform.target() == "tpu" and not splash.default_interpret() and pallas_flash.default_interpret()
+        assert platform.target() == "gpu"
+    assert platform.target() == "cpu"
+    with pytest.raises(ValueError, match="unknown platform 'tpuv5'"):
+        with platform.tracing_for("tpuv5"):
+            pass
+
+
+@pytest.mark.parametrize("chunk", [None, 8192])
+def test_splash_lowers_for_tpu(chunk):
+    """The `splash` backend, traced as for a TPU (kernel compiled, not interpreted), lowers
+    for `tpu` on this CPU host at Scout's attention shape (40 heads on 8 KV heads of 128,
+    bf16, 192 tokens padded to a 256-token block), forward and gradient, with the
+    positions check and the fallback beside it. Mosaic's own compile of the kernel needs
+    a TPU and is not checked here."""
+    from llama4_jax.kernels import platform
+
+    q, k, v, qp, kp = make_inputs(1, 192, 192, 40, 8, 128, dtype=jnp.bfloat16)
+    f = lambda q, k, v, qp, kp: attend(q, k, v, qp, kp, chunk_size=chunk, impl="splash")  # noqa: E731
+    g = jax.grad(lambda q, k, v, qp, kp: f(q, k, v, qp, kp).astype(jnp.float32).sum(), argnums=(0, 1, 2))
+    for fn, kernels in ((f, ("splash_mha_fwd",)), (g, ("splash_mha_fwd", "splash_mha_dkv", "splash_mha_dq"))):
+        try:
+            exp = platform.lower_for_tpu(fn, q, k, v, qp, kp)
+        except Exception as e:  # noqa: BLE001
+            reason = platform.tpu_lowering_unsupported(e)
+            if reason:
+                pytest.skip(f"cannot lower for tpu without a chip: {reason}")
+            raise
+        module = exp.mlir_module()
+        assert exp.platforms == ("tpu",) and "tpu_custom_call" in module
+        for name in kernels:
+            assert name in module, name

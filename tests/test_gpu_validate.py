@@ -3,7 +3,9 @@
 * `--lower-only` exports every GPU program of the run (attention backends and their
   gradients, every MoE implementation and its gradient, the model forward per backend,
   the generate engine's prefill and decode) for `cuda` with `jax.export`, traced as on
-  a GPU (the Pallas kernel compiled to Triton, `ragged` as `ragged_dot`);
+  a GPU (the Pallas kernel compiled to Triton, `ragged` as `ragged_dot`, `ep` on
+  `ragged_all_to_all`), and the TPU paths (splash attention, megablox `gmm`, `ep` on
+  `ragged_all_to_all`, the model forward with `auto`) for `tpu`;
 * the report keeps going past a failing section, stops a section at its time box and
   skips what the budget no longer covers, rewriting its markdown after every line.
 """
@@ -32,8 +34,9 @@ def gv():
 
 
 def test_lower_only_exports_every_gpu_program():
-    # A subprocess: lowering patches the kernel and MoE choices to the GPU's while tracing,
-    # and those traces must not land in this process's jit caches (they cannot run on CPU).
+    # A subprocess: lowering traces the kernel, MoE and collective choices of a GPU or TPU
+    # (`kernels.platform.tracing_for`), and those traces must not land in this process's
+    # jit caches (they cannot run on CPU).
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     r = subprocess.run([sys.executable, SCRIPT, "--lower-only"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=900)
@@ -42,16 +45,25 @@ def test_lower_only_exports_every_gpu_program():
     summary = re.search(r"lower-only: (\d+) lowered, (\d+) skipped, (\d+) failed", out)
     assert summary and summary.group(3) == "0", out[-3000:]
     lowered = set(re.findall(r"^lowered (.+) \(\d", out, re.M))
-    assert len(lowered) == int(summary.group(1)) >= 50
+    assert len(lowered) == int(summary.group(1)) >= 53
     for name in ("attention xla global fp32 gradient", "attention blockwise chunked bf16 forward",
                  "attention pallas chunked fp32 gradient", "attention pallas global bf16 forward",
                  "moe ragged T=32 k=2 gradient", "moe ragged_dot T=4 k=1 forward", "moe blocked T=32 k=2 gradient",
-                 "moe ep T=32 k=2 gradient", "model forward attention=pallas moe=ragged",
+                 "moe ep T=32 k=2 forward", "moe ep T=32 k=2 gradient", "model forward attention=pallas moe=ragged",
                  "model forward attention=blockwise moe=ragged", "engine prefill batch 4", "engine decode batch 1"):
         assert name in lowered, name
-    # Only the cuDNN candidate may be skipped (jax checks for cuDNN while tracing).
-    skipped = re.findall(r"^skipped (.+?):", out, re.M)
-    assert all(n.startswith("attention cudnn") for n in skipped), skipped
+    assert not any(n.startswith("moe gmm") for n in lowered)  # TPU-only: not among the cuda programs
+    # TPU programs lower (jax 0.10.2 lowers Mosaic kernels without a chip), or are skipped
+    # with the reason when this jax cannot; only those and the cuDNN candidate may be skipped.
+    skipped = dict(re.findall(r"^skipped (.+?): (.*)$", out, re.M))
+    tpu = [f"tpu attention splash {m} {dt} {p}" for m in ("chunked", "global") for dt in ("bf16", "fp32")
+           for p in ("forward", "gradient")]
+    tpu += [f"tpu moe {n} {t} {p}" for n in ("ragged", "gmm", "ep") for t in ("T=32 k=2", "T=4 k=1")
+            for p in ("forward", "gradient")]
+    tpu += ["tpu model forward attention=auto moe=ragged"]
+    for name in tpu:
+        assert name in lowered or skipped.get(name, "").startswith("cannot lower for tpu without a chip"), name
+    assert all(n.startswith("attention cudnn") or n.startswith("tpu ") for n in skipped), skipped
 
 
 def _fake_plan(gv, clock):

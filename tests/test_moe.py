@@ -17,7 +17,7 @@ from llama4_jax.config import PRESETS, Llama4Config
 from llama4_jax.model import moe
 
 E, D, F = 9, 21, 13
-STRATEGIES = ("ragged", "ragged_dot", "blocked", "rowwise")
+STRATEGIES = ("ragged", "ragged_dot", "blocked", "rowwise", "gmm")  # gmm: megablox, interpret mode here
 # fp32 at matmul precision `highest`: the strategies differ from `dense` only in how
 # the same products are blocked and summed (dense adds exact zeros for the other
 # experts), so differences are a few ulps of O(1) outputs.
@@ -124,18 +124,81 @@ def test_bf16(w):
 
 
 def test_ragged_strategy_choice(w):
+    from llama4_jax.kernels import platform as kplatform
+
     assert moe.ragged_strategy(8, 16, "cpu") == "rowwise"  # decode: weight reads dominate
     assert moe.ragged_strategy(17, 16, "cpu") == "blocked"
     assert moe.ragged_strategy(2048, 16, "cpu") == "blocked"
-    for platform in ("gpu", "cuda", "rocm", "tpu"):
+    for platform in ("gpu", "cuda", "rocm"):
         assert moe.ragged_strategy(8, 16, platform) == "ragged_dot"
         assert moe.ragged_strategy(2048, 16, platform) == "ragged_dot"
+    for rows in (8, 2048):  # TPU: megablox for float experts, ragged_dot for quantized ones
+        assert moe.ragged_strategy(rows, 16, "tpu") == "gmm"
+        assert moe.ragged_strategy(rows, 16, "tpu", quantized=True) == "ragged_dot"
+    with kplatform.tracing_for("tpu"):  # the default platform is the traced-for one
+        assert moe.ragged_strategy(8, 16) == "gmm"
     # On this (CPU) backend `ragged` is exactly the strategy it names.
     for T in (4, 37):
         h, idx, score = _routed(T, 1)
         picked = moe.ragged_strategy(T, E)
         np.testing.assert_array_equal(np.asarray(_JIT["ragged"](h, w, idx, score)),
                                       np.asarray(_JIT[picked](h, w, idx, score)))
+
+
+def test_gmm_several_row_tiles_and_gradients(w):
+    """megablox `gmm` (interpret mode) over 200 routed rows: two 128-row tiles, groups that
+    straddle a tile boundary, 56 padding rows in the last group. Forward and the
+    gradients w.r.t. the input, every expert weight and the scores equal `dense`'s."""
+    h, idx, score = _routed(100, 2, seed=11)
+    ct = jax.random.normal(jax.random.key(12), (100, D))
+    grads = {}
+    for name in ("dense", "gmm"):
+        f = lambda h, w, s, name=name: jnp.sum(moe._MOE_IMPLS[name](h, w, idx, s) * ct)  # noqa: E731
+        grads[name] = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(h, w, score)
+    (v_ref, g_ref), (v, g) = grads["dense"], grads["gmm"]
+    np.testing.assert_allclose(v, v_ref, rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref)):
+        np.testing.assert_allclose(a, b, atol=ATOL_F32 * max(1.0, float(jnp.abs(b).max())), rtol=0)
+
+
+def test_gmm_takes_float_experts_only(w):
+    """`gmm` refuses quantized experts (megablox takes bf16/fp32); `ragged` on a TPU
+    sends those to `ragged_dot` instead, which equals `dense` on the same quantized weights."""
+    from llama4_jax import quant
+    from llama4_jax.kernels import platform
+
+    wq = {n: quant.quantize(a, "int8", n_out=1) for n, a in w.items()}
+    h, idx, score = _routed(8, 1)
+    with pytest.raises(ValueError, match="moe_impl='gmm' takes float"):
+        moe.gmm_moe(h, wq, idx, score)
+    with platform.tracing_for("tpu"):
+        out = jax.jit(moe.ragged_moe)(h, wq, idx, score)  # ragged_dot (no Pallas kernel is traced)
+    np.testing.assert_allclose(out, moe.dense_moe(h, wq, idx, score), atol=ATOL_F32, rtol=0)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_gmm_lowers_for_tpu(k):
+    """`ragged` traced as for a TPU is megablox `gmm` compiled (not interpreted) and lowers
+    for `tpu` on this CPU host, forward and gradient, in bf16 at Scout-like widths. Mosaic's
+    own compile of the kernel needs a TPU and is not checked here."""
+    from llama4_jax.kernels import platform
+
+    S = jax.ShapeDtypeStruct
+    E_, D_, F_ = 16, 512, 1024
+    w = {"gate": S((E_, D_, F_), jnp.bfloat16), "up": S((E_, D_, F_), jnp.bfloat16),
+         "down": S((E_, F_, D_), jnp.bfloat16)}
+    args = (S((64, D_), jnp.bfloat16), w, S((64, k), jnp.int32), S((64, k), jnp.bfloat16))
+    grad = jax.grad(lambda h, w, i, s: moe.ragged_moe(h, w, i, s).astype(jnp.float32).sum(), argnums=(0, 1, 3))
+    for fn in (moe.ragged_moe, grad):
+        try:
+            exp = platform.lower_for_tpu(fn, *args)
+        except Exception as e:  # noqa: BLE001
+            reason = platform.tpu_lowering_unsupported(e)
+            if reason:
+                pytest.skip(f"cannot lower for tpu without a chip: {reason}")
+            raise
+        module = exp.mlir_module()
+        assert exp.platforms == ("tpu",) and "tpu_custom_call" in module and "gmm_experts" in module
 
 
 def test_rowwise_refuses_huge_inputs(w):

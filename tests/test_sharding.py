@@ -234,6 +234,188 @@ def test_ep_needs_a_mesh():
         jax.eval_shape(ep_moe, np.zeros((8, 8), np.float32), w, idx, idx.astype(np.float32))
 
 
+# ---- the ragged all-to-all variant of `ep` (GPU/TPU; its layout and a gather-based
+# ---- stand-in for the collective run here, the real collective only lowers) -----------
+
+
+def _simulate_ragged_all_to_all(operands, outputs, args):
+    """jax.lax.ragged_all_to_all's documented semantics, in numpy, over n devices:
+    args[i] = (input_offsets, send_sizes, output_offsets, recv_sizes) of device i, one
+    slice per destination; slice j of device i lands at output_offsets[j] on device j."""
+    outs = [o.copy() for o in outputs]
+    n = len(operands)
+    for i in range(n):
+        io, ss, oo, _ = (np.asarray(a) for a in args[i])
+        for j in range(n):
+            outs[j][oo[j]:oo[j] + ss[j]] = operands[i][io[j]:io[j] + ss[j]]
+    return outs
+
+
+@pytest.mark.parametrize("n,E,R,kind", [(8, 16, 10, "random"), (4, 4, 7, "random"), (8, 8, 6, "one_expert"),
+                                        (4, 8, 9, "empty_experts")])
+def test_ragged_layout_matches_all_to_all(n, E, R, kind):
+    """`moe_ep.ragged_layout` against the dense all-to-all layout, for every device: the
+    ragged dispatch delivers exactly the rows the dense one does (device i's rows for
+    device j, in the sender's expert order), packed by source; its sizes obey
+    ragged_all_to_all's contract (send_sizes == all_to_all(recv_sizes)) and its receive
+    offsets are all_to_all(output_offsets); every slot's local expert is right; the
+    combine arguments return every row to the slot it left from."""
+    from llama4_jax.model.moe_ep import ragged_layout
+
+    rng = np.random.RandomState(n * E + R)
+    E_l = E // n
+    experts = []  # each device's routed rows, sorted by expert (as `_route` sorts them)
+    for i in range(n):
+        if kind == "random":
+            e = rng.randint(0, E, R)
+        elif kind == "one_expert":
+            e = np.full(R, E - 1)  # every row of every device on the last device
+        else:
+            e = rng.choice([1, 6], R)  # devices holding no used expert receive nothing
+        experts.append(np.sort(e))
+    counts = np.stack([np.bincount(e, minlength=E) for e in experts]).astype(np.int32)
+    lays = [ragged_layout(jnp.asarray(counts), i, R) for i in range(n)]
+    ids = [np.stack([np.full(R, i), np.arange(R)], axis=1) for i in range(n)]  # row r of device i: (i, r)
+    empty = np.full((n * R, 2), -1)
+    recv = _simulate_ragged_all_to_all(
+        ids, [empty] * n, [(l.input_offsets, l.send_sizes, l.output_offsets, l.recv_sizes) for l in lays])
+    for j in range(n):
+        lay = lays[j]
+        # The dense layout: block i of device j holds device i's rows with dest j, in order.
+        dense = np.concatenate([ids[i][experts[i] // E_l == j] for i in range(n)])
+        m = len(dense)
+        np.testing.assert_array_equal(recv[j][:m], dense)
+        assert np.all(recv[j][m:] == -1)
+        np.testing.assert_array_equal(np.asarray(lay.recv_valid), np.arange(n * R) < m)
+        src_expert = np.asarray([experts[i][r] for i, r in dense])
+        np.testing.assert_array_equal(np.asarray(lay.recv_expert)[:m], src_expert % E_l)
+        for i in range(n):
+            assert int(lays[i].send_sizes[j]) == int(lay.recv_sizes[i])  # the collective's contract
+            assert int(lays[i].output_offsets[j]) == int(lay.recv_offsets[i])  # all_to_all(output_offsets)
+    back = _simulate_ragged_all_to_all(
+        recv, [np.full((R, 2), -1)] * n, [(l.recv_offsets, l.recv_sizes, l.return_offsets, l.send_sizes) for l in lays])
+    for i in range(n):
+        np.testing.assert_array_equal(back[i], ids[i])
+
+
+def test_ragged_all_to_all_by_gather_follows_the_documented_example():
+    """The gather-based stand-in reproduces jax.lax.ragged_all_to_all's docstring example
+    (an axis of size 2)."""
+    from llama4_jax.model.moe_ep import ragged_all_to_all_by_gather
+
+    mesh = jax.make_mesh((2,), ("x",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:2])
+    operand = np.array([[1, 2, 2], [3, 4, 0]], np.float32)
+    meta = np.array([[[0, 1], [1, 2], [0, 0], [1, 1]],  # input_offsets, send_sizes, output_offsets, recv_sizes
+                     [[0, 1], [1, 1], [1, 2], [2, 1]]], np.int32)
+
+    def body(op, m):
+        out = ragged_all_to_all_by_gather(op[0], jnp.zeros(4, op.dtype), *m[0], axis_name="x")
+        return out[None]
+
+    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("x"), P("x")), out_specs=P("x")))
+    np.testing.assert_array_equal(np.asarray(f(operand, meta)), [[1, 3, 0, 0], [2, 2, 4, 0]])
+
+
+def test_ep_collective_choice():
+    from llama4_jax.kernels import platform
+    from llama4_jax.model.moe_ep import ep_collective
+
+    assert ep_collective("cpu") == "all_to_all"  # XLA:CPU has no ragged all-to-all
+    for p in ("gpu", "cuda", "rocm", "tpu"):
+        assert ep_collective(p) == "ragged_all_to_all"
+    assert ep_collective() == "all_to_all"  # this host
+    with platform.tracing_for("cuda"):
+        assert ep_collective() == "ragged_all_to_all"
+
+
+def _ep_fn(mesh, collective, local=None):
+    from llama4_jax.model.moe import ragged_moe
+
+    def run(h, w, idx, score):
+        with sharding.activate(mesh):
+            return ep_moe(h, w, idx, score, collective=collective, local=local or ragged_moe)
+    return run
+
+
+@pytest.mark.parametrize("spec", ["expert=8", "expert=4,tensor=2", "data=2,expert=2,tensor=2"])
+def test_ep_ragged_layout_equals_dense(spec):
+    """The ragged variant end to end on CPU (`ragged_layout`'s offsets with the gather-based
+    stand-in for the collective) equals `dense` and the all-to-all variant, for random,
+    skewed and empty-expert routings."""
+    E, D, F, T = 8, 16, 12, 13
+    mesh = sharding.make_mesh(spec)
+    rng = np.random.RandomState(4)
+    h = rng.randn(T, D).astype(np.float32)
+    w = _experts(E, D, F, seed=5)
+    ragged, dense_a2a = jax.jit(_ep_fn(mesh, "ragged_all_gather")), jax.jit(_ep_fn(mesh, "all_to_all"))
+    for kind, k in [("random", 2), ("one_expert", 1), ("one_expert", 2), ("empty_experts", 2)]:
+        idx = _routing(kind, T, E, k, rng)
+        score = rng.uniform(0.1, 1.0, (T, k)).astype(np.float32)
+        ref = np.asarray(dense_moe(h, w, idx, score))
+        out = np.asarray(ragged(h, w, idx, score))
+        np.testing.assert_allclose(out, ref, atol=MOE_ATOL, rtol=0, err_msg=f"{kind} top-{k}")
+        np.testing.assert_allclose(out, np.asarray(dense_a2a(h, w, idx, score)), atol=MOE_ATOL, rtol=0)
+
+
+def test_ep_ragged_layout_gradients():
+    """Gradients through the ragged variant (w.r.t. the input, every expert weight and the
+    scores) equal `dense`'s, tensor-parallel partial sums included."""
+    E, D, F, T, k = 8, 16, 12, 13, 2
+    mesh = sharding.make_mesh("expert=4,tensor=2")
+    rng = np.random.RandomState(6)
+    h = rng.randn(T, D).astype(np.float32)
+    w = _experts(E, D, F, seed=7)
+    idx = _routing("random", T, E, k, rng)
+    score = rng.uniform(0.1, 1.0, (T, k)).astype(np.float32)
+    ct = rng.randn(T, D).astype(np.float32)
+    ep = _ep_fn(mesh, "ragged_all_gather")
+    grad = lambda f: jax.grad(lambda h, w, s: jnp.sum(f(h, w, idx, s) * ct), argnums=(0, 1, 2))  # noqa: E731
+    out = jax.jit(grad(ep))(h, w, score)
+    ref = grad(dense_moe)(h, w, score)
+    for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(ref)):
+        np.testing.assert_allclose(a, b, atol=4 * MOE_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("spec", ["expert=8", "expert=4,tensor=2"])
+def test_ep_ragged_all_to_all_lowers_for_gpu_and_tpu(spec):
+    """The variant GPUs and TPUs run (`jax.lax.ragged_all_to_all`, which XLA:CPU cannot
+    execute) lowers with `jax.export` on this host's 8 CPU devices: for `cuda` with
+    `ragged_dot` as the local experts, for `tpu` with megablox `gmm` (abstract TPU mesh
+    of the same axes), forward and gradient. The forward holds no dense all-to-all."""
+    from jax import export
+
+    from llama4_jax.kernels import platform
+    from llama4_jax.model.moe import ragged_dot_moe
+
+    S = jax.ShapeDtypeStruct
+    E, D, F, T, k = 8, 128, 256, 32, 2
+    w = {"gate": S((E, D, F), jnp.bfloat16), "up": S((E, D, F), jnp.bfloat16), "down": S((E, F, D), jnp.bfloat16)}
+    args = (S((T, D), jnp.bfloat16), w, S((T, k), jnp.int32), S((T, k), jnp.bfloat16))
+    mesh = sharding.make_mesh(spec)
+    checks = [export.DisabledSafetyCheck.custom_call("ragged_all_to_all")]
+    for target in ("cuda", "tpu"):
+        fwd = _ep_fn(mesh, None, local=ragged_dot_moe if target == "cuda" else None)  # None: the platform's choice
+        grad = jax.grad(lambda h, w, i, s: fwd(h, w, i, s).astype(jnp.float32).sum(), argnums=(0, 1, 3))
+        for fn in (fwd, grad):
+            if target == "cuda":
+                with platform.tracing_for("cuda"):
+                    exp = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*args)
+            else:
+                try:
+                    exp = platform.lower_for_tpu(fn, *args, axes=dict(zip(mesh.axis_names, mesh.axis_sizes)),
+                                                 disabled_checks=checks)
+                except Exception as e:  # noqa: BLE001
+                    reason = platform.tpu_lowering_unsupported(e)
+                    if reason:
+                        pytest.skip(f"cannot lower for tpu without a chip: {reason}")
+                    raise
+            module = exp.mlir_module()
+            assert exp.platforms == (target,) and "ragged_all_to_all" in module, (target, fn)
+            if fn is fwd:
+                assert "stablehlo.all_to_all" not in module, target
+                assert ("ragged_dot_experts" if target == "cuda" else "gmm_experts") in module, target
+
+
 # --------------------------------------------------------------------------------------
 # Meshes and rules
 # --------------------------------------------------------------------------------------

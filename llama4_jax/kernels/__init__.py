@@ -4,6 +4,8 @@ Backends (each equal to the `xla` reference, see tests):
   xla             einsum + mask, the reference (`reference.py`)
   blockwise       pure-JAX flash attention that skips fully-masked key blocks (`blockwise.py`)
   pallas          the Pallas flash kernel; interpret mode off GPU (`pallas_flash.py`)
+  splash          jax's splash attention (Pallas TPU) where positions are contiguous
+                  from 0, the accelerator default elsewhere (`splash.py`); interpret off TPU
   ring            ring attention over a `seq` mesh axis (`ring.py`); inner kernel per platform
   ring_blockwise  ring attention with the blockwise inner kernel
   ring_pallas     ring attention with the Pallas inner kernel
@@ -11,14 +13,14 @@ Backends (each equal to the `xla` reference, see tests):
 
 The table is written out here; `register_backend` adds a user's own implementation.
 This package depends on nothing of the model (`reference.py` is its leaf: positions,
-the mask rule, the reference); the model imports `attend` from here.
+the mask rule, the reference); the model imports `attend` from here. Platform choices
+are made while tracing, from `platform.target()` (see `platform.py`).
 """
 
 from __future__ import annotations
 
-import jax
-
-from . import blockwise, pallas_flash, ring
+from . import blockwise, pallas_flash, platform, ring, splash
+from . import platform as _platform  # `platform` is also a parameter name below
 from .reference import xla_attention
 
 # Below this many tokens one fused [T, S] einsum beats the blocked loop on CPU.
@@ -30,24 +32,37 @@ XLA_MAX_LEN = 1024
 GPU_XLA_MAX_SCORE_BYTES = 4 << 30
 
 
+def accelerator_default(seq_len: int, *, batch_heads: int = 1, key_len: int | None = None) -> str:
+    """`xla` while its fp32 scores (batch_heads x seq_len x key_len x 4 bytes) stay under
+    GPU_XLA_MAX_SCORE_BYTES, then `blockwise`: the GPU default, measured on the H200, and
+    the TPU fallback where splash does not apply (unmeasured on TPU)."""
+    scores = 4 * batch_heads * seq_len * (key_len or seq_len)
+    return "xla" if scores <= GPU_XLA_MAX_SCORE_BYTES else "blockwise"
+
+
 def default_attention_impl(seq_len: int, *, mesh=None, batch_heads: int = 1, key_len: int | None = None,
                            platform: str | None = None) -> str:
     """The attention backend `attention_impl='auto'` resolves to.
 
     `ring` when a mesh with more than one device on its `seq` axis is given. Otherwise,
-    on CPU: `xla` for short sequences (<= XLA_MAX_LEN, where the [T, S] mask is small
-    and one fused einsum is fastest) and the pure-JAX `blockwise` backend for longer
-    ones. On GPU: `xla` while its fp32 scores (batch_heads x seq_len x key_len x 4
-    bytes) stay under GPU_XLA_MAX_SCORE_BYTES, then `blockwise`. The Pallas kernel runs
-    on GPU (its bf16 forward measured 0.98 ms against xla's 6.5 ms at 16K) but its
-    backward is far slower (870 ms against 26 ms), so it stays opt-in
-    (`attention_impl="pallas"`) for inference.
+    by platform (`platform`, default `platform.target()`, read at trace time):
+      * CPU: `xla` for short sequences (<= XLA_MAX_LEN, where the [T, S] mask is small
+        and one fused einsum is fastest) and the pure-JAX `blockwise` backend for
+        longer ones;
+      * GPU: `accelerator_default` (`xla` while its scores fit 4 GiB, then
+        `blockwise`). The Pallas kernel runs on GPU (its bf16 forward measured 0.98 ms
+        against xla's 6.5 ms at 16K) but its backward is far slower (870 ms against
+        26 ms), so it stays opt-in (`attention_impl="pallas"`) for inference;
+      * TPU: `splash`, which runs jax's splash kernel where positions are contiguous
+        from 0 (training, a forward without cache) and `accelerator_default` elsewhere.
     """
     if mesh is not None and ring.SEQ_AXIS in mesh.axis_names and mesh.shape[ring.SEQ_AXIS] > 1:
         return "ring"
-    if (platform or jax.default_backend()) == "gpu":
-        scores = 4 * batch_heads * seq_len * (key_len or seq_len)
-        return "xla" if scores <= GPU_XLA_MAX_SCORE_BYTES else "blockwise"
+    target = _platform.normalize(platform) if platform else _platform.target()
+    if target == "tpu":
+        return "splash"
+    if target == "gpu":
+        return accelerator_default(seq_len, batch_heads=batch_heads, key_len=key_len)
     return "xla" if seq_len <= XLA_MAX_LEN else "blockwise"
 
 
@@ -63,10 +78,19 @@ def auto_attention(q, k, v, q_pos, k_pos, *, chunk_size=None):
     return attend(q, k, v, q_pos, k_pos, chunk_size=chunk_size, impl=impl)
 
 
+def splash_attention(q, k, v, q_pos, k_pos, *, chunk_size=None):
+    """The `splash` backend: the splash kernel where `splash.py`'s condition holds, else
+    `accelerator_default` for these shapes."""
+    fallback = _BACKENDS[accelerator_default(max(q.shape[1], k.shape[1]), batch_heads=q.shape[0] * q.shape[2],
+                                             key_len=k.shape[1])]
+    return splash.splash_attention(q, k, v, q_pos, k_pos, chunk_size=chunk_size, fallback=fallback)
+
+
 _BACKENDS = {
     "xla": xla_attention,
     "blockwise": blockwise.blockwise_attention,
     "pallas": pallas_flash.pallas_attention,
+    "splash": splash_attention,
     "ring": ring.make_backend(None),
     "ring_blockwise": ring.make_backend("blockwise"),
     "ring_pallas": ring.make_backend("pallas"),
@@ -93,5 +117,5 @@ def attend(q, k, v, q_pos, k_pos, *, chunk_size: int | None, impl: str = "xla"):
     return fn(q, k, v, q_pos, k_pos, chunk_size=chunk_size)
 
 
-__all__ = ["attend", "backends", "register_backend", "default_attention_impl", "auto_attention", "XLA_MAX_LEN",
-           "GPU_XLA_MAX_SCORE_BYTES", "blockwise", "pallas_flash", "ring"]
+__all__ = ["attend", "backends", "register_backend", "default_attention_impl", "accelerator_default", "auto_attention",
+           "XLA_MAX_LEN", "GPU_XLA_MAX_SCORE_BYTES", "blockwise", "pallas_flash", "platform", "ring", "splash"]

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from . import blockwise as bw
+from . import platform
 
 DEFAULT_BLOCK_Q = 64
 DEFAULT_BLOCK_K = 64
@@ -161,8 +162,8 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def default_interpret() -> bool:
-    """Interpret the kernel unless the default backend is a GPU (where it compiles)."""
-    return jax.default_backend() != "gpu"
+    """Interpret the kernel unless tracing for a GPU (where it compiles; `platform.target()`)."""
+    return platform.target() != "gpu"
 
 
 def pallas_flash_attention(q, k, v, q_pos, k_pos, *, chunk_size=None, block_q=DEFAULT_BLOCK_Q,

@@ -45,7 +45,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .reference import INVALID_POS
 from . import blockwise as bw
-from . import pallas_flash
+from . import pallas_flash, platform
 
 SEQ_AXIS = "seq"
 INNER_KERNELS = ("blockwise", "pallas")
@@ -112,7 +112,7 @@ def inner_kernel(name: str):
 
 def default_inner() -> str:
     """The Pallas kernel where it compiles (GPU), the pure-JAX blockwise one elsewhere."""
-    return "pallas" if jax.default_backend() == "gpu" else "blockwise"
+    return "pallas" if platform.target() == "gpu" else "blockwise"
 
 
 # --------------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ Implementations behind `moe_impl`, all tested equal to `dense`:
     time, one of these (each also selectable by name):
       - `ragged_dot`: rows sorted by expert, `jax.lax.ragged_dot`; native on GPU/TPU,
         a dense fallback on CPU;
+      - `gmm` (TPU): rows sorted by expert, jax's megablox grouped matmul (a Pallas TPU
+        kernel; interpret mode elsewhere), float weights only;
       - `blocked` (CPU prefill and training): rows sorted by expert; a loop over the
         experts that received tokens, block matmuls on each expert's weight slice,
         with a custom VJP (`grouped_swiglu`) so it trains;
@@ -39,6 +41,7 @@ import jax.numpy as jnp
 
 from .. import quant
 from ..config import TextConfig
+from ..kernels import platform as _platform
 from .layers import MLP, param, swiglu
 
 _MOE_IMPLS: dict = {}
@@ -123,6 +126,50 @@ def ragged_dot_moe(h, w, idx, score):
         u = quant.ragged_dot(x, w["up"], sizes)
         y = quant.ragged_dot(u * jax.nn.silu(g), w["down"], sizes)
     return _unsort(y, order, T, k)
+
+
+# megablox's default tiles (rows, contraction, output columns); untuned (no TPU measured yet).
+GMM_TILING = (128, 128, 128)
+
+
+def _gmm(x, w, sizes, tm: int, interpret: bool):
+    """megablox `gmm(x [R, K], w [E, K, N], sizes [E]) -> [R, N]` in x's dtype, R % tm == 0."""
+    from jax.experimental.pallas.ops.tpu.megablox import gmm
+
+    return gmm(x, w, sizes, x.dtype, (tm,) + GMM_TILING[1:], None, None, False, interpret)
+
+
+def gmm_moe(h, w, idx, score, *, interpret: bool | None = None):
+    """Grouped matmul with jax's megablox `gmm` (Pallas TPU): the `ragged` strategy on TPU.
+
+    Same layout as `ragged_dot_moe` (rows sorted by expert, weights [E, D, F] /
+    [E, F, D] as stored). `gmm` needs the row count to be a multiple of its row tile
+    (min(128, rows rounded up to 16)), so zero rows are appended and counted into the
+    last expert's group: every output row then belongs to a group (`gmm` leaves rows
+    outside all groups unwritten), and a zero row's output is exactly zero. It
+    accumulates in fp32 and returns the activation dtype; its custom VJP (megablox's
+    `gmm`/`tgmm` kernels) makes it trainable. Float weights only (bf16/fp32);
+    `ragged_strategy` sends quantized experts to `ragged_dot`. Compiled on TPU,
+    interpreted elsewhere (`interpret` defaults to that).
+    """
+    if any(quant.is_quantized(w[n]) for n in ("gate", "up", "down")):
+        raise ValueError("moe_impl='gmm' takes float (bf16/fp32) experts; for quantized ones use 'ragged' "
+                         "(ragged_dot on TPU) or 'ragged_dot'")
+    if interpret is None:
+        interpret = _platform.target() != "tpu"
+    E = w["gate"].shape[0]
+    T, k = idx.shape
+    x, order, sizes = _sorted_inputs(h, idx, score, E)
+    n = x.shape[0]
+    tm = min(GMM_TILING[0], -(-n // 16) * 16)
+    pad = -n % tm
+    x = jnp.pad(x, ((0, pad), (0, 0)))
+    sizes = sizes.at[E - 1].add(pad)
+    with jax.named_scope("gmm_experts"):
+        g = _gmm(x, w["gate"], sizes, tm, interpret)
+        u = _gmm(x, w["up"], sizes, tm, interpret)
+        y = _gmm(u * jax.nn.silu(g), w["down"], sizes, tm, interpret)
+    return _unsort(y[:n], order, T, k)
 
 
 def block_rows(num_rows: int, num_experts: int) -> int:
@@ -315,25 +362,30 @@ def rowwise_moe(h, w, idx, score):
     return jnp.concatenate(ys).reshape(T, k, -1).sum(axis=1)
 
 
-def ragged_strategy(num_rows: int, num_experts: int, platform: str | None = None) -> str:
+def ragged_strategy(num_rows: int, num_experts: int, platform: str | None = None, *, quantized: bool = False) -> str:
     """The strategy `ragged` uses for T*k = `num_rows` routed rows on `platform`.
 
-    platform defaults to JAX's default backend (read at trace time).
-      * GPU/TPU: `ragged_dot`, native there.
+    platform defaults to `kernels.platform.target()` (JAX's default backend, read at
+    trace time).
+      * TPU: `gmm` (megablox's Pallas grouped matmul) for float experts; `ragged_dot`
+        for quantized ones (`gmm` takes bf16/fp32 weights only).
+      * GPU: `ragged_dot`, native there.
       * CPU, num_rows <= num_experts (decode): `rowwise`, which reads only the chosen
         experts' weights (a decode step is bound by weight reads).
       * CPU, larger: `blocked`; `lax.ragged_dot` is a dense fallback on CPU (measured
         ~14x slower at prefill sizes, see `block_rows`).
     """
-    platform = platform or jax.default_backend()
-    if platform != "cpu":
+    target = _platform.normalize(platform) if platform else _platform.target()
+    if target == "tpu":
+        return "ragged_dot" if quantized else "gmm"
+    if target != "cpu":
         return "ragged_dot"
     return "rowwise" if num_rows <= min(num_experts, ROWWISE_MAX_ROWS) else "blocked"
 
 
 def ragged_moe(h, w, idx, score):
     """Only the top-k experts per token, with the strategy `ragged_strategy` picks."""
-    name = ragged_strategy(idx.size, w["gate"].shape[0])
+    name = ragged_strategy(idx.size, w["gate"].shape[0], quantized=quant.is_quantized(w["gate"]))
     return _MOE_IMPLS[name](h, w, idx, score)
 
 
@@ -342,6 +394,7 @@ register_moe("ragged", ragged_moe)
 register_moe("ragged_dot", ragged_dot_moe)
 register_moe("blocked", blocked_moe)
 register_moe("rowwise", rowwise_moe)
+register_moe("gmm", gmm_moe)
 
 
 class MoE(nn.Module):
