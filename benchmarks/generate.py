@@ -3,6 +3,8 @@
     python benchmarks/generate.py                       # both parts
     python benchmarks/generate.py --part batch --repeats 3
     python benchmarks/generate.py --part roofline --roofline-layers 16
+    python benchmarks/generate.py --part context --contexts 100,4096,16384,65536
+    python benchmarks/generate.py --part prefill-1m
 
 1. `batch`: a Scout-shaped model (every layer MoE, 16 experts, top-1, shared expert,
    QK norm, chunk 8192, llama3 RoPE scaling; hidden 256, 8 layers, experts of 512,
@@ -18,6 +20,17 @@
    by the measured decode step time, as a fraction of the memory bandwidth measured in
    the same process with a large numpy copy ((read + write bytes) / time). The compiled
    decode step's HLO is searched for copies and transposes of weight-sized arrays.
+3. `context`: batch-1 decode of the `batch` part's Scout-shaped model (fp32, random
+   weights) after prompts of each `--contexts` length (prefilled in 8192-token pieces),
+   33 new tokens: ms per token against the roofline (bytes of the weights one token
+   reads: attention, router, shared expert and its top-1 routed expert per layer, the
+   final norm, the lm_head and one embedding row; plus the bytes of the occupied KV
+   cache slots: every layer's keys, values and positions) divided by the read
+   bandwidth of both cores (`read_bandwidth`: one thread per core OR-reducing its half
+   of a 1 GiB array; a single-threaded copy understates it).
+4. `prefill-1m`: a 1,048,576-token prompt prefilled in 8192-token pieces on a tiny
+   model (4 layers: 3 chunked RoPE layers, 1 global NoPE layer; hidden 64, one KV head
+   of 16): wall time, and the process's peak RSS against the bytes of its KV cache.
 
 Each side runs in its own process, so peak memory and threads are its own. The CPU may
 be shared with other work: run it on an idle machine for stable numbers.
@@ -147,6 +160,24 @@ def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
     return 2 * nbytes / best
 
 
+def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> tuple[float, int]:
+    """Bytes per second read by one thread per core, each OR-reducing its share of a
+    large uint64 array (numpy releases the GIL; an OR is far cheaper than the load, so
+    the threads wait on memory, not on arithmetic). Best of `repeats`; also the thread
+    count. A single-threaded copy understates what both cores can read."""
+    import concurrent.futures
+
+    n = os.cpu_count() or 1
+    parts = np.array_split(np.ones(nbytes // 8, np.uint64), n)
+    best = float("inf")
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            list(pool.map(np.bitwise_or.reduce, parts))
+            best = min(best, time.perf_counter() - t0)
+    return nbytes / best, n
+
+
 def weight_copies(hlo: str, min_bytes: int) -> list[str]:
     """copy/transpose instructions of the compiled HLO producing >= min_bytes arrays."""
     found = []
@@ -189,9 +220,96 @@ def roofline(layers: int, new_tokens: int) -> dict:
             "weight_copies": copies, "peak_rss_mib": peak_rss_mib(), "threads_note": os.cpu_count()}
 
 
+def active_bytes_per_token(config, params) -> int:
+    """Weight bytes one batch-1 decode token reads: every leaf, except routed experts
+    (top-k of E read) and the embedding table (one row)."""
+    import jax
+
+    t, total = config.text, 0
+    for path, x in jax.tree_util.tree_leaves_with_path(params):
+        key = jax.tree_util.keystr(path)
+        n = x.size * x.dtype.itemsize
+        if key == "['params']['embed']":
+            n = x.shape[-1] * x.dtype.itemsize
+        elif "['moe']" in key and "['shared']" not in key and "router" not in key:
+            n = n * t.num_experts_per_tok // t.num_local_experts
+        total += n
+    return total
+
+
+def occupied_cache_bytes(config, context: int, itemsize: int = 4) -> int:
+    """Bytes of the KV cache slots a decode step at `context` tokens reads: per layer the
+    occupied slots (the ring buffer's chunk at most) of keys, values (K x d each) and
+    their int32 positions."""
+    from llama4_jax.cache import cache_slots
+
+    t = config.text
+    slots = sum(min(context, s) for s in cache_slots(t, context)) * t.num_groups
+    return slots * (2 * t.num_key_value_heads * t.head_dim * itemsize + 4)
+
+
+def context_decode(contexts: list[int], new: int) -> dict:
+    import jax
+
+    import llama4_jax
+
+    config = scout_shaped().replace_text(eos_token_id=(), max_position_embeddings=1 << 20)
+    params = llama4_jax.init_params(config, jax.random.key(0), dtype="float32")
+    weights = active_bytes_per_token(config, params)
+    bw, threads = read_bandwidth()
+    rows = []
+    for n in contexts:
+        P = [np.random.default_rng(n).integers(3, config.text.vocab_size, n).tolist()]
+        run = lambda: llama4_jax.generate(config, params, P, max_new_tokens=new, batch_size=1,  # noqa: E731
+                                          prefill_chunk=8192, return_stats=True)[1]
+        run()  # compile
+        steps, prefill = [], []
+        for _ in range(3):
+            st = run()
+            steps.append(st.decode_s / (st.generated_tokens - 1))  # the first token comes from prefill
+            prefill.append(st.prefill_s)
+        cache = occupied_cache_bytes(config, n + new // 2)
+        step = float(np.median(steps))
+        rows.append({"context": n, "step_s": step, "prefill_s": float(np.median(prefill)), "cache_bytes": cache,
+                     "roofline_s": (weights + cache) / bw})
+    return {"weights_bytes": weights, "read_gbs": bw / 1e9, "threads": threads, "rows": rows,
+            "peak_rss_mib": peak_rss_mib()}
+
+
+def tiny_1m():
+    from llama4_jax.config import Llama4Config, TextConfig
+
+    return Llama4Config(text=TextConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, intermediate_size_mlp=128, num_hidden_layers=4,
+        num_attention_heads=1, num_key_value_heads=1, head_dim=16, num_local_experts=1, num_experts_per_tok=1,
+        moe_layers=(), no_rope_layers=(1, 1, 1, 0), attention_chunk_size=8192, floor_scale=8192,
+        max_position_embeddings=1 << 21, bos_token_id=1, eos_token_id=(), pad_token_id=0,
+    ))
+
+
+def prefill_1m(tokens: int) -> dict:
+    import jax
+
+    import llama4_jax
+    from llama4_jax.cache import cache_bytes
+
+    config = tiny_1m()
+    params = llama4_jax.init_params(config, jax.random.key(0), dtype="float32")
+    P = [np.random.default_rng(0).integers(3, 512, tokens).tolist()]
+    rss0 = peak_rss_mib()
+    t0 = time.perf_counter()
+    out, st = llama4_jax.generate(config, params, P, max_new_tokens=4, batch_size=1, prefill_chunk=8192,
+                                  max_model_len=tokens + 16, return_stats=True)
+    wall = time.perf_counter() - t0
+    return {"tokens": tokens, "wall_s": wall, "prefill_s": st.prefill_s, "compile_s": st.compile_s,
+            "generated": out[0].token_ids, "peak_rss_mib": peak_rss_mib(), "rss_before_mib": rss0,
+            "cache_mib": cache_bytes(config, 1, tokens + 16) / 2**20}
+
+
 def child(part: str, args, *extra) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", part, *extra, "--repeats", str(args.repeats),
-           "--roofline-layers", str(args.roofline_layers), "--roofline-new", str(args.roofline_new)]
+           "--roofline-layers", str(args.roofline_layers), "--roofline-new", str(args.roofline_new),
+           "--contexts", args.contexts, "--prefill-tokens", str(args.prefill_tokens)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode:
         sys.stderr.write(res.stderr[-4000:])
@@ -201,7 +319,9 @@ def child(part: str, args, *extra) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=["batch", "roofline", "all"], default="all")
+    ap.add_argument("--part", choices=["batch", "roofline", "context", "prefill-1m", "all"], default="all")
+    ap.add_argument("--contexts", default="100,4096,16384,65536", help="prompt lengths of the context part")
+    ap.add_argument("--prefill-tokens", type=int, default=1 << 20, help="prompt length of the prefill-1m part")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--roofline-layers", type=int, default=16)
     ap.add_argument("--roofline-new", type=int, default=32)
@@ -212,7 +332,9 @@ def main(argv=None) -> int:
     if args.child:
         fn = {"build": lambda: build(args.path), "ours": lambda: batch_ours(args.path, args.repeats),
               "hf": lambda: batch_hf(args.path, args.repeats),
-              "roofline": lambda: roofline(args.roofline_layers, args.roofline_new)}[args.child]
+              "roofline": lambda: roofline(args.roofline_layers, args.roofline_new),
+              "context": lambda: context_decode([int(x) for x in args.contexts.split(",")], 33),
+              "prefill-1m": lambda: prefill_1m(args.prefill_tokens)}[args.child]
         print(json.dumps(fn()))
         return 0
 
@@ -242,6 +364,23 @@ def main(argv=None) -> int:
         print(f"weight-sized copies/transposes in the compiled decode step: {len(r['weight_copies'])}")
         for line in r["weight_copies"][:10]:
             print("   ", line)
+    if args.part in ("context", "all"):
+        r = child("context", args)
+        print(f"\n[context] Scout-shaped (16 experts top-1), fp32, batch-1 decode after long prompts; active "
+              f"weights {r['weights_bytes'] / 1e6:.1f} MB per token; read bandwidth {r['read_gbs']:.1f} GB/s "
+              f"({r['threads']} threads)")
+        print(f"{'context':>9s}{'ms/token':>10s}{'cache MB':>10s}{'roofline ms':>13s}{'x roofline':>12s}"
+              f"{'prefill s':>11s}")
+        for row in r["rows"]:
+            print(f"{row['context']:9d}{row['step_s'] * 1e3:10.2f}{row['cache_bytes'] / 1e6:10.1f}"
+                  f"{row['roofline_s'] * 1e3:13.2f}{row['step_s'] / row['roofline_s']:12.2f}{row['prefill_s']:11.1f}")
+        print("targets: <= 1.5x the roofline at 64K; >= 70% of it (<= 1.43x) after 100 tokens")
+    if args.part in ("prefill-1m", "all"):
+        r = child("prefill-1m", args)
+        print(f"\n[prefill-1m] {r['tokens']:,}-token prompt, tiny model (4 layers, 1 global), 8192-token pieces: "
+              f"prefill {r['prefill_s']:.1f} s ({r['tokens'] / r['prefill_s']:.0f} tok/s), compile "
+              f"{r['compile_s']:.1f} s, wall {r['wall_s']:.1f} s; peak RSS {r['peak_rss_mib']:.0f} MiB "
+              f"(KV cache {r['cache_mib']:.0f} MiB)")
     return 0
 
 

@@ -1,8 +1,9 @@
 """The KV cache: an explicit pytree, created here, threaded through `TextModel`.
 
-    cache = {'layer_j': {'k', 'v': [G, B, S_j, K, d],     # j = member of the scanned group
-                         'pos':    [G, B, S_j] int32,      # absolute position per slot
-                         ('k_scale', 'v_scale': [G, B, S_j, K] f32 when int8)}}
+    cache = {'layer_j': {'k':   [G, B, K, d, S_j],           # j = member of the scanned group
+                         'v':   [G, B, K, S_j, d],
+                         'pos': [G, B, S_j] int32,            # absolute position per slot
+                         ('k_scale', 'v_scale': [G, B, K, S_j] f32 when int8)}}
 
 G = `num_groups` (the scanned `layers` axis), B batch rows, K KV heads, d head dim.
 S_j is `attention_chunk_size` for chunked (RoPE) layers, which keep a ring buffer of
@@ -11,6 +12,11 @@ the last chunk (older tokens can never be attended again), and `max_len` for glo
 the position-derived mask ignores them and rows of different lengths (ragged,
 left-padded batches) need no separate length array: each row's length is the number
 of valid slots its global layers hold.
+
+Keys are stored transposed ([K, d, S] per row) and values as [K, S, d], so a decode
+step's two products read each row's keys and values of one KV head as one contiguous
+matrix, in place (`llama4_jax.kernels.cached`); `read_cache` gives the [B, S, K, d]
+layout the attention backends take (a copy, made for prefills only).
 
 int8 option (`kv_dtype="int8"`): keys and values are stored as symmetric int8 with one
 fp32 scale per token and KV head (`model.attention.quantize_kv`), a quarter of the
@@ -63,13 +69,13 @@ def init_cache(config, batch: int, max_len: int, *, dtype="float32", kv_dtype=No
     cache = {}
     for j, S in enumerate(cache_slots(t, max_len)):
         entry = {
-            "k": jnp.zeros((G, batch, S, K, d), kvd),
-            "v": jnp.zeros((G, batch, S, K, d), kvd),
+            "k": jnp.zeros((G, batch, K, d, S), kvd),
+            "v": jnp.zeros((G, batch, K, S, d), kvd),
             "pos": jnp.full((G, batch, S), INVALID_POS, jnp.int32),
         }
         if kvd == jnp.int8:
-            entry["k_scale"] = jnp.zeros((G, batch, S, K), jnp.float32)
-            entry["v_scale"] = jnp.zeros((G, batch, S, K), jnp.float32)
+            entry["k_scale"] = jnp.zeros((G, batch, K, S), jnp.float32)
+            entry["v_scale"] = jnp.zeros((G, batch, K, S), jnp.float32)
         cache[f"layer_{j}"] = entry
     return cache
 

@@ -43,7 +43,7 @@ from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
 __all__ = [
     "AXIS_NAMES", "LOGICAL_AXES", "Rules", "ShardingError", "parse_mesh_spec", "make_mesh", "abstract_mesh",
     "default_rules", "fsdp_rules", "param_specs", "param_shardings", "shard_params", "cache_shardings",
-    "activate", "active", "constrain", "batch_sharding", "splits_experts", "call_on_mesh", "OutAxes", "CACHE_AXES",
+    "activate", "active", "splits", "constrain", "batch_sharding", "splits_experts", "call_on_mesh", "OutAxes", "CACHE_AXES",
     "WARN_REPLICATED_BYTES",
 ]
 
@@ -57,13 +57,13 @@ PARAM_AXES = ("vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp", "exper
               "adapter", "adapter_out")
 ACTIVATION_AXES = ("batch", "length", "cache_seq")
 LOGICAL_AXES = PARAM_AXES + ACTIVATION_AXES
-# KV-cache leaves: k/v [G, B, S, K, d] and pos [G, B, S] (see attention.write_cache).
+# KV-cache leaves (see llama4_jax.cache): k [G, B, K, d, S], v [G, B, K, S, d], pos [G, B, S].
 CACHE_AXES = {
-    "k": ("layers", "batch", "cache_seq", "kv_heads", "head_dim"),
-    "v": ("layers", "batch", "cache_seq", "kv_heads", "head_dim"),
+    "k": ("layers", "batch", "kv_heads", "head_dim", "cache_seq"),
+    "v": ("layers", "batch", "kv_heads", "cache_seq", "head_dim"),
     "pos": ("layers", "batch", "cache_seq"),
-    "k_scale": ("layers", "batch", "cache_seq", "kv_heads"),  # int8 cache (llama4_jax.cache)
-    "v_scale": ("layers", "batch", "cache_seq", "kv_heads"),
+    "k_scale": ("layers", "batch", "kv_heads", "cache_seq"),  # int8 cache
+    "v_scale": ("layers", "batch", "kv_heads", "cache_seq"),
 }
 # A parameter this large whose rule cannot be applied (a dimension the mesh axes do not
 # divide) triggers a warning: 1 MiB is far above every norm/router and far below any
@@ -414,6 +414,17 @@ def activate(mesh, rules: Rules | None = None):
 def active():
     """The (mesh, rules) set by `activate`, or None."""
     return _ACTIVE.get()
+
+
+def splits(logical: str) -> bool:
+    """Whether the active rules (`activate`) split the logical axis over more than one device."""
+    ctx = _ACTIVE.get()
+    if ctx is None:
+        return False
+    mesh, rules = ctx
+    rules = default_rules(mesh) if rules is None else rules
+    sizes = _axis_sizes(mesh)
+    return math.prod(sizes.get(a, 1) for a in rules.mesh_axes(logical)) > 1
 
 
 def constrain(x, logical: Sequence[str | None]):

@@ -11,9 +11,10 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from .. import quant
+from .. import quant, sharding
 from ..config import LayerFlags, TextConfig
 from ..kernels import attend, backends  # noqa: F401  (re-exported: the seam and its backends)
+from ..kernels.cached import cached_attention
 from ..kernels.reference import INVALID_POS, NEG, visible, xla_attention  # noqa: F401  (re-exported)
 from .layers import apply_rope, param, rms_norm
 
@@ -43,23 +44,30 @@ def quantize_kv(x):
     return q, scale
 
 
-def read_cache(entry, dtype, group=None):
-    """Keys and values [B, S, K, d] of a cache entry in `dtype` (dequantised if int8).
+def _pick(x, group):
+    return x if group is None else x[group]
 
-    group: for a stacked entry ([G, B, S, ...]), the group whose slice is read."""
-    pick = (lambda x: x) if group is None else (lambda x: x[group])
-    if "k_scale" not in entry:
-        return pick(entry["k"]).astype(dtype), pick(entry["v"]).astype(dtype)
-    deq = lambda q, s: (pick(q).astype(jnp.float32) * pick(s)[..., None]).astype(dtype)
-    return deq(entry["k"], entry["k_scale"]), deq(entry["v"], entry["v_scale"])
+
+def read_cache(entry, dtype, group=None):
+    """Keys and values [B, S, K, d] of a cache entry in `dtype` (dequantised if int8),
+    the layout the attention backends take (a transposed copy: prefills only; a decode
+    step reads the cache in place, `cached_attention`).
+
+    group: for a stacked entry ([G, B, ...]), the group whose slice is read."""
+    k, v = _pick(entry["k"], group), _pick(entry["v"], group)  # [B, K, d, S], [B, K, S, d]
+    if "k_scale" in entry:
+        k = k.astype(jnp.float32) * _pick(entry["k_scale"], group)[:, :, None, :]
+        v = v.astype(jnp.float32) * _pick(entry["v_scale"], group)[..., None]
+    return jnp.transpose(k, (0, 3, 1, 2)).astype(dtype), jnp.swapaxes(v, 1, 2).astype(dtype)
 
 
 def write_cache(entry, k, v, k_pos, *, ring: bool, group=None):
     """Store the valid new keys/values of [B, T] tokens in a cache entry.
 
-    entry: {'k','v': [B, S, K, d], 'pos': [B, S]}, plus 'k_scale','v_scale' [B, S, K]
-    for an int8 cache (see `quantize_kv`); with `group` (an int or a traced scalar) the
-    entry is stacked over groups ([G, B, S, ...]) and only group `group` is written.
+    entry: {'k': [B, K, d, S], 'v': [B, K, S, d], 'pos': [B, S]}, plus 'k_scale',
+    'v_scale' [B, K, S] for an int8 cache (see `quantize_kv`; layout in
+    `llama4_jax.cache`); with `group` (an int or a traced scalar) the entry is stacked
+    over groups ([G, B, ...]) and only group `group` is written. k, v: [B, T, K, d].
     Global layers store position p in slot p. Chunked layers keep a ring buffer of
     S = chunk slots, slot p % S, and keep only the last S tokens of each row (older
     ones can never be attended again). Everything else (padding, evicted tokens) is
@@ -76,15 +84,19 @@ def write_cache(entry, k, v, k_pos, *, ring: bool, group=None):
     else:
         slot = jnp.where(valid & (k_pos < S), k_pos, S)
     b = jnp.arange(k_pos.shape[0])[:, None]
-    index = (b, slot) if group is None else (group, b, slot)
-    upd = lambda buf, val: buf.at[index].set(val.astype(buf.dtype), mode="drop")
-    new = {"pos": upd(entry["pos"], k_pos)}
+    lead = (b,) if group is None else (group, b)
+    # Index arrays (b, slot) broadcast to [B, T] and, being split by slices, come first
+    # in the indexed shape: every update below is [B, T, ...] whatever the layout.
+    at = {"pos": lead + (slot,), "k": lead + (slice(None), slice(None), slot),
+          "v": lead + (slice(None), slot), "k_scale": lead + (slice(None), slot), "v_scale": lead + (slice(None), slot)}
+    upd = lambda name, val: entry[name].at[at[name]].set(val.astype(entry[name].dtype), mode="drop")  # noqa: E731
+    new = {"pos": upd("pos", k_pos)}
     for name, x in (("k", k), ("v", v)):
         if name + "_scale" in entry:
             q, scale = quantize_kv(x)
-            new[name], new[name + "_scale"] = upd(entry[name], q), upd(entry[name + "_scale"], scale)
+            new[name], new[name + "_scale"] = upd(name, q), upd(name + "_scale", scale)
         else:
-            new[name] = upd(entry[name], x)
+            new[name] = upd(name, x)
     return new
 
 
@@ -132,7 +144,7 @@ class Attention(nn.Module):
             ck, cv = read_cache(cache, dt, group)
             keys = jnp.concatenate([ck, k], axis=1)
             vals = jnp.concatenate([cv, v], axis=1)
-            kpos = jnp.concatenate([cache["pos"] if group is None else cache["pos"][group], k_pos], axis=1)
+            kpos = jnp.concatenate([_pick(cache["pos"], group), k_pos], axis=1)
             cache = write_cache(cache, k, v, k_pos, ring=True, group=group)
         else:
             # Global layers, and a chunked layer's single decode token: write first, then
@@ -140,11 +152,21 @@ class Attention(nn.Module):
             # never in p's chunk (S is the chunk, or max_len > p), so nothing it may see
             # is lost, and no [cached | new] copy of the ring is made per step.
             cache = write_cache(cache, k, v, k_pos, ring=self.flags.is_chunked, group=group)
-            (keys, vals), kpos = read_cache(cache, dt, group), cache["pos"] if group is None else cache["pos"][group]
+            if x.shape[1] == 1:
+                # A decode step reads the cache in its own layout, in place, whatever
+                # the backend (the backends are built for many queries).
+                out = cached_attention(q, cache["k"], cache["v"], q_pos, cache["pos"], chunk_size=chunk,
+                                       k_scale=cache.get("k_scale"), v_scale=cache.get("v_scale"),
+                                       split_slots=sharding.splits("cache_seq"), group=group)
+                return self._out(out, wo), cache
+            (keys, vals), kpos = read_cache(cache, dt, group), _pick(cache["pos"], group)
 
         out = attend(q, keys, vals, q_pos, kpos, chunk_size=chunk, impl=self.impl)
+        return self._out(out, wo), cache
+
+    def _out(self, out, wo):
         # One [H*d, D] matmul (quant.matmul): contracting (h, e) as two dims made XLA
         # transpose and copy the whole weight on every call (seen in the compiled decode
         # step); the reshapes of contiguous dims are free.
-        B, T = out.shape[:2]
-        return quant.matmul(out.reshape(B, T, H * d), wo, n_in=2), cache
+        B, T, H, d = out.shape
+        return quant.matmul(out.reshape(B, T, H * d), wo, n_in=2)

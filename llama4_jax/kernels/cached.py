@@ -1,0 +1,134 @@
+"""Attention of a few new queries over the KV cache, in the cache's own layout.
+
+A decode step is memory bound: each step reads every cached key and value once, and
+the cost should be that read. The cache (`llama4_jax.cache`) stores keys transposed,
+k [B, K, d, S], and values as v [B, K, S, d], so both products are plain batched
+matmuls over (row, KV head) on contiguous [d, S] / [S, d] blocks:
+
+    logits[b, k, g, t, s] = q[b, t, k, g, :] @ k[b, k, :, s]     (contract d: k's rows)
+    out[b, t, k, g, :]    = p[b, k, g, t, :] @ v[b, k, :, :]      (contract s: v's rows)
+
+With the [B, S, K, d] layout the backends take, XLA:CPU transposed (copied) the
+whole cache slice of every layer before each product and ran the first one with both
+operands contracted on their minor axis, several times slower than the read
+(benchmarks/generate.py --part context).
+
+The slots are visited in blocks of `block` (a `lax.fori_loop` with an online
+softmax, flash-attention style) and only up to the last occupied slot of any row, so a
+step reads the occupied part of the cache, not the whole allocation. An int8 cache is
+read as int8: each block is converted in registers-sized pieces and its per-slot
+scales are applied to the logits (keys) and to the probabilities (values), so no
+dequantized copy of the cache is ever made. A cache whose slot axis is split over
+devices (a `seq` mesh axis) is read in one block (the reductions over the split axis
+are then XLA's collectives).
+
+Numerics equal `xla_attention` on the same keys (fp32 logits, softmax statistics and
+accumulation); only for a row with no visible key at all (never a real decode row: its
+own token is written before it is read) the result differs: uniform over the visited
+slots instead of over all of them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from .reference import INVALID_POS, NEG, visible
+
+__all__ = ["cached_attention", "DEFAULT_BLOCK"]
+
+# Slots per block: large enough that each product is a proper matmul and the loop's
+# per-step cost is small, small enough that a row's block of keys (K * d * block * 4
+# bytes: 2 MiB for Scout's K=8, d=128) stays in the CPU's cache between the slice
+# (and int8 convert) and the product. Chosen by measurement (see DEFAULT_BLOCK's test).
+DEFAULT_BLOCK = 512
+
+
+def _scores(qg, kb, ks):
+    """fp32 logits [B, K, G, T, s] of queries [B, K, G, T, d] against one key block [B, K, d, s]."""
+    lg = jnp.einsum("bkgtd,bkds->bkgts", qg, kb.astype(qg.dtype), preferred_element_type=jnp.float32)
+    return lg if ks is None else lg * ks[:, :, None, None, :]
+
+
+def _values(p, vb, vs, dtype):
+    """Probabilities [B, K, G, T, s] (fp32) times one value block [B, K, s, d], accumulated in fp32."""
+    if vs is not None:  # the value scale belongs to the slot: fold it into the probability
+        p = p * vs[:, :, None, None, :]
+    return jnp.einsum("bkgts,bksd->bkgtd", p.astype(dtype), vb.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def cached_attention(q, k, v, q_pos, k_pos, *, chunk_size: int | None, k_scale=None, v_scale=None,
+                     block: int | None = 0, split_slots: bool = False, group=None):
+    """softmax(q k^T / sqrt(d) + mask) v over a cache, in the cache's layout.
+
+    q [B, T, H, d] (temperature already applied), k [B, K, d, S], v [B, K, S, d] (int8
+    with k_scale / v_scale [B, K, S], or float), q_pos [B, T], k_pos [B, S] (the
+    positions of the slots; empty slots hold INVALID_POS), chunk_size as for
+    `xla_attention`. block: slots per step of the loop (0: DEFAULT_BLOCK, read when
+    traced; None: one block);
+    split_slots: the slot axis is split over devices, read it in one block.
+    group: the cache arrays (not q, q_pos) are stacked over layer groups ([G, ...])
+    and group `group` (an int or traced scalar) is read: each block is sliced straight
+    from the stacked buffer, so the layer's slice is never copied out first.
+    Returns [B, T, H, d] in q's dtype.
+    """
+    B, T, H, d = q.shape
+    K, S = k.shape[-3], k.shape[-1]
+    block = DEFAULT_BLOCK if block == 0 else block
+    dtype = q.dtype
+    qg = jnp.transpose(q.reshape(B, T, K, H // K, d), (0, 2, 3, 1, 4))
+
+    def masked(lg, kp):  # scaled after the product, in fp32, as the reference does
+        return jnp.where(visible(q_pos, kp, chunk_size)[:, None, None], lg * (1.0 / math.sqrt(d)), NEG)
+
+    def finish(out):  # [B, K, G, T, d] -> [B, T, H, d]
+        return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(B, T, H, d).astype(dtype)
+
+    if block is None or split_slots or S <= block:
+        if group is not None:
+            k, v, k_pos = k[group], v[group], k_pos[group]
+            k_scale, v_scale = (None if x is None else x[group] for x in (k_scale, v_scale))
+        lg = masked(_scores(qg, k, k_scale), k_pos)
+        p = jax.nn.softmax(lg, axis=-1)
+        return finish(_values(p, v, v_scale, dtype))
+
+    # Visit blocks up to the last occupied slot of any row (global layers fill slots in
+    # position order; a ring buffer, once full, is visited whole); at least one, so a
+    # batch of empty rows gives finite (uniform) rows, as the reference does.
+    pos = k_pos if group is None else k_pos[group]
+    occupied = jnp.max(jnp.where(pos < INVALID_POS, jnp.arange(1, S + 1, dtype=jnp.int32), 0))
+    n_blocks = jnp.maximum((occupied + block - 1) // block, 1)
+
+    def take(x, start, axis):  # `block` slots of x from `start` along `axis` (of group `group`)
+        if x is None:
+            return None
+        if group is None:
+            return jax.lax.dynamic_slice_in_dim(x, start, block, axis)
+        starts = [jnp.asarray(group, jnp.int32)] + [jnp.int32(0)] * (x.ndim - 1)
+        starts[axis + 1] = start
+        sizes = (1,) + x.shape[1:axis + 1] + (block,) + x.shape[axis + 2:]
+        return jax.lax.dynamic_slice(x, starts, sizes)[0]
+
+    def body(i, carry):
+        m, l, acc = carry
+        # The last block is shifted back to end at S; its slots that an earlier block
+        # already visited are left out by `fresh`.
+        start = jnp.minimum(i * block, S - block)
+        kb, vb, ks, vs, kp = take(k, start, 3), take(v, start, 2), take(k_scale, start, 2), take(v_scale, start, 2), \
+            take(k_pos, start, 1)
+        fresh = start + jnp.arange(block) >= i * block  # slots not seen by an earlier block
+        lg = jnp.where(fresh, masked(_scores(qg, kb, ks), kp), -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(lg, axis=-1))
+        alpha = jnp.exp(m - m_new)
+        p = jnp.exp(lg - m_new[..., None])
+        l = l * alpha + jnp.sum(p, axis=-1)
+        acc = acc * alpha[..., None] + _values(p, vb, vs, dtype)
+        return m_new, l, acc
+
+    G = H // K
+    init = (jnp.full((B, K, G, T), -jnp.inf, jnp.float32), jnp.zeros((B, K, G, T), jnp.float32),
+            jnp.zeros((B, K, G, T, d), jnp.float32))
+    m, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
+    return finish(acc / l[..., None])
