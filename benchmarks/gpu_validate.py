@@ -32,9 +32,15 @@ sections that would start with too little budget left are recorded as skipped.
    the max abs diff of the gradients w.r.t. the input, the three expert weights and the
    router scores. `ep` needs an `expert` mesh axis of >= 2 devices. Then forward and
    forward+backward milliseconds in bf16 at a prefill-sized shape.
-4. attention: `xla`, `blockwise`, `pallas` (compiled, not interpreted, on GPU) and a
-   candidate, cuDNN flash attention through `jax.nn.dot_product_attention` (chunked
-   layers as causal attention over the sequence reshaped into chunks), at 16K and 32K
+4. attention: first the Pallas kernel at Scout's head grouping (40 query heads on 8
+   KV heads of 128, G = 5; its programs cover a query block of all G heads, so each K/V
+   block is read once per query block), bf16 forward of a 1 x 8192 prefill (chunked
+   mask) and of a decode step (32 rows x 1 token against 16384 cache slots), next to
+   `xla`, `blockwise` and (prefill) cuDNN, against `xla` fp32: error, ms and K/V bytes
+   per second (decode: against the copy rate of section 1). Then `xla`, `blockwise`,
+   `pallas` (compiled, not interpreted, on GPU) and a candidate, cuDNN flash attention
+   through `jax.nn.dot_product_attention` (chunked layers as causal attention over the
+   sequence reshaped into chunks), at 16K and 32K
    tokens, chunk 8192, with the chunked (RoPE-layer) mask and the global (NoPE-layer)
    one, batch 1, 4 query heads on 2 KV heads of 128 (2 on 1 at 32K, where the `xla`
    reference's [H, T, T] fp32 arrays would not fit otherwise): forward output and the
@@ -61,7 +67,8 @@ sections that would start with too little budget left are recorded as skipped.
 
 `--lower-only` runs none of that: it lowers the main jitted programs of sections 3-5
 (each MoE implementation and its gradient, `ep` on a 2-device CPU mesh; each
-attention backend forward and gradient; the model forward per attention and MoE
+attention backend forward and gradient, and the Pallas kernel at Scout's head grouping
+(prefill and decode); the model forward per attention and MoE
 backend; the generate engine's prefill and decode steps at batch 1 and 4) for `cuda`
 with `jax.export`, tracing them as the GPU would (`kernels.platform.tracing_for`:
 Pallas compiled, `ragged` as `ragged_dot`, `ep` on `ragged_all_to_all`), then the TPU
@@ -126,6 +133,9 @@ class Sizes:
     attn_lengths: tuple = (16384, 32768)
     attn_chunk: int = 8192
     head_dim: int = 128
+    gqa_heads: tuple = (40, 8)  # Scout's query / KV heads, for the Pallas kernel's GQA rows
+    gqa_prefill: int = 8192  # tokens of the GQA prefill row (batch 1, chunked mask)
+    gqa_decode: tuple = (32, 16384)  # rows x cache slots of the GQA decode row
     model: tuple = (("hidden_size", 2048), ("num_attention_heads", 16), ("num_key_value_heads", 4),
                     ("head_dim", 128), ("num_local_experts", 16), ("intermediate_size", 2048),
                     ("intermediate_size_mlp", 4096), ("num_hidden_layers", 4), ("vocab_size", 32000))
@@ -139,6 +149,7 @@ class Sizes:
 SMOKE = Sizes(
     matmul_n=512, copy_bytes=32 << 20, long_chunk=32, long_len=80, moe_dims=(9, 21, 13),
     moe_cases=((37, 2), (4, 1)), moe_time=(256, 64, 128, 8), attn_lengths=(128,), attn_chunk=64, head_dim=32,
+    gqa_heads=(10, 2), gqa_prefill=128, gqa_decode=(2, 256),
     model=(("hidden_size", 64), ("num_attention_heads", 4), ("num_key_value_heads", 2), ("head_dim", 16),
            ("num_local_experts", 4), ("intermediate_size", 64), ("intermediate_size_mlp", 128),
            ("num_hidden_layers", 4), ("vocab_size", 512)),
@@ -798,10 +809,72 @@ def _attn_heads(T: int, device_bytes: int | None) -> tuple[int, int]:
     return 4, 2
 
 
+def attention_gqa(s: Section, ctx: dict) -> None:
+    """The Pallas kernel at Scout's head grouping (G = 5 query heads per KV head), bf16:
+    a prefill forward and a decode step against a full cache, next to xla, blockwise
+    (and cuDNN for the prefill), each against xla in fp32 at precision highest."""
+    import jax
+    import jax.numpy as jnp
+
+    from llama4_jax.kernels import pallas_flash
+
+    sz: Sizes = ctx["sizes"]
+    on_gpu = jax.default_backend() == "gpu"
+    (H, K), d, C, T, (Bd, S) = sz.gqa_heads, sz.head_dim, sz.attn_chunk, sz.gqa_prefill, sz.gqa_decode
+    G = H // K
+    bq_p, _, rows_p = pallas_flash.block_sizes(T, T, H, K, 2)
+    s.line(f"- Scout's head grouping: {H} query heads on {K} KV heads of {d} (G = {G}), bf16 inputs. The `pallas` "
+           f"kernel runs one program per (row, KV head, query block) with the rows of all {G} heads of the block "
+           f"stacked ({bq_p} positions x {G} heads in {rows_p} rows at this prefill, {G} of 16 rows for a decode "
+           "token), so it reads each K/V block once per query block, not once per query head. Error: max |impl - "
+           "xla fp32 at precision highest| (rel = / max |xla|). Times: forward only, median of 3 after the checked "
+           "call (decode: samples of 10 back-to-back calls). K/V GB/s: bytes of K and V / time (every decode step "
+           "reads them all; roofline: the copy rate of section 1, "
+           + (f"{ctx['copy_gbs']:.0f} GB/s)." if "copy_gbs" in ctx else "not measured in this run)."))
+    s.table("case", "impl", "fwd err (rel)", "fwd ms", "K/V GB/s")
+    keys = jax.random.split(jax.random.key(40), 6)
+    cases = (
+        (f"prefill 1 x {T}, chunk {C}", C, 1, T, T, 1,
+         ["xla", "blockwise", "pallas"] + (["cudnn"] if on_gpu else [])),
+        (f"decode {Bd} x 1 against {S} slots, global", None, Bd, 1, S, 10, ["xla", "blockwise", "pallas"]),
+    )
+    for name, chunk, B, Tq, Sk, inner, impls in cases:
+        q = jax.random.normal(keys[0], (B, Tq, H, d), jnp.float32)
+        k = jax.random.normal(keys[1], (B, Sk, K, d), jnp.float32)
+        v = jax.random.normal(keys[2], (B, Sk, K, d), jnp.float32)
+        qp = jnp.broadcast_to(jnp.arange(Sk - Tq, Sk, dtype=jnp.int32), (B, Tq))
+        kp = jnp.broadcast_to(jnp.arange(Sk, dtype=jnp.int32), (B, Sk))
+        args16 = [x.astype(jnp.bfloat16) for x in (q, k, v)] + [qp, kp]
+        s.check(5, f"GQA {name} xla fp32")
+        with jax.default_matmul_precision("highest"):
+            ref = np.asarray(_jax_sync(attention_fns("xla", chunk)[0](*[x.astype(jnp.float32) for x in args16[:3]],
+                                                                       qp, kp)), np.float32)
+        kv_bytes = 2 * B * Sk * K * d * 2
+        for impl in impls:
+            s.check(5, f"GQA {name} {impl}")
+            try:
+                fwd = attention_fns(impl, chunk)[0]
+                out = _jax_sync(fwd(*args16))
+                t = _median_time(lambda: fwd(*args16), _jax_sync, 3, inner=inner)
+            except SectionTimeout:
+                raise
+            except Exception as e:  # noqa: BLE001 (one backend failing must not hide the others)
+                s.row(name, impl, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}",
+                      "", "")
+                s.data[f"gqa_{name}_{impl}"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+                continue
+            ef, rf = _err(out, ref)
+            s.row(name, impl, f"{_e(ef)} ({_e(rf)})", f"{t * 1e3:.3f}", f"{kv_bytes / t / 1e9:.3g}")
+            s.data[f"gqa_{name}_{impl}"] = {"fwd_err": ef, "fwd_ms": t * 1e3, "kv_gbs": kv_bytes / t / 1e9}
+            del out
+        del ref
+
+
 def section_attention(s: Section, ctx: dict) -> None:
     import jax
     import jax.numpy as jnp
 
+    attention_gqa(s, ctx)
     sz: Sizes = ctx["sizes"]
     on_gpu = jax.default_backend() == "gpu"
     d = sz.head_dim
@@ -1155,6 +1228,16 @@ def lower_programs():
 
                 progs.append((f"attention {impl} {mask} {dn} forward", fwd))
                 progs.append((f"attention {impl} {mask} {dn} gradient", grad))
+
+    # The Pallas kernel at Scout's head grouping (40/8, G = 5: 25 positions x 5 heads in 128
+    # rows, 8 warps), bf16, as section 4's GQA rows run it: a prefill and a decode step.
+    for name, Tq, Sk, chunk in (("prefill", 192, 192, 64), ("decode", 1, 320, None)):
+        qkv = (S((2, Tq, 40, d), jnp.bfloat16), S((2, Sk, 8, d), jnp.bfloat16), S((2, Sk, 8, d), jnp.bfloat16))
+
+        def gqa(qkv=qkv, Tq=Tq, Sk=Sk, chunk=chunk):
+            return ex(attention_fns("pallas", chunk)[0], *qkv, S((2, Tq), jnp.int32), S((2, Sk), jnp.int32))
+
+        progs.append((f"attention pallas gqa5 {name} bf16 forward", gqa))
 
     # MoE implementations, forward and gradient; `ep` on an expert=2 mesh.
     E, D, F = 4, 64, 96

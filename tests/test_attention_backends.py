@@ -97,6 +97,147 @@ def test_decode_against_cache(impl):
         np.testing.assert_allclose(out, ref, atol=TOL, rtol=0)
 
 
+# ---- the Pallas kernel's GQA query blocks -----------------------------------------------
+
+# (B, T, H, K, d, chunk, left_pad, block_q): GQA ratios G = 1, 3 (not a power of two), 4,
+# 5 with odd head dims (padded to 16 inside); block_q None = the default (as many
+# positions as fill 64 fp32 rows: 21 for G = 3, 12 for G = 5, so 63 / 60 of 64 rows);
+# explicit ones where G * block_q is not a power of two (3 * 8 = 24 -> 32, 4 * 5 = 20 ->
+# 32 padded rows) or is one (1 * 16).
+GQA_CASES = {
+    "g1_d9_global_leftpad": (1, 37, 3, 3, 9, None, (4,), 16),
+    "g3_d11_chunk8_leftpad": (2, 37, 6, 2, 11, 8, (0, 5), 8),
+    "g3_d12_chunk16_default": (1, 50, 3, 1, 12, 16, (), None),
+    "g4_d7_chunk16_block5": (2, 41, 8, 2, 7, 16, (3,), 5),
+    "g5_d13_chunk8_default": (1, 37, 10, 2, 13, 8, (), None),
+    "g5_d13_global_default": (2, 37, 5, 1, 13, None, (0, 6), None),
+}
+
+
+@functools.partial(jax.jit, static_argnames=("chunk_size", "block_q"))
+def run_pallas(q, k, v, q_pos, k_pos, chunk_size, block_q):
+    return pallas_flash.pallas_flash_attention(q, k, v, q_pos, k_pos, chunk_size=chunk_size, block_q=block_q,
+                                               block_k=16)
+
+
+@pytest.mark.parametrize("case", list(GQA_CASES))
+def test_pallas_gqa_blocks_equal_xla(case):
+    """Output equals xla and the lse equals blockwise's (ring attention merges by it),
+    for every G and row padding of GQA_CASES."""
+    B, T, H, K, d, chunk, pad, block_q = GQA_CASES[case]
+    q, k, v, qp, kp = make_inputs(B, T, T, H, K, d, left_pad=pad, seed=11)
+    out, lse = run_pallas(q, k, v, qp, kp, chunk, block_q)
+    m = valid_rows(qp, kp)
+    ref = xla_attention(q, k, v, qp, kp, chunk_size=chunk)
+    np.testing.assert_allclose(np.where(m, out, 0), np.where(m, ref, 0), atol=TOL, rtol=0)
+    _, lse_ref = bw.flash_attention(q, k, v, qp, kp, chunk_size=chunk, block_q=8, block_k=8)
+    np.testing.assert_allclose(np.where(m[..., 0], lse, 0), np.where(m[..., 0], lse_ref, 0), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["g3_d11_chunk8_leftpad", "g5_d13_global_default", "g3_t150_chunk64"])
+def test_pallas_gqa_gradients(case):
+    """jax.grad through the kernel's custom VJP equals the reference's. The backward
+    runs at blockwise's block sizes on inputs padded again to them: in g3_t150_chunk64
+    (150 tokens, chunk 64, so 64 x 64 backward tiles) the kernel pads T to 168 (bq 21)
+    and the backward to 192."""
+    B, T, H, K, d, chunk, pad, block_q = GQA_CASES.get(case, (1, 150, 3, 1, 11, 64, (7,), None))
+    q, k, v, qp, kp = make_inputs(B, T, T, H, K, d, left_pad=pad, seed=12)
+    m = valid_rows(qp, kp)
+    w = jnp.asarray(np.random.default_rng(13).normal(size=(B, T, H, d)), jnp.float32)
+
+    def loss(f, q, k, v):
+        return jnp.sum(jnp.where(m, f(q, k, v), 0) * w)
+
+    pallas = lambda q, k, v: run_pallas(q, k, v, qp, kp, chunk, block_q)[0]  # noqa: E731
+    ref = lambda q, k, v: xla_attention(q, k, v, qp, kp, chunk_size=chunk)  # noqa: E731
+    grads = jax.jit(jax.grad(functools.partial(loss, pallas), argnums=(0, 1, 2)))(q, k, v)
+    refs = jax.jit(jax.grad(functools.partial(loss, ref), argnums=(0, 1, 2)))(q, k, v)
+    for g, g_ref, name in zip(grads, refs, "qkv"):
+        np.testing.assert_allclose(g, g_ref, atol=GRAD_TOL, rtol=0, err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("H,K,d", [(6, 2, 11), (10, 2, 13)])
+def test_pallas_gqa_bf16(H, K, d):
+    """bf16, default blocks (128 rows: 42 positions x 3 heads, 25 x 5), G = 3 and 5:
+    within the bf16 tolerance of `test_bf16`."""
+    q, k, v, qp, kp = make_inputs(2, 61, 61, H, K, d, left_pad=(0, 9), seed=14)
+    m = valid_rows(qp, kp)
+    exact = xla_attention(q, k, v, qp, kp, chunk_size=16)
+    q16, k16, v16 = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    ref = xla_attention(q16, k16, v16, qp, kp, chunk_size=16).astype(jnp.float32)
+    assert pallas_flash.block_sizes(61, 61, H, K, 2)[::2] == ((42, 128) if H // K == 3 else (25, 128))
+    out = jax.jit(lambda *a: pallas_flash.pallas_flash_attention(*a, chunk_size=16)[0])(q16, k16, v16, qp, kp)
+    np.testing.assert_allclose(np.where(m, out, 0), np.where(m, ref, 0), atol=3e-2, rtol=0)
+    err_ref = float(jnp.max(jnp.abs(jnp.where(m, ref - exact, 0))))
+    err_out = float(jnp.max(jnp.abs(jnp.where(m, out - exact, 0))))
+    assert err_out <= 1.5 * err_ref + 1e-3, (err_out, err_ref)
+
+
+@pytest.mark.parametrize("H,K,d", [(6, 2, 11), (4, 4, 9)])
+def test_pallas_gqa_decode_against_cache(H, K, d):
+    """One new token per row (a program per KV head: G of 16 rows real) against a
+    chunked layer's ring buffer (slots out of position order, one empty) and a global
+    layer's half-filled cache, rows at different positions."""
+    q, k, v, _, _ = make_inputs(2, 1, 32, H, K, d, seed=15)
+    ring_pos = np.array([(32 + s) if s >= 5 else (48 + s) for s in range(16)] + [INVALID_POS] * 16)
+    ring_pos[3] = INVALID_POS
+    kp_ring = jnp.asarray(np.stack([ring_pos, ring_pos]), jnp.int32).at[1, 16].set(49)
+    qp_ring = jnp.asarray([[52], [49]], jnp.int32)  # row 0's token 52 sees 48..52 of the buffer
+    kp_glob = jnp.asarray(np.where(np.arange(32)[None] < np.array([[29], [17]]), np.arange(32), INVALID_POS),
+                          jnp.int32)
+    qp_glob = jnp.asarray([[28], [16]], jnp.int32)
+    for chunk, qpos, kpos in ((16, qp_ring, kp_ring), (None, qp_glob, kp_glob)):
+        out = run_pallas(q, k, v, qpos, kpos, chunk, None)[0]
+        np.testing.assert_allclose(out, xla_attention(q, k, v, qpos, kpos, chunk_size=chunk), atol=TOL, rtol=0)
+
+
+def _sub_jaxprs(eqn):
+    import jax.extend.core
+
+    return jax.extend.core.jaxprs_in_params(eqn.params)
+
+
+def _pallas_calls(jaxpr):
+    """The pallas_call equations of a jaxpr, looking inside nested jaxprs."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            yield eqn
+        for sub in _sub_jaxprs(eqn):
+            yield from _pallas_calls(sub)
+
+
+def _loads(jaxpr, depth=0):
+    """[(shape, loop depth)] of every ref load in a kernel jaxpr, nested ones included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("get", "load"):
+            found.append((tuple(eqn.invars[0].aval.shape), depth))
+        for sub in _sub_jaxprs(eqn):
+            found += _loads(sub, depth + (eqn.primitive.name == "while"))
+    return found
+
+
+@pytest.mark.parametrize("H,K", [(10, 2), (6, 2), (8, 8)])
+def test_pallas_reads_each_kv_block_once_per_query_block(H, K):
+    """The grid has one program per (batch row, KV head, query block), not per query
+    head; its q tile holds the G heads' rows (G * bq, padded to a power of two); and the
+    kernel loads the K and V refs once each, inside the loop over the key blocks of the
+    plan. So a K/V block is read once per query block for all G heads: B * K * sum(cnt)
+    K tiles in all (cnt from `blockwise.block_plan`), a G-th of the B * H * sum(cnt) of a
+    kernel with one program per query head."""
+    B, T, S, d, bq, bk = 2, 37, 40, 12, 8, 16
+    q, k, v, qp, kp = make_inputs(B, T, S, H, K, d)
+    f = lambda *a: pallas_flash.pallas_flash_attention(*a, chunk_size=8, block_q=bq, block_k=bk)  # noqa: E731
+    (eqn,) = list(_pallas_calls(jax.make_jaxpr(f)(q, k, v, qp, kp).jaxpr))
+    n_q, S_pad, rows = -(-T // bq), -(-S // bk) * bk, pallas_flash._pow2(H // K * bq)
+    assert tuple(eqn.params["grid_mapping"].grid) == (B, K, n_q)
+    loads = _loads(eqn.params["jaxpr"])
+    assert ((rows, 16), 0) in loads  # the q tile: G heads x bq positions (+ padding) x d padded to 16
+    kv = [depth for shape, depth in loads if shape == (S_pad, 16)]
+    assert kv == [1, 1], loads  # K and V, one load each per step of the key-block loop
+    assert ((n_q,), 0) in loads  # the loop's trip count: the plan's cnt[i] for the program's query block
+
+
 def test_auto_backend_on_a_long_cache():
     """`auto` picks blockwise for a one-token decode against 1100 cache slots (> XLA_MAX_LEN),
     700 filled: equal to xla (empty blocks are skipped, not miscounted)."""
@@ -214,10 +355,13 @@ def test_registered_and_default():
 def test_pallas_lowers_for_cuda(chunk):
     """The Pallas kernel (interpret=False) lowers for `cuda` on this CPU host, in the
     configurations the model uses: the tiny test shapes (GQA ratio 5, head dim 14
-    padded to 16) in fp32, prefill and a one-token decode, and Scout's attention shape
-    (40 heads on 8 KV heads of 128, bf16, a length that is not a power of two)."""
+    padded to 16) in fp32, prefill and a one-token decode; GQA ratio 3 with head dim 11
+    (rows 3 x 21 padded to 64); and Scout's attention shape (40 heads on 8 KV heads of
+    128, bf16: 5 x 25 of 128 rows, 8 warps), prefill at a length that is not a power of
+    two and a one-token decode (5 of 16 rows)."""
     for T, S, H, K, d, dtype in ((37, 37, 5, 1, 14, jnp.float32), (1, 40, 5, 1, 14, jnp.float32),
-                                 (192, 192, 40, 8, 128, jnp.bfloat16)):
+                                 (50, 50, 6, 2, 11, jnp.float32), (192, 192, 40, 8, 128, jnp.bfloat16),
+                                 (1, 300, 40, 8, 128, jnp.bfloat16)):
         q, k, v, qp, kp = make_inputs(1, T, S, H, K, d, dtype=dtype)
         f = lambda *a: pallas_flash.pallas_flash_attention(*a, chunk_size=chunk, interpret=False)  # noqa: E731
         exp = pallas_flash.lower_for_cuda(f, q, k, v, qp, kp)

@@ -145,6 +145,8 @@ def test_forward_and_cached_decode_equal_xla(mesh):
     step = jax.jit(step, static_argnums=0)
     pos, valid = positions_from_mask(mask)
     _, cache = step("xla", params, ids[:, :124], pos[:, :124], valid[:, :124], init_cache(MODEL_CFG, 2, 128))
-    cache = jax.device_put(cache, NamedSharding(mesh, P(None, None, "seq")))
+    slot_axis = {"k": 4, "v": 3, "pos": 2}  # cache.py: k [G, B, K, d, S], v [G, B, K, S, d], pos [G, B, S]
+    cache = {name: {leaf: jax.device_put(x, NamedSharding(mesh, P(*[None] * slot_axis[leaf], "seq")))
+                    for leaf, x in entry.items()} for name, entry in cache.items()}
     logits, _ = step("ring_blockwise", params, ids[:, 124:], pos[:, 124:], valid[:, 124:], cache)
     np.testing.assert_allclose(logits, ref[:, 124:], atol=2e-5, rtol=0)
