@@ -30,6 +30,7 @@ import jax
 import numpy as np
 
 from . import quant, sharding
+from .generate import default_prefill_chunk
 
 GiB = 1 << 30
 # the float dtypes parameters are stored in
@@ -192,7 +193,9 @@ def plan(config, mesh, *, rules=None, weight_format: str = "bf16", quantize=None
     _float_dtype(weight_format)
     fmt = quant.as_format(quantize, group_size)
     kv_format = kv_format or weight_format
-    chunk = min(max_len, prefill_chunk or 8192)
+    # The piece `generate` prefills in (the attention chunk by default), so the
+    # activation estimate describes the prefill that runs.
+    chunk = min(max_len, prefill_chunk or default_prefill_chunk(config))
     total, parts = weight_bytes(config, mesh, rules=rules, weight_format=weight_format, quantize=fmt)
     kv = dict(rules=rules, batch=batch, max_len=max_len, kv_format=kv_format)
     return Plan(
@@ -256,7 +259,7 @@ def add_arguments(parser) -> None:
                         help="KV cache format (default: the weight dtype)")
     parser.add_argument("--max-len", type=int, default=8192, help="tokens per row the KV cache holds")
     parser.add_argument("--batch", type=int, default=1, help="rows decoded together")
-    parser.add_argument("--prefill-chunk", type=int, default=None, help="tokens per prefill step (default 8192)")
+    parser.add_argument("--prefill-chunk", type=int, default=None, help="tokens per prefill piece (default: what generate uses, the attention chunk)")
     parser.add_argument("--device-memory", type=float, default=80.0, help="GiB of memory per device")
     parser.add_argument("--text-only", action="store_true", help="leave out the vision tower")
 
