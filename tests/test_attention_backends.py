@@ -20,6 +20,7 @@ from llama4_jax.kernels import default_attention_impl, pallas_flash
 from llama4_jax.model.attention import INVALID_POS, attend, backends, xla_attention
 from llama4_jax.model.text import abstract_params, forward
 from tests.hf_models import TEXT
+from tests.lowering import lower_for_tpu_or_skip
 
 TOL = 2e-6
 GRAD_TOL = 2e-5
@@ -548,19 +549,11 @@ def test_splash_lowers_for_tpu(chunk):
     bf16, 192 tokens padded to a 256-token block), forward and gradient, with the
     positions check and the fallback beside it. Mosaic's own compile of the kernel needs
     a TPU and is not checked here."""
-    from llama4_jax.kernels import platform
-
     q, k, v, qp, kp = make_inputs(1, 192, 192, 40, 8, 128, dtype=jnp.bfloat16)
     f = lambda q, k, v, qp, kp: attend(q, k, v, qp, kp, chunk_size=chunk, impl="splash")  # noqa: E731
     g = jax.grad(lambda q, k, v, qp, kp: f(q, k, v, qp, kp).astype(jnp.float32).sum(), argnums=(0, 1, 2))
     for fn, kernels in ((f, ("splash_mha_fwd",)), (g, ("splash_mha_fwd", "splash_mha_dkv", "splash_mha_dq"))):
-        try:
-            exp = platform.lower_for_tpu(fn, q, k, v, qp, kp)
-        except Exception as e:  # noqa: BLE001
-            reason = platform.tpu_lowering_unsupported(e)
-            if reason:
-                pytest.skip(f"cannot lower for tpu without a chip: {reason}")
-            raise
+        exp = lower_for_tpu_or_skip(fn, q, k, v, qp, kp)
         module = exp.mlir_module()
         assert exp.platforms == ("tpu",) and "tpu_custom_call" in module
         for name in kernels:

@@ -15,6 +15,7 @@ import pytest
 import llama4_jax
 from llama4_jax.config import PRESETS, Llama4Config
 from llama4_jax.model import moe
+from tests.lowering import lower_for_tpu_or_skip
 
 E, D, F = 9, 21, 13
 STRATEGIES = ("ragged", "ragged_dot", "blocked", "rowwise", "gmm")  # gmm: megablox, interpret mode here
@@ -181,8 +182,6 @@ def test_gmm_lowers_for_tpu(k):
     """`ragged` traced as for a TPU is megablox `gmm` compiled (not interpreted) and lowers
     for `tpu` on this CPU host, forward and gradient, in bf16 at Scout-like widths. Mosaic's
     own compile of the kernel needs a TPU and is not checked here."""
-    from llama4_jax.kernels import platform
-
     S = jax.ShapeDtypeStruct
     E_, D_, F_ = 16, 512, 1024
     w = {"gate": S((E_, D_, F_), jnp.bfloat16), "up": S((E_, D_, F_), jnp.bfloat16),
@@ -190,13 +189,7 @@ def test_gmm_lowers_for_tpu(k):
     args = (S((64, D_), jnp.bfloat16), w, S((64, k), jnp.int32), S((64, k), jnp.bfloat16))
     grad = jax.grad(lambda h, w, i, s: moe.ragged_moe(h, w, i, s).astype(jnp.float32).sum(), argnums=(0, 1, 3))
     for fn in (moe.ragged_moe, grad):
-        try:
-            exp = platform.lower_for_tpu(fn, *args)
-        except Exception as e:  # noqa: BLE001
-            reason = platform.tpu_lowering_unsupported(e)
-            if reason:
-                pytest.skip(f"cannot lower for tpu without a chip: {reason}")
-            raise
+        exp = lower_for_tpu_or_skip(fn, *args)
         module = exp.mlir_module()
         assert exp.platforms == ("tpu",) and "tpu_custom_call" in module and "gmm_experts" in module
 

@@ -24,6 +24,7 @@ from llama4_jax.model.moe import dense_moe
 from llama4_jax.model.moe_ep import ep_moe
 from llama4_jax.model.text import abstract_params, forward
 from tests.hf_models import TEXT
+from tests.lowering import lower_for_tpu_or_skip
 
 ATOL = 5e-5  # whole model, see the module docstring
 MOE_ATOL = 1e-5  # one MoE layer, O(1) values
@@ -401,14 +402,8 @@ def test_ep_ragged_all_to_all_lowers_for_gpu_and_tpu(spec):
                 with platform.tracing_for("cuda"):
                     exp = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*args)
             else:
-                try:
-                    exp = platform.lower_for_tpu(fn, *args, axes=dict(zip(mesh.axis_names, mesh.axis_sizes)),
-                                                 disabled_checks=checks)
-                except Exception as e:  # noqa: BLE001
-                    reason = platform.tpu_lowering_unsupported(e)
-                    if reason:
-                        pytest.skip(f"cannot lower for tpu without a chip: {reason}")
-                    raise
+                exp = lower_for_tpu_or_skip(fn, *args, axes=dict(zip(mesh.axis_names, mesh.axis_sizes)),
+                                            disabled_checks=checks)
             module = exp.mlir_module()
             assert exp.platforms == (target,) and "ragged_all_to_all" in module, (target, fn)
             if fn is fwd:
