@@ -226,11 +226,19 @@ def sample(logits, temperature, top_k, top_p, min_p, seeds, step):
     )
     cutoff = jnp.where(filtered, cutoff, -jnp.inf)
     step = jnp.broadcast_to(jnp.asarray(step, jnp.int32), (B,))
-    keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(seeds.astype(jnp.uint32), step)
-    gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (V,), jnp.float32))(keys)
-    # Gumbel-max: argmax(logits/T + g) is a sample of softmax(logits/T).
-    noisy = jnp.where(scaled >= cutoff[:, None], scaled + gumbel, -jnp.inf)
-    tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), jnp.argmax(noisy, axis=-1)).astype(jnp.int32)
+
+    def drawn():
+        keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(seeds.astype(jnp.uint32), step)
+        gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (V,), jnp.float32))(keys)
+        # Gumbel-max: argmax(logits/T + g) is a sample of softmax(logits/T).
+        noisy = jnp.where(scaled >= cutoff[:, None], scaled + gumbel, -jnp.inf)
+        return jnp.argmax(noisy, axis=-1).astype(jnp.int32)
+
+    # The noise (V random draws per row) costs more than the rest of a small model's
+    # step: draw it only when some row samples. A row's draw does not depend on the
+    # others, so skipping it for an all-greedy batch changes no token.
+    sampled = jax.lax.cond(jnp.any(~greedy), drawn, lambda: jnp.zeros((B,), jnp.int32))
+    tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
     logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
     return tokens, logprobs
 
