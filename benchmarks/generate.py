@@ -5,6 +5,7 @@
     python benchmarks/generate.py --part roofline --roofline-layers 16
     python benchmarks/generate.py --part context --contexts 100,4096,16384,65536
     python benchmarks/generate.py --part prefill-1m
+    python benchmarks/generate.py --part mixed --mixed-prompts 256
 
 1. `batch`: a Scout-shaped model (every layer MoE, 16 experts, top-1, shared expert,
    QK norm, chunk 8192, llama3 RoPE scaling; hidden 256, 8 layers, experts of 512,
@@ -28,6 +29,17 @@
    cache slots: every layer's keys, values and positions) divided by the read
    bandwidth of both cores (`read_bandwidth`: one thread per core OR-reducing its half
    of a 1 GiB array; a single-threaded copy understates it).
+5. `mixed`: an offline workload on the `batch` part's model: `--mixed-prompts` prompts
+   (seeded) with lengths drawn uniformly from 16..2048 and `max_new_tokens` from
+   8..256, greedy, stop tokens off, 8 slots / rows per batch. Three ways, each in its
+   own process, one timed run after an untimed warm-up run over the first 16 prompts
+   (which compiles what it can): our continuous batching (one `generate` call over
+   all prompts); our static batching (one `generate` call per consecutive batch of 8
+   prompts, so a batch waits for its longest row, as a static loop does); transformers
+   `generate` on the same consecutive batches, left-padded, each batch run to its
+   longest budget (`max_new_tokens`, `min_new_tokens`) and credited only each row's own
+   budget. Reported: generated tokens/s (the sum of the budgets over wall time) and
+   the ratios.
 4. `prefill-1m`: a 1,048,576-token prompt prefilled in 8192-token pieces on a tiny
    model (4 layers: 3 chunked RoPE layers, 1 global NoPE layer; hidden 64, one KV head
    of 16): wall time, and the process's peak RSS against the bytes of its KV cache.
@@ -192,7 +204,6 @@ def weight_copies(hlo: str, min_bytes: int) -> list[str]:
 
 def roofline(layers: int, new_tokens: int) -> dict:
     import jax
-    import jax.numpy as jnp
 
     import llama4_jax
     from llama4_jax import engine
@@ -276,6 +287,65 @@ def context_decode(contexts: list[int], new: int) -> dict:
             "peak_rss_mib": peak_rss_mib()}
 
 
+def mixed_workload(n: int, vocab: int) -> tuple[list[list[int]], list[int]]:
+    rng = np.random.default_rng(1234)
+    lens = rng.integers(16, 2049, n)
+    return [rng.integers(3, vocab, k).tolist() for k in lens], rng.integers(8, 257, n).tolist()
+
+
+def mixed_ours(path: str, n: int, static: bool) -> dict:
+    import llama4_jax
+    from llama4_jax import engine
+
+    config, params = llama4_jax.load(path, dtype="float32")
+    config = config.replace_text(eos_token_id=())
+    P, budgets = mixed_workload(n, config.text.vocab_size)
+
+    def run(P, budgets):
+        if not static:
+            return llama4_jax.generate(config, params, P, max_new_tokens=budgets, batch_size=BATCH,
+                                       return_stats=True)[1]
+        stats = []
+        for i in range(0, len(P), BATCH):
+            stats.append(llama4_jax.generate(config, params, P[i:i + BATCH], max_new_tokens=budgets[i:i + BATCH],
+                                             batch_size=BATCH, return_stats=True)[1])
+        return stats
+
+    run(P[:16], budgets[:16])  # warm-up
+    t0 = time.perf_counter()
+    st = run(P, budgets)
+    wall = time.perf_counter() - t0
+    sts = st if static else [st]
+    return {"wall_s": wall, "generated": int(sum(budgets)), "compile_s": sum(x.compile_s for x in sts),
+            "decode_steps": sum(x.decode_steps for x in sts), "peak_rss_mib": peak_rss_mib(),
+            "prefill_s": sum(x.prefill_s for x in sts), "decode_s": sum(x.decode_s for x in sts),
+            "compilations": len(engine.COMPILED)}
+
+
+def mixed_hf(path: str, n: int) -> dict:
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    P, budgets = mixed_workload(n, model.config.vocab_size)
+
+    def run(P, budgets):
+        for i in range(0, len(P), BATCH):
+            rows, new = P[i:i + BATCH], max(budgets[i:i + BATCH])
+            T = max(len(r) for r in rows)
+            ids = torch.tensor([[0] * (T - len(r)) + r for r in rows])
+            mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
+            with torch.inference_mode():
+                model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new,
+                               min_new_tokens=new, pad_token_id=0)
+
+    run(P[:16], budgets[:16])
+    t0 = time.perf_counter()
+    run(P, budgets)
+    return {"wall_s": time.perf_counter() - t0, "generated": int(sum(budgets)), "peak_rss_mib": peak_rss_mib(),
+            "threads": torch.get_num_threads()}
+
+
 def tiny_1m():
     from llama4_jax.config import Llama4Config, TextConfig
 
@@ -309,7 +379,8 @@ def prefill_1m(tokens: int) -> dict:
 def child(part: str, args, *extra) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", part, *extra, "--repeats", str(args.repeats),
            "--roofline-layers", str(args.roofline_layers), "--roofline-new", str(args.roofline_new),
-           "--contexts", args.contexts, "--prefill-tokens", str(args.prefill_tokens)]
+           "--contexts", args.contexts, "--prefill-tokens", str(args.prefill_tokens),
+           "--mixed-prompts", str(args.mixed_prompts)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode:
         sys.stderr.write(res.stderr[-4000:])
@@ -319,7 +390,8 @@ def child(part: str, args, *extra) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=["batch", "roofline", "context", "prefill-1m", "all"], default="all")
+    ap.add_argument("--part", choices=["batch", "roofline", "context", "prefill-1m", "mixed", "all"], default="all")
+    ap.add_argument("--mixed-prompts", type=int, default=256, help="prompts of the mixed part")
     ap.add_argument("--contexts", default="100,4096,16384,65536", help="prompt lengths of the context part")
     ap.add_argument("--prefill-tokens", type=int, default=1 << 20, help="prompt length of the prefill-1m part")
     ap.add_argument("--repeats", type=int, default=3)
@@ -334,7 +406,10 @@ def main(argv=None) -> int:
               "hf": lambda: batch_hf(args.path, args.repeats),
               "roofline": lambda: roofline(args.roofline_layers, args.roofline_new),
               "context": lambda: context_decode([int(x) for x in args.contexts.split(",")], 33),
-              "prefill-1m": lambda: prefill_1m(args.prefill_tokens)}[args.child]
+              "prefill-1m": lambda: prefill_1m(args.prefill_tokens),
+              "mixed-continuous": lambda: mixed_ours(args.path, args.mixed_prompts, static=False),
+              "mixed-static": lambda: mixed_ours(args.path, args.mixed_prompts, static=True),
+              "mixed-hf": lambda: mixed_hf(args.path, args.mixed_prompts)}[args.child]
         print(json.dumps(fn()))
         return 0
 
@@ -375,6 +450,29 @@ def main(argv=None) -> int:
             print(f"{row['context']:9d}{row['step_s'] * 1e3:10.2f}{row['cache_bytes'] / 1e6:10.1f}"
                   f"{row['roofline_s'] * 1e3:13.2f}{row['step_s'] / row['roofline_s']:12.2f}{row['prefill_s']:11.1f}")
         print("targets: <= 1.5x the roofline at 64K; >= 70% of it (<= 1.43x) after 100 tokens")
+    if args.part in ("mixed", "all"):
+        with tempfile.TemporaryDirectory() as tmp:
+            child("build", args, "--path", tmp)
+            runs = {k: child(f"mixed-{k}", args, "--path", tmp) for k in ("continuous", "static", "hf")}
+        rate = {k: r["generated"] / r["wall_s"] for k, r in runs.items()}
+        print(f"\n[mixed] {args.mixed_prompts} prompts of 16..2048 tokens, 8..256 new tokens "
+              f"({runs['hf']['generated']} in all), batch 8, Scout-shaped fp32, greedy")
+        for k, label in (("continuous", "llama4_jax continuous"), ("static", "llama4_jax static"),
+                         ("hf", "transformers")):
+            r = runs[k]
+            extra = (f"prefill {r['prefill_s']:.1f} s, decode {r['decode_s']:.1f} s ({r['decode_steps']} steps), "
+                     f"compile {r['compile_s']:.1f} s; {r['compilations']} executables (warm-up included)"
+                     if "compile_s" in r
+                     else f"torch threads {r['threads']}")
+            print(f"{label:24s}{r['wall_s']:9.1f} s{rate[k]:9.1f} tok/s   peak RSS {r['peak_rss_mib']:.0f} MiB; {extra}")
+        print(f"continuous / static {rate['continuous'] / rate['static']:.2f}x (target >= 2x); continuous / "
+              f"transformers {rate['continuous'] / rate['hf']:.2f}x (target >= 8x)")
+        # The warm-up covers only the first prompts' shapes, so the timed runs still compile
+        # some (prompt bucket, rows) shapes; a long offline run compiles each once.
+        warm = {k: r["generated"] / (r["wall_s"] - r.get("compile_s", 0.0)) for k, r in runs.items()}
+        print(f"without the compilation in the timed runs: continuous {warm['continuous']:.1f} tok/s, static "
+              f"{warm['static']:.1f}: {warm['continuous'] / warm['static']:.2f}x static, "
+              f"{warm['continuous'] / warm['hf']:.2f}x transformers")
     if args.part in ("prefill-1m", "all"):
         r = child("prefill-1m", args)
         print(f"\n[prefill-1m] {r['tokens']:,}-token prompt, tiny model (4 layers, 1 global), 8192-token pieces: "
