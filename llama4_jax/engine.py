@@ -1,17 +1,25 @@
 """The jitted generation engine: prefill, decode, and the compile cache.
 
-    state = call_compiled(stats, prefill, params, ids, mask, samp, budget, stop_ids, pixel_values, **statics)
-    state = call_compiled(stats, insert, state, new_state, slots)
+    state = call_compiled(stats, empty_state(**statics))                  # B idle decode slots
+    new = call_compiled(stats, prefill, params, ids, mask, samp, budget, stop_ids, pixel_values, src, **statics)
+    state = call_compiled(stats, insert(state), state, new, slots, rows, cache_rows)
     state, steps = call_compiled(stats, decode, params, state, samp, budget, stop_ids, limit, **statics)
 
-`prefill` runs a left-padded batch of prompts into a fresh KV cache and samples each
-row's first token; `insert` writes such a state's rows into the decode slots of a
-running one (continuous batching); `decode` is one `lax.while_loop` that donates its
-state (cache included) and runs until a row finishes, every row is done, or a step
-limit. Each row keeps its own step (index of its next token), so a request's tokens and
-random stream do not depend on when it entered a slot. All are compiled ahead of time
-through `call_compiled`, which keeps the executables across calls and books the compile
-time apart from prefill and decode time (`GenerationStats`).
+`prefill` runs a left-padded batch of P prompts into a fresh KV cache and samples the
+first token of K sample rows (row k a sample of prompt src[k], with its own seed), so a
+prompt with n samples is run once; `insert` writes rows of such a state into the decode
+slots of a running one (continuous batching), each with its prompt's cache rows;
+`decode` is one `lax.while_loop` that donates its state (cache included) and runs
+until a row finishes, every row is done, or a step limit. Each row keeps its own step
+(index of its next token), so a request's tokens and random stream do not depend on
+when it entered a slot. All are compiled ahead of time through `call_compiled`, which
+keeps the executables across calls and books the compile time apart from prefill and
+decode time (`GenerationStats`).
+
+With `top_logprobs=k` (static) the state also holds the k most likely tokens and
+their log-probabilities per generated token ("top_ids", "top_lps" [B, N, k]); callers
+bucket k (`logprob_bucket`) and slice on the host, so requests asking for different k
+share one compilation.
 
 Shapes are kept few by buckets: prompt lengths round up to powers of two
 (`prompt_bucket`), new-token buffers to multiples of 16 (`new_token_bucket`).
@@ -32,9 +40,10 @@ from .cache import init_cache
 from .config import TextConfig
 from .model.text import TextModel, positions_from_mask
 from .sampling import sample
+from .sampling import top_logprobs as alternatives
 
-__all__ = ["GenerationStats", "prefill", "insert", "decode", "call_compiled", "to_host", "prompt_bucket",
-           "new_token_bucket", "unroll_decode", "COMPILED"]
+__all__ = ["GenerationStats", "empty_state", "prefill", "insert", "decode", "call_compiled", "to_host",
+           "prompt_bucket", "new_token_bucket", "logprob_bucket", "unroll_decode", "COMPILED"]
 
 MIN_BUCKET = 16  # smallest prompt-length bucket
 _UNROLL_MIN_BYTES = 32 << 20
@@ -81,26 +90,79 @@ def unroll_decode(params) -> bool:
     return jax.default_backend() == "cpu" and sum(x.nbytes for x in layers) >= _UNROLL_MIN_BYTES
 
 
-@functools.partial(jax.jit, static_argnames=("text", "max_len", "max_new", "attn_impl", "moe_impl", "kv_dtype",
-                                             "mm", "piece"))
-def prefill(params, ids, mask, samp, budget, stop_ids, pixel_values=None, *, text, max_len, max_new, attn_impl,
-            moe_impl, kv_dtype, mm=None, piece=None):
-    """Run the prompts [B, T] (left-padded, mask 0/1) and sample the first token.
-
-    samp: dict of per-row sampling arrays [B]; budget: int32 [B] tokens each row may
-    generate (>= 1 for real rows, 0 for filler rows). pixel_values: the tiles of the
-    batch's images in row order (padded with blank tiles to a bucket; only the first
-    ones are referenced by `<|patch|>` tokens), with `mm` the full config. piece: a
-    prompt longer than this is prefilled in pieces of `piece` tokens (chunked prefill),
-    each writing the cache the next one reads, so activations are bounded by the piece,
-    not the prompt. Returns the decode state.
-    """
-    B = ids.shape[0]
-    model = _model(text, params, attn_impl, moe_impl)
-    dtype = params["params"]["embed"].dtype
+def _new_cache(text: TextConfig, B: int, max_len: int, dtype, kv_dtype):
     cache = init_cache(text, B, max_len, dtype=dtype, kv_dtype=kv_dtype)
     if sharding.active() is not None:  # on a mesh: the cache is split like the rules say (batch, KV heads)
         cache = jax.lax.with_sharding_constraint(cache, sharding.cache_shardings(cache, *sharding.active()))
+    return cache
+
+
+def _rows(tok, lp, top, pos, done, stopped, max_new: int, top_k: int) -> dict:
+    """The per-row arrays of a decode state whose rows have made their first token."""
+    B = tok.shape[0]
+    rows = {
+        "tokens": jnp.zeros((B, max_new), jnp.int32).at[:, 0].set(tok),
+        "logprobs": jnp.zeros((B, max_new), jnp.float32).at[:, 0].set(lp),
+        "last": tok,
+        "pos": pos,  # position of the next input token
+        "step": jnp.ones((B,), jnp.int32),  # per row: index of the next token
+        "done": done,
+        "stopped": stopped,
+    }
+    if top_k:
+        rows["top_ids"] = jnp.zeros((B, max_new, top_k), jnp.int32).at[:, 0].set(top[0])
+        rows["top_lps"] = jnp.zeros((B, max_new, top_k), jnp.float32).at[:, 0].set(top[1])
+    return rows
+
+
+def _empty(text, batch, max_len, max_new, dtype, kv_dtype, top_logprobs):
+    zero = jnp.zeros((batch,), jnp.int32)
+    top = (jnp.zeros((batch, top_logprobs), jnp.int32), jnp.zeros((batch, top_logprobs), jnp.float32))
+    rows = _rows(zero, zero.astype(jnp.float32), top, zero, jnp.ones((batch,), bool), jnp.zeros((batch,), bool),
+                 max_new, top_logprobs)
+    return {**rows, "cache": init_cache(text, batch, max_len, dtype=dtype, kv_dtype=kv_dtype)}
+
+
+@functools.lru_cache(maxsize=None)
+def _empty_jit(ctx, *args):
+    build = functools.partial(_empty, *args)
+    if ctx is None:
+        return jax.jit(build)
+    return jax.jit(build, out_shardings=_state_shardings(jax.eval_shape(build), *ctx))
+
+
+def empty_state(*, text, batch, max_len, max_new, dtype, kv_dtype, top_logprobs=0):
+    """A jitted function of no arguments making a decode state of `batch` idle slots
+    (every row done, an empty cache) for `insert` to fill, split as the active mesh's
+    rules say. Its output shardings are given explicitly, so a state made on one mesh is
+    never reused on another (the function reads the mesh outside jax's trace cache)."""
+    return _empty_jit(sharding.active(), text, batch, max_len, max_new, jnp.dtype(dtype), kv_dtype, top_logprobs)
+
+
+@functools.partial(jax.jit, static_argnames=("text", "max_len", "max_new", "attn_impl", "moe_impl", "kv_dtype",
+                                             "mm", "piece", "top_logprobs"))
+def prefill(params, ids, mask, samp, budget, stop_ids, pixel_values=None, src=None, *, text, max_len, max_new,
+            attn_impl, moe_impl, kv_dtype, mm=None, piece=None, top_logprobs=0):
+    """Run the prompts [P, T] (left-padded, mask 0/1) and sample the first token of K rows.
+
+    samp: dict of per-row sampling arrays [K]; budget: int32 [K] tokens each row may
+    generate (>= 1 for real rows, 0 for filler rows). src: int32 [K], the prompt of
+    each row (several rows of one prompt are its samples, each drawing with its own
+    seed from the same logits); None means row k is prompt k (K = P). pixel_values: the
+    tiles of the batch's images in prompt order (padded with blank tiles to a bucket;
+    only the first ones are referenced by `<|patch|>` tokens), with `mm` the full
+    config. piece: a prompt longer than this is prefilled in pieces of `piece` tokens
+    (chunked prefill), each writing the cache the next one reads, so activations are
+    bounded by the piece, not the prompt. top_logprobs: also keep the k most likely
+    tokens of each generated token (static).
+
+    Returns a state of K rows whose cache holds the P prompts: row k's cache is cache
+    row src[k] (`insert` copies it into the row's slot). Without src it is a decode state.
+    """
+    P = ids.shape[0]
+    model = _model(text, params, attn_impl, moe_impl)
+    dtype = params["params"]["embed"].dtype
+    cache = _new_cache(text, P, max_len, dtype, kv_dtype)
     positions, valid = positions_from_mask(mask)
     embeds = None
     if pixel_values is not None:
@@ -113,37 +175,36 @@ def prefill(params, ids, mask, samp, budget, stop_ids, pixel_values=None, *, tex
             logits, cache, _ = model.apply(params, ids, positions, valid, cache, last_only=True, embeds=embeds)
         else:
             logits, cache = _prefill_pieces(model, params, ids, positions, valid, cache, embeds, piece)
-    tok, lp = sample(logits[:, 0], samp["temperature"], samp["top_k"], samp["top_p"], samp["min_p"],
-                     samp["seed"], 0)
+    logits, pos = logits[:, 0], jnp.sum(mask, axis=1).astype(jnp.int32)
+    if src is not None:
+        logits, pos = logits[src], pos[src]
+    tok, lp = sample(logits, samp["temperature"], samp["top_k"], samp["top_p"], samp["min_p"], samp["seed"], 0)
+    top = alternatives(logits, top_logprobs) if top_logprobs else None
     stopped = jnp.isin(tok, stop_ids) & (budget > 0)
-    return _pin({
-        "tokens": jnp.zeros((B, max_new), jnp.int32).at[:, 0].set(tok),
-        "logprobs": jnp.zeros((B, max_new), jnp.float32).at[:, 0].set(lp),
-        "last": tok,
-        "pos": jnp.sum(mask, axis=1).astype(jnp.int32),  # position of the next input token
-        "step": jnp.ones((B,), jnp.int32),  # per row: index of the next token
-        "done": stopped | (budget <= 1),
-        "stopped": stopped,
-        "cache": cache,
-    })
+    return _pin({**_rows(tok, lp, top, pos, stopped | (budget <= 1), stopped, max_new, top_logprobs),
+                 "cache": cache})
 
 
-def _pin(state):
-    """On a mesh: the decode state's per-row arrays split by batch and its cache as the
-    rules say, so prefill, insert and decode all return (and so take) one sharding."""
-    if sharding.active() is None:
-        return state
-    mesh, rules = sharding.active()
+def _state_shardings(state, mesh, rules):
+    """NamedShardings of a decode state (arrays or shapes): per-row arrays split by
+    batch, the cache as the rules say."""
     rules = sharding.default_rules(mesh) if rules is None else rules
 
     def row(x):
         spec, _ = rules.spec(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh, what="decode state")
-        return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
+        return jax.sharding.NamedSharding(mesh, spec)
 
     out = {k: row(v) for k, v in state.items() if k != "cache"}
-    out["cache"] = jax.lax.with_sharding_constraint(state["cache"], sharding.cache_shardings(state["cache"], mesh,
-                                                                                              rules))
+    out["cache"] = sharding.cache_shardings(state["cache"], mesh, rules)
     return out
+
+
+def _pin(state):
+    """On a mesh: the decode state split as `_state_shardings` says, so prefill, insert
+    and decode all return (and so take) one sharding."""
+    if sharding.active() is None:
+        return state
+    return jax.lax.with_sharding_constraint(state, _state_shardings(state, *sharding.active()))
 
 
 def _prefill_pieces(model, params, ids, positions, valid, cache, embeds, piece: int):
@@ -172,23 +233,38 @@ def _prefill_pieces(model, params, ids, positions, valid, cache, embeds, piece: 
     return logits[-1], cache
 
 
-@functools.partial(jax.jit, donate_argnums=(0,))
-def insert(state, new, slots):
-    """Write the rows of `new` (a prefill state of K rows) into `state` at `slots` [K].
+def _insert(state, new, slots, rows, cache_rows):
+    """Write rows `rows` [M] of `new` (a prefill state) into `state` at `slots` [M].
 
-    `state` is donated and updated in place: every cache leaf ([G, B, ...], batch on
-    axis 1) and every per-row array (tokens, logprobs, last, pos, step, done, stopped).
-    A slot index out of range (e.g. B) drops its row: filler rows of `new` go nowhere.
-    Both caches have the same length (the run's), so whole rows are replaced.
+    `state` is donated and updated in place: every per-row array (tokens, logprobs,
+    last, pos, step, done, stopped, top-k) from row rows[m] of `new`, and every cache
+    leaf ([G, B, S, ...], batch on axis 1) from cache row cache_rows[m] of `new` (the
+    row's prompt: one prefilled prompt fills the slots of all its samples). A slot
+    index out of range (e.g. B) drops its row: padding goes nowhere. Both caches have
+    the same length (the run's), so whole rows are replaced.
     """
-    def put(axis):
+    def put(axis, idx):
         def one(big, small):
-            idx = (slice(None),) * axis + (slots,)
-            return big.at[idx].set(small, mode="drop")
+            where = (slice(None),) * axis + (slots,)
+            return big.at[where].set(jnp.take(small, idx, axis=axis), mode="drop")
         return one
 
-    rows = {k: jax.tree_util.tree_map(put(0), state[k], new[k]) for k in state if k != "cache"}
-    return _pin({**rows, "cache": jax.tree_util.tree_map(put(1), state["cache"], new["cache"])})
+    out = {k: jax.tree_util.tree_map(put(0, rows), state[k], new[k]) for k in state if k != "cache"}
+    return {**out, "cache": jax.tree_util.tree_map(put(1, cache_rows), state["cache"], new["cache"])}
+
+
+@functools.lru_cache(maxsize=None)
+def _insert_jit(treedef, shardings):
+    return jax.jit(_insert, donate_argnums=(0,), out_shardings=jax.tree_util.tree_unflatten(treedef, shardings))
+
+
+def insert(state):
+    """The jitted `_insert` for a running `state`: it returns its state with the
+    shardings it took (given explicitly: on a mesh spanning several processes jax could
+    not recover them from the compiled gather-and-scatter). Use it as
+    `call_compiled(stats, insert(state), state, new, slots, rows, cache_rows)`."""
+    leaves, treedef = jax.tree_util.tree_flatten(state)
+    return _insert_jit(treedef, tuple(x.sharding for x in leaves))
 
 
 @functools.partial(jax.jit, static_argnames=("text", "attn_impl", "moe_impl", "scan_layers"), donate_argnums=(1,))
@@ -204,6 +280,7 @@ def decode(params, state, samp, budget, stop_ids, limit, *, text, attn_impl, moe
     """
     model = _model(text, params, attn_impl, moe_impl, scan_layers)
     B, N = state["tokens"].shape
+    top_k = state["top_ids"].shape[-1] if "top_ids" in state else 0
     done0 = state["done"]
 
     def cond(c):
@@ -223,7 +300,7 @@ def decode(params, state, samp, budget, stop_ids, limit, *, text, attn_impl, moe
             col = jnp.where(s["done"], N, s["step"])  # done rows write nowhere (dropped)
             rows = jnp.arange(B)
             step = s["step"] + live
-            return {
+            out = {
                 "tokens": s["tokens"].at[rows, col].set(tok, mode="drop"),
                 "logprobs": s["logprobs"].at[rows, col].set(lp, mode="drop"),
                 "last": tok,
@@ -232,7 +309,12 @@ def decode(params, state, samp, budget, stop_ids, limit, *, text, attn_impl, moe
                 "done": s["done"] | new_stop | (step >= budget),
                 "stopped": s["stopped"] | new_stop,
                 "cache": cache,
-            }, n + 1
+            }
+            if top_k:
+                ids, lps = alternatives(logits[:, 0], top_k)
+                out["top_ids"] = s["top_ids"].at[rows, col].set(ids, mode="drop")
+                out["top_lps"] = s["top_lps"].at[rows, col].set(lps, mode="drop")
+            return out, n + 1
 
     state, n = jax.lax.while_loop(cond, body, (state, jnp.int32(0)))
     return _pin(state), n
@@ -273,3 +355,10 @@ def prompt_bucket(n: int, cap: int) -> int:
 def new_token_bucket(n: int) -> int:
     """Size of the new-token buffer: n rounded up to a multiple of 16 (few shapes, little waste)."""
     return -(-n // 16) * 16
+
+
+def logprob_bucket(k: int, vocab_size: int) -> int:
+    """Alternatives computed per token when requests ask for at most k: 0 for none, else
+    the next power of two >= max(k, 4), at most the vocabulary (so k = 1..4 share one
+    compilation, 5..8 the next, ...)."""
+    return 0 if k <= 0 else min(vocab_size, max(4, 1 << (k - 1).bit_length()))

@@ -4,6 +4,8 @@
                                       tokenizer=tok, sampling=TopP(0.9, temperature=0.7), seed=1)
     completions[0].text, completions[0].token_ids, completions[0].finish_reason
     completions, stats = llama4_jax.generate(..., return_stats=True)   # GenerationStats
+    samples = llama4_jax.generate(..., n=4, sampling=TopP(0.9))      # samples[i][j]: sample j of prompt i
+    completions = llama4_jax.generate(..., logprobs=5)                # .logprobs and .top_logprobs (5 per token)
 
 The run itself lives in `scheduler` (batching, stop strings) over `engine` (the jitted
 prefill and decode); prompts and images are rendered by `prompts`; the
@@ -19,7 +21,7 @@ from .config import Llama4Config, TextConfig
 from .engine import GenerationStats
 from .prompts import DEFAULT_MAX_IMAGE_PIXELS, render_images
 from .sampling import SamplingMethod, resolve, with_seed
-from .scheduler import Completion, Request, check_request, context_length, run_requests
+from .scheduler import Completion, Request, check_logprobs, check_n, check_request, context_length, run_requests
 
 __all__ = ["generate", "Completion", "GenerationStats", "DEFAULT_MODEL", "DEFAULT_MAX_NEW_TOKENS"]
 
@@ -55,7 +57,8 @@ def generate(
     batch_size: int = 8,
     stop: str | Sequence[str] | None = None,
     stop_token_ids: Sequence[int] | None = None,
-    logprobs: bool = False,
+    logprobs: bool | int | Sequence[bool | int] = False,
+    n: int | Sequence[int] = 1,
     max_model_len: int | None = None,
     kv_dtype: str | None = None,
     attention_impl: str = "auto",
@@ -69,7 +72,8 @@ def generate(
     rules=None,
     return_stats: bool = False,
 ):
-    """Complete a list of prompts; one `Completion` per prompt, in input order.
+    """Complete a list of prompts; one `Completion` per prompt, in input order (with
+    `n`: a list of completions per prompt).
 
     Args:
       config, params: from `llama4_jax.load` (or `init_params`).
@@ -84,13 +88,30 @@ def generate(
       seed: the run's seed: a method without its own seed (the default) samples prompt
         i with `sampling.derive_seed(seed, i)`, so prompts sharing a method draw
         differently and the same call draws the same again.
+      n: samples per prompt, one int or one per prompt (>= 1). Each sample is a request
+        of its own, drawing with its own seed (`sampling.sample_seed(s, j)` for sample j
+        of a prompt whose seed is s: s itself for sample 0, so sample 0 is the n = 1
+        completion); the samples of a prompt differ under temperature > 0, are equal
+        under greedy, and do not depend on batch size or slots. The prompt is
+        prefilled once for up to `batch_size` of its samples. Return value: with the
+        default int 1 a flat list, one `Completion` per prompt, as without `n`; with
+        an int > 1 or a list (even of 1s) a list per prompt of its samples,
+        `out[i][j]` (`Completion.sample` == j), like vLLM's `outputs[i].outputs[j]`
+        (pass `n=[k] * len(prompts)` for one structure whatever k).
       max_new_tokens: most tokens generated per prompt (also capped by the context):
         one int for every prompt or one per prompt.
       batch_size: decode slots (continuous batching: a finished row's slot is refilled
         from the queue; memory ~ weights + batch * (longest prompt + new) KV cache).
       stop: stop string(s): generation ends once the text contains one; it is cut off.
       stop_token_ids: extra stop tokens, added to the config's eos ids.
-      logprobs: also return each generated token's log-probability.
+      logprobs: False (none), True or 0 (`Completion.logprobs`: each generated
+        token's log-probability), or an int k >= 1 (also `Completion.top_logprobs`: the
+        k most likely tokens at each step as (id, log-probability)); one value or one
+        per prompt. Both are of the model's distribution, fp32 log_softmax of the logits
+        before temperature and the top-k/top-p/min-p filters (as vLLM's default), so
+        the chosen token's value equals its entry among the alternatives. k is computed
+        inside the decode step, rounded up to a bucket (4, 8, 16, ...) for the whole
+        run and sliced per prompt, so mixed k share one compilation.
       max_model_len: context limit (default max_position_embeddings).
       kv_dtype: None (model dtype), "bfloat16", "float32" or "int8" (quantised cache).
       attention_impl, moe_impl: backends (see `model.attention.backends()`, `model.moe.moe_impls()`);
@@ -131,21 +152,26 @@ def generate(
         raise ValueError(f"prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
     samplings = [resolve(s) for s in _per_prompt(sampling, len(prompts), "sampling")]
     budgets = _per_prompt(max_new_tokens, len(prompts), "max_new_tokens")
+    counts = [check_n(k) for k in _per_prompt(n, len(prompts), "n")]
+    lp = [check_logprobs(k, config.text.vocab_size) for k in _per_prompt(logprobs, len(prompts), "logprobs")]
     stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
     if any(not isinstance(s, str) or not s for s in stops):
         raise ValueError(f"stop must be non-empty strings, got {stops!r}")
     if images is not None and len(images) != len(prompts):
         raise ValueError(f"images has {len(images)} entries for {len(prompts)} prompts")
     requests = []
-    for i, (p, s, n) in enumerate(zip(prompts, samplings, budgets)):
+    for i, (p, s, m) in enumerate(zip(prompts, samplings, budgets)):
         ids, px = render_images(p, images[i] if images is not None else None, tokenizer, config, f"prompt {i}",
                                 max_images_per_prompt, image_processor, max_image_pixels)
-        r = Request(ids, with_seed(s, seed, i), n, stops, px)
+        r = Request(ids, with_seed(s, seed, i), m, stops, px, samples=range(counts[i]), logprobs=lp[i])
         check_request(r, f"prompt {i}", config.text.vocab_size, ctx)
         requests.append(r)
     stop_ids = set(config.text.eos_token_id) | set(stop_token_ids or ())
     completions, stats = run_requests(config, params, requests, tokenizer=tokenizer, stop_token_ids=stop_ids,
-                                      batch_size=batch_size, max_model_len=ctx, logprobs=logprobs, kv_dtype=kv_dtype,
+                                      batch_size=batch_size, max_model_len=ctx, kv_dtype=kv_dtype,
                                       attention_impl=attention_impl, moe_impl=moe_impl, prefill_chunk=prefill_chunk,
                                       mesh=mesh, rules=rules)
+    if not (isinstance(n, int) and n == 1):  # one list per prompt, its samples in order
+        flat = iter(completions)
+        completions = [[next(flat) for _ in range(k)] for k in counts]
     return (completions, stats) if return_stats else completions

@@ -13,10 +13,13 @@ Files are handled so that a long run loses at most the prompts in flight:
     second reads `--queue-size` requests at a time, renders their images, and runs
     them. A file need not fit in memory;
   * each completion is appended to the output as soon as it is done, one JSON object
-    per line with its `id`, flushed, so the file is valid JSONL at any moment (in the
-    order completions finish, not the input order);
-  * `--resume` skips the ids already in the output and appends the rest; a truncated
-    last line (a run killed mid-write) is dropped and redone;
+    per line with its `id` and `sample` (0 .. n - 1: a line with `"n": 3` gives three
+    records), flushed, so the file is valid JSONL at any moment (in the order
+    completions finish, not the input order);
+  * `--resume` skips the (id, sample) pairs already in the output and appends the rest
+    (a sample draws with a seed derived from its id and index, so a resumed line gives
+    the samples an uninterrupted run would); a truncated last line (a run killed
+    mid-write) is dropped and redone;
   * SIGTERM or Ctrl-C stops the run after the line being written: the output holds
     every finished prompt, and `--resume` completes it.
 The output is created with the process's umask, as any file the user writes.
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import json
 import os
 import re
@@ -42,13 +46,13 @@ from . import distributed, safety
 from .generate import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MODEL, default_prefill_chunk
 from .prompts import DEFAULT_MAX_IMAGE_PIXELS, check_image_file, image_processor_for, render, render_images
 from .sampling import Sampling, with_seed
-from .scheduler import Request, check_request, context_length, run_requests
+from .scheduler import Request, check_logprobs, check_n, check_request, context_length, run_requests
 
 __all__ = ["add_arguments", "run"]
 
 PROG = "llama4-jax generate"
 _LINE_KEYS = {"id", "prompt", "messages", "images", "temperature", "top_p", "top_k", "min_p", "seed",
-              "max_new_tokens", "stop"}
+              "max_new_tokens", "stop", "n", "logprobs"}
 _SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "seed")
 
 
@@ -71,9 +75,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--input", required=True,
                         help='JSONL, one request per line: {"id": ..., "prompt": "..."} or {"id": ..., '
                              '"messages": [...]}, optionally with "images" (paths, relative to the file\'s '
-                             "directory), temperature, top_p, top_k, min_p, seed, max_new_tokens, stop")
+                             "directory), temperature, top_p, top_k, min_p, seed, max_new_tokens, stop, n, logprobs")
     parser.add_argument("--output", required=True,
-                        help="JSONL of completions, one line per request with its id, written as each finishes")
+                        help="JSONL of completions, one line per sample with its id and sample index, written as "
+                             "each finishes")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     mode.add_argument("--resume", action="store_true",
@@ -91,7 +96,14 @@ def add_arguments(parser) -> None:
                         help="the run's seed: a request without its own seed samples with one derived from this "
                              "and its id")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    parser.add_argument("--logprobs", action="store_true", help="write the log-probability of each token")
+    parser.add_argument("--n", type=int, default=1, metavar="N",
+                        help='samples per request (a line\'s "n" overrides it); each sample is its own output record '
+                             '("sample": 0 .. N-1) with its own seed')
+    parser.add_argument("--logprobs", type=int, nargs="?", const=0, default=None, metavar="K",
+                        help='write each generated token\'s log-probability ("logprobs"); with K >= 1 also its K most '
+                             'likely alternatives ("top_logprobs": [{"id", "token", "logprob"}, ...] per token); '
+                             "of the model's distribution before temperature and filters. A line's \"logprobs\" (true, "
+                             "false or K) overrides it")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="parameter dtype (auto: the checkpoint's)")
     parser.add_argument("--kv-cache-dtype", default=None, choices=["float32", "bfloat16", "float16", "int8"],
@@ -290,6 +302,12 @@ class _Parser:
         max_new = d.get("max_new_tokens", self.args.max_new_tokens)
         if not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 1:
             raise _InputError(n, f'"max_new_tokens" must be an integer >= 1, got {max_new!r}')
+        try:
+            count = check_n(d.get("n", self.args.n), '"n"')
+            logprobs = check_logprobs(d.get("logprobs", self.args.logprobs), self.config.text.vocab_size,
+                                      '"logprobs"')
+        except ValueError as e:
+            raise _InputError(n, str(e)) from None
         stop = d.get("stop", self.args.stop)
         stop = [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
@@ -308,7 +326,8 @@ class _Parser:
                                         self.args.max_image_pixels)
             else:
                 ids, px = self._check_images(prompt, images, where), None
-            r = Request(ids, with_seed(samp, self.args.seed, rid), max_new, tuple(stop), px)
+            r = Request(ids, with_seed(samp, self.args.seed, rid), max_new, tuple(stop), px, samples=range(count),
+                        logprobs=logprobs)
             check_request(r, where, self.config.text.vocab_size, self.ctx)
         except ValueError as e:
             raise _InputError(n, str(e)) from None
@@ -349,8 +368,9 @@ class _Parser:
         return render(prompt, self.tokenizer, where)
 
 
-def _finished_ids(path: str) -> tuple[set[str], int]:
-    """(id keys of the records in an existing output, byte length of its valid part).
+def _finished_ids(path: str) -> tuple[set[tuple[str, int]], int]:
+    """((id key, sample) of the records in an existing output, byte length of its valid
+    part); a record without "sample" is sample 0.
 
     Read line by line. A last line that is cut short (no newline: the run was killed
     mid-write) is left out of the valid part, to be redone; a line that is not a
@@ -366,9 +386,9 @@ def _finished_ids(path: str) -> tuple[set[str], int]:
                     rec = json.loads(line.decode("utf-8"))
                 except (ValueError, UnicodeDecodeError):
                     rec = None
-                if not isinstance(rec, dict) or "id" not in rec:
+                if not isinstance(rec, dict) or "id" not in rec or not isinstance(rec.get("sample", 0), int):
                     raise ValueError(f"--resume: {path}:{k} is not a completion record; not resuming over it")
-                done.add(_id_key(rec["id"]))
+                done.add((_id_key(rec["id"]), rec.get("sample", 0)))
             good += len(line)
     return done, good
 
@@ -417,6 +437,7 @@ def _sigterm_stops():
 def run(args) -> int:
     # Cheap checks first, before anything is loaded.
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--max-new-tokens", args.max_new_tokens, 1),
+                             ("--n", args.n, 1), ("--logprobs", 0 if args.logprobs is None else args.logprobs, 0),
                              ("--queue-size", args.queue_size, 1), ("--max-images-per-prompt",
                                                                     args.max_images_per_prompt, 0),
                              ("--max-image-pixels", args.max_image_pixels, 1),
@@ -472,6 +493,8 @@ def run(args) -> int:
         ctx = context_length(config, args.max_model_len)
     except ValueError as e:
         return _err(f"--max-model-len: {e}")
+    if (args.logprobs or 0) > config.text.vocab_size:
+        return _err(f"--logprobs must be at most the vocabulary size {config.text.vocab_size}, got {args.logprobs}")
     guard = None
     if guard_dir is not None:
         try:
@@ -485,20 +508,23 @@ def run(args) -> int:
 
     # Pass 1: check every line before the model is loaded.
     parser = _Parser(args, tokenizer, config, ctx, defaults, guard)
-    errors, seen, todo, done_lines = {}, {}, 0, set()
+    # todo: samples to make; partial[n]: the samples of line n still to make if some are written (--resume).
+    errors, seen, todo, done_lines, partial = {}, {}, 0, set(), {}
     for n, raw in _lines(args.input):
         try:
             if isinstance(raw, _InputError):
                 raise raw
-            rid, _, _ = parser.parse(n, raw, decode_images=False)
+            rid, r, _ = parser.parse(n, raw, decode_images=False)
             key = _id_key(rid)
             if key in seen:
                 raise _InputError(n, f"duplicate id {rid!r} (also on line {seen[key]})")
             seen[key] = n
-            if key in finished:
+            left = [j for j in r.samples if (key, j) not in finished] if finished else r.samples
+            if not left:
                 done_lines.add(n)
-            else:
-                todo += 1
+            elif len(left) < len(r.samples):
+                partial[n] = tuple(left)
+            todo += len(left)
         except _InputError as e:
             errors[n] = e
             print(f"{args.input}:{n}: {e}", file=sys.stderr)
@@ -535,6 +561,7 @@ def run(args) -> int:
     from .engine import GenerationStats
 
     stats, written, late_errors = GenerationStats(), 0, 0
+    token_text = functools.lru_cache(maxsize=1 << 16)(lambda t: tokenizer.decode([t]))  # top_logprobs' "token"
     out = None
     if main_process:  # every process computes the same results; process 0 writes them
         if args.resume and os.path.exists(args.output):
@@ -544,11 +571,11 @@ def run(args) -> int:
         else:
             out = open(args.output, "w", encoding="utf-8")
     run_kw = dict(tokenizer=tokenizer, stop_token_ids=set(config.text.eos_token_id) | extra_stop,
-                  batch_size=args.batch_size, max_model_len=ctx, logprobs=args.logprobs, kv_dtype=args.kv_cache_dtype,
+                  batch_size=args.batch_size, max_model_len=ctx, kv_dtype=args.kv_cache_dtype,
                   attention_impl=args.attention_impl, moe_impl=args.moe_impl, mesh=mesh, stats=stats,
                   prefill_chunk=args.prefill_chunk or default_prefill_chunk(config))
     try:
-        with _sigterm_stops(), tqdm(total=todo, desc="generate", unit="prompt", file=sys.stderr,
+        with _sigterm_stops(), tqdm(total=todo, desc="generate", unit="completion", file=sys.stderr,
                                     disable=args.no_progress or not main_process) as bar:
             queue: list[tuple[object, Request, tuple | None]] = []  # (id, request, what --safety-model reads)
 
@@ -562,10 +589,13 @@ def run(args) -> int:
                     bar.update(1)
                     if out is None:
                         continue
-                    rec = {"id": queue[k][0], "text": c.text, "token_ids": c.token_ids,
+                    rec = {"id": queue[k][0], "sample": c.sample, "text": c.text, "token_ids": c.token_ids,
                            "finish_reason": c.finish_reason, "prompt_tokens": len(c.prompt_token_ids)}
-                    if args.logprobs:
+                    if c.logprobs is not None:
                         rec["logprobs"] = c.logprobs
+                    if c.top_logprobs is not None:
+                        rec["top_logprobs"] = [[{"id": t, "token": token_text(t), "logprob": lp} for t, lp in step]
+                                               for step in c.top_logprobs]
                     if verdict is not None:
                         rec["safety"] = verdict
                     out.write(json.dumps(rec, ensure_ascii=False) + "\n")  # one whole line, then flushed
@@ -588,6 +618,8 @@ def run(args) -> int:
                         raise
                     late_errors += 1
                     continue
+                if n in partial:  # --resume: only the samples not written yet
+                    r.samples = partial[n]
                 queue.append((rid, r, source))
                 if len(queue) >= args.queue_size:
                     flush_queue()

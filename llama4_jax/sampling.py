@@ -21,6 +21,13 @@ Seeds: a method's seed defaults to None, "derive one": `with_seed(sampling, run_
 key)` gives the request the seed `derive_seed(run_seed, key)`, a hash of the run's seed
 and the request's index or id, so requests sharing one method still draw differently,
 and a rerun (or a resumed run) draws the same. An explicit seed is used as given.
+Samples: sample j of a request (`n` samples per prompt) draws with
+`sample_seed(seed, j)`: the request's seed for j = 0 (so n = 1 is unchanged and
+sample 0 is the n = 1 completion), a hash of it and j otherwise.
+
+Log-probabilities (`sample`'s chosen-token ones and `top_logprobs`' alternatives) are
+of the model's raw distribution, log_softmax(logits) in fp32, before temperature and
+the filters (as vLLM reports by default): they do not change with the sampling method.
 
 Filters apply in the order temperature -> top-k -> top-p -> min-p, each on the
 distribution left by the previous one (as transformers' logits warpers do); min-p is
@@ -39,7 +46,7 @@ import jax
 import jax.numpy as jnp
 
 __all__ = ["Greedy", "Temperature", "TopK", "TopP", "MinP", "Sampling", "SamplingMethod", "resolve", "sample",
-           "derive_seed", "with_seed"]
+           "top_logprobs", "derive_seed", "with_seed", "sample_seed"]
 
 _MAX_SEED = 2**32
 
@@ -164,6 +171,13 @@ def with_seed(sampling: Sampling, run_seed: int, key) -> Sampling:
     return dataclasses.replace(sampling, seed=derive_seed(run_seed, key))
 
 
+def sample_seed(seed: int, j: int) -> int:
+    """The seed of sample j of a request whose seed is `seed`: `seed` itself for j = 0,
+    else `derive_seed(seed, {"sample": j})` (distinct per sample, reproducible, and
+    never the key of a request index or id, which are integers or strings)."""
+    return seed if j == 0 else derive_seed(seed, {"sample": j})
+
+
 def _cutoff(scaled, top_k, top_p, min_p):
     """Per-row logit threshold [B]: tokens with scaled logit >= it survive the filters.
 
@@ -227,3 +241,18 @@ def sample(logits, temperature, top_k, top_p, min_p, seeds, step):
     tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
     logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
     return tokens, logprobs
+
+
+@jax.named_scope("top_logprobs")
+def top_logprobs(logits, k: int):
+    """The k most likely tokens of each row and their log-probabilities, from the
+    distribution `sample` reports the chosen token's log-probability in (fp32
+    log_softmax of the raw logits, before temperature and filters).
+
+    Args:
+      logits: float [B, V]; k: static, 1 <= k <= V.
+    Returns:
+      (ids int32 [B, k], logprobs float32 [B, k]), most likely first (ties: lower id first).
+    """
+    lps, ids = jax.lax.top_k(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), k)
+    return ids.astype(jnp.int32), lps

@@ -1,28 +1,40 @@
 """Requests, batching and stop strings: the host side of a generation run.
 
     results, stats = run_requests(config, params, requests, tokenizer=tok, stop_token_ids={2}, batch_size=8,
-                                  max_model_len=ctx, logprobs=False, kv_dtype=None, attention_impl="auto",
-                                  moe_impl=None, on_complete=lambda i, c: ...,
-                                  on_batch=lambda done: ...)
+                                  max_model_len=ctx, kv_dtype=None, attention_impl="auto", moe_impl=None,
+                                  on_complete=lambda i, c: ..., on_batch=lambda done: ...)
+
+Each request is a prompt with the indices of its samples (`Request.samples`, n = 1:
+(0,)); every sample is a row of its own (own seed, `sampling.sample_seed`), and
+`results` holds one completion per sample, request by request, samples in order.
 
 How a run goes (continuous batching over `batch_size` decode slots):
   * requests are queued longest first (similar lengths prefill together; results come
     back in request order, each completion handed to `on_complete` as soon as its row
-    finishes); the run keeps one decode state of `batch_size` rows, its cache sized for
-    the largest prompt bucket + the new-token budget, so decode compiles once per run;
-  * the first `batch_size` requests are prefilled together (one jitted call fills the
-    KV cache and samples each row's first token; inert filler rows when there are fewer);
+    finishes); the run keeps one decode state of `batch_size` rows
+    (`engine.empty_state`), its cache sized for the largest prompt bucket + the
+    new-token budget, so decode compiles once per run;
+  * whenever slots are free (all of them at the start) they are filled from the queue:
+    the next prompts are prefilled as a batch (one jitted call fills the KV cache and
+    samples each sample row's first token), and their rows are written into the
+    running state in place (`engine.insert`), then decode resumes. A prompt is taken
+    with all its samples (at most `batch_size`: a larger n is taken `batch_size` at a
+    time), so it is prefilled once per `batch_size` samples, once when n <= batch_size;
+    sample rows that find no free slot are held, prefilled, and inserted as slots free
+    up, before anything new is prefilled (at most one such prefill state is held);
   * decode (one jitted `lax.while_loop`) runs until a row finishes (or every row is
     done). The host then harvests the finished rows (`on_batch` gets each harvest's
     completions together, e.g. to post-process them in one batched call before they
-    are written) and refills their slots from the queue: the new requests are
-    prefilled as a batch padded to a power of two (at most `batch_size`) and their rows
-    written into the running state in place (`engine.insert`), then decode resumes.
-    Each row has its own step, so a request's tokens do not depend on its slot, its
-    batch-mates or when it entered;
-  * prompts are left-padded to a prompt-length bucket (powers of two), so a run
-    compiles prefill once per (bucket, refill size), insert once per refill size and
-    decode once;
+    are written) and refills their slots. Each row has its own step, so a request's
+    tokens do not depend on its slot, its batch-mates or when it entered;
+  * prompts are left-padded to a prompt-length bucket (powers of two), a prefill's
+    prompts to P rows and an insert's rows to M rows (powers of two up to
+    `batch_size`; a prefill draws the first tokens of `batch_size` sample rows,
+    fillers included), so a run compiles prefill once per (bucket, P), insert once per
+    (P, M) (P = M when every n is 1), decode and `empty_state` once. Top-k
+    log-probabilities are computed for the run's largest k, bucketed
+    (`engine.logprob_bucket`), and sliced per request on the host, so mixed k do not
+    add compilations;
   * with stop strings decode runs in segments of at most `STOP_STRING_SEGMENT` steps
     and the host checks only the new text of each row in between (`IncrementalText`).
 
@@ -36,7 +48,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -44,27 +56,32 @@ import numpy as np
 
 from . import engine, sharding
 from .config import Llama4Config
-from .engine import GenerationStats, call_compiled, new_token_bucket, prompt_bucket, to_host
+from .engine import GenerationStats, call_compiled, logprob_bucket, new_token_bucket, prompt_bucket, to_host
 from .model.text import unstack_layers
-from .sampling import Sampling
+from .sampling import Sampling, sample_seed
 
-__all__ = ["Completion", "Request", "check_request", "context_length", "IncrementalText", "run_requests",
-           "STOP_STRING_SEGMENT"]
+__all__ = ["Completion", "Request", "check_request", "check_n", "check_logprobs", "context_length",
+           "IncrementalText", "run_requests", "STOP_STRING_SEGMENT"]
 
 STOP_STRING_SEGMENT = 32  # decode steps between host-side stop-string checks
 
 
 @dataclasses.dataclass
 class Completion:
-    """One prompt's result.
+    """One completion of a prompt (one of its n samples).
 
     text: the decoded completion (special tokens skipped, cut before a stop string),
         None without a tokenizer.
     token_ids: the generated ids only (a final stop token included).
     finish_reason: "stop" (stop token or string) or "length" (max_new_tokens or context).
-    logprobs: log-probability of each generated token under the model (before
-        temperature and filters), when asked for.
+    logprobs: log-probability of each generated token under the model (fp32
+        log_softmax of the logits, before temperature and filters), when asked for.
     prompt_token_ids: the ids the model was given.
+    sample: which of its prompt's samples this is (0 .. n - 1).
+    top_logprobs: when k >= 1 alternatives were asked for, per generated token the k
+        most likely tokens as (token id, log-probability), most likely first, from the
+        same distribution as `logprobs` (so the chosen token's entry, when it is among
+        them, equals its `logprobs` value).
     """
 
     text: str | None
@@ -72,17 +89,24 @@ class Completion:
     finish_reason: str
     logprobs: list[float] | None = None
     prompt_token_ids: list[int] | None = None
+    sample: int = 0
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclasses.dataclass
 class Request:
-    """One checked request: prompt ids, resolved sampling (a concrete seed), token budget."""
+    """One checked request: prompt ids, resolved sampling (a concrete seed: sample j
+    draws with `sample_seed(sampling.seed, j)`), token budget, the samples to make
+    (`range(n)`, or the missing ones of a resumed run), and the log-probabilities to
+    return (None: none; 0: the chosen tokens'; k: also the top k alternatives)."""
 
     ids: list[int]
     sampling: Sampling
     max_new_tokens: int
     stop: tuple[str, ...] = ()
     pixel_values: Any = None  # [tiles, 3, S, S] of the prompt's images (their tokens are in `ids`), or None
+    samples: Sequence[int] = (0,)
+    logprobs: int | None = None
 
 
 def context_length(config: Llama4Config, max_model_len: int | None) -> int:
@@ -108,6 +132,27 @@ def check_request(r: Request, where: str, vocab_size: int, max_model_len: int) -
                          f"{max_model_len - 1} prompt tokens fit a context of {max_model_len} (max_model_len)")
     if not isinstance(r.max_new_tokens, int) or isinstance(r.max_new_tokens, bool) or r.max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {r.max_new_tokens!r}")
+
+
+def check_n(value, name: str = "n") -> int:
+    """`value` as a sample count: an integer >= 1, else ValueError naming `name`."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def check_logprobs(value, vocab_size: int, name: str = "logprobs") -> int | None:
+    """`value` as `Request.logprobs`: False/None -> None (none), True -> 0 (the chosen
+    tokens'), an integer k in [0, vocab_size] -> k (also the top k); else ValueError
+    naming `name`."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return 0
+    if not isinstance(value, int) or not 0 <= value <= vocab_size:
+        raise ValueError(f"{name} must be true, false or an integer k in [0, {vocab_size}] (the top k "
+                         f"alternatives per token), got {value!r}")
+    return value
 
 
 # Tokens of context decoded before each new token: enough for a tokenizer to join a
@@ -165,16 +210,18 @@ class IncrementalText:
 
 
 def run_requests(config: Llama4Config, params, requests: list[Request], *, tokenizer, stop_token_ids,
-                 batch_size: int, max_model_len: int, logprobs: bool, kv_dtype, attention_impl: str, moe_impl: str,
+                 batch_size: int, max_model_len: int, kv_dtype, attention_impl: str, moe_impl: str,
                  prefill_chunk: int | None = None,
                  on_complete: Callable[[int, Completion], None] | None = None,
                  on_batch: Callable[[list[tuple[int, Completion]]], None] | None = None, mesh=None, rules=None,
                  stats: GenerationStats | None = None) -> tuple[list[Completion], GenerationStats]:
-    """Generate for checked requests; returns completions in request order and stats.
+    """Generate for checked requests; returns the completions (one per sample: request
+    by request, each request's samples in the order of `Request.samples`) and stats.
 
-    on_complete(i, completion) is called as each request finishes, in the order they
-    finish; on_batch([(i, completion), ...]) once per harvest (the rows that finished
-    in the same decode segment, or at their first token), after on_complete of them.
+    on_complete(i, completion) is called as each sample finishes (i: its request's
+    index; `completion.sample` says which sample), in the order they finish;
+    on_batch([(i, completion), ...]) once per harvest (the rows that finished in the
+    same decode segment, or at their first token), after on_complete of them.
     `stats` (optional) accumulates across calls.
     """
     mesh = sharding.resolve_mesh(params, mesh, "generate")
@@ -191,8 +238,8 @@ def run_requests(config: Llama4Config, params, requests: list[Request], *, token
                          "batches, not sequences (use 'auto', 'blockwise', 'pallas' or 'xla')")
     stats = GenerationStats() if stats is None else stats
     kw = dict(tokenizer=tokenizer, stop_token_ids=stop_token_ids, batch_size=batch_size, max_model_len=max_model_len,
-              logprobs=logprobs, kv_dtype=kv_dtype, attention_impl=attention_impl, moe_impl=moe_impl,
-              prefill_chunk=prefill_chunk, on_complete=on_complete, on_batch=on_batch, stats=stats)
+              kv_dtype=kv_dtype, attention_impl=attention_impl, moe_impl=moe_impl, prefill_chunk=prefill_chunk,
+              on_complete=on_complete, on_batch=on_batch, stats=stats)
     if mesh is None:
         return _run_batches(config, params, requests, place=jnp.asarray, **kw), stats
     rules = sharding.default_rules(mesh) if rules is None else rules
@@ -229,53 +276,121 @@ def _pixel_batch(config: Llama4Config, params, reqs: list[Request]):
     return jnp.asarray(np.concatenate([tiles, pad]), params["params"]["vision"]["patch_embed"].dtype), config
 
 
+def _pow2(n: int, cap: int) -> int:
+    """n rounded up to a power of two, at most cap."""
+    return min(cap, 1 << (n - 1).bit_length())
+
+
+@dataclasses.dataclass
+class _Held:
+    """A prefill state whose sample rows wait for free slots: `pending` lists
+    (row, cache row, request index, sample index) of those not yet inserted."""
+
+    state: dict
+    pending: list[tuple[int, int, int, int]]
+
+
 def _run_batches(config: Llama4Config, params, requests: list[Request], *, tokenizer, stop_token_ids,
-                 batch_size: int, max_model_len: int, logprobs: bool, kv_dtype, attention_impl: str, moe_impl: str,
+                 batch_size: int, max_model_len: int, kv_dtype, attention_impl: str, moe_impl: str,
                  prefill_chunk: int | None = None,
                  on_complete, on_batch, place, stats: GenerationStats) -> list[Completion]:
     """Continuous batching over `batch_size` decode slots (see the module docstring)."""
     text = config.text
-    stats.prompts += len(requests)
-    stats.prompt_tokens += sum(len(r.ids) for r in requests)
-    if not requests:
+    n_samples = sum(len(r.samples) for r in requests)
+    stats.prompts += n_samples
+    if not n_samples:
         return []
     stop_set = set(stop_token_ids)
     stop_ids = place(np.asarray(sorted(stop_set) or [-1], np.int32))
     unroll = engine.unroll_decode(params)
     decode_params = unstack_layers(params) if unroll else params
-    queue = collections.deque(sorted(range(len(requests)), key=lambda i: -len(requests[i].ids)))
-    B = min(batch_size, len(requests))
-    results: list[Completion | None] = [None] * len(requests)
+    # Longest prompt first; per prompt [request index, how many of its samples were taken].
+    queue = collections.deque([i, 0] for i in sorted(range(len(requests)), key=lambda i: -len(requests[i].ids))
+                              if requests[i].samples)
+    B = min(batch_size, n_samples)
+    results: dict[tuple[int, int], Completion] = {}
     budgets = [min(r.max_new_tokens, max_model_len - len(r.ids)) for r in requests]
-    # One token buffer and cache length for the whole run, so decode and insert compile
-    # once per refill size; prefill compiles per (prompt-length bucket, refill size).
-    N = new_token_bucket(max(budgets))
-    max_len = prompt_bucket(max(len(r.ids) for r in requests), max_model_len) + N
+    # One token buffer, cache length and top-k width for the whole run, so decode
+    # compiles once, prefill once per (prompt bucket, P), insert once per (P, M).
+    N = new_token_bucket(max(budgets[i] for i, _ in queue))
+    max_len = prompt_bucket(max(len(requests[i].ids) for i, _ in queue), max_model_len) + N
+    top_k = logprob_bucket(max(r.logprobs or 0 for r in requests), text.vocab_size)
     statics = dict(text=text, attn_impl=attention_impl, moe_impl=moe_impl)
     filler = Sampling(temperature=0.0, seed=0)
-    slot_req: dict[int, int] = {}  # slot -> index of the request it holds
+    slot_req: dict[int, tuple[int, int]] = {}  # slot -> (request index, sample index) it holds
     slot_samp, slot_budget = [filler] * B, [0] * B  # host copies of the per-slot decode inputs
     texts: dict[int, IncrementalText] = {}  # slots whose request has stop strings
     cuts: dict[int, tuple[int, str]] = {}  # slot -> (tokens kept, text) at a stop string
-    state, arrays = None, None
+    held: _Held | None = None
+    arrays = None
+    state = call_compiled(stats, engine.empty_state(text=text, batch=B, max_len=max_len, max_new=N,
+                                                    dtype=params["params"]["embed"].dtype, kv_dtype=kv_dtype,
+                                                    top_logprobs=top_k))
 
-    def prefill(take: list[int], K: int):
-        """A prefill state of K rows: requests `take`, then inert filler rows."""
-        reqs = [requests[i] for i in take]
+    def sampling_of(i: int, j: int) -> Sampling:
+        s = requests[i].sampling
+        return dataclasses.replace(s, seed=sample_seed(s.seed, j)) if j else s
+
+    def prefill(free: int) -> _Held:
+        """Prefill the next prompts of the queue, with all their samples (at most B rows),
+        until they fill `free` slots."""
+        take: list[tuple[int, int]] = []  # (request index, sample index) per row
+        prompts: list[int] = []
+        while queue and len(take) < free:
+            i, k = queue[0]
+            left = len(requests[i].samples) - k
+            if left > B - len(take) and take:
+                break  # taken whole by the next prefill
+            js = requests[i].samples[k:k + B - len(take)]
+            take += [(i, j) for j in js]
+            prompts.append(i)
+            if k + len(js) < len(requests[i].samples):
+                queue[0][1] += len(js)  # n > B: the rest in a later prefill
+            else:
+                queue.popleft()
+        # P prompt rows (a power of two) run the model; B sample rows draw their first
+        # tokens (cheap), so prefill compiles per (prompt bucket, P) whatever the n.
+        K, P = B, _pow2(len(prompts), B)
+        reqs = [requests[i] for i in prompts]
         T = prompt_bucket(max(len(r.ids) for r in reqs), max_model_len)
-        ids = np.zeros((K, T), np.int32)
-        mask = np.zeros((K, T), np.int32)
+        ids = np.zeros((P, T), np.int32)
+        mask = np.zeros((P, T), np.int32)
         for b, r in enumerate(reqs):
             ids[b, T - len(r.ids):] = r.ids
             mask[b, T - len(r.ids):] = 1
         mask[len(reqs):, -1] = 1  # filler rows: one token, budget 0
-        pad = K - len(reqs)
-        samp = _sampling_arrays([r.sampling for r in reqs] + [filler] * pad, place)
-        budget = place(np.asarray([budgets[i] for i in take] + [0] * pad, np.int32))
+        row_of = {i: b for b, i in enumerate(prompts)}
+        src = [row_of[i] for i, _ in take] + [0] * (K - len(take))
+        pad = K - len(take)
+        samp = _sampling_arrays([sampling_of(i, j) for i, j in take] + [filler] * pad, place)
+        budget = place(np.asarray([budgets[i] for i, _ in take] + [0] * pad, np.int32))
         pixel_values, mm = _pixel_batch(config, params, reqs)
-        return call_compiled(stats, engine.prefill, params, place(ids), place(mask), samp, budget, stop_ids,
-                             pixel_values, max_len=max_len, max_new=N, kv_dtype=kv_dtype, mm=mm,
-                             piece=prefill_chunk if prefill_chunk and T > prefill_chunk else None, **statics)
+        stats.prompt_tokens += sum(len(r.ids) for r in reqs)
+        new = call_compiled(stats, engine.prefill, params, place(ids), place(mask), samp, budget, stop_ids,
+                            pixel_values, place(np.asarray(src, np.int32)), max_len=max_len, max_new=N,
+                            kv_dtype=kv_dtype, mm=mm, piece=prefill_chunk if prefill_chunk and T > prefill_chunk
+                            else None, top_logprobs=top_k, **statics)
+        return _Held(new, [(k, src[k], i, j) for k, (i, j) in enumerate(take)])
+
+    def refill(free: list[int]):
+        """Fill the `free` slots: held sample rows first, then newly prefilled prompts."""
+        nonlocal state, held
+        while free and (held is not None or queue):
+            if held is None:
+                held = prefill(len(free))
+            go, held.pending = held.pending[:len(free)], held.pending[len(free):]
+            slots, free = free[:len(go)], free[len(go):]
+            pad = _pow2(len(go), B) - len(go)  # M rows, a power of two: insert compiles per (P, M)
+            where = place(np.asarray(slots + [B] * pad, np.int32))  # B: dropped
+            rows = place(np.asarray([r for r, _, _, _ in go] + [0] * pad, np.int32))
+            cache_rows = place(np.asarray([c for _, c, _, _ in go] + [0] * pad, np.int32))
+            state = call_compiled(stats, engine.insert(state), state, held.state, where, rows, cache_rows)
+            for b, (_, _, i, j) in zip(slots, go):
+                slot_req[b], slot_samp[b], slot_budget[b] = (i, j), sampling_of(i, j), budgets[i]
+                if requests[i].stop and tokenizer is not None:
+                    texts[b] = IncrementalText(tokenizer)
+            if not held.pending:
+                held = None
 
     def check_stops(slots, toks, step):
         """Extend the text of `slots` with their new tokens; record the first stop string."""
@@ -285,21 +400,23 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
             inc = texts[b]
             searched = len(inc.text)
             inc.extend(toks[b, len(inc.ids):min(int(step[b]), slot_budget[b])])
-            cut = inc.find_stop(requests[slot_req[b]].stop, searched)
+            cut = inc.find_stop(requests[slot_req[b][0]].stop, searched)
             if cut is not None:
                 cuts[b] = (cut[0], inc.text[:cut[1]])
 
     def harvest(slots):
         """Completions of the finished `slots`, handed to on_complete / on_batch; frees the slots."""
         toks, lps, stopped, step = (to_host(state[k]) for k in ("tokens", "logprobs", "stopped", "step"))
+        top_ids, top_lps = (to_host(state[k]) for k in ("top_ids", "top_lps")) if top_k else (None, None)
         check_stops(slots, toks, step)
         finished = []
         for b in slots:
-            i = slot_req.pop(b)
+            i, j = slot_req.pop(b)
+            r = requests[i]
             n = min(budgets[i], int(step[b]))
             row = toks[b, :n].tolist()
             if stopped[b]:  # keep the stop token, drop what follows
-                n = next(j for j, t in enumerate(row) if t in stop_set) + 1
+                n = next(t for t, x in enumerate(row) if x in stop_set) + 1
             reason = "stop" if stopped[b] else "length"
             txt = None
             cut = cuts.pop(b, None)
@@ -310,40 +427,30 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
             elif tokenizer is not None:
                 txt = tokenizer.decode(row[:n], skip_special_tokens=True)
             stats.generated_tokens += n
-            results[i] = Completion(text=txt, token_ids=row[:n], finish_reason=reason,
-                                    logprobs=lps[b, :n].tolist() if logprobs else None,
-                                    prompt_token_ids=requests[i].ids)
+            top = None
+            if r.logprobs:  # the request's k of the run's bucket
+                top = [list(zip(ti.tolist(), tl.tolist())) for ti, tl in zip(top_ids[b, :n, :r.logprobs],
+                                                                            top_lps[b, :n, :r.logprobs])]
+            c = results[i, j] = Completion(text=txt, token_ids=row[:n], finish_reason=reason,
+                                           logprobs=lps[b, :n].tolist() if r.logprobs is not None else None,
+                                           prompt_token_ids=r.ids, sample=j, top_logprobs=top)
             if on_complete is not None:
-                on_complete(i, results[i])
-            finished.append((i, results[i]))
+                on_complete(i, c)
+            finished.append((i, c))
         if on_batch is not None:
             on_batch(finished)
 
     while True:
-        if state is not None:  # harvest the rows that finished (in decode, or at their first token)
-            done = to_host(state["done"])
-            fin = [b for b in sorted(slot_req) if done[b]]
-            if fin:
-                harvest(fin)
+        done = to_host(state["done"])  # harvest the rows that finished (in decode, or at their first token)
+        fin = [b for b in sorted(slot_req) if done[b]]
+        if fin:
+            harvest(fin)
         free = [b for b in range(B) if b not in slot_req]
-        if queue and free:  # refill the free slots from the queue: prefill, then insert in place
-            take = [queue.popleft() for _ in range(min(len(free), len(queue)))]
-            slots = free[:len(take)]
-            # The first fill is the whole batch; refills are padded to a power of two.
-            K = B if state is None else min(B, 1 << (len(take) - 1).bit_length())
+        if free and (held is not None or queue):  # refill the free slots: prefill, then insert in place
             t0, c0 = time.perf_counter(), stats.compile_s
-            new = prefill(take, K)
-            if state is None:
-                state = new
-            else:
-                where = place(np.asarray(slots + [B] * (K - len(slots)), np.int32))  # B: dropped
-                state = call_compiled(stats, engine.insert, state, new, where)
+            refill(free)
             jax.block_until_ready(state["tokens"])
             stats.prefill_s += time.perf_counter() - t0 - (stats.compile_s - c0)
-            for b, i in zip(slots, take):
-                slot_req[b], slot_samp[b], slot_budget[b] = i, requests[i].sampling, budgets[i]
-                if requests[i].stop and tokenizer is not None:
-                    texts[b] = IncrementalText(tokenizer)
             arrays = None
             continue  # a new row may be done at its first token
         if not slot_req:
@@ -363,4 +470,4 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
             if hit:
                 state = {**state, "done": state["done"].at[jnp.asarray(sorted(hit))].set(True)}
         stats.decode_s += time.perf_counter() - t0 - (stats.compile_s - c0)
-    return results
+    return [results[i, j] for i, r in enumerate(requests) for j in r.samples]

@@ -72,6 +72,47 @@ def test_round_trip(tmp_path, capsys, tokenizer):
     assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "out.jsonl"]  # no temporary file left
 
 
+def test_samples_and_top_logprobs(tmp_path, capsys, tokenizer):
+    """A line's "n" (or --n) gives that many records ("sample": 0 .. n-1); "logprobs": k
+    (or --logprobs [K]) adds each token's k most likely alternatives with their ids,
+    decoded strings and log-probabilities. --resume redoes only the missing samples,
+    and they equal those of the uninterrupted run (seeds derived from id and sample)."""
+    inp = _write(tmp_path / "in.jsonl", [
+        {"id": "a", "prompt": "Once upon a time", "n": 3, "temperature": 2.0, "logprobs": 3},
+        {"id": "b", "prompt": "12+34="},  # --n 2, --logprobs: the chosen tokens' only
+        {"id": "c", "prompt": "5+5=", "n": 1, "logprobs": False},
+    ])
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--input", inp, "--output", str(out), "--n", "2", "--logprobs", *COMMON]) == 0
+    assert "6 prompts" in capsys.readouterr().err  # completions: one per sample
+    full = _read(out)
+    recs = {(r["id"], r["sample"]): r for r in full}
+    assert sorted(recs) == [("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1), ("c", 0)]
+    for j in range(3):
+        r = recs["a", j]
+        assert len(r["top_logprobs"]) == len(r["token_ids"]) == len(r["logprobs"])
+        for step, chosen, lp in zip(r["top_logprobs"], r["token_ids"], r["logprobs"]):
+            assert [set(x) for x in step] == [{"id", "token", "logprob"}] * 3
+            assert [x["token"] for x in step] == [tokenizer.decode([x["id"]]) for x in step]
+            assert step[0]["logprob"] >= step[1]["logprob"] >= step[2]["logprob"]
+            if chosen in [x["id"] for x in step]:
+                assert lp == pytest.approx(next(x["logprob"] for x in step if x["id"] == chosen), abs=1e-6)
+    assert all("logprobs" in recs["b", j] and "top_logprobs" not in recs["b", j] for j in (0, 1))
+    assert "logprobs" not in recs["c", 0] and "top_logprobs" not in recs["c", 0]
+    # Keep all but two samples (as a killed run would), then --resume.
+    _write(out, [json.dumps(r) for r in full if (r["id"], r["sample"]) not in {("a", 1), ("b", 0)}])
+    assert main(["generate", "--input", inp, "--output", str(out), "--n", "2", "--logprobs", "--resume",
+                 *COMMON]) == 0
+    assert "2 prompts" in capsys.readouterr().err
+    again = {(r["id"], r["sample"]): r for r in _read(out)}
+    assert len(again) == 6 and again.keys() == recs.keys()
+    for key, r in recs.items():  # the redone samples: the same tokens (logprobs: other batch-mates, fp32)
+        assert {k: v for k, v in again[key].items() if "logprobs" not in k} == \
+            {k: v for k, v in r.items() if "logprobs" not in k}, key
+        if "logprobs" in r:
+            assert again[key]["logprobs"] == pytest.approx(r["logprobs"], abs=1e-5)
+
+
 def test_stop_strings(tokenizer):
     config, params = llama4_jax.load(DEFAULT_MODEL, dtype="float32")
     prompts = ["987+654=", "Once upon a time"]  # a sum: the trained checkpoint answers with 4 digits
@@ -100,6 +141,10 @@ def test_stop_strings(tokenizer):
     ('{"prompt": "x", "top_p": 2}', "invalid sampling parameter: top_p must be in (0, 1], got 2"),
     ('{"prompt": "x", "max_new_tokens": 0}', '"max_new_tokens" must be an integer >= 1, got 0'),
     ('{"prompt": "x", "stop": [""]}', '"stop" must be a non-empty string or a list of them'),
+    ('{"prompt": "x", "n": 0}', '"n" must be an integer >= 1, got 0'),
+    ('{"prompt": "x", "n": 2.5}', '"n" must be an integer >= 1, got 2.5'),
+    ('{"prompt": "x", "logprobs": -1}', '"logprobs" must be true, false or an integer k in [0, '),
+    ('{"prompt": "x", "logprobs": "3"}', "(the top k alternatives per token), got '3'"),
     ('{"messages": [{"content": "no role"}]}', "message 0: expected {'role': str, 'content': ...}"),
     ('{"id": [1], "prompt": "x"}', '"id" must be a string or an integer, got [1]'),
     ('{"id": 1, "prompt": "x"}', "duplicate id 1 (also on line 1)"),  # line 1 has no id: its id is 1
@@ -139,12 +184,14 @@ def test_non_utf8_line_fails_with_line_number(tmp_path, capsys):
 
 def test_bad_line_skipped(tmp_path, capsys):
     inp = tmp_path / "in.jsonl"
-    lines = [json.dumps({"id": "x", "messages": CHAT}), "{not json", '{"prompt": "\xff"}', json.dumps({"id": "y", "prompt": "also"})]
+    lines = [json.dumps({"id": "x", "messages": CHAT}), "{not json", '{"prompt": "\xff"}', json.dumps({"id": "y", "prompt": "also"}),
+             json.dumps({"id": "z", "prompt": "also", "n": 0})]
     inp.write_bytes(b"\n".join(x.encode("latin-1") for x in lines) + b"\n")
     out = tmp_path / "out.jsonl"
     assert main(["generate", "--input", str(inp), "--output", str(out), "--on-error", "skip", *COMMON]) == 0
     err = capsys.readouterr().err
-    assert f"{inp}:2: invalid JSON" in err and f"{inp}:3: not valid UTF-8" in err and "skipped 2 bad line(s)" in err
+    assert f"{inp}:2: invalid JSON" in err and f"{inp}:3: not valid UTF-8" in err and "skipped 3 bad line(s)" in err
+    assert f'{inp}:5: "n" must be an integer >= 1, got 0' in err
     assert sorted(r["id"] for r in _read(out)) == ["x", "y"]
 
 
@@ -182,6 +229,9 @@ def test_existing_output_needs_overwrite(tmp_path, capsys):
     (["--model", "/nonexistent/ckpt"], "--model: no such checkpoint directory: /nonexistent/ckpt"),
     (["--queue-size", "0"], "--queue-size must be >= 1, got 0"),
     (["--max-image-pixels", "0"], "--max-image-pixels must be >= 1, got 0"),
+    (["--n", "0"], "--n must be >= 1, got 0"),
+    (["--logprobs", "-1"], "--logprobs must be >= 0, got -1"),
+    (["--logprobs", "1000000"], "--logprobs must be at most the vocabulary size"),
 ])
 def test_bad_options(tmp_path, capsys, flags, message):
     inp = _write(tmp_path / "in.jsonl", [{"prompt": "fine"}])

@@ -139,11 +139,90 @@ def test_finished_slot_is_refilled(scout):
     seen = []
     requests = [Request(p, Sampling(temperature=0.0, seed=0), n) for p, n in zip(prompts, (2, 2, 2, 20))]
     out, stats = run_requests(config, params, requests, tokenizer=None, stop_token_ids=(), batch_size=2,
-                              max_model_len=64, logprobs=False, kv_dtype=None, attention_impl="auto", moe_impl=None,
+                              max_model_len=64, kv_dtype=None, attention_impl="auto", moe_impl=None,
                               on_batch=lambda done: seen.append([i for i, _ in done]))
     assert [len(o.token_ids) for o in out] == [2, 2, 2, 20]
     assert stats.decode_steps == 19  # the long row never waited; static batching: 19 + 1
     assert seen[-1] == [3] and sorted(i for s in seen for i in s) == [0, 1, 2, 3]
+
+
+def test_n_samples(scout):
+    """n samples per prompt: each its own row and seed, so they differ under
+    temperature > 0, are reproducible whatever the batch size or batch-mates, and
+    sample 0 is the n = 1 completion; the prompt is prefilled once (n <= batch_size);
+    greedy gives n equal completions; n = 1 (the default) keeps the flat list."""
+    _, config, params = scout
+    a, b = _prompts(config.text.vocab_size, (6, 11), seed=31)
+    hot = TopP(0.95, temperature=1.5)  # no seed: derived from (seed, prompt index), then per sample
+    run = lambda ps, n, bs, smp=hot, **kw: llama4_jax.generate(  # noqa: E731
+        config, params, ps, n=n, sampling=smp, seed=0, max_new_tokens=MAX_NEW, batch_size=bs, **kw)
+    out, stats = run([a, b], [3, 2], 5, logprobs=True, return_stats=True)
+    assert [len(x) for x in out] == [3, 2] and all(c.sample == j for x in out for j, c in enumerate(x))
+    assert all(c.prompt_token_ids == p for x, p in zip(out, (a, b)) for c in x)
+    ids = [[tuple(c.token_ids) for c in x] for x in out]
+    assert len(set(ids[0])) == 3 and len(set(ids[1])) == 2  # sample i differs from sample j
+    assert (stats.prompts, stats.prompt_tokens) == (5, len(a) + len(b))  # 5 completions, each prompt prefilled once
+    assert stats.generated_tokens == sum(len(c.token_ids) for x in out for c in x)
+    # Other batch sizes (n > batch_size: slots refilled with held and re-prefilled samples): the same samples.
+    for bs in (2, 1):
+        assert [[tuple(c.token_ids) for c in x] for x in run([a, b], [3, 2], bs)] == ids, bs
+    # Sample 0 is the n = 1 completion, which keeps the flat list (n=1 given or not).
+    flat = run([a, b], 1, 5)
+    assert [type(c).__name__ for c in flat] == ["Completion"] * 2
+    assert [c.token_ids for c in flat] == [list(x[0]) for x in ids]
+    assert [[c.token_ids for c in x] for x in run([a, b], [1, 1], 5)] == [[list(x[0])] for x in ids]  # a list: nested
+    # An explicit seed, other batch-mates and prompt order: the same samples of that seed.
+    fixed = TopP(0.95, temperature=1.5, seed=9)
+    mine = run([a], 3, 3, smp=fixed)[0]
+    other = run([b, a], [2, 3], 2, smp=[hot, fixed])[1]
+    assert [c.token_ids for c in other] == [c.token_ids for c in mine]
+    assert len({tuple(c.token_ids) for c in mine}) == 3
+    # Greedy: n equal completions (tokens and log-probabilities).
+    (greedy,) = run([a], 3, 3, smp=None, logprobs=True)
+    assert greedy[0].token_ids == greedy[1].token_ids == greedy[2].token_ids
+    assert greedy[0].logprobs == greedy[1].logprobs == greedy[2].logprobs
+
+
+def test_top_logprobs_match_forward(scout):
+    """logprobs=k: the k most likely tokens per generated token, computed in the decode
+    step, equal log_softmax + top-k of `llama4_jax.forward`'s fp32 logits over the
+    same sequence (before temperature and filters, also for a sampled row); the
+    chosen token's logprob equals its entry among them. Mixed k (5, 2, 0, none) in one
+    run share one bucket (8) and are sliced per prompt."""
+    import jax
+
+    _, config, params = scout
+    prompts = _prompts(config.text.vocab_size, (6, 11, 4, 9), seed=13)
+    smp = [Greedy(), TopP(0.9, temperature=1.3, seed=3), TopK(5, temperature=0.7, seed=1), Greedy()]
+    out = llama4_jax.generate(config, params, prompts, sampling=smp, max_new_tokens=MAX_NEW, batch_size=2,
+                              logprobs=[5, 2, True, False])
+    assert out[3].logprobs is None and out[3].top_logprobs is None
+    assert out[2].top_logprobs is None and len(out[2].logprobs) == len(out[2].token_ids)
+    checked = 0
+    for c, p, k in zip(out[:3], prompts, (5, 2, 0)):
+        seq = p + c.token_ids
+        logits = llama4_jax.forward(config, params, np.asarray([seq]))[0, len(p) - 1:len(seq) - 1]
+        ref = np.asarray(jax.nn.log_softmax(logits.astype(np.float32), axis=-1))
+        # fp32 logits of the cached decode vs a full forward agree to ~1e-5 (as the
+        # greedy test finds against transformers): 1e-4 absolute on log-probabilities.
+        np.testing.assert_allclose(c.logprobs, ref[np.arange(len(c.token_ids)), c.token_ids], atol=1e-4)
+        if not k:
+            continue
+        assert len(c.top_logprobs) == len(c.token_ids) and all(len(step) == k for step in c.top_logprobs)
+        for t, (step, row, chosen) in enumerate(zip(c.top_logprobs, ref, c.token_ids)):
+            ids = [i for i, _ in step]
+            lps = np.asarray([lp for _, lp in step])
+            assert all(np.diff(lps) <= 0), "most likely first"
+            np.testing.assert_allclose(lps, np.sort(row)[::-1][:k], atol=1e-4)
+            np.testing.assert_allclose(row[ids], lps, atol=1e-4)  # each id carries its own logprob
+            order = np.argsort(-row, kind="stable")[:k]
+            gaps = -np.diff(np.sort(row)[::-1][:k + 1])
+            assert all(i == j for i, j, g in zip(ids, order, gaps) if g > 1e-3)  # ids agree but for near-ties
+            if chosen in ids:  # the same distribution: the chosen logprob is its alternative's
+                np.testing.assert_allclose(c.logprobs[t], step[ids.index(chosen)][1], atol=1e-6)
+                checked += 1
+    assert checked >= len(out[0].token_ids)  # greedy rows: the chosen token is always the first alternative
+    assert any(c.token_ids[t] != c.top_logprobs[t][0][0] for c in out[1:2] for t in range(len(c.token_ids)))
 
 
 def test_stop_strings_with_refilled_slots():
@@ -229,7 +308,21 @@ def test_api_errors(scout):
         llama4_jax.generate(config, params, [[5]], batch_size=0)
     with pytest.raises(ValueError, match=r"max_model_len must be an integer in \[2, 131072\]"):
         llama4_jax.generate(config, params, [[5]], max_model_len=10**9)
+    for bad in (0, -1, 1.5, True, "2", None):
+        with pytest.raises(ValueError, match=f"^n must be an integer >= 1, got {bad!r}$".replace(".", r"\.")):
+            llama4_jax.generate(config, params, [[5]], n=bad)
+    with pytest.raises(ValueError, match="n must be an integer >= 1, got 0"):
+        llama4_jax.generate(config, params, [[5], [6]], n=[2, 0])
+    with pytest.raises(ValueError, match="n has 1 entries for 2 prompts"):
+        llama4_jax.generate(config, params, [[5], [6]], n=[2])
+    for bad in (-1, 2.0, "3", 332):
+        with pytest.raises(ValueError, match=r"^logprobs must be true, false or an integer k in \[0, 331\] \(the top "
+                                             r"k alternatives per token\), got " + repr(bad).replace(".", r"\.")):
+            llama4_jax.generate(config, params, [[5]], logprobs=bad)
+    with pytest.raises(ValueError, match="logprobs has 3 entries for 1 prompts"):
+        llama4_jax.generate(config, params, [[5]], logprobs=[1, 2, 3])
     assert llama4_jax.generate(config, params, []) == []
+    assert llama4_jax.generate(config, params, [], n=3) == []
 
 
 def test_generate_on_a_mesh_equals_one_device(maverick_like: Checkpoint):

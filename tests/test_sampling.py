@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from llama4_jax.sampling import (Greedy, MinP, Sampling, Temperature, TopK, TopP, _cutoff, derive_seed, resolve, sample,
-                                 with_seed)
+                                 sample_seed, top_logprobs, with_seed)
 
 _sample = jax.jit(sample)
 
@@ -72,6 +72,33 @@ def test_greedy_and_logprobs():
     # logprobs are of the raw distribution, fp32 log_softmax: 1e-6 absolute.
     ref = jax.nn.log_softmax(logits)[np.arange(3), np.asarray(toks)]
     np.testing.assert_allclose(lps, ref, atol=1e-6)
+
+
+def test_top_logprobs_are_the_raw_distribution():
+    """The k alternatives are log_softmax(logits) + top-k in fp32, whatever the row's
+    sampling: the chosen token's logprob (from `sample`, here with temperature and
+    top-p) equals its alternative's when it is among them."""
+    rng = np.random.default_rng(4)
+    logits = jnp.asarray(rng.normal(size=(5, 40)) * 2, jnp.float32)
+    ids, lps = jax.jit(top_logprobs, static_argnums=1)(logits, 6)
+    ref = np.asarray(jax.nn.log_softmax(logits))
+    np.testing.assert_array_equal(ids, np.argsort(-ref, axis=-1, kind="stable")[:, :6])
+    np.testing.assert_allclose(lps, np.take_along_axis(ref, np.asarray(ids), -1), atol=1e-6)
+    toks, chosen = _sample(logits, *_rows([Sampling(1.7, top_p=0.8, seed=s) for s in range(5)], 40), 3)
+    for b in range(5):
+        row = np.asarray(ids[b]).tolist()
+        if int(toks[b]) in row:
+            assert float(chosen[b]) == pytest.approx(float(lps[b, row.index(int(toks[b]))]), abs=1e-6)
+
+
+def test_sample_seeds():
+    """Sample 0 of a request draws with its seed; samples j >= 1 with distinct, fixed
+    seeds derived from it (stable across processes: a hash, not hash())."""
+    assert sample_seed(123, 0) == 123
+    seeds = [sample_seed(123, j) for j in range(50)]
+    assert len(set(seeds)) == 50 and all(0 <= x < 2**32 for x in seeds)
+    assert sample_seed(123, 1) == derive_seed(123, {"sample": 1}) != derive_seed(123, 1)
+    assert sample_seed(124, 1) != sample_seed(123, 1)
 
 
 def test_seed_independent_of_batch_size_and_position():
