@@ -67,12 +67,13 @@ def batch():
     return ids, mask
 
 
-def _incremental(params, ids, mask, kv_dtype=None, step=_step):
+def _incremental(params, ids, mask, kv_dtype=None, step=_step, split_experts=False):
     """Logits [B, TOTAL, V] from prefill, a second multi-token piece, then one token at a time.
 
     The single-token steps run the unrolled model on per-group weights, as decode does
-    on CPU for large weights (`engine.unroll_decode`); the prefill pieces the scan."""
-    unstacked = unstack_layers(params)
+    on CPU for large weights (`engine.unroll_decode`; split_experts: with each MoE
+    layer's experts as separate arrays); the prefill pieces the scan."""
+    unstacked = unstack_layers(params, split_experts=split_experts)
     B = ids.shape[0]
     cache = init_cache(CFG, B, TOTAL + 3, kv_dtype=kv_dtype)  # global layers: room to spare
     pos = np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)
@@ -86,10 +87,14 @@ def _incremental(params, ids, mask, kv_dtype=None, step=_step):
     return np.concatenate(outs, axis=1), cache
 
 
-def test_prefill_then_decode_equals_full_forward(params, batch):
+@pytest.mark.parametrize("split_experts", [False, True])
+def test_prefill_then_decode_equals_full_forward(params, batch, split_experts):
+    """split_experts: the decode steps' MoE layers hold their experts as an `ExpertList`,
+    which `ragged` runs with `per_expert` (here top-2 of 3 experts, 3 rows: every
+    expert is taken by some row)."""
     ids, mask = batch
     full = np.asarray(llama4_jax.forward(CFG, params, ids, attention_mask=mask))
-    inc, cache = _incremental(params, ids, mask)
+    inc, cache = _incremental(params, ids, mask, split_experts=split_experts)
     valid = mask.astype(bool)
     # Same math in a different order (cache slots vs one sequence): fp32 rounding only.
     # Logits are O(10) here; 1e-4 absolute is ~1e-5 relative.

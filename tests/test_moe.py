@@ -18,7 +18,7 @@ from llama4_jax.model import moe
 from tests.lowering import lower_for_tpu_or_skip
 
 E, D, F = 9, 21, 13
-STRATEGIES = ("ragged", "ragged_dot", "blocked", "rowwise", "gmm")  # gmm: megablox, interpret mode here
+STRATEGIES = ("ragged", "ragged_dot", "blocked", "rowwise", "per_expert", "gmm")  # gmm: megablox, interpret mode here
 # fp32 at matmul precision `highest`: the strategies differ from `dense` only in how
 # the same products are blocked and summed (dense adds exact zeros for the other
 # experts), so differences are a few ulps of O(1) outputs.
@@ -59,6 +59,11 @@ def _strategies(idx):
     # `rowwise` unrolls one matmul chain per row; it is only ever picked for T*k <= E,
     # so larger inputs would only slow the compile down.
     return tuple(n for n in STRATEGIES if n != "rowwise" or idx.size <= 2 * E)
+
+
+def _expert_list(w):
+    return {n: moe.ExpertList(tuple(jax.tree_util.tree_map(lambda a, e=e: a[e], w[n]) for e in range(E)))
+            for n in w}
 
 
 def _check_all(h, w, idx, score, atol=ATOL_F32):
@@ -267,6 +272,44 @@ def test_hlo_checker_catches_a_relayout(w):
     scan = lambda ws: jax.lax.scan(lambda c, wl: (c + moe.blocked_moe(h, wl, idx, score), None),
                                    jnp.zeros_like(h), ws)[0]
     assert weight_layout_problems(_hlo(scan, stacked), per_layer_copy_ok=False)
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+@pytest.mark.parametrize("T,k", [(1, 1), (4, 2), (37, 1)])
+def test_per_expert_on_expert_list(w, T, k, quantize):
+    """`ragged` on `ExpertList` weights runs `per_expert`, equal to `dense` on the stacked
+    weights (float: ATOL_F32; int8: the same quantized weights both ways). Its
+    compiled HLO makes no expert-sized array other than the parameters: each taken
+    branch reads its expert's buffer, nothing is sliced or copied out."""
+    from llama4_jax import quant
+
+    h, idx, score = _routed(T, k)
+    ws = w if quantize is None else {n: quant.quantize(w[n], quantize, n_in=1) for n in w}
+    ref = np.asarray(moe.dense_moe(h, ws, idx, score))
+    split = _expert_list(ws)
+    assert split["gate"].shape == (E, D, F)
+    out = np.asarray(jax.jit(moe.ragged_moe)(h, split, idx, score))
+    np.testing.assert_allclose(out, ref, atol=ATOL_F32, rtol=0)
+    if quantize is None:
+        def made(fn, ws):
+            return [(dims, op) for dims, _, op in _instructions(_hlo(fn, h, ws, idx, score))
+                    if int(np.prod(dims or [1])) == D * F and op not in ("parameter", "get-tuple-element", "bitcast")]
+
+        assert not made(moe.ragged_moe, split), made(moe.ragged_moe, split)
+        assert made(moe.per_expert_moe, w), "the check has teeth: stacked weights are sliced out"
+
+
+def test_expert_list_refused_by_stacked_strategies(w):
+    h, idx, score = _routed(2, 1)
+    module = moe.MoE(PRESETS["tiny"].text, jnp.float32, impl="blocked")
+    t = PRESETS["tiny"].text
+    params = module.init(jax.random.key(0), jnp.zeros((1, 2, t.hidden_size)))
+    inner = dict(params["params"])
+    for n in ("gate", "up", "down"):
+        a = inner[n].unbox() if hasattr(inner[n], "unbox") else inner[n]
+        inner[n] = moe.ExpertList(tuple(a[e] for e in range(a.shape[0])))
+    with pytest.raises(ValueError, match="ExpertList"):
+        module.apply({"params": inner}, jnp.zeros((1, 2, t.hidden_size)))
 
 
 @pytest.mark.parametrize("name,T", [("blocked", 37), ("rowwise", 8), ("dense", 8)])

@@ -7,6 +7,8 @@ KV head, d head dim, E experts, F feed-forward width, V vocabulary.
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -16,20 +18,39 @@ from .. import quant
 INIT = nn.initializers.normal(stddev=0.02)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ExpertList:
+    """A stacked expert weight [E, ...] held as E separate arrays (or quantized weights).
+
+    The decode parameters on CPU (`unstack_layers(split_experts=True)`) take this
+    form so a matmul reads a chosen expert's buffer where it lies: slicing w[e] out of
+    a stacked array is a copy on XLA:CPU, which cost more than the matmul itself (96 MB
+    copied per step at batch 8 in the benchmark model). `moe.per_expert_moe` consumes it.
+    """
+
+    parts: tuple
+
+    @property
+    def shape(self) -> tuple:
+        return (len(self.parts),) + tuple(self.parts[0].shape)
+
+
 def param(module: nn.Module, name: str, shape, axes, dtype, init=INIT):
     """A parameter annotated with logical axis names (one name per dimension).
 
-    A stored `quant.QuantizedWeight` is returned as it is (the matmuls take it in place
-    of the array) once its logical shape is checked: flax's own check compares the
-    leaves, and an int4 weight's packed leaf has another shape than the float one.
+    A stored `quant.QuantizedWeight` or `ExpertList` is returned as it is (the matmuls
+    take it in place of the array) once its logical shape is checked: flax's own check
+    compares the leaves, and an int4 weight's packed leaf has another shape than the
+    float one.
     """
     assert len(shape) == len(axes), (name, shape, axes)
     if module.has_variable("params", name):
         value = module.get_variable("params", name)
-        if quant.is_quantized(value):
+        if quant.is_quantized(value) or isinstance(value, ExpertList):
             if tuple(value.shape) != tuple(shape):
-                raise quant.QuantError(f"quantized parameter {'/'.join(module.path)}/{name} has shape "
-                                       f"{tuple(value.shape)}, the model expects {tuple(shape)}")
+                raise quant.QuantError(f"parameter {'/'.join(module.path)}/{name} ({type(value).__name__}) has "
+                                       f"shape {tuple(value.shape)}, the model expects {tuple(shape)}")
             return value
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 

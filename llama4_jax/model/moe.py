@@ -21,7 +21,11 @@ Implementations behind `moe_impl`, all tested equal to `dense`:
         experts that received tokens, block matmuls on each expert's weight slice,
         with a custom VJP (`grouped_swiglu`) so it trains;
       - `rowwise` (CPU decode, T*k <= E): each row times its own expert's slice,
-        unrolled, so only the chosen experts' weights are read.
+        unrolled, so only the chosen experts' weights are read;
+      - `per_expert` (CPU decode on `ExpertList` weights, which `ragged` always sends
+        here): one `lax.cond` per expert, taken when a row chose it, running every row
+        (inputs zero-scaled as in `dense`) on that expert's own buffer: each chosen
+        expert is read once, and never copied out of a stacked array.
 Expert weights are stored as the matmul consumes them (gate/up [E, D, F], down
 [E, F, D]: `x @ w[e]`), so no strategy transposes or re-lays-out a weight;
 tests/test_moe.py checks the compiled HLO for that. Every strategy also takes
@@ -42,7 +46,7 @@ import jax.numpy as jnp
 from .. import quant
 from ..config import TextConfig
 from ..kernels import platform as _platform
-from .layers import MLP, param, swiglu
+from .layers import MLP, ExpertList, param, swiglu
 
 _MOE_IMPLS: dict = {}
 
@@ -362,6 +366,37 @@ def rowwise_moe(h, w, idx, score):
     return jnp.concatenate(ys).reshape(T, k, -1).sum(axis=1)
 
 
+def per_expert_moe(h, w, idx, score):
+    """Decode-sized MoE: for each expert a `lax.cond`, taken only if some row chose it,
+    that runs all T rows through it with inputs scaled by their score for it (0 for
+    the rows that did not choose it: their output is exactly 0, as in `dense`).
+
+    Reads each chosen expert once (rows that share an expert share the read); the T
+    rows cost what one row costs while T is small, the weights dominate. With
+    `ExpertList` weights the matmuls read each expert's own buffer; with stacked
+    [E, ...] weights each taken branch slices (copies) its expert first. The E
+    branches are independent, so XLA:CPU runs taken ones concurrently.
+    Measured on the benchmark model's shapes (16 experts, D=256, F=512, 8 layers, 2
+    cores): T=1 1.09 ms against `rowwise` 1.96; T=8 8.8 ms against `dense` 18.5.
+    """
+    T = h.shape[0]
+    E = w["gate"].shape[0]
+    s_te = jnp.zeros((T, E), h.dtype).at[jnp.arange(T)[:, None], idx].set(score)
+    used = jnp.zeros((E,), bool).at[idx.reshape(-1)].set(True)
+
+    def expert(e):
+        if isinstance(w["gate"], ExpertList):
+            return tuple(w[n].parts[e] for n in ("gate", "up", "down"))
+        return tuple(quant.take(w[n], e) for n in ("gate", "up", "down"))
+
+    out = jnp.zeros_like(h)
+    with jax.named_scope("per_expert"):
+        for e in range(E):
+            run = lambda x, ws=expert(e): swiglu(x, *ws)  # noqa: E731
+            out = out + jax.lax.cond(used[e], run, jnp.zeros_like, h * s_te[:, e:e + 1])
+    return out
+
+
 def ragged_strategy(num_rows: int, num_experts: int, platform: str | None = None, *, quantized: bool = False) -> str:
     """The strategy `ragged` uses for T*k = `num_rows` routed rows on `platform`.
 
@@ -384,7 +419,10 @@ def ragged_strategy(num_rows: int, num_experts: int, platform: str | None = None
 
 
 def ragged_moe(h, w, idx, score):
-    """Only the top-k experts per token, with the strategy `ragged_strategy` picks."""
+    """Only the top-k experts per token, with the strategy `ragged_strategy` picks
+    (`per_expert` for `ExpertList` weights)."""
+    if isinstance(w["gate"], ExpertList):
+        return per_expert_moe(h, w, idx, score)
     name = ragged_strategy(idx.size, w["gate"].shape[0], quantized=quant.is_quantized(w["gate"]))
     return _MOE_IMPLS[name](h, w, idx, score)
 
@@ -394,6 +432,7 @@ register_moe("ragged", ragged_moe)
 register_moe("ragged_dot", ragged_dot_moe)
 register_moe("blocked", blocked_moe)
 register_moe("rowwise", rowwise_moe)
+register_moe("per_expert", per_expert_moe)
 register_moe("gmm", gmm_moe)
 
 
@@ -420,5 +459,8 @@ class MoE(nn.Module):
             fn = _MOE_IMPLS[self.impl]
         except KeyError:
             raise ValueError(f"unknown moe_impl {self.impl!r}; available: {sorted(_MOE_IMPLS)}") from None
+        if isinstance(experts["gate"], ExpertList) and fn not in (ragged_moe, per_expert_moe):
+            raise ValueError(f"moe_impl {self.impl!r} takes stacked expert weights; these are an ExpertList "
+                             "(unstack_layers(split_experts=True)): use 'ragged' or 'per_expert'")
         routed = fn(h, experts, idx, score).reshape(B, T, D)
         return MLP(F, dt, name="shared")(x) + routed

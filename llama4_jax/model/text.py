@@ -27,7 +27,7 @@ import numpy as np
 from ..config import LayerFlags, Llama4Config, TextConfig, rope_inv_freq
 from ..kernels import default_attention_impl, ring
 from .attention import INVALID_POS, Attention, temperature_scale
-from .layers import MLP, RMSNorm, param, rope_angles
+from .layers import MLP, ExpertList, RMSNorm, param, rope_angles
 from .. import quant, sharding
 from . import moe_ep  # noqa: F401  (registers moe_impl='ep')
 from .moe import MoE
@@ -154,15 +154,52 @@ class TextModel(nn.Module):
         return logits, (new_cache if cache_layers is not None else None), hidden
 
 
-def unstack_layers(params):
+def unstack_layers(params, split_experts: bool = False):
     """Parameters for `TextModel(scan_layers=False)`: the stacked `layers` subtree
-    [G, ...] split into per-group subtrees `layers_0` .. `layers_{G-1}` (new arrays)."""
+    [G, ...] split into per-group subtrees `layers_0` .. `layers_{G-1}` (new arrays).
+
+    split_experts: also hold each MoE layer's routed experts as E separate arrays
+    (`ExpertList`), which the `ragged` MoE runs with `per_expert` (a decode step then
+    reads each chosen expert in place instead of copying it out of [E, D, F]).
+
+    In one process this is one jitted copy (~5x faster than slicing leaf by leaf: 21
+    against 109 ms for the 58M-parameter benchmark model); across processes the slices
+    are taken eagerly, which keeps each array's sharding as it is."""
+    if jax.process_count() == 1:
+        return _unstack_jit(params, split_experts)
+    return _unstack(params, split_experts)
+
+
+def _unstack(params, split_experts: bool):
     p = dict(params["params"])
     layers = p.pop("layers")
     G = jax.tree_util.tree_leaves(layers)[0].shape[0]
     for g in range(G):
-        p[f"layers_{g}"] = jax.tree_util.tree_map(lambda x: x[g], layers)
+        group = jax.tree_util.tree_map(lambda x: x[g], layers)
+        if split_experts:
+            group = _split_experts(group)
+        p[f"layers_{g}"] = group
     return {**params, "params": p}
+
+
+def _split_experts(tree):
+    """Each routed-expert weight (gate, up, down under a `moe` module) as an `ExpertList`."""
+    if not isinstance(tree, dict):
+        return tree
+    out = {}
+    for name, sub in tree.items():
+        if name == "moe":
+            sub = dict(sub)
+            for w in ("gate", "up", "down"):
+                E = sub[w].shape[0]
+                sub[w] = ExpertList(tuple(jax.tree_util.tree_map(lambda x, e=e: x[e], sub[w]) for e in range(E)))
+        else:
+            sub = _split_experts(sub)
+        out[name] = sub
+    return out
+
+
+_unstack_jit = jax.jit(_unstack, static_argnums=1)
 
 
 def positions_from_mask(attention_mask, offset=None):
