@@ -28,10 +28,11 @@ How a run goes (continuous batching over `batch_size` decode slots):
     are written) and refills their slots. Each row has its own step, so a request's
     tokens do not depend on its slot, its batch-mates or when it entered;
   * prompts are left-padded to a prompt-length bucket (powers of two), a prefill's
-    prompts to P rows and an insert's rows to M rows (powers of two up to
-    `batch_size`; a prefill draws the first tokens of `batch_size` sample rows,
-    fillers included), so a run compiles prefill once per (bucket, P), insert once per
-    (P, M) (P = M when every n is 1), decode and `empty_state` once. Top-k
+    prompts to P rows and an insert's rows to M rows (1 or `batch_size`: a refill of
+    at most half the slots prefills one prompt at a time; a prefill draws the first
+    tokens of `batch_size` sample rows, fillers included), so a run compiles prefill
+    at most twice per bucket, insert at most four times, decode and `empty_state`
+    once. Top-k
     log-probabilities are computed for the run's largest k, bucketed
     (`engine.logprob_bucket`), and sliced per request on the host, so mixed k do not
     add compilations;
@@ -276,11 +277,6 @@ def _pixel_batch(config: Llama4Config, params, reqs: list[Request]):
     return jnp.asarray(np.concatenate([tiles, pad]), params["params"]["vision"]["patch_embed"].dtype), config
 
 
-def _pow2(n: int, cap: int) -> int:
-    """n rounded up to a power of two, at most cap."""
-    return min(cap, 1 << (n - 1).bit_length())
-
-
 @dataclasses.dataclass
 class _Held:
     """A prefill state whose sample rows wait for free slots: `pending` lists
@@ -337,10 +333,12 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
 
     def prefill(free: int) -> _Held:
         """Prefill the next prompts of the queue, with all their samples (at most B rows),
-        until they fill `free` slots."""
+        until they fill `free` slots; only the next prompt when at most half the slots
+        are free (a refill between decode steps)."""
         take: list[tuple[int, int]] = []  # (request index, sample index) per row
         prompts: list[int] = []
-        while queue and len(take) < free:
+        one = free <= B // 2
+        while queue and len(take) < free and not (one and prompts):
             i, k = queue[0]
             left = len(requests[i].samples) - k
             if left > B - len(take) and take:
@@ -352,9 +350,13 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
                 queue[0][1] += len(js)  # n > B: the rest in a later prefill
             else:
                 queue.popleft()
-        # P prompt rows (a power of two) run the model; B sample rows draw their first
-        # tokens (cheap), so prefill compiles per (prompt bucket, P) whatever the n.
-        K, P = B, _pow2(len(prompts), B)
+        # P prompt rows run the model: 1, or B (padded) for several prompts. On CPU a
+        # prefill's cost is its P x T tokens, so refilling a few slots one prompt at a
+        # time costs what one batch of them would, and prefill compiles per prompt
+        # bucket for P = 1 and B only (the mixed benchmark spent 49 of 131 s compiling
+        # 22 executables with P any power of two). B sample rows draw their first
+        # tokens (cheap), whatever the n.
+        K, P = B, (1 if len(prompts) == 1 else B)
         reqs = [requests[i] for i in prompts]
         T = prompt_bucket(max(len(r.ids) for r in reqs), max_model_len)
         ids = np.zeros((P, T), np.int32)
@@ -384,7 +386,7 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
                 held = prefill(len(free))
             go, held.pending = held.pending[:len(free)], held.pending[len(free):]
             slots, free = free[:len(go)], free[len(go):]
-            pad = _pow2(len(go), B) - len(go)  # M rows, a power of two: insert compiles per (P, M)
+            pad = (1 if len(go) == 1 else B) - len(go)  # M rows, 1 or B: insert compiles per (P, M)
             where = place(np.asarray(slots + [B] * pad, np.int32))  # B: dropped
             rows = place(np.asarray([r for r, _, _, _ in go] + [0] * pad, np.int32))
             cache_rows = place(np.asarray([c for _, c, _, _ in go] + [0] * pad, np.int32))

@@ -130,6 +130,29 @@ def test_continuous_batching_equals_one_at_a_time(scout):
         assert stats.decode_steps < 3 * (20 - 1)
 
 
+def test_mixed_run_compiles_a_bounded_set(scout):
+    """40 prompts of 3..60 tokens (prompt buckets 16, 32, 64) and budgets 1..12 over 4
+    slots: prefill compiles at most for P = 1 and P = 4 per bucket, insert for M = 1
+    and 4, then decode and the empty state once: at most 3 * 2 + 4 + 2 executables
+    however many prompts run (a second run of 40 others compiles nothing new)."""
+    from llama4_jax import engine
+
+    _, config, params = scout
+    rng = np.random.default_rng(8)
+    lens = rng.integers(3, 61, 80).tolist()
+    budgets = rng.integers(1, 13, 80).tolist()
+    prompts = _prompts(config.text.vocab_size, lens, seed=9)
+    engine.COMPILED.clear()
+    _, stats = llama4_jax.generate(config, params, prompts[:40], max_new_tokens=budgets[:40], batch_size=4,
+                                   max_model_len=128, return_stats=True)
+    first = len(engine.COMPILED)
+    assert first <= 3 * 2 + 4 + 2, first
+    assert stats.compile_s > 0
+    _, stats = llama4_jax.generate(config, params, prompts[40:], max_new_tokens=budgets[40:], batch_size=4,
+                                   max_model_len=128, return_stats=True)
+    assert len(engine.COMPILED) == first and stats.compile_s == 0
+
+
 def test_finished_slot_is_refilled(scout):
     """batch_size 2, budgets [2, 2, 2, 20], the long request first (the queue runs
     longest prompt first): it decodes beside the short ones as they come and go,

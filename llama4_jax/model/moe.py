@@ -369,7 +369,8 @@ def rowwise_moe(h, w, idx, score):
 def per_expert_moe(h, w, idx, score):
     """Decode-sized MoE: for each expert a `lax.cond`, taken only if some row chose it,
     that runs all T rows through it with inputs scaled by their score for it (0 for
-    the rows that did not choose it: their output is exactly 0, as in `dense`).
+    the rows that did not choose it: their output is exactly 0, as in `dense`). One
+    routed row (batch-1 decode, top-1) takes a single `lax.switch` over the experts.
 
     Reads each chosen expert once (rows that share an expert share the read); the T
     rows cost what one row costs while T is small, the weights dominate. With
@@ -381,20 +382,26 @@ def per_expert_moe(h, w, idx, score):
     """
     T = h.shape[0]
     E = w["gate"].shape[0]
-    s_te = jnp.zeros((T, E), h.dtype).at[jnp.arange(T)[:, None], idx].set(score)
-    used = jnp.zeros((E,), bool).at[idx.reshape(-1)].set(True)
 
     def expert(e):
         if isinstance(w["gate"], ExpertList):
             return tuple(w[n].parts[e] for n in ("gate", "up", "down"))
         return tuple(quant.take(w[n], e) for n in ("gate", "up", "down"))
 
-    out = jnp.zeros_like(h)
+    def branch(e):
+        ws = expert(e)
+        return lambda x, s: swiglu(x * s, *ws)
+
     with jax.named_scope("per_expert"):
-        for e in range(E):
-            run = lambda x, ws=expert(e): swiglu(x, *ws)  # noqa: E731
-            out = out + jax.lax.cond(used[e], run, jnp.zeros_like, h * s_te[:, e:e + 1])
-    return out
+        if idx.size == 1:
+            return jax.lax.switch(idx[0, 0], [branch(e) for e in range(E)], h, score[:, :1])
+        s_te = jnp.zeros((T, E), h.dtype).at[jnp.arange(T)[:, None], idx].set(score)
+        used = jnp.zeros((E,), bool).at[idx.reshape(-1)].set(True)
+        # The scaling happens inside each branch and the outputs are summed at once, so
+        # an untaken expert costs its predicate and a zero fill, nothing else.
+        ys = [jax.lax.cond(used[e], branch(e), lambda x, s: jnp.zeros_like(x), h, s_te[:, e:e + 1])
+              for e in range(E)]
+        return jnp.sum(jnp.stack(ys), axis=0)
 
 
 def ragged_strategy(num_rows: int, num_experts: int, platform: str | None = None, *, quantized: bool = False) -> str:
