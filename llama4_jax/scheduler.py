@@ -301,8 +301,9 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
     unroll = engine.unroll_decode(params)
     # Decode rows this many or fewer per routed expert read the chosen experts in
     # place (`per_expert`); more rows go to `blocked`, which takes stacked experts.
-    split = unroll and moe_impl == "ragged" and min(batch_size, n_samples) * text.num_experts_per_tok <= text.num_local_experts \
-        and all(len(x.sharding.device_set) == 1 for x in jax.tree_util.tree_leaves(params))
+    rows = min(batch_size, n_samples) * text.num_experts_per_tok
+    split = (unroll and moe_impl == "ragged" and rows <= text.num_local_experts
+             and all(len(x.sharding.device_set) == 1 for x in jax.tree_util.tree_leaves(params)))
     decode_params = unstack_layers(params, split_experts=split) if unroll else params
     # Longest prompt first; per prompt [request index, how many of its samples were taken].
     queue = collections.deque([i, 0] for i in sorted(range(len(requests)), key=lambda i: -len(requests[i].ids))

@@ -61,11 +61,6 @@ def _strategies(idx):
     return tuple(n for n in STRATEGIES if n != "rowwise" or idx.size <= 2 * E)
 
 
-def _expert_list(w):
-    return {n: moe.ExpertList(tuple(jax.tree_util.tree_map(lambda a, e=e: a[e], w[n]) for e in range(E)))
-            for n in w}
-
-
 def _check_all(h, w, idx, score, atol=ATOL_F32):
     ref = np.asarray(_JIT["dense"](h, w, idx, score))
     assert np.abs(ref).max() > 0.1  # a non-trivial output
@@ -286,7 +281,7 @@ def test_per_expert_on_expert_list(w, T, k, quantize):
     h, idx, score = _routed(T, k)
     ws = w if quantize is None else {n: quant.quantize(w[n], quantize, n_in=1) for n in w}
     ref = np.asarray(moe.dense_moe(h, ws, idx, score))
-    split = _expert_list(ws)
+    split = {n: moe.ExpertList.split(ws[n]) for n in ws}
     assert split["gate"].shape == (E, D, F)
     out = np.asarray(jax.jit(moe.ragged_moe)(h, split, idx, score))
     np.testing.assert_allclose(out, ref, atol=ATOL_F32, rtol=0)
@@ -295,19 +290,18 @@ def test_per_expert_on_expert_list(w, T, k, quantize):
             return [(dims, op) for dims, _, op in _instructions(_hlo(fn, h, ws, idx, score))
                     if int(np.prod(dims or [1])) == D * F and op not in ("parameter", "get-tuple-element", "bitcast")]
 
-        assert not made(moe.ragged_moe, split), made(moe.ragged_moe, split)
+        found = made(moe.ragged_moe, split)
+        assert not found, found
         assert made(moe.per_expert_moe, w), "the check has teeth: stacked weights are sliced out"
 
 
-def test_expert_list_refused_by_stacked_strategies(w):
-    h, idx, score = _routed(2, 1)
-    module = moe.MoE(PRESETS["tiny"].text, jnp.float32, impl="blocked")
+def test_expert_list_refused_by_stacked_strategies():
     t = PRESETS["tiny"].text
+    module = moe.MoE(t, jnp.float32, impl="blocked")
     params = module.init(jax.random.key(0), jnp.zeros((1, 2, t.hidden_size)))
     inner = dict(params["params"])
     for n in ("gate", "up", "down"):
-        a = inner[n].unbox() if hasattr(inner[n], "unbox") else inner[n]
-        inner[n] = moe.ExpertList(tuple(a[e] for e in range(a.shape[0])))
+        inner[n] = moe.ExpertList.split(inner[n].unbox() if hasattr(inner[n], "unbox") else inner[n])
     with pytest.raises(ValueError, match="ExpertList"):
         module.apply({"params": inner}, jnp.zeros((1, 2, t.hidden_size)))
 

@@ -31,6 +31,12 @@ class ExpertList:
 
     parts: tuple
 
+    @classmethod
+    def split(cls, w) -> "ExpertList":
+        """A stacked [E, ...] weight (array or quantized weight) as its E experts."""
+        E = w.shape[0]
+        return cls(tuple(jax.tree_util.tree_map(lambda x, e=e: x[e], w) for e in range(E)))
+
     @property
     def shape(self) -> tuple:
         return (len(self.parts),) + tuple(self.parts[0].shape)

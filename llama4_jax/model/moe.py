@@ -377,8 +377,9 @@ def per_expert_moe(h, w, idx, score):
     `ExpertList` weights the matmuls read each expert's own buffer; with stacked
     [E, ...] weights each taken branch slices (copies) its expert first. The E
     branches are independent, so XLA:CPU runs taken ones concurrently.
-    Measured on the benchmark model's shapes (16 experts, D=256, F=512, 8 layers, 2
-    cores): T=1 1.09 ms against `rowwise` 1.96; T=8 8.8 ms against `dense` 18.5.
+    Measured in a micro-benchmark of 8 chained MoE layers with the benchmark model's
+    shapes (16 experts, D=256, F=512, 2 cores): T=1 1.09 ms against `rowwise` 1.96;
+    T=8 8.8 ms against `dense` 18.5.
     """
     T = h.shape[0]
     E = w["gate"].shape[0]

@@ -191,8 +191,7 @@ def _split_experts(tree):
         if name == "moe":
             sub = dict(sub)
             for w in ("gate", "up", "down"):
-                E = sub[w].shape[0]
-                sub[w] = ExpertList(tuple(jax.tree_util.tree_map(lambda x, e=e: x[e], sub[w]) for e in range(E)))
+                sub[w] = ExpertList.split(sub[w])
         else:
             sub = _split_experts(sub)
         out[name] = sub
