@@ -42,7 +42,9 @@ import re
 import signal
 import sys
 
-from . import distributed, safety
+import jax
+
+from . import distributed, engine, safety
 from .generate import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MODEL, default_prefill_chunk
 from .prompts import DEFAULT_MAX_IMAGE_PIXELS, check_image_file, image_processor_for, render, render_images
 from .sampling import Sampling, with_seed
@@ -123,6 +125,12 @@ def add_arguments(parser) -> None:
                         help='device mesh, e.g. "data=2,expert=4" (axes data, fsdp, expert, tensor): the model is '
                              "loaded straight onto it and batches run data- and expert-parallel")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cache = parser.add_mutually_exclusive_group()
+    cache.add_argument("--compile-cache", default=None, metavar="DIR",
+                       help="keep compiled executables in DIR, so the next run with the same model and shapes "
+                            "skips XLA compilation (default: $LLAMA4_JAX_COMPILE_CACHE, else "
+                            "~/.cache/llama4_jax/xla; a JAX_COMPILATION_CACHE_DIR already set is kept)")
+    cache.add_argument("--no-compile-cache", action="store_true", help="compile everything in this run")
     parser.add_argument("--max-images-per-prompt", type=int, default=8,
                         help='most images one request may carry ("images": [paths] or image parts of "messages")')
     parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
@@ -456,6 +464,15 @@ def run(args) -> int:
     bad_path = _check_paths(args)
     if bad_path:
         return _err(bad_path)
+    cache_dir = None if args.no_compile_cache else args.compile_cache
+    if cache_dir is None and not args.no_compile_cache and not jax.config.jax_compilation_cache_dir:
+        cache_dir = engine.default_compile_cache()
+    if cache_dir is not None:
+        try:
+            engine.use_compile_cache(cache_dir)
+        except OSError as e:  # a read-only home: run, compiling everything
+            print(f"{PROG}: warning: no compile cache ({cache_dir}: {e.strerror}); compiling everything",
+                  file=sys.stderr)
     finished, valid_bytes = set(), 0
     if args.resume and os.path.exists(args.output):
         try:

@@ -6,6 +6,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ["LLAMA4_JAX_COMPILE_CACHE"] = ""  # the CLI's tests compile; they never write the user's cache
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

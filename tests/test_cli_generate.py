@@ -265,3 +265,54 @@ def test_output_paths_checked_before_loading(tmp_path, capsys):
     assert "is the --input file" in capsys.readouterr().err
     assert open(inp).read() == before
 
+
+
+_CACHE_RUN = """
+import sys
+import jax
+from llama4_jax import engine
+from llama4_jax.cli import main
+
+hits = []
+jax.monitoring.register_event_listener(lambda e, **kw: hits.append(e) if e.endswith("/cache_hits") else None)
+argv = sys.argv[1:]
+assert main(argv) == 0
+first = len(engine.COMPILED)
+engine.COMPILED.clear()  # as a new process: every executable compiled again, or loaded
+jax.clear_caches()
+hits.clear()
+assert main(argv + ["--overwrite"]) == 0
+print("executables", first, "hits", len(hits))
+"""
+
+
+def test_compile_cache_serves_the_next_run(tmp_path):
+    """--compile-cache DIR keeps the run's executables; a run that compiles them again
+    (a new process) loads every one from DIR instead. In a subprocess: jax's cache
+    setting is process-wide."""
+    import subprocess
+    import sys
+
+    inp = _write(tmp_path / "in.jsonl", [{"id": "a", "prompt": "123+456="}])
+    cache = tmp_path / "xla"
+    r = subprocess.run([sys.executable, "-c", _CACHE_RUN, "generate", "--input", inp, "--output",
+                        str(tmp_path / "out.jsonl"), "--compile-cache", str(cache), *COMMON],
+                       capture_output=True, text=True, timeout=600,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0, r.stderr[-2000:]
+    n, hits = (int(x) for x in r.stdout.split()[1::2])
+    assert n >= 3 and hits >= n, r.stdout  # prefill, insert, decode, ... all loaded
+    assert len(os.listdir(cache)) >= n
+
+
+def test_compile_cache_that_cannot_be_made_warns(tmp_path, capsys):
+    """A cache directory that cannot be made (here: under a file) is a warning; the
+    run goes on and compiles (jax's setting is left alone)."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    inp = _write(tmp_path / "in.jsonl", [{"id": "a", "prompt": "123+456="}])
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--input", inp, "--output", str(out), "--compile-cache", str(blocker / "xla"),
+                 *COMMON]) == 0
+    assert "warning: no compile cache" in capsys.readouterr().err
+    assert len(_read(out)) == 1

@@ -153,6 +153,21 @@ def test_mixed_run_compiles_a_bounded_set(scout):
     assert len(engine.COMPILED) == first and stats.compile_s == 0
 
 
+def test_budgets_in_one_bucket_share_executables(scout):
+    """New-token buffers round up to powers of two (multiples of 512 past 512), so a
+    notebook asking for 40 tokens, then 60, compiles once; 600 tokens add at most 512
+    slots of cache."""
+    from llama4_jax import engine
+
+    assert [engine.new_token_bucket(n) for n in (1, 16, 17, 40, 60, 64, 65, 512, 513, 600, 1100)] == \
+        [16, 16, 32, 64, 64, 64, 128, 512, 1024, 1024, 1536]
+    _, config, params = scout
+    (p,) = _prompts(config.text.vocab_size, (7,), seed=12)
+    _, stats = llama4_jax.generate(config, params, [p], max_new_tokens=40, return_stats=True)
+    _, stats = llama4_jax.generate(config, params, [p], max_new_tokens=60, return_stats=True)
+    assert stats.compile_s == 0
+
+
 def test_finished_slot_is_refilled(scout):
     """batch_size 2, budgets [2, 2, 2, 20], the long request first (the queue runs
     longest prompt first): it decodes beside the short ones as they come and go,
