@@ -375,8 +375,8 @@ def test_auto_picks_by_platform_and_size():
     fit GPU_XLA_MAX_SCORE_BYTES (faster than blockwise at 16K on an H200), then blockwise."""
     from llama4_jax import kernels
 
-    assert default_attention_impl(1024, platform="cpu") == "xla"
-    assert default_attention_impl(1025, platform="cpu") == "blockwise"
+    assert default_attention_impl(512, platform="cpu") == "xla"
+    assert default_attention_impl(513, platform="cpu") == "blockwise"
     assert default_attention_impl(16384, batch_heads=4, platform="gpu") == "xla"  # 4 GiB of scores
     assert default_attention_impl(16384, batch_heads=5, platform="gpu") == "blockwise"
     assert default_attention_impl(1, key_len=65536, batch_heads=64, platform="gpu") == "xla"  # a decode step

@@ -304,7 +304,8 @@ def forward(
       attention_impl: attention backend (see `llama4_jax.model.attention.backends()`):
         "xla" (the reference), "blockwise", "pallas", "ring" (needs a mesh with a
         `seq` axis), or "auto", the default (`llama4_jax.kernels.default_attention_impl`:
-        xla up to 1024 tokens, then blockwise on CPU and pallas on GPU).
+        on CPU xla up to 512 tokens, then blockwise; on GPU xla while its scores fit
+        4 GiB, then blockwise; splash on TPU).
       moe_impl: "ragged" (only the chosen experts), "dense" (the reference) or "ep"
         (expert parallel over the mesh); default: "ep" when the mesh splits the
         experts evenly, else "ragged". An expert axis that does not divide the
