@@ -16,6 +16,22 @@ jax.config.update("jax_default_matmul_precision", "highest")
 from tests import hf_models  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _free_executables():
+    """After each test module, drop its compiled executables (the engine's and jax's).
+    XLA:CPU maps ~9+ memory regions per executable; a worker that keeps every
+    executable of its share of the suite passes Linux's vm.max_map_count (65530) and
+    dies in a later compile (seen as a segfault or abort at ~85% of the suite)."""
+    yield
+    import gc
+
+    from llama4_jax import engine
+
+    engine.COMPILED.clear()
+    jax.clear_caches()
+    gc.collect()
+
+
 @pytest.fixture(scope="session")
 def scout_like(tmp_path_factory):
     return hf_models.build("scout_like", tmp_path_factory)
