@@ -464,9 +464,9 @@ def run(args) -> int:
     bad_path = _check_paths(args)
     if bad_path:
         return _err(bad_path)
-    cache_dir = None if args.no_compile_cache else args.compile_cache
-    if cache_dir is None and not args.no_compile_cache and not jax.config.jax_compilation_cache_dir:
-        cache_dir = engine.default_compile_cache()
+    # --no-compile-cache, else --compile-cache, else a cache jax was already given, else ours.
+    cache_dir = None if args.no_compile_cache or (not args.compile_cache and jax.config.jax_compilation_cache_dir) \
+        else args.compile_cache or engine.default_compile_cache()
     if cache_dir is not None:
         try:
             engine.use_compile_cache(cache_dir)

@@ -1,5 +1,6 @@
 """Test setup: 8 fake CPU devices and exact fp32 matmuls, before jax is imported."""
 
+import gc
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -13,6 +14,7 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+from llama4_jax import engine  # noqa: E402
 from tests import hf_models  # noqa: E402
 
 
@@ -23,10 +25,6 @@ def _free_executables():
     executable of its share of the suite passes Linux's vm.max_map_count (65530) and
     dies in a later compile (seen as a segfault or abort at ~85% of the suite)."""
     yield
-    import gc
-
-    from llama4_jax import engine
-
     engine.COMPILED.clear()
     jax.clear_caches()
     gc.collect()

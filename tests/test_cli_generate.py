@@ -266,7 +266,6 @@ def test_output_paths_checked_before_loading(tmp_path, capsys):
     assert open(inp).read() == before
 
 
-
 _CACHE_RUN = """
 import sys
 import jax
