@@ -14,7 +14,8 @@ until a row finishes, every row is done, or a step limit. Each row keeps its own
 (index of its next token), so a request's tokens and random stream do not depend on
 when it entered a slot. All are compiled ahead of time through `call_compiled`, which
 keeps the executables across calls and books the compile time apart from prefill and
-decode time (`GenerationStats`).
+decode time (`GenerationStats`); the least recently used are dropped past
+`MAX_COMPILED`.
 
 With `top_logprobs=k` (static) the state also holds the k most likely tokens and
 their log-probabilities per generated token ("top_ids", "top_lps" [B, N, k]); callers
@@ -29,6 +30,7 @@ then 128 tokens compiles once.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import os
@@ -324,7 +326,13 @@ def decode(params, state, samp, budget, stop_ids, limit, *, text, attn_impl, moe
     return _pin(state), n
 
 
-COMPILED: dict = {}  # (function, argument structure, shapes, dtypes and shardings, statics, mesh) -> executable
+# (function, argument structure, shapes, dtypes and shardings, statics, mesh) -> executable,
+# least recently used first. Bounded: XLA:CPU maps ~9 or more memory regions per
+# executable, and a process that keeps thousands of them (a long notebook session over
+# many shapes) passes Linux's vm.max_map_count (65530) and fails in a later compile. A
+# run of `generate` uses about a dozen; one evicted is compiled again when next needed.
+COMPILED: collections.OrderedDict = collections.OrderedDict()
+MAX_COMPILED = 128
 
 
 def to_host(x) -> np.ndarray:
@@ -344,10 +352,14 @@ def call_compiled(stats: GenerationStats, jitted, *args, **static):
     key = (jitted, jax.tree_util.tree_structure(args),
            tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves),
            tuple(sorted(static.items())), sharding.active())
-    if key not in COMPILED:
+    if key in COMPILED:
+        COMPILED.move_to_end(key)
+    else:
         t0 = time.perf_counter()
         COMPILED[key] = jitted.lower(*args, **static).compile()
         stats.compile_s += time.perf_counter() - t0
+        while len(COMPILED) > MAX_COMPILED:
+            COMPILED.popitem(last=False)
     return COMPILED[key](*args)
 
 

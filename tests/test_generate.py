@@ -168,6 +168,29 @@ def test_budgets_in_one_bucket_share_executables(scout):
     assert stats.compile_s == 0
 
 
+def test_compiled_executables_are_bounded(monkeypatch):
+    """The engine keeps at most MAX_COMPILED executables, dropping the least recently
+    used (each maps memory regions; thousands would pass vm.max_map_count). A dropped
+    one is compiled again when needed, with the same result."""
+    import collections
+
+    import jax
+    import jax.numpy as jnp
+
+    from llama4_jax import engine
+
+    monkeypatch.setattr(engine, "MAX_COMPILED", 2)
+    monkeypatch.setattr(engine, "COMPILED", collections.OrderedDict())
+    double = jax.jit(lambda x: x * 2)
+    stats = engine.GenerationStats()
+    for n in (1, 2, 1, 3):  # 1 is used again after 2, so 2 is the one dropped by 3
+        np.testing.assert_array_equal(engine.call_compiled(stats, double, jnp.ones(n)), np.full(n, 2.0))
+    assert [key[2][0][0] for key in engine.COMPILED] == [(1,), (3,)]
+    before = stats.compile_s
+    np.testing.assert_array_equal(engine.call_compiled(stats, double, jnp.ones(2)), np.full(2, 2.0))
+    assert stats.compile_s > before and len(engine.COMPILED) == 2
+
+
 def test_finished_slot_is_refilled(scout):
     """batch_size 2, budgets [2, 2, 2, 20], the long request first (the queue runs
     longest prompt first): it decodes beside the short ones as they come and go,
