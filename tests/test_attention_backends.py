@@ -343,7 +343,7 @@ def test_model_forward_matches_xla():
 
 def test_registered_and_default():
     assert {"xla", "blockwise", "pallas", "splash", "ring", "ring_blockwise", "ring_pallas", "auto"} <= set(backends())
-    assert default_attention_impl(512) == "xla"
+    assert default_attention_impl(256) == "xla"
     assert default_attention_impl(65536) == "blockwise"
     with pytest.raises(ValueError, match="unknown attention_impl 'nope'"):
         attend(*make_inputs(1, 2, 2, 1, 1, 8), chunk_size=None, impl="nope")
@@ -375,8 +375,8 @@ def test_auto_picks_by_platform_and_size():
     fit GPU_XLA_MAX_SCORE_BYTES (faster than blockwise at 16K on an H200), then blockwise."""
     from llama4_jax import kernels
 
-    assert default_attention_impl(512, platform="cpu") == "xla"
-    assert default_attention_impl(513, platform="cpu") == "blockwise"
+    assert default_attention_impl(kernels.XLA_MAX_LEN, platform="cpu") == "xla" == default_attention_impl(256)
+    assert default_attention_impl(257, platform="cpu") == "blockwise"
     assert default_attention_impl(16384, batch_heads=4, platform="gpu") == "xla"  # 4 GiB of scores
     assert default_attention_impl(16384, batch_heads=5, platform="gpu") == "blockwise"
     assert default_attention_impl(1, key_len=65536, batch_heads=64, platform="gpu") == "xla"  # a decode step
@@ -519,7 +519,7 @@ def test_auto_on_tpu_is_splash():
         assert default_attention_impl(512) == "splash"
     with platform.tracing_for("cuda"):
         assert default_attention_impl(512) == "xla"
-    assert default_attention_impl(512) == "xla" and platform.target() == "cpu"
+    assert default_attention_impl(256) == "xla" and platform.target() == "cpu"
 
 
 def test_platform_target_and_tracing_for():

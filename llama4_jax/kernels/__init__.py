@@ -25,11 +25,11 @@ from .reference import xla_attention
 
 # Up to this many tokens (query or key) one fused [T, S] einsum beats the blocked loop
 # on CPU. Measured on the Scout-shaped benchmark model (hidden 256, 8 heads, 2 KV heads,
-# fp32, 2 threads), forward without cache: 4 x 512 xla 669 ms vs blockwise 749; 1 x 1024
-# 667 vs 397; 4 x 1024 2273 vs 1486. Prefill of one 500-token prompt into a 528-slot
-# cache 274 vs 199 ms; of a 1000-token one into 1040 slots 927 vs 401 (a 250-token one
-# into 272 slots: 115 vs 143).
-XLA_MAX_LEN = 512
+# fp32, 2 threads, 256 x 256 tiles), prefill time, xla vs blockwise: 1 x 120 tokens
+# into 144 slots (8 prompts) 233 vs 346 ms; 1 x 200 into 272 slots 117 vs 132, 8 x 200
+# 636 vs 579; 8 x 200 into 512 slots (a 256-token new buffer) 820 vs 448; 4 x 250 into
+# 512 473 vs 254; 1 x 400 into 528 333 vs 211; 1 x 1000 into 1040 1037 vs 371.
+XLA_MAX_LEN = 256
 # On GPU the fused einsum stays fastest much longer (H200, 16K tokens, chunk 8192, fp32:
 # 17 ms forward against blockwise's 33 ms with the chunked mask, 17 against 56 with the
 # global one; benchmarks/results/gpu-h200.md); its cost is the [B, H, T, S] fp32 score
