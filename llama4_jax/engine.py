@@ -48,7 +48,7 @@ from .sampling import sample
 from .sampling import top_logprobs as alternatives
 
 __all__ = ["GenerationStats", "empty_state", "prefill", "insert", "decode", "call_compiled", "to_host",
-           "prompt_bucket", "new_token_bucket", "logprob_bucket", "unroll_decode", "COMPILED",
+           "prompt_bucket", "new_token_bucket", "logprob_bucket", "unroll_layers", "COMPILED",
            "default_compile_cache", "use_compile_cache"]
 
 MIN_BUCKET = 16  # smallest prompt-length bucket
@@ -86,12 +86,13 @@ def _model(text: TextConfig, params, attn_impl, moe_impl, scan_layers: bool = Tr
     return TextModel(text, params["params"]["embed"].dtype, attn_impl, moe_impl, scan_layers=scan_layers)
 
 
-def unroll_decode(params) -> bool:
-    """Decode with per-group weight arrays (`unstack_layers`) on CPU, where a scanned
-    layer's weights are copied out of the stacked array on every step (3x the memory
-    traffic of a batch-1 step). It costs one extra copy of the layer weights for the
-    duration of a `generate` call and a longer compile, so only weights beyond the
-    caches (>= 32 MiB) take it."""
+def unroll_layers(params) -> bool:
+    """Prefill and decode with per-group weight arrays (`unstack_layers`) on CPU, where
+    a scanned layer's weights are copied out of the stacked array on every call (3x the
+    memory traffic of a batch-1 decode step; 68 of 320 ms of a 1000-token prefill of the
+    benchmark model). It costs one extra copy of the layer weights for the duration of a
+    `generate` call and a longer compile, so only weights beyond the caches (>= 32 MiB)
+    take it."""
     layers = jax.tree_util.tree_leaves(params["params"]["layers"])
     return jax.default_backend() == "cpu" and sum(x.nbytes for x in layers) >= _UNROLL_MIN_BYTES
 
@@ -146,9 +147,9 @@ def empty_state(*, text, batch, max_len, max_new, dtype, kv_dtype, top_logprobs=
 
 
 @functools.partial(jax.jit, static_argnames=("text", "max_len", "max_new", "attn_impl", "moe_impl", "kv_dtype",
-                                             "mm", "piece", "top_logprobs"))
+                                             "mm", "piece", "top_logprobs", "scan_layers"))
 def prefill(params, ids, mask, samp, budget, stop_ids, pixel_values=None, src=None, *, text, max_len, max_new,
-            attn_impl, moe_impl, kv_dtype, mm=None, piece=None, top_logprobs=0):
+            attn_impl, moe_impl, kv_dtype, mm=None, piece=None, top_logprobs=0, scan_layers=True):
     """Run the prompts [P, T] (left-padded, mask 0/1) and sample the first token of K rows.
 
     samp: dict of per-row sampling arrays [K]; budget: int32 [K] tokens each row may
@@ -160,13 +161,15 @@ def prefill(params, ids, mask, samp, budget, stop_ids, pixel_values=None, src=No
     config. piece: a prompt longer than this is prefilled in pieces of `piece` tokens
     (chunked prefill), each writing the cache the next one reads, so activations are
     bounded by the piece, not the prompt. top_logprobs: also keep the k most likely
-    tokens of each generated token (static).
+    tokens of each generated token (static). scan_layers=False: params are the per-group
+    parameters of `unroll_layers` (`unstack_layers`), whose layers it reads in place
+    (a scan copies each layer's weights out of the stack on every call).
 
     Returns a state of K rows whose cache holds the P prompts: row k's cache is cache
     row src[k] (`insert` copies it into the row's slot). Without src it is a decode state.
     """
     P = ids.shape[0]
-    model = _model(text, params, attn_impl, moe_impl)
+    model = _model(text, params, attn_impl, moe_impl, scan_layers)
     dtype = params["params"]["embed"].dtype
     cache = _new_cache(text, P, max_len, dtype, kv_dtype)
     positions, valid = positions_from_mask(mask)

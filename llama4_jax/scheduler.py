@@ -298,13 +298,14 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
         return []
     stop_set = set(stop_token_ids)
     stop_ids = place(np.asarray(sorted(stop_set) or [-1], np.int32))
-    unroll = engine.unroll_decode(params)
+    unroll = engine.unroll_layers(params)
     # Decode rows this many or fewer per routed expert read the chosen experts in
-    # place (`per_expert`); more rows go to `blocked`, which takes stacked experts.
+    # place (`per_expert`); more rows go to `blocked` on stacked experts. A prefill on
+    # the same parameters runs `blocked`, which takes an expert's buffer as it is.
     rows = min(batch_size, n_samples) * text.num_experts_per_tok
     split = (unroll and moe_impl == "ragged" and rows <= text.num_local_experts
              and all(len(x.sharding.device_set) == 1 for x in jax.tree_util.tree_leaves(params)))
-    decode_params = unstack_layers(params, split_experts=split) if unroll else params
+    run_params = unstack_layers(params, split_experts=split) if unroll else params
     # Longest prompt first; per prompt [request index, how many of its samples were taken].
     queue = collections.deque([i, 0] for i in sorted(range(len(requests)), key=lambda i: -len(requests[i].ids))
                               if requests[i].samples)
@@ -373,10 +374,10 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
         budget = place(np.asarray([budgets[i] for i, _ in take] + [0] * pad, np.int32))
         pixel_values, mm = _pixel_batch(config, params, reqs)
         stats.prompt_tokens += sum(len(r.ids) for r in reqs)
-        new = call_compiled(stats, engine.prefill, params, place(ids), place(mask), samp, budget, stop_ids,
+        new = call_compiled(stats, engine.prefill, run_params, place(ids), place(mask), samp, budget, stop_ids,
                             pixel_values, place(np.asarray(src, np.int32)), max_len=max_len, max_new=N,
                             kv_dtype=kv_dtype, mm=mm, piece=prefill_chunk if prefill_chunk and T > prefill_chunk
-                            else None, top_logprobs=top_k, **statics)
+                            else None, top_logprobs=top_k, scan_layers=not unroll, **statics)
         return _Held(new, [(k, src[k], i, j) for k, (i, j) in enumerate(take)])
 
     def refill(free: list[int]):
@@ -467,7 +468,7 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
         # With stop strings, decode in segments and check the new text in between.
         limit = STOP_STRING_SEGMENT if texts else N
         t0, c0 = time.perf_counter(), stats.compile_s
-        state, steps = call_compiled(stats, engine.decode, decode_params, state, *arrays, stop_ids,
+        state, steps = call_compiled(stats, engine.decode, run_params, state, *arrays, stop_ids,
                                      place(np.int32(limit)), scan_layers=not unroll, **statics)
         stats.decode_steps += int(to_host(steps))
         if texts:  # cut rows whose new text reached a stop string

@@ -70,9 +70,10 @@ def batch():
 def _incremental(params, ids, mask, kv_dtype=None, step=_step, split_experts=False):
     """Logits [B, TOTAL, V] from prefill, a second multi-token piece, then one token at a time.
 
-    The single-token steps run the unrolled model on per-group weights, as decode does
-    on CPU for large weights (`engine.unroll_decode`; split_experts: with each MoE
-    layer's experts as separate arrays); the prefill pieces the scan."""
+    The first piece runs the scan; the second piece and the single-token steps run the
+    unrolled model on per-group weights, as prefill and decode do on CPU for large
+    weights (`engine.unroll_layers`; split_experts: with each MoE layer's experts as
+    separate arrays, which the multi-token piece runs with `blocked`)."""
     unstacked = unstack_layers(params, split_experts=split_experts)
     B = ids.shape[0]
     cache = init_cache(CFG, B, TOTAL + 3, kv_dtype=kv_dtype)  # global layers: room to spare
@@ -80,9 +81,9 @@ def _incremental(params, ids, mask, kv_dtype=None, step=_step, split_experts=Fal
     outs = []
     for a, b in [(0, T_PROMPT), (T_PROMPT, T_PROMPT + T_CHUNK)] + [
             (t, t + 1) for t in range(T_PROMPT + T_CHUNK, TOTAL)]:
-        one = b - a == 1
-        logits, cache = step(unstacked if one else params, ids[:, a:b], pos[:, a:b], mask[:, a:b].astype(bool),
-                              cache, scan_layers=not one)
+        scan = a == 0
+        logits, cache = step(params if scan else unstacked, ids[:, a:b], pos[:, a:b], mask[:, a:b].astype(bool),
+                              cache, scan_layers=scan)
         outs.append(np.asarray(logits))
     return np.concatenate(outs, axis=1), cache
 

@@ -168,6 +168,27 @@ def test_budgets_in_one_bucket_share_executables(scout):
     assert stats.compile_s == 0
 
 
+@pytest.mark.parametrize("batch_size", [2, 6])  # 2 decode rows <= 5 experts: split; 6: stacked
+def test_unrolled_layers_match_the_scan(scout, monkeypatch, batch_size):
+    """Large weights on CPU prefill and decode on per-group weights (`unroll_layers`;
+    with at most E decode rows, each expert its own array, which prefill runs with
+    `blocked` and decode with `per_expert`); the tokens and log-probabilities equal
+    the scanned layers' (fp32 summation order only)."""
+    from llama4_jax import engine
+
+    _, config, params = scout
+    prompts = _prompts(config.text.vocab_size, (7, 13, 3, 21, 9, 30), seed=14)
+    run = lambda: llama4_jax.generate(config, params, prompts, max_new_tokens=6, batch_size=batch_size,
+                                      sampling=Sampling(temperature=0.0, seed=0), logprobs=0)
+    assert not engine.unroll_layers(params)  # the tiny model scans: the reference
+    ref = run()
+    monkeypatch.setattr(engine, "_UNROLL_MIN_BYTES", 0)
+    assert engine.unroll_layers(params)
+    out = run()
+    assert [c.token_ids for c in out] == [c.token_ids for c in ref]
+    np.testing.assert_allclose([c.logprobs for c in out], [c.logprobs for c in ref], atol=1e-5)
+
+
 def test_compiled_executables_are_bounded(monkeypatch):
     """The engine keeps at most MAX_COMPILED executables, dropping the least recently
     used (each maps memory regions; thousands would pass vm.max_map_count). A dropped

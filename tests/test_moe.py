@@ -270,12 +270,13 @@ def test_hlo_checker_catches_a_relayout(w):
 
 
 @pytest.mark.parametrize("quantize", [None, "int8"])
-@pytest.mark.parametrize("T,k", [(1, 1), (4, 2), (37, 1)])
-def test_per_expert_on_expert_list(w, T, k, quantize):
-    """`ragged` on `ExpertList` weights runs `per_expert`, equal to `dense` on the stacked
-    weights (float: ATOL_F32; int8: the same quantized weights both ways). Its
-    compiled HLO makes no expert-sized array other than the parameters: each taken
-    branch reads its expert's buffer, nothing is sliced or copied out."""
+@pytest.mark.parametrize("T,k", [(1, 1), (4, 2), (37, 1), (23, 2)])
+def test_ragged_on_expert_list(w, T, k, quantize):
+    """`ragged` on `ExpertList` weights, equal to `dense` on the stacked weights (float:
+    ATOL_F32; int8: the same quantized weights both ways): `per_expert` for T*k <= E
+    rows; `blocked` for more (a prefill on the decode parameters). Neither makes an
+    expert-sized array other than the parameters in its compiled HLO: each taken
+    branch reads its expert's buffers in place, nothing is sliced or copied out."""
     from llama4_jax import quant
 
     h, idx, score = _routed(T, k)
@@ -292,12 +293,13 @@ def test_per_expert_on_expert_list(w, T, k, quantize):
 
         found = made(moe.ragged_moe, split)
         assert not found, found
-        assert made(moe.per_expert_moe, w), "the check has teeth: stacked weights are sliced out"
+        strategy = moe.per_expert_moe if T * k <= E else moe.blocked_moe
+        assert made(strategy, w), "the check has teeth: stacked weights are sliced out"
 
 
 def test_expert_list_refused_by_stacked_strategies():
     t = PRESETS["tiny"].text
-    module = moe.MoE(t, jnp.float32, impl="blocked")
+    module = moe.MoE(t, jnp.float32, impl="rowwise")
     params = module.init(jax.random.key(0), jnp.zeros((1, 2, t.hidden_size)))
     inner = dict(params["params"])
     for n in ("gate", "up", "down"):

@@ -22,10 +22,11 @@ Implementations behind `moe_impl`, all tested equal to `dense`:
         with a custom VJP (`grouped_swiglu`) so it trains;
       - `rowwise` (CPU decode, T*k <= E): each row times its own expert's slice,
         unrolled, so only the chosen experts' weights are read;
-      - `per_expert` (CPU decode on `ExpertList` weights, which `ragged` always sends
-        here): one `lax.cond` per expert, taken when a row chose it, running every row
-        (inputs zero-scaled as in `dense`) on that expert's own buffer: each chosen
-        expert is read once, and never copied out of a stacked array.
+      - `per_expert` (CPU decode on `ExpertList` weights, where `ragged` sends T*k <= E
+        rows; more go to `blocked`, which takes `ExpertList` weights too): one
+        `lax.cond` per expert, taken when a row chose it, running every row (inputs
+        zero-scaled as in `dense`) on that expert's own buffer: each chosen expert is
+        read once, and never copied out of a stacked array.
 Expert weights are stored as the matmul consumes them (gate/up [E, D, F], down
 [E, F, D]: `x @ w[e]`), so no strategy transposes or re-lays-out a weight;
 tests/test_moe.py checks the compiled HLO for that. Every strategy also takes
@@ -229,6 +230,16 @@ def _expert_blocks(sizes, block: int, carry, step, local_init=None, local_done=N
 _expert = quant.take  # expert e's [D, F] / [F, D] slice of a float or quantized weight
 
 
+def _expert_swiglu(x, gate, up, down, e):
+    """Rows x through expert e: its weights sliced out of stacked arrays, or, for an
+    `ExpertList`, a `lax.switch` whose branch e reads that expert's buffers in place
+    (a branch returning the weights would copy them)."""
+    if isinstance(gate, ExpertList):
+        return jax.lax.switch(e, [lambda x, g=g, u=u, d=d: swiglu(x, g, u, d)
+                                  for g, u, d in zip(gate.parts, up.parts, down.parts)], x)
+    return swiglu(x, _expert(gate, e), _expert(up, e), _expert(down, e))
+
+
 def _rows(x, r0, block):
     return jax.lax.dynamic_slice_in_dim(x, r0, block)
 
@@ -257,7 +268,7 @@ def grouped_swiglu(x, gate, up, down, sizes, block: int):
     """
     def step(e, r0, keep, y, local):
         xb = _rows(x, r0, block)
-        yb = swiglu(xb, _expert(gate, e), _expert(up, e), _expert(down, e))
+        yb = _expert_swiglu(xb, gate, up, down, e)
         return _put_rows(y, r0, keep, yb), local
 
     return _expert_blocks(sizes, block, jnp.zeros_like(x), step)
@@ -427,10 +438,10 @@ def ragged_strategy(num_rows: int, num_experts: int, platform: str | None = None
 
 
 def ragged_moe(h, w, idx, score):
-    """Only the top-k experts per token, with the strategy `ragged_strategy` picks
-    (`per_expert` for `ExpertList` weights)."""
+    """Only the top-k experts per token, with the strategy `ragged_strategy` picks; for
+    `ExpertList` weights `per_expert` at decode sizes (T*k <= E), else `blocked`."""
     if isinstance(w["gate"], ExpertList):
-        return per_expert_moe(h, w, idx, score)
+        return (per_expert_moe if idx.size <= w["gate"].shape[0] else blocked_moe)(h, w, idx, score)
     name = ragged_strategy(idx.size, w["gate"].shape[0], quantized=quant.is_quantized(w["gate"]))
     return _MOE_IMPLS[name](h, w, idx, score)
 
@@ -467,8 +478,8 @@ class MoE(nn.Module):
             fn = _MOE_IMPLS[self.impl]
         except KeyError:
             raise ValueError(f"unknown moe_impl {self.impl!r}; available: {sorted(_MOE_IMPLS)}") from None
-        if isinstance(experts["gate"], ExpertList) and fn not in (ragged_moe, per_expert_moe):
+        if isinstance(experts["gate"], ExpertList) and fn not in (ragged_moe, per_expert_moe, blocked_moe):
             raise ValueError(f"moe_impl {self.impl!r} takes stacked expert weights; these are an ExpertList "
-                             "(unstack_layers(split_experts=True)): use 'ragged' or 'per_expert'")
+                             "(unstack_layers(split_experts=True)): use 'ragged', 'per_expert' or 'blocked'")
         routed = fn(h, experts, idx, score).reshape(B, T, D)
         return MLP(F, dt, name="shared")(x) + routed
