@@ -2,6 +2,7 @@
 
     python benchmarks/forward.py                 # batch 4 x 512 tokens, fp32, 8 layers
     python benchmarks/forward.py --moe-impl dense --repeats 3
+    python benchmarks/forward.py --attention-impl xla
 
 Both sides read the same checkpoint: a Scout-shaped small model (16 experts, top-1,
 shared expert, RoPE/NoPE pattern 3:1, qk norm, llama3 RoPE scaling; hidden 512, expert
@@ -108,7 +109,8 @@ def run_jax(args) -> dict:
     out = {}
 
     def call():
-        out["logits"] = jax.block_until_ready(llama4_jax.forward(config, params, ids, moe_impl=args.moe_impl))
+        out["logits"] = jax.block_until_ready(llama4_jax.forward(config, params, ids, moe_impl=args.moe_impl,
+                                                                       attention_impl=args.attention_impl))
 
     first, med = time_calls(call, args.repeats)
     np.save(os.path.join(args.workdir, "jax.npy"), np.asarray(out["logits"][0]))
@@ -179,7 +181,8 @@ def child(side: str, args) -> dict:
     """Run one side in a fresh process; returns its JSON report."""
     return run_json(__file__, ["--side", side, "--ckpt", args.ckpt, "--workdir", args.workdir,
                                "--batch", str(args.batch), "--seq", str(args.seq), "--repeats", str(args.repeats),
-                               "--moe-impl", args.moe_impl, "--decode-batch", str(args.decode_batch)])
+                               "--moe-impl", args.moe_impl, "--attention-impl", args.attention_impl,
+                               "--decode-batch", str(args.decode_batch)])
 
 
 def main(argv=None) -> int:
@@ -189,6 +192,8 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5, help="timed calls after the warm-up call (median)")
     p.add_argument("--moe-impl", default="ragged", help="llama4_jax MoE strategy (ragged, blocked, ragged_dot, dense)")
+    p.add_argument("--attention-impl", default="auto",
+                   help="llama4_jax attention backend of the prefill (auto, xla, blockwise, ...)")
     p.add_argument("--decode-batch", type=int, default=8,
                    help="rows of the decode-sized forward (1 token each, no KV cache): the weight-read-bound path")
     p.add_argument("--compile-layers", default="12,24,48",
@@ -212,10 +217,11 @@ def main(argv=None) -> int:
         jx = child("jax", args)
         hf = child("hf", args)
         diff = float(np.abs(np.load(os.path.join(tmp, "jax.npy")) - np.load(os.path.join(tmp, "hf.npy"))).max())
-    print(f"{'':28s}{'median ms':>10s}{'tokens/s':>10s}{'first call s':>14s}{'peak RSS MiB':>14s}")
-    rows = ((f"llama4_jax ({args.moe_impl}, {jx['backend']})", jx), (f"transformers (sdpa, {hf['threads']} thr)", hf))
+    print(f"{'':36s}{'median ms':>10s}{'tokens/s':>10s}{'first call s':>14s}{'peak RSS MiB':>14s}")
+    rows = ((f"llama4_jax ({args.moe_impl}, {args.attention_impl}, {jx['backend']})", jx),
+            (f"transformers (sdpa, {hf['threads']} thr)", hf))
     for name, r in rows:
-        print(f"{name:28s}{r['median_s'] * 1e3:10.1f}{tokens / r['median_s']:10.0f}{r['first_s']:14.2f}"
+        print(f"{name:36s}{r['median_s'] * 1e3:10.1f}{tokens / r['median_s']:10.0f}{r['first_s']:14.2f}"
               f"{r['peak_rss_mib']:14.0f}")
     print(f"ratio llama4_jax / transformers: {hf['median_s'] / jx['median_s']:.2f}x  (target >= 3x)")
     print(f"max |logit diff| on row 0: {diff:.2e}")
