@@ -22,10 +22,10 @@ their log-probabilities per generated token ("top_ids", "top_lps" [B, N, k]); ca
 bucket k (`logprob_bucket`) and slice on the host, so requests asking for different k
 share one compilation.
 
-Shapes are kept few by buckets: prompt lengths round up to powers of two
-(`prompt_bucket`), new-token buffers to powers of two, or multiples of 512 past 512
-(`new_token_bucket`), so a notebook calling `generate` with budgets of 100, then 120,
-then 128 tokens compiles once.
+Shapes are kept few by buckets: prompt lengths (`prompt_bucket`) and new-token buffers
+(`new_token_bucket`) round up to powers of two, or multiples of 512 past 512
+(`bucket`), so a notebook calling `generate` with budgets of 100, then 120, then 128
+tokens compiles once.
 """
 
 from __future__ import annotations
@@ -48,10 +48,10 @@ from .sampling import sample
 from .sampling import top_logprobs as alternatives
 
 __all__ = ["GenerationStats", "empty_state", "prefill", "insert", "decode", "call_compiled", "to_host",
-           "prompt_bucket", "new_token_bucket", "logprob_bucket", "unroll_layers", "COMPILED",
+           "bucket", "prompt_bucket", "new_token_bucket", "logprob_bucket", "unroll_layers", "COMPILED",
            "default_compile_cache", "use_compile_cache"]
 
-MIN_BUCKET = 16  # smallest prompt-length bucket
+MIN_BUCKET = 16  # smallest prompt-length and new-token bucket
 _UNROLL_MIN_BYTES = 32 << 20
 
 
@@ -392,16 +392,23 @@ def use_compile_cache(path: str) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
+def bucket(n: int) -> int:
+    """n rounded up to the next power of two >= 16, or past 512 to the next multiple of
+    512: few shapes (compilations), and past 512 at most 511 padded slots. Measured on
+    the mixed benchmark's prompt lengths (uniform 16..2048): powers of two alone pad
+    the prefilled tokens by 31%, this rule by 20% (one more bucket, 1536)."""
+    return max(MIN_BUCKET, min(1 << (n - 1).bit_length(), -(-n // 512) * 512))
+
+
 def prompt_bucket(n: int, cap: int) -> int:
-    """The prompt-length bucket of n tokens: the next power of two >= 16, at most cap."""
-    return min(max(MIN_BUCKET, 1 << (n - 1).bit_length()), max(cap, n))
+    """The prompt-length bucket of n tokens (`bucket`), at most cap (but >= n)."""
+    return min(bucket(n), max(cap, n))
 
 
 def new_token_bucket(n: int) -> int:
-    """Size of the new-token buffer for budgets of at most n tokens: the next power of
-    two >= 16, or past 512 the next multiple of 512 (few shapes; the cache slots it adds
-    cost memory only, as decode reads the occupied slots)."""
-    return max(MIN_BUCKET, min(1 << (n - 1).bit_length(), -(-n // 512) * 512))
+    """Size of the new-token buffer for budgets of at most n tokens (`bucket`; the cache
+    slots it adds cost memory only, as decode reads the occupied slots)."""
+    return bucket(n)
 
 
 def logprob_bucket(k: int, vocab_size: int) -> int:

@@ -27,7 +27,7 @@ How a run goes (continuous batching over `batch_size` decode slots):
     completions together, e.g. to post-process them in one batched call before they
     are written) and refills their slots. Each row has its own step, so a request's
     tokens do not depend on its slot, its batch-mates or when it entered;
-  * prompts are left-padded to a prompt-length bucket (powers of two), a prefill's
+  * prompts are left-padded to a length bucket (`engine.bucket`), a prefill's
     prompts to P rows and an insert's rows to M rows (1 or `batch_size`: a refill of
     at most half the slots prefills one prompt at a time; a prefill draws the first
     tokens of `batch_size` sample rows, fillers included), so a run compiles prefill

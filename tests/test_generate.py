@@ -161,6 +161,9 @@ def test_budgets_in_one_bucket_share_executables(scout):
 
     assert [engine.new_token_bucket(n) for n in (1, 16, 17, 40, 60, 64, 65, 512, 513, 600, 1100)] == \
         [16, 16, 32, 64, 64, 64, 128, 512, 1024, 1024, 1536]
+    # Prompts round the same way, capped by the context length (but never below the prompt).
+    assert [engine.prompt_bucket(n, 4096) for n in (3, 300, 513, 1100, 2048)] == [16, 512, 1024, 1536, 2048]
+    assert engine.prompt_bucket(700, 800) == 800 and engine.prompt_bucket(900, 800) == 900
     _, config, params = scout
     (p,) = _prompts(config.text.vocab_size, (7,), seed=12)
     _, stats = llama4_jax.generate(config, params, [p], max_new_tokens=40, return_stats=True)
