@@ -263,8 +263,9 @@ def grouped_swiglu(x, gate, up, down, sizes, block: int):
     Differentiable through a custom VJP: the backward pass walks the same blocks,
     recomputes the block's gate/up activations, and accumulates each expert's weight
     gradients in the loop carry (rows of other experts are masked out of the block).
-    The forward pass also takes quantized weights (`quant.QuantizedWeight`); the
-    backward pass needs float ones.
+    The forward pass also takes quantized weights (`quant.QuantizedWeight`) and
+    `ExpertList` ones (each expert's buffers read in place, `_expert_swiglu`); the
+    backward pass needs stacked float ones.
     """
     def step(e, r0, keep, y, local):
         xb = _rows(x, r0, block)
