@@ -128,8 +128,8 @@ def test_activations_follow_the_prefill_piece_that_runs():
     by default), and a prefill in pieces needs temporary memory by the piece, not by the
     prompt: the compiled prefill of 2048 tokens in 128-token pieces uses less than half
     the temporaries of the same prompt in one piece, and less than a 512-token prompt in
-    one piece (tiny preset, fp32, batch 2; 8.8, 25.1 and 17.2 MB with `auto` attention,
-    blockwise past 512 tokens)."""
+    one piece (tiny preset, fp32, batch 2; 5.2, 18.2 and 10.3 MB with `auto` attention,
+    blockwise past 256 tokens)."""
     import jax.numpy as jnp
 
     from llama4_jax import engine

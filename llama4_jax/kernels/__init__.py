@@ -25,8 +25,8 @@ from .reference import xla_attention
 
 # Up to this many tokens (query or key) one fused [T, S] einsum beats the blocked loop
 # on CPU. Measured on the Scout-shaped benchmark model (hidden 256, 8 heads, 2 KV heads,
-# fp32, 2 threads, 256 x 256 tiles), prefill time, xla vs blockwise: 1 x 120 tokens
-# into 144 slots (8 prompts) 233 vs 346 ms; 1 x 200 into 272 slots 117 vs 132, 8 x 200
+# fp32, 2 threads, 256 x 256 tiles), prefill time, xla vs blockwise: 8 prompts x 120
+# tokens into 144 slots 233 vs 346 ms; 1 x 200 into 272 slots 117 vs 132, 8 x 200
 # 636 vs 579; 8 x 200 into 512 slots (a 256-token new buffer) 820 vs 448; 4 x 250 into
 # 512 473 vs 254; 1 x 400 into 528 333 vs 211; 1 x 1000 into 1040 1037 vs 371.
 XLA_MAX_LEN = 256

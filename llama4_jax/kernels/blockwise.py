@@ -40,7 +40,9 @@ _MAX_POS = INVALID_POS - 1
 # 256 x 256 tiles against 256 x 512, forward (8 heads, 2 KV heads, d 32) at 1 x 1000
 # tokens 18.8 vs 30.4 ms, 1 x 4000 231 vs 275, 4 x 600 70 vs 133, 8 x 1000 194 vs 318;
 # Scout's heads (40 / 8, d 128) at 1 x 1000: 210 vs 256; gradient at 2 x 1024: 165 vs
-# 225, 1 x 2048: 279 vs 350. 512 x 512 was slower still; 128-row tiles within noise.
+# 225, 1 x 2048: 279 vs 350. 512 x 512 was slower still. 128 x 256: equal at batch 1,
+# up to 1.4x faster forward at batch 4-8 (4 x 600: 51 vs 70 ms), but a slower gradient
+# (2 x 1024: 170 vs 165; 1 x 2048: 296 vs 279), so one tile size serves both.
 DEFAULT_BLOCK_Q = 256
 DEFAULT_BLOCK_K = 256
 
