@@ -217,20 +217,25 @@ def _pin(state):
 
 
 def _prefill_pieces(model, params, ids, positions, valid, cache, embeds, piece: int):
-    """The prompt in pieces of `piece` tokens, one `lax.scan` step each (compiled once).
+    """The prompt in n = ceil(T / piece) equal pieces of at most `piece` tokens, one
+    `lax.scan` step each (compiled once).
 
     Each piece attends to the cache the earlier pieces wrote, plus itself: global
     layers keep every position, chunked layers their last `chunk` tokens, which hold
     every earlier key of a piece query's chunk (a query at p sees keys from
-    p - p % chunk, never before p - chunk + 1). The prompt is first left-padded to a
-    multiple of `piece` (padding is invalid: no position, never written or seen).
-    Returns the last piece's logits [B, 1, V] (every row's last real token, the batch
-    being left-padded) and the cache.
+    p - p % chunk, never before p - chunk + 1), wherever the pieces start. The prompt
+    is first left-padded to n equal pieces (padding is invalid: no position, never
+    written or seen), which adds fewer than n tokens; padding it to a multiple of
+    `piece` would add up to piece - 1 (a 9,216-token bucket in 8,192-token pieces is
+    2 x 4,608, not 16,384 tokens). Returns the last piece's logits [B, 1, V] (every
+    row's last real token, the batch being left-padded) and the cache.
     """
     B, T = ids.shape
-    pad = -T % piece
+    n = -(-T // piece)
+    size = -(-T // n)
+    pad = n * size - T
     left = lambda x: jnp.pad(x, ((0, 0), (pad, 0)) + ((0, 0),) * (x.ndim - 2))  # noqa: E731
-    split = lambda x: left(x).reshape(B, (T + pad) // piece, piece, *x.shape[2:]).swapaxes(0, 1)  # noqa: E731
+    split = lambda x: left(x).reshape(B, n, size, *x.shape[2:]).swapaxes(0, 1)  # noqa: E731
     xs = (split(ids), split(positions), split(valid), None if embeds is None else split(embeds))
 
     def step(cache, x):

@@ -1,5 +1,6 @@
 """generate(): greedy tokens equal transformers' generate; seeded sampling; API errors."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -332,7 +333,7 @@ def test_stop_strings_with_refilled_slots():
 def test_chunked_prefill_equals_one_piece(scout):
     """Prompts prefilled in pieces (each reading the cache the earlier ones wrote) give
     the tokens and log-probabilities of one whole prefill: pieces of 8 (the chunk), 5
-    (not dividing the bucket or the chunk: the prompt is left-padded to a multiple) and
+    (not dividing the bucket or the chunk: equal pieces of 4 or 5 tokens) and
     3 (several pieces per chunk), prompts crossing 3-5 chunk boundaries, left padding."""
     _, config, params = scout
     prompts = _prompts(config.text.vocab_size, (29, 41, 6), seed=9)
@@ -345,6 +346,46 @@ def test_chunked_prefill_equals_one_piece(scout):
             np.testing.assert_allclose(o.logprobs, w.logprobs, atol=1e-5)  # fp32, another summation order
     with pytest.raises(ValueError, match="prefill_chunk"):
         run(0)
+
+
+def _eqns(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs nested in it (jit, scan, cond...)."""
+    for e in jaxpr.eqns:
+        yield e
+        for v in e.params.values():
+            for sub in v if isinstance(v, (tuple, list)) else (v,):
+                sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
+                if hasattr(sub, "eqns"):
+                    yield from _eqns(sub)
+
+
+def test_chunked_prefill_computes_only_the_prompt():
+    """A prompt bucket that pieces do not divide is prefilled in equal pieces of at most
+    the piece size (22 tokens in pieces of at most 7: 4 x 6, two of padding), not
+    left-padded to a multiple of the piece (28 tokens: 4 x 7, six of padding; 9,216
+    tokens in 8,192-token pieces would be 16,384)."""
+    import jax.numpy as jnp
+
+    from llama4_jax import engine
+    from llama4_jax.config import preset
+
+    cfg = preset("tiny")
+    params = llama4_jax.abstract_params(cfg, dtype="float32")
+    B, piece = 2, 7
+    samp = dict(temperature=jnp.zeros(B), top_k=jnp.zeros(B, jnp.int32), top_p=jnp.ones(B), min_p=jnp.zeros(B),
+                seed=jnp.zeros(B, jnp.uint32))
+
+    def scanned_pieces(T):
+        ids = jax.ShapeDtypeStruct((B, T), jnp.int32)
+        fn = lambda p, i: engine.prefill(p, i, i, samp, jnp.ones(B, jnp.int32), jnp.zeros(1, jnp.int32),  # noqa: E731
+                                         text=cfg.text, max_len=T + 16, max_new=16, attn_impl="xla",
+                                         moe_impl="ragged", kv_dtype=None, piece=piece)
+        return [v.aval.shape for e in _eqns(jax.make_jaxpr(fn)(params, ids).jaxpr) if e.primitive.name == "scan"
+                for v in e.invars if v.aval.ndim == 3 and v.aval.shape[1] == B and v.aval.shape[2] <= piece
+                and v.aval.dtype == jnp.int32]  # the pieces' ids, positions and mask, not the cache's
+
+    assert scanned_pieces(22) and set(scanned_pieces(22)) == {(4, B, 6)}
+    assert scanned_pieces(28) and set(scanned_pieces(28)) == {(4, B, 7)}
 
 
 def test_incremental_text_equals_full_decode():

@@ -205,7 +205,9 @@ class _ImageTokenizer:
 
 def test_greedy_multimodal_generation_matches_transformers(mm):
     """Greedy tokens equal transformers' `generate`, token for token (prefill with images,
-    then decode from the KV cache), for a batch of prompts with 2 and 1 images."""
+    then decode from the KV cache), for a batch of prompts with 2 and 1 images; the same
+    tokens when the prompts are prefilled in pieces of at most 13 (image tokens split
+    across pieces)."""
     from llama4_jax.generate import generate
 
     cfg, params, model, _ = mm
@@ -223,6 +225,9 @@ def test_greedy_multimodal_generation_matches_transformers(mm):
                                  pixel_values=torch.from_numpy(pv.pixel_values.astype(np.float32)),
                                  max_new_tokens=10, do_sample=False)[0, len(c.prompt_token_ids):].tolist()
         assert c.token_ids == ref
+    pieces = generate(cfg, params, prompts, images=images, tokenizer=_ImageTokenizer(), max_new_tokens=10,
+                      batch_size=2, image_processor=proc, prefill_chunk=13)
+    assert [c.token_ids for c in pieces] == [c.token_ids for c in out]
 
 
 def test_generate_reports_image_errors(mm, tmp_path):
