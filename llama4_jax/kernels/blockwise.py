@@ -272,56 +272,59 @@ def flash_backward(q, k, v, q_pos, k_pos, out, lse, dout, dlse, *, chunk_size, b
     scale = 1.0 / math.sqrt(d)
     f32 = jnp.float32
     delta = jnp.sum(dout.astype(f32) * out.astype(f32), axis=-1) - dlse.astype(f32)  # [B, T, H]
-    qg = _split_heads(q, K)
-    dog = _split_heads(dout.astype(f32), K)
-    lse_g = lse.reshape(B, T, K, G)
-    delta_g = delta.reshape(B, T, K, G)
+    # Every operand in the tile's layout [B, K, (G, bq | bk), ...] (transposed once
+    # here), so no matmul copies a tile or a block per step.
+    qg = _split_heads(q, K).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, d]
+    dog = _split_heads(dout.astype(f32), K).transpose(0, 2, 3, 1, 4)
+    lse_g = lse.reshape(B, T, K, G).transpose(0, 2, 3, 1)  # [B, K, G, T]
+    delta_g = delta.reshape(B, T, K, G).transpose(0, 2, 3, 1)
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, d]
     need = block_need(q_pos, k_pos, chunk_size, bq, bk)
     idx, cnt = _compact(need)
     idx_t, cnt_t = _compact(need.T)  # for key block j, the query blocks that need it
 
     def tile(i, j):
         """P and dS of tile (query block i, key block j): [B, K, G, bq, bk] fp32."""
-        qb = jax.lax.dynamic_slice_in_dim(qg, i * bq, bq, axis=1)
+        qb = jax.lax.dynamic_slice_in_dim(qg, i * bq, bq, axis=3)
         qp = jax.lax.dynamic_slice_in_dim(q_pos, i * bq, bq, axis=1)
-        do = jax.lax.dynamic_slice_in_dim(dog, i * bq, bq, axis=1)
-        ls = jax.lax.dynamic_slice_in_dim(lse_g, i * bq, bq, axis=1).transpose(0, 2, 3, 1)
-        dl = jax.lax.dynamic_slice_in_dim(delta_g, i * bq, bq, axis=1).transpose(0, 2, 3, 1)
-        kb = jax.lax.dynamic_slice_in_dim(k, j * bk, bk, axis=1)
-        vb = jax.lax.dynamic_slice_in_dim(v, j * bk, bk, axis=1)
+        do = jax.lax.dynamic_slice_in_dim(dog, i * bq, bq, axis=3)
+        ls = jax.lax.dynamic_slice_in_dim(lse_g, i * bq, bq, axis=3)
+        dl = jax.lax.dynamic_slice_in_dim(delta_g, i * bq, bq, axis=3)
+        kb = jax.lax.dynamic_slice_in_dim(kt, j * bk, bk, axis=2)
+        vb = jax.lax.dynamic_slice_in_dim(vt, j * bk, bk, axis=2)
         kp = jax.lax.dynamic_slice_in_dim(k_pos, j * bk, bk, axis=1)
-        s = jnp.einsum("bqkgd,bskd->bkgqs", qb, kb, preferred_element_type=f32) * scale
+        s = jnp.einsum("bkgqd,bksd->bkgqs", qb, kb, preferred_element_type=f32) * scale
         mask = tile_mask(qp, kp, chunk_size)[:, None, None]
         p = jnp.where(mask, jnp.exp(s - ls[..., None]), 0.0)
-        dp = jnp.einsum("bqkgd,bskd->bkgqs", do, vb.astype(f32))
+        dp = jnp.einsum("bkgqd,bksd->bkgqs", do, vb.astype(f32))
         ds = p * (dp - dl[..., None])
         return qb, do, kb, p, ds
 
     def dq_block(i):
         def body(n, dq):
             _, _, kb, _, ds = tile(i, idx[i, n])
-            return dq + jnp.einsum("bkgqs,bskd->bqkgd", ds, kb.astype(f32)) * scale
+            return dq + jnp.einsum("bkgqs,bksd->bkgqd", ds, kb.astype(f32)) * scale
 
-        return jax.lax.fori_loop(0, cnt[i], body, jnp.zeros((B, bq, K, G, d), f32))
+        return jax.lax.fori_loop(0, cnt[i], body, jnp.zeros((B, K, G, bq, d), f32))
 
     def dkv_block(j):
         def body(n, carry):
             dk, dv = carry
             qb, do, _, p, ds = tile(idx_t[j, n], j)
-            dk = dk + jnp.einsum("bkgqs,bqkgd->bskd", ds, qb.astype(f32)) * scale
-            dv = dv + jnp.einsum("bkgqs,bqkgd->bskd", p, do)
+            dk = dk + jnp.einsum("bkgqs,bkgqd->bksd", ds, qb.astype(f32)) * scale
+            dv = dv + jnp.einsum("bkgqs,bkgqd->bksd", p, do)
             return dk, dv
 
-        z = jnp.zeros((B, bk, K, d), f32)
+        z = jnp.zeros((B, K, bk, d), f32)
         return jax.lax.fori_loop(0, cnt_t[j], body, (z, z))
 
     with jax.named_scope("flash_bwd_dq"):
-        dq = jax.lax.map(dq_block, jnp.arange(T // bq))  # [n_q, B, bq, K, G, d]
+        dq = jax.lax.map(dq_block, jnp.arange(T // bq))  # [n_q, B, K, G, bq, d]
     with jax.named_scope("flash_bwd_dkv"):
-        dk, dv = jax.lax.map(dkv_block, jnp.arange(S // bk))  # [n_k, B, bk, K, d]
-    dq = dq.transpose(1, 0, 2, 3, 4, 5).reshape(B, T, H, d)
-    dk = dk.transpose(1, 0, 2, 3, 4).reshape(B, S, K, d)
-    dv = dv.transpose(1, 0, 2, 3, 4).reshape(B, S, K, d)
+        dk, dv = jax.lax.map(dkv_block, jnp.arange(S // bk))  # [n_k, B, K, bk, d]
+    dq = dq.transpose(1, 0, 4, 2, 3, 5).reshape(B, T, H, d)
+    dk = dk.transpose(1, 0, 3, 2, 4).reshape(B, S, K, d)
+    dv = dv.transpose(1, 0, 3, 2, 4).reshape(B, S, K, d)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
