@@ -36,13 +36,13 @@ from .reference import INVALID_POS
 NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite "minus infinity" for logits and lse
 _MAX_POS = INVALID_POS - 1
 
-# Tile sizes, measured on CPU (2 threads, fp32, causal, chunk 8192; medians of 10 and 7):
-# 256 x 256 tiles against 256 x 512, forward (8 heads, 2 KV heads, d 32) at 1 x 1000
-# tokens 18.8 vs 30.4 ms, 1 x 4000 231 vs 275, 4 x 600 70 vs 133, 8 x 1000 194 vs 318;
-# Scout's heads (40 / 8, d 128) at 1 x 1000: 210 vs 256; gradient at 2 x 1024: 165 vs
-# 225, 1 x 2048: 279 vs 350. 512 x 512 was slower still. 128 x 256: equal at batch 1,
-# up to 1.4x faster forward at batch 4-8 (4 x 600: 51 vs 70 ms), but a slower gradient
-# (2 x 1024: 170 vs 165; 1 x 2048: 296 vs 279), so one tile size serves both.
+# Tile sizes, measured on CPU (2 threads, fp32, causal, chunk 8192, forward, medians of
+# 7 interleaved in one process), in ms for 256 x 256 / 256 x 512 / 128 x 256 /
+# 512 x 512 tiles: 8 heads, 2 KV heads, d 32 at 1 x 1000 tokens 24.1 / 30.8 / 22.1 /
+# 34.9; 4 x 600 74.8 / 101 / 54.6 / 146; 8 x 1000 206 / 250 / 202 / 280; 1 x 4000 195 /
+# 210 / 212 / 245; Scout's heads (40 / 8, d 128) at 1 x 1000 217 / 257 / 231 / 298.
+# 128-row tiles win only at batch 4-8 and made the gradient slower (2 x 1024: 170 vs
+# 165 ms; 1 x 2048: 296 vs 279), so one tile size serves both.
 DEFAULT_BLOCK_Q = 256
 DEFAULT_BLOCK_K = 256
 
