@@ -41,8 +41,10 @@ _MAX_POS = INVALID_POS - 1
 # 512 x 512 tiles: 8 heads, 2 KV heads, d 32 at 1 x 1000 tokens 24.1 / 30.8 / 22.1 /
 # 34.9; 4 x 600 74.8 / 101 / 54.6 / 146; 8 x 1000 206 / 250 / 202 / 280; 1 x 4000 195 /
 # 210 / 212 / 245; Scout's heads (40 / 8, d 128) at 1 x 1000 217 / 257 / 231 / 298.
-# 128-row tiles win only at batch 4-8 and made the gradient slower (2 x 1024: 170 vs
-# 165 ms; 1 x 2048: 296 vs 279), so one tile size serves both.
+# 128 x 256 against 256 x 256 again (9 runs): faster where 256-row tiles pad most
+# (4 x 600: 39.6 vs 55.1; 2 x 2000: 112 vs 126) and for the gradient at 2 x 1024 (124
+# vs 168; 1 x 2048: 278 vs 280), slower on long prompts (1 x 4000: 209 vs 174) and with
+# Scout's heads (236 vs 226): 256 x 256 serves the long prefill pieces best.
 DEFAULT_BLOCK_Q = 256
 DEFAULT_BLOCK_K = 256
 
