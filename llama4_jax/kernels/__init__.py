@@ -24,11 +24,12 @@ from . import platform as _platform  # `platform` is also a parameter name below
 from .reference import xla_attention
 
 # Up to this many tokens (query or key) one fused [T, S] einsum beats the blocked loop
-# on CPU. Measured on the Scout-shaped benchmark model (hidden 256, 8 heads, 2 KV heads,
-# fp32, 2 threads, 256 x 256 tiles), prefill time, xla vs blockwise: 8 prompts x 120
-# tokens into 144 slots 233 vs 346 ms; 1 x 200 into 272 slots 117 vs 132, 8 x 200
-# 636 vs 579; 8 x 200 into 512 slots (a 256-token new buffer) 820 vs 448; 4 x 250 into
-# 512 473 vs 254; 1 x 400 into 528 333 vs 211; 1 x 1000 into 1040 1037 vs 371.
+# on CPU, or is within a few percent of it. Measured on the Scout-shaped benchmark
+# model (hidden 256, 8 heads, 2 KV heads, fp32, 2 threads, 256 x 256 tiles), prefill
+# time, xla vs blockwise, medians of 5 interleaved: 1 prompt x 100 tokens into 144
+# slots 86 vs 104 ms; 8 x 120 into 144 282 vs 340; 1 x 120 into 256 63 vs 67; 8 x 120
+# into 256 283 vs 241; 8 x 60 into 192 136 vs 133. Past it: 1 x 200 into 272 155 vs
+# 126; 8 x 200 into 272 794 vs 626; 4 x 250 into 272 410 vs 388.
 XLA_MAX_LEN = 256
 # On GPU the fused einsum stays fastest much longer (H200, 16K tokens, chunk 8192, fp32:
 # 17 ms forward against blockwise's 33 ms with the chunked mask, 17 against 56 with the
