@@ -243,10 +243,10 @@ def _fwd_impl(q, k, v, q_pos, k_pos, chunk_size, bq, bk):
             )
             m, l, acc = jax.lax.fori_loop(0, cnt[i], body, init)
             seen = l > 0
-            out = (acc / jnp.where(seen, l, 1.0)[:, :, None]).transpose(0, 1, 3, 4, 2)
+            out = acc / jnp.where(seen, l, 1.0)[:, :, None]
             lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), NEG)
-            # [B, K, G, bq, d] -> [B, bq, H, d]
-            return out.transpose(0, 3, 1, 2, 4).reshape(B, bq, H, d), lse.transpose(0, 3, 1, 2).reshape(B, bq, H)
+            # [B, K, d, G, bq] -> [B, bq, H, d]; [B, K, G, bq] -> [B, bq, H]
+            return out.transpose(0, 4, 1, 3, 2).reshape(B, bq, H, d), lse.transpose(0, 3, 1, 2).reshape(B, bq, H)
 
     out, lse = jax.lax.map(q_block, jnp.arange(T // bq))  # [n_q, B, bq, ...]
     out = out.transpose(1, 0, 2, 3, 4).reshape(B, T, H, d)
