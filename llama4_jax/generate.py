@@ -117,10 +117,10 @@ def generate(
       attention_impl, moe_impl: backends (see `model.attention.backends()`, `model.moe.moe_impls()`);
         "auto" attention picks per length and platform; moe_impl None means "ep" when
         the mesh splits the experts evenly, else "ragged".
-      prefill_chunk: prompts longer than this are prefilled in pieces of this many
-        tokens, each attending to the cache the earlier ones wrote, so activation memory
-        is bounded by the piece, not the prompt (default: the attention chunk, else
-        8192 tokens).
+      prefill_chunk: prompts longer than this are prefilled in equal pieces of at most
+        this many tokens, each attending to the cache the earlier ones wrote, so
+        activation memory is bounded by the piece, not the prompt (default: the
+        attention chunk, else 8192 tokens).
       images: per prompt, None or a list of images (paths, PIL images, uint8 [H, W, 3]
         arrays) for conditional-generation checkpoints; chat messages may instead hold
         {"type": "image", "path": ...} parts. Each image fills one `<|image|>` placeholder
