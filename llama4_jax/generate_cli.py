@@ -117,8 +117,8 @@ def add_arguments(parser) -> None:
                         help="attention backend: auto (xla for short contexts, blockwise for long ones), xla, "
                              "blockwise or pallas")
     parser.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
-                        help="prefill prompts longer than N tokens in equal pieces of at most N (bounds activation memory; "
-                             "default: the model's attention chunk, else 8192)")
+                        help="prefill prompts longer than N tokens in equal pieces of at most N (bounds "
+                             "activation memory; default: the model's attention chunk, else 8192)")
     parser.add_argument("--moe-impl", default=None, choices=["ragged", "dense", "ep"],
                         help="MoE strategy (default: ep when --mesh splits the experts, else ragged)")
     parser.add_argument("--mesh", default=None, metavar="SPEC",
