@@ -352,9 +352,10 @@ def resolve_mesh(params, mesh, what: str):
     want = set(mesh.devices.flat)
     if own is not None:
         have = set(own.devices.flat)
-    else:  # committed arrays (device_put, load) stay where they are; uncommitted ones jit may move
-        have = {d for leaf in jax.tree_util.tree_leaves(params)[:1] if getattr(leaf, "committed", False)
-                for d in leaf.devices()}
+    else:  # committed arrays (device_put, load) stay where they are; uncommitted ones jit may
+        # move, and inside a jit the parameters are tracers, placed by that jit's arguments
+        have = {d for leaf in jax.tree_util.tree_leaves(params)[:1]
+                if not isinstance(leaf, jax.core.Tracer) and getattr(leaf, "committed", False) for d in leaf.devices()}
     if have and have != want:
         raise ValueError(
             f"{what}: mesh= spans {len(want)} device(s) but the parameters live on {len(have)} other or fewer "

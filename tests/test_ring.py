@@ -121,9 +121,9 @@ def test_forward_and_cached_decode_equal_xla(mesh):
     """forward(attention_impl='ring', mesh=...) equals the single-device reference: 125
     tokens are padded to 128 (16 pieces of 8 = chunk 8; row 1's 8 left pads keep its
     chunks aligned, so the chunked layers take the local path), the NoPE layer runs the
-    ring, RoPE and temperature use global positions. Then one decode step of TextModel
-    with the ring backend against a KV cache whose slots are split over `seq` gives the
-    same logits for token 125."""
+    ring, RoPE and temperature use global positions; the same under jax.jit. Then one
+    decode step of TextModel with the ring backend against a KV cache whose slots are
+    split over `seq` gives the same logits for token 125."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from llama4_jax.cache import init_cache
@@ -132,6 +132,10 @@ def test_forward_and_cached_decode_equal_xla(mesh):
     params, ids, mask, ref = model_case()
     m = mask[:, :, None] > 0
     out = forward(MODEL_CFG, params, ids, attention_mask=mask, attention_impl="ring", moe_impl="dense", mesh=mesh)
+    np.testing.assert_allclose(np.where(m, out, 0), np.where(m, ref, 0), atol=2e-5, rtol=0)
+    # Inside a jit (as benchmarks/long_context.py calls it) the parameters are tracers.
+    out = jax.jit(lambda p, i, a: forward(MODEL_CFG, p, i, attention_mask=a, attention_impl="ring", moe_impl="dense",
+                                          mesh=mesh))(params, ids, mask)
     np.testing.assert_allclose(np.where(m, out, 0), np.where(m, ref, 0), atol=2e-5, rtol=0)
     with pytest.raises(ValueError, match="'seq' axis"):
         forward(MODEL_CFG, params, ids, attention_impl="ring", moe_impl="dense")
