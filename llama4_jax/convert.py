@@ -33,6 +33,7 @@ from . import checkpoint as ck
 from . import quant
 from .checkpoint.base import _DTYPES
 from .config import ConfigError
+from .processor import load_tokenizer
 
 
 def add_arguments(parser: argparse.ArgumentParser, *, to_hf: bool | None = None,
@@ -286,9 +287,7 @@ def _verify_prompts(args, path: str, vocab_size: int) -> list[list[int]]:
     if args.prompt or (has_tokenizer and not args.random_prompts):
         if not has_tokenizer:
             raise ck.CheckpointError(f"{path} has no tokenizer files to encode --prompt; use --random-prompts N")
-        import transformers
-
-        tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tok = load_tokenizer(path)
         return [tok(t)["input_ids"] for t in (args.prompt or DEFAULT_PROMPTS)]
     rng = np.random.RandomState(0)
     return [rng.randint(0, vocab_size, 16 + 5 * i).tolist() for i in range(args.random_prompts or 3)]

@@ -47,6 +47,7 @@ import jax
 from . import distributed, engine, safety
 from .generate import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MODEL, default_prefill_chunk
 from .prompts import DEFAULT_MAX_IMAGE_PIXELS, check_image_file, image_processor_for, render, render_images
+from .processor import load_tokenizer
 from .sampling import Sampling, with_seed
 from .scheduler import Request, check_logprobs, check_n, check_request, context_length, run_requests
 
@@ -494,15 +495,13 @@ def run(args) -> int:
         print(f"{PROG}: using the default checkpoint (a small model trained on the add, recall and color tasks of "
               "llama4_jax.tasks; see its README)", file=sys.stderr)
 
-    import transformers
-
     from . import load, load_config
 
     defaults, extra_stop, ckpt_dtype = _checkpoint_defaults(model)
     defaults = {**defaults, **{k: v for k, v in flags.items() if v is not None}}
     defaults.setdefault("temperature", 0.0)
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(model, local_files_only=True)
+        tokenizer = load_tokenizer(model)
         config = load_config(model)
     except Exception as e:
         return _err(f"--model: cannot load a tokenizer and config from {model}: {type(e).__name__}: {e}")
@@ -515,7 +514,7 @@ def run(args) -> int:
     guard = None
     if guard_dir is not None:
         try:
-            guard_tokenizer = transformers.AutoTokenizer.from_pretrained(guard_dir, local_files_only=True)
+            guard_tokenizer = load_tokenizer(guard_dir)
             guard = _Safety(args, guard_dir, guard_tokenizer, load_config(guard_dir))
         except Exception as e:
             return _err(f"--safety-model: cannot load a tokenizer and config from {guard_dir}: {_one_line(e)}")

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 from collections import defaultdict
@@ -211,11 +212,27 @@ def resize_bilinear_aa(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 # The image processor
 # --------------------------------------------------------------------------------------
 
+def pil_to_rgb(image) -> np.ndarray:
+    """A PIL image -> uint8 RGB [H, W, 3], transparency composited onto white.
+
+    The rule of transformers 5.23's `convert_to_rgb` (LLAMA4_SPEC's version), done with
+    PIL here: that function warns on every call without `return_numpy=True`, and the
+    releases before 5.23 that this package also runs with take no such argument and drop
+    the alpha channel instead of compositing it.
+    """
+    from PIL import Image
+
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, image.convert("RGBA"))
+    return np.asarray(image.convert("RGB"))
+
+
 def load_image(image) -> np.ndarray:
     """An image (path, PIL image, or uint8 [H, W, 3] / [H, W] array) -> uint8 RGB [3, H, W].
 
-    PIL images are converted with transformers' `convert_to_rgb` (RGBA composited on
-    white), the same conversion its processor applies.
+    PIL images are converted by `pil_to_rgb`, the conversion transformers' processor
+    applies.
     """
     if isinstance(image, (str, os.PathLike)):
         from PIL import Image, UnidentifiedImageError
@@ -230,9 +247,7 @@ def load_image(image) -> np.ndarray:
         except (UnidentifiedImageError, OSError) as e:
             raise ImageError(f"cannot read image {path}: {e}") from None
     if hasattr(image, "mode") and hasattr(image, "size"):  # PIL
-        from transformers.image_transforms import convert_to_rgb
-
-        arr = np.asarray(convert_to_rgb(image))
+        arr = pil_to_rgb(image)
     else:
         arr = np.asarray(image)
     if arr.ndim == 2:
@@ -427,6 +442,33 @@ def _torchvision_available() -> bool:
     return importlib.util.find_spec("torchvision") is not None
 
 
+class _SameFreqFactorsFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "high_freq_factor field must be greater than low_freq_factor" not in record.getMessage()
+
+
+def load_tokenizer(path: str | os.PathLike, *, processor: bool = False):
+    """`transformers.AutoTokenizer` (or `AutoProcessor` with processor=True) from a
+    checkpoint directory, local files only.
+
+    transformers reads config.json to pick the class and validates its rope fields on
+    the way. Llama 4 checkpoints, Meta's included, set llama3 rope scaling with
+    low_freq_factor == high_freq_factor == 1.0, which its validator warns about though
+    the scaling is well defined (no smoothing band: wavelengths up to the original
+    context keep their frequency, longer ones are divided by `factor`; LLAMA4_SPEC).
+    That warning says nothing about the tokenizer, so this load filters it out.
+    """
+    import transformers
+
+    auto = transformers.AutoProcessor if processor else transformers.AutoTokenizer
+    log, quiet = logging.getLogger("transformers.modeling_rope_utils"), _SameFreqFactorsFilter()
+    log.addFilter(quiet)
+    try:
+        return auto.from_pretrained(os.fspath(path), local_files_only=True)
+    finally:
+        log.removeFilter(quiet)
+
+
 class Processor:
     """Tokenizer + image processor: prompts with images -> model inputs.
 
@@ -455,13 +497,9 @@ class Processor:
         per_tile = tokens_per_tile(config.vision) if config.vision is not None else 144
         use_hf = backend == "transformers" or (backend == "auto" and _torchvision_available())
         if use_hf:
-            import transformers
-
-            hf = transformers.AutoProcessor.from_pretrained(path, local_files_only=True)
+            hf = load_tokenizer(path, processor=True)
             return cls(hf.tokenizer, None, tokens_per_tile=per_tile, hf_processor=hf)
-        import transformers
-
-        tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tok = load_tokenizer(path)
         pre = os.path.join(path, "preprocessor_config.json")
         ip = ImageProcessor()
         if os.path.exists(pre):

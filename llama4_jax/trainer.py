@@ -27,6 +27,7 @@ import numpy as np
 
 from . import distributed, sharding
 from . import train as T
+from .processor import load_tokenizer
 
 
 class TrainingDiverged(RuntimeError):
@@ -270,8 +271,6 @@ def run(args) -> int:
     except ValueError as e:
         return _err(str(e))
 
-    import transformers
-
     from . import load
     from .config import load_config
     from .data import DataError, batch_rows, make_batch, pack, read_jsonl
@@ -289,7 +288,7 @@ def run(args) -> int:
     except ValueError as e:
         return _err(str(e))
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+        tokenizer = load_tokenizer(args.model)
     except Exception as e:
         return _err(f"--model: cannot load its tokenizer: {type(e).__name__}: {e}")
     try:

@@ -30,6 +30,7 @@ from llama4_jax.processor import (
     best_canvas,
     image_prompt,
     image_token_ids,
+    load_tokenizer,
     resize_bilinear_aa,
     resized_size,
     supported_canvases,
@@ -228,3 +229,31 @@ def test_processor_from_checkpoint_matches_generate_rendering():
     np.testing.assert_array_equal(batch["pixel_values"].astype(np.float32), px.astype(np.float32))
     with pytest.raises(ValueError, match=r"prompt 0 has 2 <\|image\|> placeholders but 1 images"):
         proc([text], [imgs[:1]])
+
+
+def test_tokenizer_load_is_quiet_about_llama4_rope_factors():
+    """Llama 4 configs set low_freq_factor == high_freq_factor; transformers warns about
+    it whenever a tokenizer is loaded from the checkpoint. `load_tokenizer` drops that
+    warning, only for the load."""
+    import logging
+
+    import transformers
+
+    from llama4_jax.generate import DEFAULT_MODEL
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    seen, log, keep = [], logging.getLogger("transformers.modeling_rope_utils"), Keep()
+    log.addHandler(keep)
+    try:
+        transformers.AutoTokenizer.from_pretrained(DEFAULT_MODEL, local_files_only=True)
+        assert any("high_freq_factor" in m for m in seen)  # what a plain load logs
+        seen.clear()
+        tok = load_tokenizer(DEFAULT_MODEL)
+        assert seen == []
+    finally:
+        log.removeHandler(keep)
+    assert tok.decode(tok("12+34=")["input_ids"], skip_special_tokens=True) == "12+34="
+    assert not log.filters
