@@ -29,7 +29,9 @@ from .reference import xla_attention
 # time, xla vs blockwise, medians of 5 interleaved: 1 prompt x 100 tokens into 144
 # slots 86 vs 104 ms; 8 x 120 into 144 282 vs 340; 1 x 120 into 256 63 vs 67; 8 x 120
 # into 256 283 vs 241; 8 x 60 into 192 136 vs 133. Past it: 1 x 200 into 272 155 vs
-# 126; 8 x 200 into 272 794 vs 626; 4 x 250 into 272 410 vs 388.
+# 126; 8 x 200 into 272 794 vs 626; 4 x 250 into 272 410 vs 388. Re-measured after `xla`
+# put heads major (engine prefill, medians of 6): 1 x 384 145 vs 160 ms, 1 x 512 171 vs
+# 173, 1 x 768 559 vs 307; 4 x 384 678 vs 642, 8 x 300 1303 vs 1156: still the point.
 XLA_MAX_LEN = 256
 # On GPU the fused einsum stays fastest much longer (H200, 16K tokens, chunk 8192, fp32:
 # 17 ms forward against blockwise's 33 ms with the chunked mask, 17 against 56 with the
