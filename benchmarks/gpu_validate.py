@@ -501,7 +501,7 @@ def moe_fns(name: str):
     (out, (dh, dw, dscore)), the gradients of sum(out * ct)."""
     import jax
 
-    from llama4_jax.model import moe, moe_ep  # noqa: F401 (moe_ep registers 'ep')
+    from llama4_jax.model import moe
 
     fn = moe._MOE_IMPLS[name]
 
@@ -790,7 +790,7 @@ TPU_ONLY_MOE = ("gmm",)  # megablox: a Pallas TPU kernel (interpret mode anywher
 
 def moe_fns_names() -> tuple[str, ...]:
     """The MoE implementations a GPU run compares (all registered but the TPU-only ones)."""
-    from llama4_jax.model import moe, moe_ep  # noqa: F401
+    from llama4_jax.model import moe
 
     return tuple(n for n in moe.moe_impls() if n not in TPU_ONLY_MOE)
 

@@ -50,7 +50,7 @@ from jax.sharding import PartitionSpec as P
 
 from .. import quant, sharding
 from ..kernels import platform as _platform
-from .moe import ragged_moe, register_moe, sort_by_expert
+from .experts import ragged_moe, sort_by_expert
 
 COLLECTIVES = ("all_to_all", "ragged_all_to_all", "ragged_all_gather")
 
@@ -280,4 +280,3 @@ def ep_moe(h, w, idx, score, *, local=ragged_moe, collective: str | None = None)
     return out[:T] if pad else out
 
 
-register_moe("ep", ep_moe)

@@ -29,7 +29,6 @@ from ..kernels import default_attention_impl, ring
 from .attention import INVALID_POS, Attention, temperature_scale
 from .layers import MLP, ExpertList, RMSNorm, param, rope_angles
 from .. import quant, sharding
-from . import moe_ep  # noqa: F401  (registers moe_impl='ep')
 from .moe import MoE
 from .vision import check_image_tokens, image_features, init_vision_params, merge_image_features
 
