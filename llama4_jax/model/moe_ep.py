@@ -278,5 +278,3 @@ def ep_moe(h, w, idx, score, *, local=ragged_moe, collective: str | None = None)
                         check_vma=False)(
         h, w["gate"], w["up"], w["down"], idx, score)
     return out[:T] if pad else out
-
-
