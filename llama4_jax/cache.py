@@ -6,6 +6,11 @@
                          ('k_scale', 'v_scale': [G, B, K, S_j] f32 when int8)}}
 
 G = `num_groups` (the scanned `layers` axis), B batch rows, K KV heads, d head dim.
+A per-group cache (`init_cache(per_group=True)`, `split_groups`) holds each entry as
+a tuple of G entries of [1, B, ...] arrays, one buffer per group: the unrolled model
+(`TextModel(scan_layers=False)`, the engine on CPU) reads and writes group g's
+buffers in place, where a group sliced out of a stacked array would be copied before
+each product (`llama4_jax.kernels.cached`). Batch stays on axis 1 of every leaf.
 S_j is `attention_chunk_size` for chunked (RoPE) layers, which keep a ring buffer of
 the last chunk (older tokens can never be attended again), and `max_len` for global
 (NoPE) layers, where position p lives in slot p. Empty slots hold `INVALID_POS`, so
@@ -32,8 +37,8 @@ import numpy as np
 from .config import Llama4Config, TextConfig
 from .model.attention import INVALID_POS, quantize_kv, read_cache
 
-__all__ = ["init_cache", "abstract_cache", "cache_slots", "cache_bytes", "cache_lengths", "quantize_kv",
-           "read_cache", "KV_DTYPES"]
+__all__ = ["init_cache", "abstract_cache", "cache_slots", "cache_bytes", "cache_lengths", "split_groups",
+           "quantize_kv", "read_cache", "KV_DTYPES"]
 
 KV_DTYPES = ("float32", "bfloat16", "float16", "int8")
 
@@ -57,11 +62,12 @@ def _kv_dtype(kv_dtype, dtype):
     return jnp.dtype(name)
 
 
-def init_cache(config, batch: int, max_len: int, *, dtype="float32", kv_dtype=None):
+def init_cache(config, batch: int, max_len: int, *, dtype="float32", kv_dtype=None, per_group: bool = False):
     """An empty cache for `batch` rows of at most `max_len` positions each.
 
     dtype: the model (activation) dtype; kv_dtype: None (same as dtype), a float
-    dtype name, or "int8" for the quantised cache.
+    dtype name, or "int8" for the quantised cache. per_group: one buffer per group
+    (`split_groups`), for the unrolled model.
     """
     t = _text(config)
     G, K, d = t.num_groups, t.num_key_value_heads, t.head_dim
@@ -77,12 +83,21 @@ def init_cache(config, batch: int, max_len: int, *, dtype="float32", kv_dtype=No
             entry["k_scale"] = jnp.zeros((G, batch, K, S), jnp.float32)
             entry["v_scale"] = jnp.zeros((G, batch, K, S), jnp.float32)
         cache[f"layer_{j}"] = entry
-    return cache
+    return split_groups(cache) if per_group else cache
 
 
-def abstract_cache(config, batch: int, max_len: int, *, dtype="float32", kv_dtype=None):
+def split_groups(cache):
+    """A stacked cache ([G, B, ...] leaves) as a per-group cache: each entry a tuple of
+    its G groups, [1, B, ...] leaves (new arrays). A per-group cache is returned as it is."""
+    return {name: entry if isinstance(entry, tuple) else
+            tuple(jax.tree_util.tree_map(lambda x, g=g: x[g:g + 1], entry) for g in range(entry["pos"].shape[0]))
+            for name, entry in cache.items()}
+
+
+def abstract_cache(config, batch: int, max_len: int, *, dtype="float32", kv_dtype=None, per_group: bool = False):
     """Shapes and dtypes of `init_cache(...)` without allocating it."""
-    return jax.eval_shape(lambda: init_cache(config, batch, max_len, dtype=dtype, kv_dtype=kv_dtype))
+    return jax.eval_shape(lambda: init_cache(config, batch, max_len, dtype=dtype, kv_dtype=kv_dtype,
+                                             per_group=per_group))
 
 
 def cache_bytes(config, batch: int, max_len: int, *, dtype="float32", kv_dtype=None) -> int:
@@ -100,5 +115,7 @@ def cache_lengths(config, cache):
     t = _text(config)
     for j, f in enumerate(t.group_flags):
         if not f.is_chunked:
-            return jnp.sum(cache[f"layer_{j}"]["pos"][0] < INVALID_POS, axis=-1).astype(jnp.int32)
+            entry = cache[f"layer_{j}"]
+            pos = (entry[0] if isinstance(entry, tuple) else entry)["pos"][0]  # group 0's [B, S]
+            return jnp.sum(pos < INVALID_POS, axis=-1).astype(jnp.int32)
     raise ValueError("cache_lengths needs a global (non-chunked) attention layer in the config")

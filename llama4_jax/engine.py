@@ -97,8 +97,9 @@ def unroll_layers(params) -> bool:
     return jax.default_backend() == "cpu" and sum(x.nbytes for x in layers) >= _UNROLL_MIN_BYTES
 
 
-def _new_cache(text: TextConfig, B: int, max_len: int, dtype, kv_dtype):
-    cache = init_cache(text, B, max_len, dtype=dtype, kv_dtype=kv_dtype)
+def _new_cache(text: TextConfig, B: int, max_len: int, dtype, kv_dtype, scan_layers: bool):
+    # The unrolled model takes a per-group cache: each group's own buffers (`cache.split_groups`).
+    cache = init_cache(text, B, max_len, dtype=dtype, kv_dtype=kv_dtype, per_group=not scan_layers)
     if sharding.active() is not None:  # on a mesh: the cache is split like the rules say (batch, KV heads)
         cache = jax.lax.with_sharding_constraint(cache, sharding.cache_shardings(cache, *sharding.active()))
     return cache
@@ -122,12 +123,12 @@ def _rows(tok, lp, top, pos, done, stopped, max_new: int, top_k: int) -> dict:
     return rows
 
 
-def _empty(text, batch, max_len, max_new, dtype, kv_dtype, top_logprobs):
+def _empty(text, batch, max_len, max_new, dtype, kv_dtype, top_logprobs, scan_layers):
     zero = jnp.zeros((batch,), jnp.int32)
     top = (jnp.zeros((batch, top_logprobs), jnp.int32), jnp.zeros((batch, top_logprobs), jnp.float32))
     rows = _rows(zero, zero.astype(jnp.float32), top, zero, jnp.ones((batch,), bool), jnp.zeros((batch,), bool),
                  max_new, top_logprobs)
-    return {**rows, "cache": init_cache(text, batch, max_len, dtype=dtype, kv_dtype=kv_dtype)}
+    return {**rows, "cache": _new_cache(text, batch, max_len, dtype, kv_dtype, scan_layers)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -138,12 +139,14 @@ def _empty_jit(ctx, *args):
     return jax.jit(build, out_shardings=_state_shardings(jax.eval_shape(build), *ctx))
 
 
-def empty_state(*, text, batch, max_len, max_new, dtype, kv_dtype, top_logprobs=0):
+def empty_state(*, text, batch, max_len, max_new, dtype, kv_dtype, top_logprobs=0, scan_layers=True):
     """A jitted function of no arguments making a decode state of `batch` idle slots
     (every row done, an empty cache) for `insert` to fill, split as the active mesh's
     rules say. Its output shardings are given explicitly, so a state made on one mesh is
-    never reused on another (the function reads the mesh outside jax's trace cache)."""
-    return _empty_jit(sharding.active(), text, batch, max_len, max_new, jnp.dtype(dtype), kv_dtype, top_logprobs)
+    never reused on another (the function reads the mesh outside jax's trace cache).
+    scan_layers=False: the per-group cache the unrolled model takes."""
+    return _empty_jit(sharding.active(), text, batch, max_len, max_new, jnp.dtype(dtype), kv_dtype, top_logprobs,
+                      scan_layers)
 
 
 @functools.partial(jax.jit, static_argnames=("text", "max_len", "max_new", "attn_impl", "moe_impl", "kv_dtype",
@@ -163,7 +166,8 @@ def prefill(params, ids, mask, samp, budget, stop_ids, pixel_values=None, src=No
     bounded by the piece, not the prompt. top_logprobs: also keep the k most likely
     tokens of each generated token (static). scan_layers=False: params are the per-group
     parameters of `unroll_layers` (`unstack_layers`), whose layers it reads in place
-    (a scan copies each layer's weights out of the stack on every call).
+    (a scan copies each layer's weights out of the stack on every call), and the cache
+    is per group (`cache.split_groups`), for the same reason.
 
     Returns a state of K rows whose cache holds the P prompts: row k's cache is cache
     row src[k] (`insert` copies it into the row's slot). Without src it is a decode state.
@@ -171,7 +175,7 @@ def prefill(params, ids, mask, samp, budget, stop_ids, pixel_values=None, src=No
     P = ids.shape[0]
     model = _model(text, params, attn_impl, moe_impl, scan_layers)
     dtype = params["params"]["embed"].dtype
-    cache = _new_cache(text, P, max_len, dtype, kv_dtype)
+    cache = _new_cache(text, P, max_len, dtype, kv_dtype, scan_layers)
     positions, valid = positions_from_mask(mask)
     embeds = None
     if pixel_values is not None:
@@ -412,7 +416,8 @@ def prompt_bucket(n: int, cap: int) -> int:
 
 def new_token_bucket(n: int) -> int:
     """Size of the new-token buffer for budgets of at most n tokens (`bucket`; the cache
-    slots it adds cost memory only, as decode reads the occupied slots)."""
+    slots it adds cost memory, and on CPU the reads of a one-pass decode step, which
+    reads a float per-group cache's every slot: `kernels.cached`)."""
     return bucket(n)
 
 

@@ -327,7 +327,7 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
     arrays = None
     state = call_compiled(stats, engine.empty_state(text=text, batch=B, max_len=max_len, max_new=N,
                                                     dtype=params["params"]["embed"].dtype, kv_dtype=kv_dtype,
-                                                    top_logprobs=top_k))
+                                                    top_logprobs=top_k, scan_layers=not unroll))
 
     def sampling_of(i: int, j: int) -> Sampling:
         s = requests[i].sampling

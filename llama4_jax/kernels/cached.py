@@ -13,12 +13,24 @@ whole cache slice of every layer before each product and ran the first one with 
 operands contracted on their minor axis, several times slower than the read
 (benchmarks/generate.py --part context).
 
-The slots are visited in blocks of `block` (a `lax.fori_loop` with an online
+A float cache held in its own buffers (one layer's arrays, or a per-group cache's
+[1, ...] arrays: `init_cache(per_group=True)`) is read in one pass: one product over
+all its slots, one softmax, one product. Each product then reads its whole operand
+where it lies, at the memory bandwidth. Anything sliced out of a larger buffer (a
+block of slots, or one group of a stacked [G, ...] cache) is first copied by XLA:CPU,
+which cost more than the read: at 64K slots (benchmark model, batch 1) a layer's read
+took 7.6 ms in 512-slot blocks from the stacked cache against 2.8 ms in one pass over
+its own buffer. The pass keeps [B, H, T, S] fp32 logits, H / (2 K d) of the layer's
+fp32 key and value bytes per query (2% for Scout): past `ONE_PASS_MAX_BYTES` of them
+the blocked read below is used instead.
+
+Otherwise the slots are visited in blocks of `block` (a `lax.fori_loop` with an online
 softmax, flash-attention style) and only up to the last occupied slot of any row, so a
-step reads the occupied part of the cache, not the whole allocation. An int8 cache is
-read as int8: each block is converted as it is sliced, and its per-slot scales are
-applied to the logits (keys) and to the probabilities (values), so no dequantized
-copy of the cache is ever made. A cache whose slot axis is split over
+step reads the occupied part of the cache, not the whole allocation: a stacked cache
+(the scanned layers, where the group index is traced) and an int8 cache. An int8
+cache is read as int8: each block is converted as it is sliced, and its per-slot
+scales are applied to the logits (keys) and to the probabilities (values), so no
+dequantized copy of the cache is ever made. A cache whose slot axis is split over
 devices (a `seq` mesh axis) is read in one block (the reductions over the split axis
 are then XLA's collectives).
 
@@ -37,7 +49,7 @@ import jax.numpy as jnp
 
 from .reference import INVALID_POS, NEG, visible
 
-__all__ = ["cached_attention", "DEFAULT_BLOCK"]
+__all__ = ["cached_attention", "DEFAULT_BLOCK", "ONE_PASS_MAX_BYTES"]
 
 # Slots per block: large enough that each product is a proper matmul and the loop's
 # per-step cost is small, small enough that a row's block of keys (K * d * block * 4
@@ -46,6 +58,10 @@ __all__ = ["cached_attention", "DEFAULT_BLOCK"]
 # d=32: 512 and 1024 within noise of one block and of each other; 256 and >= 2048
 # slower (up to 1.6x).
 DEFAULT_BLOCK = 512
+
+# Largest fp32 logits array [B, H, T, S] read in one pass (see the module docstring);
+# beyond it the cache is read in blocks, so the step's memory stays bounded.
+ONE_PASS_MAX_BYTES = 256 << 20
 
 
 def _scores(qg, kb, ks):
@@ -68,17 +84,25 @@ def cached_attention(q, k, v, q_pos, k_pos, *, chunk_size: int | None, k_scale=N
     q [B, T, H, d] (temperature already applied), k [B, K, d, S], v [B, K, S, d] (int8
     with k_scale / v_scale [B, K, S], or float), q_pos [B, T], k_pos [B, S] (the
     positions of the slots; empty slots hold INVALID_POS), chunk_size as for
-    `xla_attention`. block: slots per step of the loop (0: DEFAULT_BLOCK, read when
-    traced; None: one block);
+    `xla_attention`. block: slots per step of the loop (None: one block; 0, the
+    default: one pass over a float cache in its own buffers whose logits fit
+    ONE_PASS_MAX_BYTES, else DEFAULT_BLOCK; both read when traced);
     split_slots: the slot axis is split over devices, read it in one block.
     group: the cache arrays (not q, q_pos) are stacked over layer groups ([G, ...])
     and group `group` (an int or traced scalar) is read: each block is sliced straight
-    from the stacked buffer, so the layer's slice is never copied out first.
+    from the stacked buffer, so the layer's slice is never copied out first. A static
+    group 0 of [1, ...] arrays (a per-group cache) is the whole buffer.
     Returns [B, T, H, d] in q's dtype.
     """
     B, T, H, d = q.shape
     K, S = k.shape[-3], k.shape[-1]
-    block = DEFAULT_BLOCK if block == 0 else block
+    if isinstance(group, int) and k.shape[0] == 1:  # [1, ...]: indexing it is free (a bitcast)
+        k, v, k_pos = k[0], v[0], k_pos[0]
+        k_scale, v_scale = (None if x is None else x[0] for x in (k_scale, v_scale))
+        group = None
+    if block == 0:
+        one_pass = group is None and k_scale is None and B * H * T * S * 4 <= ONE_PASS_MAX_BYTES
+        block = None if one_pass else DEFAULT_BLOCK
     dtype = q.dtype
     qg = jnp.transpose(q.reshape(B, T, K, H // K, d), (0, 2, 3, 1, 4))
 
@@ -93,8 +117,10 @@ def cached_attention(q, k, v, q_pos, k_pos, *, chunk_size: int | None, k_scale=N
             k, v, k_pos = k[group], v[group], k_pos[group]
             k_scale, v_scale = (None if x is None else x[group] for x in (k_scale, v_scale))
         lg = masked(_scores(qg, k, k_scale), k_pos)
-        p = jax.nn.softmax(lg, axis=-1)
-        return finish(_values(p, v, v_scale, dtype))
+        # The normalisation divides the [.., d] output, not the [.., S] probabilities
+        # (as the blocked loop does): one pass less over the slots.
+        p = jnp.exp(lg - jnp.max(lg, axis=-1, keepdims=True))
+        return finish(_values(p, v, v_scale, dtype) / jnp.sum(p, axis=-1)[..., None])
 
     # Visit blocks up to the last occupied slot of any row (global layers fill slots in
     # position order; a ring buffer, once full, is visited whole); at least one, so a

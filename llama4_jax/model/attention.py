@@ -76,6 +76,11 @@ def write_cache(entry, k, v, k_pos, *, ring: bool, group=None):
     (never a copy of the cache).
     """
     S = entry["pos"].shape[-1]
+    if k_pos.shape == (1, 1):
+        # One token of one row (a batch-1 decode step) is written twice, to the same slot
+        # with the same value: XLA rewrites a scatter of a single index into an update
+        # plus a select over the whole buffer, and then copied the cache on every step.
+        k_pos, k, v = (jnp.concatenate([x, x], axis=1) for x in (k_pos, k, v))
     valid = k_pos < INVALID_POS
     if ring:
         last = jnp.max(jnp.where(valid, k_pos, -1), axis=1, keepdims=True)

@@ -63,7 +63,9 @@ class DecoderGroup(nn.Module):
     Called on the carry (x, cache, g): the residual stream, the whole cache stacked
     over groups ([G, ...] leaves, or None) and this group's index, so each layer updates
     its slice of the cache in place (a scatter into the carried buffer). Returning the
-    cache as a scan output instead would restack a new copy of it on every call.
+    cache as a scan output instead would restack a new copy of it on every call. The
+    unrolled model passes the group's own entries of a per-group cache ([1, ...]
+    leaves) with index 0.
     """
 
     cfg: TextConfig
@@ -118,7 +120,11 @@ class TextModel(nn.Module):
         cache_in = cache_layers if cache_layers else None
         # jax.checkpoint per group: the backward pass keeps only each group's input.
         group_cls = nn.remat(DecoderGroup) if self.remat else DecoderGroup
+        per_group = bool(cache_in) and isinstance(next(iter(cache_in.values())), tuple)
         if self.scan_layers:
+            if per_group:
+                raise ValueError("a per-group cache (init_cache(per_group=True)) is for the unrolled model "
+                                 "(scan_layers=False); the scanned layers take the stacked cache")
             Group = nn.scan(
                 group_cls,
                 variable_axes={"params": 0, "intermediates": 0},
@@ -132,10 +138,17 @@ class TextModel(nn.Module):
             # Unrolled groups whose weights are separate arrays (`layers_{g}`): a scan
             # slices each step's weights out of the stacked array, and XLA on CPU copies
             # that slice before every matmul (3x the memory traffic of a decode step).
-            # The cache keeps its stacked [G, ...] layout, each group writing its slice.
+            # The cache is per group (`cache.split_groups`) for the same reason: group g
+            # reads and writes its own buffers (index 0 of [1, ...] arrays).
+            if cache_in and not per_group:
+                raise ValueError("the unrolled model (scan_layers=False) takes a per-group cache: "
+                                 "init_cache(per_group=True) or cache.split_groups(cache)")
             new_cache, hiddens = cache_in, []
             for g in range(cfg.num_groups):
-                (x, new_cache, _), h = group_cls(*group_args, name=f"layers_{g}")((x, new_cache, g), ctx)
+                mine = {name: entry[g] for name, entry in new_cache.items()} if new_cache else None
+                (x, mine, _), h = group_cls(*group_args, name=f"layers_{g}")((x, mine, 0), ctx)
+                if new_cache:
+                    new_cache = {name: entry[:g] + (mine[name],) + entry[g + 1:] for name, entry in new_cache.items()}
                 hiddens.append(h)
             hidden = tuple(jnp.stack(h) for h in zip(*hiddens))
         if last_only:
