@@ -300,8 +300,9 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
     stop_ids = place(np.asarray(sorted(stop_set) or [-1], np.int32))
     unroll = engine.unroll_layers(params)
     # Decode rows this many or fewer per routed expert read the chosen experts in
-    # place (`per_expert`); more rows go to `blocked` on stacked experts. A prefill on
-    # the same parameters runs `blocked`, which takes an expert's buffer as it is.
+    # place (`rowwise`, a `lax.switch` per row); more rows go to `blocked` on stacked
+    # experts. A prefill on the same parameters runs `blocked`, which takes an expert's
+    # buffer as it is.
     rows = min(batch_size, n_samples) * text.num_experts_per_tok
     split = (unroll and moe_impl == "ragged" and rows <= text.num_local_experts
              and all(len(x.sharding.device_set) == 1 for x in jax.tree_util.tree_leaves(params)))

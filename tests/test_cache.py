@@ -93,7 +93,7 @@ def _incremental(params, ids, mask, kv_dtype=None, step=_step, split_experts=Fal
 @pytest.mark.parametrize("split_experts", [False, True])
 def test_prefill_then_decode_equals_full_forward(params, batch, split_experts):
     """split_experts: the decode steps' MoE layers hold their experts as an `ExpertList`,
-    which `ragged` runs with `per_expert` (here top-2 of 3 experts, 3 rows: every
+    which `ragged` runs with `rowwise` (here top-2 of 3 experts, 3 rows: every
     expert is taken by some row)."""
     ids, mask = batch
     full = np.asarray(llama4_jax.forward(CFG, params, ids, attention_mask=mask))

@@ -176,7 +176,7 @@ def test_budgets_in_one_bucket_share_executables(scout):
 def test_unrolled_layers_match_the_scan(scout, monkeypatch, batch_size):
     """Large weights on CPU prefill and decode on per-group weights (`unroll_layers`;
     with at most E decode rows, each expert its own array, which prefill runs with
-    `blocked` and decode with `per_expert`); the tokens and log-probabilities equal
+    `blocked` and decode with `rowwise`); the tokens and log-probabilities equal
     the scanned layers' (fp32 summation order only)."""
     from llama4_jax import engine
 

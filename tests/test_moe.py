@@ -18,7 +18,7 @@ from llama4_jax.model import moe
 from tests.lowering import lower_for_tpu_or_skip
 
 E, D, F = 9, 21, 13
-STRATEGIES = ("ragged", "ragged_dot", "blocked", "rowwise", "per_expert", "gmm")  # gmm: megablox, interpret mode here
+STRATEGIES = ("ragged", "ragged_dot", "blocked", "rowwise", "gmm")  # gmm: megablox, interpret mode here
 # fp32 at matmul precision `highest`: the strategies differ from `dense` only in how
 # the same products are blocked and summed (dense adds exact zeros for the other
 # experts), so differences are a few ulps of O(1) outputs.
@@ -273,7 +273,7 @@ def test_hlo_checker_catches_a_relayout(w):
 @pytest.mark.parametrize("T,k", [(1, 1), (4, 2), (37, 1), (23, 2)])
 def test_ragged_on_expert_list(w, T, k, quantize):
     """`ragged` on `ExpertList` weights, equal to `dense` on the stacked weights (float:
-    ATOL_F32; int8: the same quantized weights both ways): `per_expert` for T*k <= E
+    ATOL_F32; int8: the same quantized weights both ways): `rowwise` for T*k <= E
     rows; `blocked` for more (a prefill on the decode parameters). Neither makes an
     expert-sized array other than the parameters in its compiled HLO: each taken
     branch reads its expert's buffers in place, nothing is sliced or copied out."""
@@ -293,13 +293,13 @@ def test_ragged_on_expert_list(w, T, k, quantize):
 
         found = made(moe.ragged_moe, split)
         assert not found, found
-        strategy = moe.per_expert_moe if T * k <= E else moe.blocked_moe
+        strategy = moe.rowwise_moe if T * k <= E else moe.blocked_moe
         assert made(strategy, w), "the check has teeth: stacked weights are sliced out"
 
 
 def test_expert_list_refused_by_stacked_strategies():
     t = PRESETS["tiny"].text
-    module = moe.MoE(t, jnp.float32, impl="rowwise")
+    module = moe.MoE(t, jnp.float32, impl="dense")
     params = module.init(jax.random.key(0), jnp.zeros((1, 2, t.hidden_size)))
     inner = dict(params["params"])
     for n in ("gate", "up", "down"):

@@ -309,8 +309,17 @@ def rowwise_moe(h, w, idx, score):
     matters inside the scanned layer stack: there the weight slice w[e] of this layer
     is one dynamic-slice of the stacked [G, E, D, F] parameter, so XLA reads only the
     chosen experts. (Behind a while loop, as in `blocked`, the scan first copies the
-    layer's whole [E, D, F] tensor to feed the loop.) Reads T*k expert slices, so it
-    is the right choice only when T*k <= E; `ragged` switches at that point.
+    layer's whole [E, D, F] tensor to feed the loop.) With `ExpertList` weights each row
+    is a `lax.switch` whose branch reads its expert's buffers in place (`_expert_swiglu`).
+    Reads T*k expert slices, so it is the right choice only when T*k <= E; `ragged`
+    switches at that point.
+
+    Rows that chose the same expert read it once each: one-row matrix-vector products
+    run at the memory bandwidth on XLA:CPU, a T-row product on a packed weight at a
+    fraction of it. Measured on 2 cores, 8 chained MoE layers of the benchmark model's
+    shapes (16 `ExpertList` experts, D=256, F=512, top-1, medians of 100): T=2 1.42 ms,
+    T=4 2.64, T=8 7.8, T=16 16.6, against 2.34 / 5.24 / 13.8 / 25.1 ms for one
+    `lax.cond` per expert running all T rows through each chosen expert (each read once).
     """
     T, k = idx.shape
     if T * k > ROWWISE_MAX_ROWS:
@@ -322,52 +331,9 @@ def rowwise_moe(h, w, idx, score):
         return jnp.zeros_like(h)
     x = (h[:, None, :] * score[:, :, None]).reshape(T * k, h.shape[-1])
     flat = idx.reshape(-1)
-    ys = []
     with jax.named_scope("rowwise_experts"):
-        for r in range(T * k):
-            e = flat[r]
-            wg, wu, wd = (quant.take(w[n], e) for n in ("gate", "up", "down"))
-            ys.append(swiglu(x[r : r + 1], wg, wu, wd))
+        ys = [_expert_swiglu(x[r:r + 1], w["gate"], w["up"], w["down"], flat[r]) for r in range(T * k)]
     return jnp.concatenate(ys).reshape(T, k, -1).sum(axis=1)
-
-
-def per_expert_moe(h, w, idx, score):
-    """Decode-sized MoE: for each expert a `lax.cond`, taken only if some row chose it,
-    that runs all T rows through it with inputs scaled by their score for it (0 for
-    the rows that did not choose it: their output is exactly 0, as in `dense`). One
-    routed row (batch-1 decode, top-1) takes a single `lax.switch` over the experts.
-
-    Reads each chosen expert once (rows that share an expert share the read); the T
-    rows cost what one row costs while T is small, the weights dominate. With
-    `ExpertList` weights the matmuls read each expert's own buffer; with stacked
-    [E, ...] weights each taken branch slices (copies) its expert first. The E
-    branches are independent, so XLA:CPU runs taken ones concurrently.
-    Measured in a micro-benchmark of 8 chained MoE layers with the benchmark model's
-    shapes (16 experts, D=256, F=512, 2 cores): T=1 1.09 ms against `rowwise` 1.96;
-    T=8 8.8 ms against `dense` 18.5.
-    """
-    T = h.shape[0]
-    E = w["gate"].shape[0]
-
-    def expert(e):
-        if isinstance(w["gate"], ExpertList):
-            return tuple(w[n].parts[e] for n in ("gate", "up", "down"))
-        return tuple(quant.take(w[n], e) for n in ("gate", "up", "down"))
-
-    def branch(e):
-        ws = expert(e)
-        return lambda x, s: swiglu(x * s, *ws)
-
-    with jax.named_scope("per_expert"):
-        if idx.size == 1:
-            return jax.lax.switch(idx[0, 0], [branch(e) for e in range(E)], h, score[:, :1])
-        s_te = jnp.zeros((T, E), h.dtype).at[jnp.arange(T)[:, None], idx].set(score)
-        used = jnp.zeros((E,), bool).at[idx.reshape(-1)].set(True)
-        # The scaling happens inside each branch and the outputs are summed at once, so
-        # an untaken expert costs its predicate and a zero fill, nothing else.
-        ys = [jax.lax.cond(used[e], branch(e), lambda x, s: jnp.zeros_like(x), h, s_te[:, e:e + 1])
-              for e in range(E)]
-        return jnp.sum(jnp.stack(ys), axis=0)
 
 
 def ragged_strategy(num_rows: int, num_experts: int, platform: str | None = None, *, quantized: bool = False) -> str:
@@ -393,9 +359,9 @@ def ragged_strategy(num_rows: int, num_experts: int, platform: str | None = None
 
 def ragged_moe(h, w, idx, score):
     """Only the top-k experts per token, with the strategy `ragged_strategy` picks; for
-    `ExpertList` weights `per_expert` at decode sizes (T*k <= E), else `blocked`."""
+    `ExpertList` weights `rowwise` at decode sizes (T*k <= E), else `blocked`."""
     if isinstance(w["gate"], ExpertList):
-        return (per_expert_moe if idx.size <= w["gate"].shape[0] else blocked_moe)(h, w, idx, score)
+        return (rowwise_moe if idx.size <= w["gate"].shape[0] else blocked_moe)(h, w, idx, score)
     name = ragged_strategy(idx.size, w["gate"].shape[0], quantized=quant.is_quantized(w["gate"]))
     return _STRATEGIES[name](h, w, idx, score)
 

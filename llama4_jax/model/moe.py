@@ -21,12 +21,11 @@ Implementations behind `moe_impl`, all tested equal to `dense`:
         experts that received tokens, block matmuls on each expert's weight slice,
         with a custom VJP (`grouped_swiglu`) so it trains;
       - `rowwise` (CPU decode, T*k <= E): each row times its own expert's slice,
-        unrolled, so only the chosen experts' weights are read;
-      - `per_expert` (CPU decode on `ExpertList` weights, where `ragged` sends T*k <= E
-        rows; more go to `blocked`, which takes `ExpertList` weights too): one
-        `lax.cond` per expert, taken when a row chose it, running every row (inputs
-        zero-scaled as in `dense`) on that expert's own buffer: each chosen expert is
-        read once, and never copied out of a stacked array.
+        unrolled, so only the chosen experts' weights are read; on `ExpertList`
+        weights (the CPU decode parameters, `unstack_layers(split_experts=True)`) one
+        `lax.switch` per row reads its expert's own buffer, never a copy out of a
+        stacked array (`ragged` sends more rows to `blocked`, which takes
+        `ExpertList` weights too).
 Expert weights are stored as the matmul consumes them (gate/up [E, D, F], down
 [E, F, D]: `x @ w[e]`), so no strategy transposes or re-lays-out a weight;
 tests/test_moe.py checks the compiled HLO for that. Every strategy also takes
@@ -44,7 +43,7 @@ import jax.numpy as jnp
 
 from ..config import TextConfig
 from .experts import (  # noqa: F401  (re-exported: every strategy is also reachable as moe.<name>)
-    GMM_TILING, ROWWISE_MAX_ROWS, block_rows, blocked_moe, dense_moe, gmm_moe, grouped_swiglu, per_expert_moe,
+    GMM_TILING, ROWWISE_MAX_ROWS, block_rows, blocked_moe, dense_moe, gmm_moe, grouped_swiglu,
     ragged_dot_moe, ragged_moe, ragged_strategy, route, rowwise_moe, sort_by_expert,
 )
 from .layers import MLP, ExpertList, param
@@ -56,7 +55,6 @@ _MOE_IMPLS: dict = {
     "ragged_dot": ragged_dot_moe,
     "blocked": blocked_moe,
     "rowwise": rowwise_moe,
-    "per_expert": per_expert_moe,
     "gmm": gmm_moe,
     "ep": ep_moe,
 }
@@ -98,8 +96,8 @@ class MoE(nn.Module):
             fn = _MOE_IMPLS[self.impl]
         except KeyError:
             raise ValueError(f"unknown moe_impl {self.impl!r}; available: {sorted(_MOE_IMPLS)}") from None
-        if isinstance(experts["gate"], ExpertList) and fn not in (ragged_moe, per_expert_moe, blocked_moe):
+        if isinstance(experts["gate"], ExpertList) and fn not in (ragged_moe, rowwise_moe, blocked_moe):
             raise ValueError(f"moe_impl {self.impl!r} takes stacked expert weights; these are an ExpertList "
-                             "(unstack_layers(split_experts=True)): use 'ragged', 'per_expert' or 'blocked'")
+                             "(unstack_layers(split_experts=True)): use 'ragged', 'rowwise' or 'blocked'")
         routed = fn(h, experts, idx, score).reshape(B, T, D)
         return MLP(F, dt, name="shared")(x) + routed

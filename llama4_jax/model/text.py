@@ -171,7 +171,7 @@ def unstack_layers(params, split_experts: bool = False):
     [G, ...] split into per-group subtrees `layers_0` .. `layers_{G-1}` (new arrays).
 
     split_experts: also hold each MoE layer's routed experts as E separate arrays
-    (`ExpertList`), which the `ragged` MoE runs with `per_expert` (a decode step then
+    (`ExpertList`), which the `ragged` MoE runs with `rowwise` (a decode step then
     reads each chosen expert in place instead of copying it out of [E, D, F]).
 
     In one process this is one jitted copy (~5x faster than slicing leaf by leaf: 21
