@@ -121,6 +121,19 @@ def test_single_row_decode_equals_full_forward(params, batch):
         np.testing.assert_array_equal(same[k], entry[k])
 
 
+def test_cache_form_must_match_the_model(params, batch):
+    """The scanned model takes the stacked cache, the unrolled one the per-group cache;
+    the other form is refused with a message that names the right one."""
+    ids, mask = batch
+    pos = np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)
+    args = (ids[:, :2], pos[:, :2], mask[:, :2].astype(bool))
+    stacked = init_cache(CFG, ids.shape[0], 8)
+    with pytest.raises(ValueError, match="per-group cache"):
+        _step_fn(params, *args, split_groups(stacked))
+    with pytest.raises(ValueError, match="per-group cache"):
+        _step_fn(unstack_layers(params), *args, stacked, scan_layers=False)
+
+
 def test_decode_in_cache_blocks_equals_one_block(params, batch, monkeypatch):
     """Decode steps reading the cache in blocks of 4 slots (the ring buffers' size: whole
     blocks; the global layers' 27 slots: a last block shifted back over seen slots, and

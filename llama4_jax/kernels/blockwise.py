@@ -189,7 +189,7 @@ def _split_heads(q, K):
 def _fwd_impl(q, k, v, q_pos, k_pos, chunk_size, bq, bk):
     """out fp32 [B, T, H, d], lse fp32 [B, T, H]; shapes already padded to the blocks."""
     B, T, H, d = q.shape
-    S, K = k.shape[1], k.shape[2]
+    K = k.shape[2]
     G = H // K
     scale = 1.0 / math.sqrt(d)
     idx, cnt = block_plan(q_pos, k_pos, chunk_size, bq, bk)

@@ -20,9 +20,10 @@ where it lies, at the memory bandwidth. Anything sliced out of a larger buffer (
 block of slots, or one group of a stacked [G, ...] cache) is first copied by XLA:CPU,
 which cost more than the read: in a profile of the decode step at 64K slots (benchmark
 model, batch 1) a global layer's read took 7.6 ms in 512-slot blocks from the stacked
-cache (4.7 ms of it copying blocks), 3.9 ms in one pass over its own buffer. The pass keeps [B, H, T, S] fp32 logits, H / (2 K d) of the layer's
-fp32 key and value bytes per query (2% for Scout): past `ONE_PASS_MAX_BYTES` of them
-the blocked read below is used instead.
+cache (4.7 ms of it copying blocks), 3.9 ms in one pass over its own buffer. The pass
+keeps [B, H, T, S] fp32 logits, H / (2 K d) of the layer's fp32 key and value bytes
+per query (2% for Scout): past `ONE_PASS_MAX_BYTES` of them the blocked read below is
+used instead.
 
 Otherwise the slots are visited in blocks of `block` (a `lax.fori_loop` with an online
 softmax, flash-attention style) and only up to the last occupied slot of any row, so a

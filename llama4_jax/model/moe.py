@@ -22,10 +22,10 @@ Implementations behind `moe_impl`, all tested equal to `dense`:
         with a custom VJP (`grouped_swiglu`) so it trains;
       - `rowwise` (CPU decode, T*k <= E): each row times its own expert's slice,
         unrolled, so only the chosen experts' weights are read; on `ExpertList`
-        weights (the CPU decode parameters, `unstack_layers(split_experts=True)`) one
-        `lax.switch` per row reads its expert's own buffer, never a copy out of a
-        stacked array (`ragged` sends more rows to `blocked`, which takes
-        `ExpertList` weights too).
+        weights (the CPU decode parameters, `unstack_layers(split_experts=True)`) a
+        loop over the rows, whose `lax.switch` reads the row's expert's own buffer,
+        never a copy out of a stacked array (`ragged` sends more rows to `blocked`,
+        which takes `ExpertList` weights too).
 Expert weights are stored as the matmul consumes them (gate/up [E, D, F], down
 [E, F, D]: `x @ w[e]`), so no strategy transposes or re-lays-out a weight;
 tests/test_moe.py checks the compiled HLO for that. Every strategy also takes
