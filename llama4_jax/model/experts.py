@@ -372,11 +372,11 @@ def ragged_strategy(num_rows: int, num_experts: int, platform: str | None = None
 
 
 def ragged_moe(h, w, idx, score):
-    """Only the top-k experts per token, with the strategy `ragged_strategy` picks; for
-    `ExpertList` weights `rowwise` at decode sizes (T*k <= E), else `blocked`."""
-    if isinstance(w["gate"], ExpertList):
-        return (rowwise_moe if idx.size <= w["gate"].shape[0] else blocked_moe)(h, w, idx, score)
-    name = ragged_strategy(idx.size, w["gate"].shape[0], quantized=quant.is_quantized(w["gate"]))
+    """Only the top-k experts per token, with the strategy `ragged_strategy` picks
+    (`ExpertList` weights are CPU decode parameters: its CPU choice, `rowwise` or
+    `blocked`, both of which take them)."""
+    platform = "cpu" if isinstance(w["gate"], ExpertList) else None
+    name = ragged_strategy(idx.size, w["gate"].shape[0], platform, quantized=quant.is_quantized(w["gate"]))
     return _STRATEGIES[name](h, w, idx, score)
 
 
