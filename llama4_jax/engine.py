@@ -150,9 +150,10 @@ def empty_state(*, text, batch, max_len, max_new, dtype, kv_dtype, top_logprobs=
 
 
 @functools.partial(jax.jit, static_argnames=("text", "max_len", "max_new", "attn_impl", "moe_impl", "kv_dtype",
-                                             "mm", "piece", "top_logprobs", "scan_layers"))
+                                             "mm", "piece", "top_logprobs", "scan_layers", "data_parallel"))
 def prefill(params, ids, mask, samp, budget, stop_ids, pixel_values=None, src=None, *, text, max_len, max_new,
-            attn_impl, moe_impl, kv_dtype, mm=None, piece=None, top_logprobs=0, scan_layers=True):
+            attn_impl, moe_impl, kv_dtype, mm=None, piece=None, top_logprobs=0, scan_layers=True,
+            data_parallel=False):
     """Run the prompts [P, T] (left-padded, mask 0/1) and sample the first token of K rows.
 
     samp: dict of per-row sampling arrays [K]; budget: int32 [K] tokens each row may
@@ -167,7 +168,9 @@ def prefill(params, ids, mask, samp, budget, stop_ids, pixel_values=None, src=No
     tokens of each generated token (static). scan_layers=False: params are the per-group
     parameters of `unroll_layers` (`unstack_layers`), whose layers it reads in place
     (a scan copies each layer's weights out of the stack on every call), and the cache
-    is per group (`cache.split_groups`), for the same reason.
+    is per group (`cache.split_groups`), for the same reason. data_parallel (static): as
+    for `decode`; the prompts run the model on their devices' shares when P divides
+    over the mesh (a single prompt runs whole on each device).
 
     Returns a state of K rows whose cache holds the P prompts: row k's cache is cache
     row src[k] (`insert` copies it into the row's slot). Without src it is a decode state.
@@ -183,11 +186,22 @@ def prefill(params, ids, mask, samp, budget, stop_ids, pixel_values=None, src=No
 
         with jax.named_scope("images"):
             embeds = input_embeddings(mm, params, ids, pixel_values)
-    with jax.named_scope("prefill"):
+
+    def run(params, ids, positions, valid, cache, embeds):
         if piece is None or ids.shape[1] <= piece:
             logits, cache, _ = model.apply(params, ids, positions, valid, cache, last_only=True, embeds=embeds)
-        else:
-            logits, cache = _prefill_pieces(model, params, ids, positions, valid, cache, embeds, piece)
+            return logits, cache
+        return _prefill_pieces(model, params, ids, positions, valid, cache, embeds, piece)
+
+    if data_parallel:
+        mesh, rules = sharding.active()
+        row, _ = (rules or sharding.default_rules(mesh)).spec(("batch",), (P,), mesh)
+        if row != jax.sharding.PartitionSpec():  # P splits over the mesh
+            cache_specs = jax.tree_util.tree_map(lambda x: x.spec, sharding.cache_shardings(cache, mesh, rules))
+            run = _per_device(run, (jax.sharding.PartitionSpec(), row, row, row, cache_specs, row),
+                              (row, cache_specs))
+    with jax.named_scope("prefill"):
+        logits, cache = run(params, ids, positions, valid, cache, embeds)
     logits, pos = logits[:, 0], jnp.sum(mask, axis=1).astype(jnp.int32)
     if src is not None:
         logits, pos = logits[src], pos[src]
@@ -210,6 +224,20 @@ def _state_shardings(state, mesh, rules):
     out = {k: row(v) for k, v in state.items() if k != "cache"}
     out["cache"] = sharding.cache_shardings(state["cache"], mesh, rules)
     return out
+
+
+def _per_device(fn, in_specs, out_specs):
+    """fn run by each device of the active (data-parallel, `sharding.data_parallel`)
+    mesh on its share of the rows, traced as single-device code (no active mesh
+    inside): `shard_map` with these specs and no collectives."""
+    mesh, _ = sharding.active()
+
+    def local(*args):
+        with sharding.suspended():
+            return fn(*args)
+
+    return jax.shard_map(local, mesh=sharding._tracing_mesh(mesh), in_specs=in_specs, out_specs=out_specs,
+                         check_vma=False)
 
 
 def _pin(state):
@@ -285,8 +313,10 @@ def insert(state):
     return _insert_jit(treedef, tuple(x.sharding for x in leaves))
 
 
-@functools.partial(jax.jit, static_argnames=("text", "attn_impl", "moe_impl", "scan_layers"), donate_argnums=(1,))
-def decode(params, state, samp, budget, stop_ids, limit, *, text, attn_impl, moe_impl, scan_layers=True):
+@functools.partial(jax.jit, static_argnames=("text", "attn_impl", "moe_impl", "scan_layers", "data_parallel"),
+                   donate_argnums=(1,))
+def decode(params, state, samp, budget, stop_ids, limit, *, text, attn_impl, moe_impl, scan_layers=True,
+           data_parallel=False):
     """Decode until a row finishes, every row is done, or `limit` iterations ran.
 
     One `lax.while_loop`; each iteration feeds every row's last token [B, 1] at its
@@ -294,12 +324,51 @@ def decode(params, state, samp, budget, stop_ids, limit, *, text, attn_impl, moe
     folded from that step) and updates the done flags. Finished rows are fed as invalid
     tokens (their cache is left alone), emit nothing and keep their step. Stopping as
     soon as a row that was running finishes lets the host refill its slot.
+
+    data_parallel (static): the active mesh splits only the batch and the parameters
+    are replicated (`sharding.data_parallel`). Each device then runs the step on its
+    own rows as single-device code (`shard_map`), with no collective but the loop's
+    done test. On CPU, where XLA runs a decode step's small products on about one core,
+    a mesh of one device per core runs the rows' shares side by side (see
+    `benchmarks/generate.py --part batch`).
     Returns (state, iterations run).
     """
     model = _model(text, params, attn_impl, moe_impl, scan_layers)
-    B, N = state["tokens"].shape
     top_k = state["top_ids"].shape[-1] if "top_ids" in state else 0
     done0 = state["done"]
+
+    def step(params, s, samp, budget, stop_ids):
+        B, N = s["tokens"].shape  # on a data-parallel mesh: this device's rows
+        logits, cache, _ = model.apply(params, s["last"][:, None], s["pos"][:, None], ~s["done"][:, None],
+                                       s["cache"])
+        tok, lp = sample(logits[:, 0], samp["temperature"], samp["top_k"], samp["top_p"], samp["min_p"],
+                         samp["seed"], s["step"])
+        tok = jnp.where(s["done"], 0, tok)
+        new_stop = ~s["done"] & jnp.isin(tok, stop_ids)
+        live = (~s["done"]).astype(jnp.int32)
+        col = jnp.where(s["done"], N, s["step"])  # done rows write nowhere (dropped)
+        rows = jnp.arange(B)
+        n_made = s["step"] + live
+        out = {
+            "tokens": s["tokens"].at[rows, col].set(tok, mode="drop"),
+            "logprobs": s["logprobs"].at[rows, col].set(lp, mode="drop"),
+            "last": tok,
+            "pos": s["pos"] + live,
+            "step": n_made,
+            "done": s["done"] | new_stop | (n_made >= budget),
+            "stopped": s["stopped"] | new_stop,
+            "cache": cache,
+        }
+        if top_k:
+            ids, lps = alternatives(logits[:, 0], top_k)
+            out["top_ids"] = s["top_ids"].at[rows, col].set(ids, mode="drop")
+            out["top_lps"] = s["top_lps"].at[rows, col].set(lps, mode="drop")
+        return out
+
+    if data_parallel:  # replicated parameters and stop ids; rows and their cache split
+        specs = jax.tree_util.tree_map(lambda x: x.spec, _state_shardings(state, *sharding.active()))
+        whole = jax.sharding.PartitionSpec()
+        step = _per_device(step, (whole, specs, specs["done"], specs["done"], whole), specs)
 
     def cond(c):
         s, n = c
@@ -308,31 +377,7 @@ def decode(params, state, samp, budget, stop_ids, limit, *, text, attn_impl, moe
     def body(c):
         s, n = c
         with jax.named_scope("decode_step"):
-            logits, cache, _ = model.apply(params, s["last"][:, None], s["pos"][:, None], ~s["done"][:, None],
-                                           s["cache"])
-            tok, lp = sample(logits[:, 0], samp["temperature"], samp["top_k"], samp["top_p"], samp["min_p"],
-                             samp["seed"], s["step"])
-            tok = jnp.where(s["done"], 0, tok)
-            new_stop = ~s["done"] & jnp.isin(tok, stop_ids)
-            live = (~s["done"]).astype(jnp.int32)
-            col = jnp.where(s["done"], N, s["step"])  # done rows write nowhere (dropped)
-            rows = jnp.arange(B)
-            step = s["step"] + live
-            out = {
-                "tokens": s["tokens"].at[rows, col].set(tok, mode="drop"),
-                "logprobs": s["logprobs"].at[rows, col].set(lp, mode="drop"),
-                "last": tok,
-                "pos": s["pos"] + live,
-                "step": step,
-                "done": s["done"] | new_stop | (step >= budget),
-                "stopped": s["stopped"] | new_stop,
-                "cache": cache,
-            }
-            if top_k:
-                ids, lps = alternatives(logits[:, 0], top_k)
-                out["top_ids"] = s["top_ids"].at[rows, col].set(ids, mode="drop")
-                out["top_lps"] = s["top_lps"].at[rows, col].set(lps, mode="drop")
-            return out, n + 1
+            return step(params, s, samp, budget, stop_ids), n + 1
 
     state, n = jax.lax.while_loop(cond, body, (state, jnp.int32(0)))
     return _pin(state), n

@@ -125,6 +125,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--mesh", default=None, metavar="SPEC",
                         help='device mesh, e.g. "data=2,expert=4" (axes data, fsdp, expert, tensor): the model is '
                              "loaded straight onto it and batches run data- and expert-parallel")
+    parser.add_argument("--cpu-devices", default="auto", metavar="N",
+                        help="on CPU, without --mesh: decode each batch's rows on N devices side by side, one per "
+                             "core (XLA runs a decode step on about one core; each device holds a copy of the "
+                             "weights). auto (default): the cores, at most 8, as many as fit in half the free "
+                             "memory; 1: off")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     cache = parser.add_mutually_exclusive_group()
     cache.add_argument("--compile-cache", default=None, metavar="DIR",
@@ -402,6 +407,14 @@ def _finished_ids(path: str) -> tuple[set[tuple[str, int]], int]:
     return done, good
 
 
+def _weight_bytes(model: str) -> int:
+    """Bytes of the checkpoint's safetensors files (0 if none are found)."""
+    try:
+        return sum(e.stat().st_size for e in os.scandir(model) if e.name.endswith(".safetensors") and e.is_file())
+    except OSError:
+        return 0
+
+
 def _err(msg: str) -> int:
     print(f"{PROG}: error: {msg}", file=sys.stderr)
     return 2
@@ -453,6 +466,8 @@ def run(args) -> int:
                              ("--prefill-chunk", 1 if args.prefill_chunk is None else args.prefill_chunk, 1)):
         if value < low:
             return _err(f"{flag} must be >= {low}, got {value}")
+    if args.cpu_devices != "auto" and not (args.cpu_devices.isdigit() and int(args.cpu_devices) >= 1):
+        return _err(f"--cpu-devices must be a positive integer or 'auto', got {args.cpu_devices!r}")
     flags = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "min_p": args.min_p}
     try:
         Sampling(**{k: v for k, v in flags.items() if v is not None}, seed=args.seed)
@@ -559,7 +574,7 @@ def run(args) -> int:
               f"{args.input} have images, which are not classified, only their text", file=sys.stderr)
 
     try:
-        mesh, main_process = distributed.start(args, PROG)
+        mesh, main_process = distributed.start(args, PROG, weight_bytes=_weight_bytes(model))
     except ValueError as e:
         return _err(str(e))
     try:

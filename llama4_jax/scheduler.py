@@ -242,8 +242,11 @@ def run_requests(config: Llama4Config, params, requests: list[Request], *, token
               kv_dtype=kv_dtype, attention_impl=attention_impl, moe_impl=moe_impl, prefill_chunk=prefill_chunk,
               on_complete=on_complete, on_batch=on_batch, stats=stats)
     if mesh is None:
-        return _run_batches(config, params, requests, place=jnp.asarray, **kw), stats
+        return _run_batches(config, params, requests, place=jnp.asarray, lanes=1, **kw), stats
     rules = sharding.default_rules(mesh) if rules is None else rules
+    # A mesh that splits only the batch, over replicated parameters: each device decodes
+    # its own rows (`engine.decode`'s data_parallel), and the slots are a multiple of them.
+    lanes = mesh.devices.size if sharding.data_parallel(mesh, rules, params) else 1
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
     def place(x):
@@ -252,7 +255,7 @@ def run_requests(config: Llama4Config, params, requests: list[Request], *, token
         return jax.device_put(x, sharding.batch_sharding(mesh, rules, x.shape) if x.ndim == 2 else replicated)
 
     with sharding.activate(mesh, rules):  # traced (and so compiled) with the mesh's constraints and `ep` MoE
-        return _run_batches(config, params, requests, place=place, **kw), stats
+        return _run_batches(config, params, requests, place=place, lanes=lanes, **kw), stats
 
 
 def _sampling_arrays(samps: list[Sampling], place) -> dict:
@@ -289,8 +292,9 @@ class _Held:
 def _run_batches(config: Llama4Config, params, requests: list[Request], *, tokenizer, stop_token_ids,
                  batch_size: int, max_model_len: int, kv_dtype, attention_impl: str, moe_impl: str,
                  prefill_chunk: int | None = None,
-                 on_complete, on_batch, place, stats: GenerationStats) -> list[Completion]:
-    """Continuous batching over `batch_size` decode slots (see the module docstring)."""
+                 on_complete, on_batch, place, lanes: int, stats: GenerationStats) -> list[Completion]:
+    """Continuous batching over `batch_size` decode slots (see the module docstring),
+    rounded up to a multiple of `lanes` (> 1: devices decoding their own rows)."""
     text = config.text
     n_samples = sum(len(r.samples) for r in requests)
     stats.prompts += n_samples
@@ -303,14 +307,14 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
     # place (`rowwise`, a `lax.switch` per row); more rows go to `blocked` on stacked
     # experts. A prefill on the same parameters runs `blocked`, which takes an expert's
     # buffer as it is.
-    rows = min(batch_size, n_samples) * text.num_experts_per_tok
+    B = -(-min(batch_size, n_samples) // lanes) * lanes
+    rows = B // lanes * text.num_experts_per_tok  # per device
     split = (unroll and moe_impl == "ragged" and rows <= text.num_local_experts
-             and all(len(x.sharding.device_set) == 1 for x in jax.tree_util.tree_leaves(params)))
+             and (lanes > 1 or all(len(x.sharding.device_set) == 1 for x in jax.tree_util.tree_leaves(params))))
     run_params = unstack_layers(params, split_experts=split) if unroll else params
     # Longest prompt first; per prompt [request index, how many of its samples were taken].
     queue = collections.deque([i, 0] for i in sorted(range(len(requests)), key=lambda i: -len(requests[i].ids))
                               if requests[i].samples)
-    B = min(batch_size, n_samples)
     results: dict[tuple[int, int], Completion] = {}
     budgets = [min(r.max_new_tokens, max_model_len - len(r.ids)) for r in requests]
     # One token buffer, cache length and top-k width for the whole run, so decode
@@ -378,7 +382,8 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
         new = call_compiled(stats, engine.prefill, run_params, place(ids), place(mask), samp, budget, stop_ids,
                             pixel_values, place(np.asarray(src, np.int32)), max_len=max_len, max_new=N,
                             kv_dtype=kv_dtype, mm=mm, piece=prefill_chunk if prefill_chunk and T > prefill_chunk
-                            else None, top_logprobs=top_k, scan_layers=not unroll, **statics)
+                            else None, top_logprobs=top_k, scan_layers=not unroll, data_parallel=lanes > 1,
+                            **statics)
         return _Held(new, [(k, src[k], i, j) for k, (i, j) in enumerate(take)])
 
     def refill(free: list[int]):
@@ -470,7 +475,8 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
         limit = STOP_STRING_SEGMENT if texts else N
         t0, c0 = time.perf_counter(), stats.compile_s
         state, steps = call_compiled(stats, engine.decode, run_params, state, *arrays, stop_ids,
-                                     place(np.int32(limit)), scan_layers=not unroll, **statics)
+                                     place(np.int32(limit)), scan_layers=not unroll, data_parallel=lanes > 1,
+                                     **statics)
         stats.decode_steps += int(to_host(steps))
         if texts:  # cut rows whose new text reached a stop string
             check_stops(sorted(texts), to_host(state["tokens"]), to_host(state["step"]))

@@ -417,6 +417,32 @@ def active():
     return _ACTIVE.get()
 
 
+@contextlib.contextmanager
+def suspended():
+    """No active (mesh, rules) inside: for single-device code traced inside `shard_map`."""
+    token = _ACTIVE.set(None)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def data_parallel(mesh, rules: Rules | None, params) -> bool:
+    """Whether a run on `mesh` splits only the batch: `mesh` has more than one device,
+    every axis of more than one device is one that `batch` maps to and no other logical
+    axis does, and every parameter is replicated over the mesh's devices. Each device
+    can then run its own rows as single-device code (`engine.decode`'s `data_parallel`)."""
+    rules = default_rules(mesh) if rules is None else rules
+    sizes = _axis_sizes(mesh)
+    split = {a for a, n in sizes.items() if n > 1}
+    batch = set(rules.mesh_axes("batch"))
+    others = {a for name in rules.as_dict() if name != "batch" for a in rules.mesh_axes(name)}
+    devices = set(mesh.devices.flat)
+    return (bool(split) and split <= batch and not split & others
+            and all(getattr(x, "sharding", None) is not None and x.sharding.is_fully_replicated
+                    and x.sharding.device_set == devices for x in jax.tree_util.tree_leaves(params)))
+
+
 def splits(logical: str) -> bool:
     """Whether the active rules (`activate`) split the logical axis over more than one device."""
     ctx = _ACTIVE.get()

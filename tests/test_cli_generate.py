@@ -72,6 +72,29 @@ def test_round_trip(tmp_path, capsys, tokenizer):
     assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "out.jsonl"]  # no temporary file left
 
 
+def test_cpu_devices_decode_side_by_side(tmp_path, capsys, monkeypatch):
+    """--cpu-devices 2 decodes each device's rows on its own (a data mesh over
+    replicated weights) and writes what one device writes; auto keeps one device for a
+    checkpoint as small as the shipped one, and the memory bound caps it."""
+    from llama4_jax import distributed
+
+    inp = _write(tmp_path / "in.jsonl", [{"id": i, "prompt": p} for i, p in enumerate(
+        ["123+456=", "999+1=", "abc:123 xyz:456 qrs:789 | xyz:"])])
+    outs = {}
+    for n in ("1", "2"):
+        out = str(tmp_path / f"out{n}.jsonl")
+        assert main(["generate", "--input", inp, "--output", out, "--cpu-devices", n, *COMMON]) == 0
+        assert ("decoding on 2 CPU devices" in capsys.readouterr().err) == (n == "2")
+        outs[n] = sorted((r["id"], r["token_ids"]) for r in _read(out))
+    assert outs["2"] == outs["1"]
+    assert distributed.cpu_lanes("auto", os.path.getsize(os.path.join(DEFAULT_MODEL, "model.safetensors"))) == 1
+    monkeypatch.setattr(distributed, "_available_memory", lambda: 16 << 30)
+    assert distributed.cpu_lanes("auto", 1 << 30) == 2  # 2 x 4 GiB fit in 8 GiB (2 cores here)
+    assert distributed.cpu_lanes("auto", 2 << 30) == 1
+    with pytest.raises(ValueError, match="--cpu-devices: expected a positive integer or 'auto', got 'x'"):
+        distributed.cpu_lanes("x")
+
+
 def test_samples_and_top_logprobs(tmp_path, capsys, tokenizer):
     """A line's "n" (or --n) gives that many records ("sample": 0 .. n-1); "logprobs": k
     (or --logprobs [K]) adds each token's k most likely alternatives with their ids,
@@ -232,6 +255,7 @@ def test_existing_output_needs_overwrite(tmp_path, capsys):
     (["--n", "0"], "--n must be >= 1, got 0"),
     (["--logprobs", "-1"], "--logprobs must be >= 0, got -1"),
     (["--logprobs", "1000000"], "--logprobs must be at most the vocabulary size"),
+    (["--cpu-devices", "0"], "--cpu-devices must be a positive integer or 'auto', got '0'"),
 ])
 def test_bad_options(tmp_path, capsys, flags, message):
     inp = _write(tmp_path / "in.jsonl", [{"prompt": "fine"}])

@@ -1,5 +1,7 @@
 """generate(): greedy tokens equal transformers' generate; seeded sampling; API errors."""
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -471,3 +473,43 @@ def test_generate_on_a_mesh_equals_one_device(maverick_like: Checkpoint):
         assert [o.token_ids for o in many] == [o.token_ids for o in one]
     with pytest.raises(ValueError, match="generate splits batches"):
         llama4_jax.generate(config, params, prompts, attention_impl="ring")
+
+
+@pytest.mark.parametrize("unroll", [False, True])
+def test_data_parallel_decode_equals_one_device(scout, monkeypatch, unroll):
+    """On a mesh that splits only the batch, over replicated parameters, each device
+    prefills and decodes its own rows as single-device code (`shard_map`): the tokens
+    and log-probabilities equal one device's, greedy and sampled, scanned and unrolled
+    (per-group weights, each expert its own array), with the slots rounded up to a
+    multiple of the devices (batch_size 3 -> 4) and refilled. The compiled decode
+    moves no data between devices: its only collective is the loop's done test."""
+    from llama4_jax import engine, sharding
+
+    _, config, params = scout
+    if unroll:
+        monkeypatch.setattr(engine, "_UNROLL_MIN_BYTES", 0)
+    mesh = sharding.make_mesh("data=2", devices=jax.devices()[:2])
+    _, replicated = llama4_jax.load(scout[0].path, dtype="float32", mesh=mesh)
+    assert sharding.data_parallel(mesh, None, replicated)
+    assert not sharding.data_parallel(mesh, None, params)  # one device's parameters
+    assert not sharding.data_parallel(sharding.make_mesh("data=2,tensor=2", devices=jax.devices()[:4]), None,
+                                      replicated)
+    prompts = _prompts(config.text.vocab_size, (9, 4, 12, 6, 7), seed=21)
+    budgets = [3, 12, 7, 5, 10]
+    engine.COMPILED.clear()
+    for sampling in (Sampling(temperature=0.0, seed=0), TopP(p=0.9, temperature=0.8, seed=3)):
+        one = llama4_jax.generate(config, params, prompts, max_new_tokens=budgets, batch_size=3, sampling=sampling,
+                                  logprobs=0)
+        two = llama4_jax.generate(config, replicated, prompts, max_new_tokens=budgets, batch_size=3,
+                                  sampling=sampling, logprobs=0, mesh=mesh)
+        assert [o.token_ids for o in two] == [o.token_ids for o in one]
+        np.testing.assert_allclose(np.concatenate([o.logprobs for o in two]),
+                                   np.concatenate([o.logprobs for o in one]), atol=1e-5)
+    decodes = [exe.as_text() for key, exe in engine.COMPILED.items()
+               if key[0] is engine.decode and key[4] is not None]
+    assert decodes and all(re.findall(r"\b(all-gather|all-to-all|collective-permute|reduce-scatter)\b", hlo) == []
+                           for hlo in decodes)
+    assert all(hlo.count(" all-reduce(") <= 2 for hlo in decodes)
+    bools = {shape for key in engine.COMPILED if key[0] is engine.decode and key[4] is not None
+             for shape, dtype, _ in key[2] if dtype == bool}
+    assert bools == {(4,)}  # "done", "stopped": 3 slots rounded up to 4
