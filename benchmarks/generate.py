@@ -11,10 +11,13 @@
    QK norm, chunk 8192, llama3 RoPE scaling; hidden 256, 8 layers, experts of 512,
    ~58M parameters), fp32, built with transformers and saved; 8 prompts of 128 tokens,
    128 new tokens each, greedy, stop tokens off so every row generates all 128:
-   `llama4_jax.generate` vs transformers `generate` (its dynamic cache, SDPA).
-   Reported: median wall time of `--repeats` runs after a warm-up (compilation is in
-   the warm-up only), generated tokens/s, the ratio, each process's peak RSS, and
-   whether the greedy tokens agree.
+   `llama4_jax.generate` vs transformers `generate` (its dynamic cache, SDPA). Ours runs
+   on `--cpu-devices` CPU devices (default: one per core; the weights replicated over
+   a data mesh, each device prefilling and decoding its own rows, as `llama4-jax
+   generate --cpu-devices` does) and on one; transformers on torch's threads (one per
+   core). Reported: median wall time of `--repeats` runs after a warm-up (compilation
+   is in the warm-up only), generated tokens/s, the ratio, each process's peak RSS,
+   and whether the greedy tokens agree.
 2. `roofline`: decode at batch 1 on a dense ~300M-parameter config (hidden 1024, 16
    layers, 16 heads / 4 KV heads, MLP 4096, vocabulary 32000), fp32: weight bytes read
    per token (every layer, the final norm and the lm_head; one embedding row) divided
@@ -31,8 +34,8 @@
    of a 1 GiB array; a single-threaded copy understates it).
 5. `mixed`: an offline workload on the `batch` part's model: `--mixed-prompts` prompts
    (seeded) with lengths drawn uniformly from 16..2048 and `max_new_tokens` from
-   8..256, greedy, stop tokens off, 8 slots / rows per batch. Three ways, each in its
-   own process, one timed run after an untimed warm-up run over the first 16 prompts
+   8..256, greedy, stop tokens off, 8 slots / rows per batch (ours on `--cpu-devices`
+   devices, as in `batch`). Three ways, each in its own process, one timed run after an untimed warm-up run over the first 16 prompts
    (which compiles what it can): our continuous batching (one `generate` call over
    all prompts); our static batching (one `generate` call per consecutive batch of 8
    prompts, so a batch waits for its longest row, as a static loop does); transformers
@@ -110,16 +113,32 @@ def build(path: str) -> dict:
     return {}
 
 
-def batch_ours(path: str, repeats: int) -> dict:
+def load_ours(path: str, devices: int):
+    """(config, params, mesh): the checkpoint in fp32, replicated over a data mesh of
+    `devices` CPU devices (each decodes its own rows, as `llama4-jax generate
+    --cpu-devices` does), or on one device (mesh None)."""
+    import jax
+
+    import llama4_jax
+    from llama4_jax import sharding
+
+    if devices > 1:
+        jax.config.update("jax_num_cpu_devices", devices)  # before the backend starts
+    mesh = sharding.make_mesh(f"data={devices}") if devices > 1 else None
+    config, params = llama4_jax.load(path, dtype="float32", mesh=mesh)
+    return config, params, mesh
+
+
+def batch_ours(path: str, repeats: int, devices: int) -> dict:
     import jax
 
     import llama4_jax
 
-    config, params = llama4_jax.load(path, dtype="float32")
+    config, params, mesh = load_ours(path, devices)
     config = config.replace_text(eos_token_id=())  # no stop token: every row makes NEW tokens
     P = prompts(config.text.vocab_size)
     run = lambda: llama4_jax.generate(config, params, P, max_new_tokens=NEW, batch_size=BATCH,  # noqa: E731
-                                      return_stats=True)
+                                      return_stats=True, mesh=mesh)
     t0 = time.perf_counter()
     out, st = run()
     first, compile_s = time.perf_counter() - t0, st.compile_s
@@ -293,22 +312,22 @@ def mixed_workload(n: int, vocab: int) -> tuple[list[list[int]], list[int]]:
     return [rng.integers(3, vocab, k).tolist() for k in lens], rng.integers(8, 257, n).tolist()
 
 
-def mixed_ours(path: str, n: int, static: bool) -> dict:
+def mixed_ours(path: str, n: int, static: bool, devices: int) -> dict:
     import llama4_jax
     from llama4_jax import engine
 
-    config, params = llama4_jax.load(path, dtype="float32")
+    config, params, mesh = load_ours(path, devices)
     config = config.replace_text(eos_token_id=())
     P, budgets = mixed_workload(n, config.text.vocab_size)
 
     def run(P, budgets):
         if not static:
             return llama4_jax.generate(config, params, P, max_new_tokens=budgets, batch_size=BATCH,
-                                       return_stats=True)[1]
+                                       return_stats=True, mesh=mesh)[1]
         stats = []
         for i in range(0, len(P), BATCH):
             stats.append(llama4_jax.generate(config, params, P[i:i + BATCH], max_new_tokens=budgets[i:i + BATCH],
-                                             batch_size=BATCH, return_stats=True)[1])
+                                             batch_size=BATCH, return_stats=True, mesh=mesh)[1])
         return stats
 
     run(P[:16], budgets[:16])  # warm-up
@@ -380,7 +399,7 @@ def child(part: str, args, *extra) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", part, *extra, "--repeats", str(args.repeats),
            "--roofline-layers", str(args.roofline_layers), "--roofline-new", str(args.roofline_new),
            "--contexts", args.contexts, "--prefill-tokens", str(args.prefill_tokens),
-           "--mixed-prompts", str(args.mixed_prompts)]
+           "--mixed-prompts", str(args.mixed_prompts), "--cpu-devices", str(args.cpu_devices)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode:
         sys.stderr.write(res.stderr[-4000:])
@@ -392,6 +411,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", choices=["batch", "roofline", "context", "prefill-1m", "mixed", "all"], default="all")
     ap.add_argument("--mixed-prompts", type=int, default=256, help="prompts of the mixed part")
+    ap.add_argument("--cpu-devices", type=int, default=os.cpu_count() or 1,
+                    help="CPU devices our batch and mixed runs decode on side by side (default: the cores; the "
+                         "batch part also runs one device)")
     ap.add_argument("--contexts", default="100,4096,16384,65536", help="prompt lengths of the context part")
     ap.add_argument("--prefill-tokens", type=int, default=1 << 20, help="prompt length of the prefill-1m part")
     ap.add_argument("--repeats", type=int, default=3)
@@ -402,13 +424,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     if args.child:
-        fn = {"build": lambda: build(args.path), "ours": lambda: batch_ours(args.path, args.repeats),
+        fn = {"build": lambda: build(args.path), "ours": lambda: batch_ours(args.path, args.repeats, args.cpu_devices),
+              "ours-1": lambda: batch_ours(args.path, args.repeats, 1),
               "hf": lambda: batch_hf(args.path, args.repeats),
               "roofline": lambda: roofline(args.roofline_layers, args.roofline_new),
               "context": lambda: context_decode([int(x) for x in args.contexts.split(",")], 33),
               "prefill-1m": lambda: prefill_1m(args.prefill_tokens),
-              "mixed-continuous": lambda: mixed_ours(args.path, args.mixed_prompts, static=False),
-              "mixed-static": lambda: mixed_ours(args.path, args.mixed_prompts, static=True),
+              "mixed-continuous": lambda: mixed_ours(args.path, args.mixed_prompts, False, args.cpu_devices),
+              "mixed-static": lambda: mixed_ours(args.path, args.mixed_prompts, True, args.cpu_devices),
               "mixed-hf": lambda: mixed_hf(args.path, args.mixed_prompts)}[args.child]
         print(json.dumps(fn()))
         return 0
@@ -418,18 +441,22 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             child("build", args, "--path", tmp)
             ours = child("ours", args, "--path", tmp)
+            one = child("ours-1", args, "--path", tmp) if args.cpu_devices > 1 else ours
             hf = child("hf", args, "--path", tmp)
         n = BATCH * NEW
         print(f"\n[batch] Scout-shaped, 16 experts top-1, fp32: batch {BATCH}, {PROMPT}-token prompts, {NEW} new tokens")
-        print(f"{'':14s}{'median s':>10s}{'tokens/s':>10s}{'warm-up s':>11s}{'peak RSS MiB':>14s}")
-        print(f"{'llama4_jax':14s}{ours['median_s']:10.2f}{n / ours['median_s']:10.1f}{ours['first_s']:11.1f}"
-              f"{ours['peak_rss_mib']:14.0f}   (prefill {ours['prefill_s']:.2f} s, decode {ours['decode_s']:.2f} s, "
-              f"compile {ours['compile_s']:.1f} s in warm-up)")
-        print(f"{'transformers':14s}{hf['median_s']:10.2f}{n / hf['median_s']:10.1f}{hf['first_s']:11.1f}"
+        print(f"{'':18s}{'median s':>10s}{'tokens/s':>10s}{'warm-up s':>11s}{'peak RSS MiB':>14s}")
+        runs = [(f"llama4_jax x{args.cpu_devices}", ours)] + ([("llama4_jax x1", one)] if one is not ours else [])
+        for label, r in runs:
+            print(f"{label:18s}{r['median_s']:10.2f}{n / r['median_s']:10.1f}{r['first_s']:11.1f}"
+                  f"{r['peak_rss_mib']:14.0f}   (prefill {r['prefill_s']:.2f} s, decode {r['decode_s']:.2f} s, "
+                  f"compile {r['compile_s']:.1f} s in warm-up)")
+        print(f"{'transformers':18s}{hf['median_s']:10.2f}{n / hf['median_s']:10.1f}{hf['first_s']:11.1f}"
               f"{hf['peak_rss_mib']:14.0f}   (torch threads {hf['threads']})")
         same = sum(a == b for a, b in zip(ours["tokens"], hf["tokens"]))
-        print(f"speed-up: {hf['median_s'] / ours['median_s']:.2f}x (target >= 5x); "
-              f"identical greedy rows: {same}/{BATCH}")
+        print(f"speed-up: {hf['median_s'] / ours['median_s']:.2f}x on {args.cpu_devices} CPU device(s) "
+              f"(target >= 5x), {hf['median_s'] / one['median_s']:.2f}x on one; identical greedy rows: {same}/{BATCH} "
+              f"(one device: {sum(a == b for a, b in zip(one['tokens'], hf['tokens']))}/{BATCH})")
     if args.part in ("roofline", "all"):
         r = child("roofline", args)
         print(f"\n[roofline] dense {r['params'] / 1e6:.0f}M parameters, fp32, batch 1 decode")
@@ -456,7 +483,8 @@ def main(argv=None) -> int:
             runs = {k: child(f"mixed-{k}", args, "--path", tmp) for k in ("continuous", "static", "hf")}
         rate = {k: r["generated"] / r["wall_s"] for k, r in runs.items()}
         print(f"\n[mixed] {args.mixed_prompts} prompts of 16..2048 tokens, 8..256 new tokens "
-              f"({runs['hf']['generated']} in all), batch 8, Scout-shaped fp32, greedy")
+              f"({runs['hf']['generated']} in all), batch 8, Scout-shaped fp32, greedy; ours on {args.cpu_devices} CPU "
+              "device(s)")
         for k, label in (("continuous", "llama4_jax continuous"), ("static", "llama4_jax static"),
                          ("hf", "transformers")):
             r = runs[k]

@@ -47,7 +47,7 @@ from .model.text import TextModel, positions_from_mask
 from .sampling import sample
 from .sampling import top_logprobs as alternatives
 
-__all__ = ["GenerationStats", "empty_state", "prefill", "insert", "decode", "call_compiled", "to_host",
+__all__ = ["GenerationStats", "empty_state", "prefill", "insert", "decode", "to_mesh", "call_compiled", "to_host",
            "bucket", "prompt_bucket", "new_token_bucket", "logprob_bucket", "unroll_layers", "COMPILED",
            "default_compile_cache", "use_compile_cache"]
 
@@ -238,6 +238,12 @@ def _per_device(fn, in_specs, out_specs):
 
     return jax.shard_map(local, mesh=sharding._tracing_mesh(mesh), in_specs=in_specs, out_specs=out_specs,
                          check_vma=False)
+
+
+def to_mesh(state):
+    """A decode or prefill state made on one device, placed on the active mesh as
+    `_state_shardings` says (where `insert` and `decode` take it)."""
+    return jax.device_put(state, _state_shardings(state, *sharding.active()))
 
 
 def _pin(state):

@@ -136,6 +136,11 @@ def generate(
         (`llama4_jax.load(path, mesh=mesh)`; a mesh over other devices raises ValueError): batches are
         split over the batch rule's axes (data-parallel), experts over `expert`
         (expert-parallel), the KV cache like the rules say. Same tokens as one device.
+        A mesh that splits only the batch, over replicated params (e.g. "data=2" of CPU
+        devices: `jax.config.update("jax_num_cpu_devices", 2)` before JAX starts), has
+        each device prefill and decode its own rows as single-device code, and rounds
+        `batch_size` up to a multiple of its devices; on CPU this uses one core per
+        device (`llama4-jax generate --cpu-devices`).
       return_stats: return `(completions, stats)`, with `stats` a `GenerationStats`
         (prompt and generated token counts, prefill / decode / compile seconds, decode steps).
     """

@@ -37,7 +37,11 @@ How a run goes (continuous batching over `batch_size` decode slots):
     (`engine.logprob_bucket`), and sliced per request on the host, so mixed k do not
     add compilations;
   * with stop strings decode runs in segments of at most `STOP_STRING_SEGMENT` steps
-    and the host checks only the new text of each row in between (`IncrementalText`).
+    and the host checks only the new text of each row in between (`IncrementalText`);
+  * on a mesh that splits only the batch, over replicated params
+    (`sharding.data_parallel`), each device prefills and decodes its own share of the
+    slots (`engine.decode`'s data_parallel), and the slots are rounded up to a
+    multiple of the devices.
 
 A row stops at a stop token (the checkpoint's eos list, e.g. `<|eot|>` and `<|eom|>`;
 the token is kept in `token_ids`, as transformers and vLLM do), at a stop string
@@ -312,6 +316,13 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
     split = (unroll and moe_impl == "ragged" and rows <= text.num_local_experts
              and (lanes > 1 or all(len(x.sharding.device_set) == 1 for x in jax.tree_util.tree_leaves(params))))
     run_params = unstack_layers(params, split_experts=split) if unroll else params
+    # With lanes, the replicated inputs' copy on the mesh's first device (no copy made),
+    # when this process holds every device of the mesh.
+    one_device = None
+    if lanes > 1 and all(d.process_index == jax.process_index() for d in sharding.active()[0].devices.flat):
+        first = sharding.active()[0].devices.flat[0]
+        one_device = lambda x: x.addressable_data(  # noqa: E731
+            [s.device for s in x.addressable_shards].index(first)) if isinstance(x, jax.Array) else x
     # Longest prompt first; per prompt [request index, how many of its samples were taken].
     queue = collections.deque([i, 0] for i in sorted(range(len(requests)), key=lambda i: -len(requests[i].ids))
                               if requests[i].samples)
@@ -379,11 +390,21 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
         budget = place(np.asarray([budgets[i] for i, _ in take] + [0] * pad, np.int32))
         pixel_values, mm = _pixel_batch(config, params, reqs)
         stats.prompt_tokens += sum(len(r.ids) for r in reqs)
-        new = call_compiled(stats, engine.prefill, run_params, place(ids), place(mask), samp, budget, stop_ids,
-                            pixel_values, place(np.asarray(src, np.int32)), max_len=max_len, max_new=N,
-                            kv_dtype=kv_dtype, mm=mm, piece=prefill_chunk if prefill_chunk and T > prefill_chunk
-                            else None, top_logprobs=top_k, scan_layers=not unroll, data_parallel=lanes > 1,
-                            **statics)
+        args = (run_params, place(ids), place(mask), samp, budget, stop_ids, pixel_values,
+                place(np.asarray(src, np.int32)))
+        kw = dict(max_len=max_len, max_new=N, kv_dtype=kv_dtype, mm=mm, top_logprobs=top_k,
+                  piece=prefill_chunk if prefill_chunk and T > prefill_chunk else None, scan_layers=not unroll,
+                  **statics)
+        if lanes > 1 and P % lanes and one_device:
+            # Prompts that do not split over the devices (a refill's single prompt) run on
+            # one device, with all the cores' threads, and the state goes to the mesh after:
+            # every device computing the same prefill took 1.2x as long (benchmark model,
+            # one prompt of 500 or 2000 tokens).
+            with sharding.suspended():
+                new = call_compiled(stats, engine.prefill, *jax.tree_util.tree_map(one_device, args), **kw)
+            new = engine.to_mesh(new)
+        else:
+            new = call_compiled(stats, engine.prefill, *args, data_parallel=lanes > 1, **kw)
         return _Held(new, [(k, src[k], i, j) for k, (i, j) in enumerate(take)])
 
     def refill(free: list[int]):
