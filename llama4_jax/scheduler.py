@@ -31,8 +31,8 @@ How a run goes (continuous batching over `batch_size` decode slots):
     prompts to P rows and an insert's rows to M rows (1 or `batch_size`: a refill of
     at most half the slots prefills one prompt at a time; a prefill draws the first
     tokens of `batch_size` sample rows, fillers included), so a run compiles prefill
-    at most twice per bucket, insert at most four times, decode and `empty_state`
-    once. Top-k
+    at most twice per bucket (three times with lanes, below), insert at most four
+    times, decode and `empty_state` once. Top-k
     log-probabilities are computed for the run's largest k, bucketed
     (`engine.logprob_bucket`), and sliced per request on the host, so mixed k do not
     add compilations;
@@ -41,7 +41,8 @@ How a run goes (continuous batching over `batch_size` decode slots):
   * on a mesh that splits only the batch, over replicated params
     (`sharding.data_parallel`), each device prefills and decodes its own share of the
     slots (`engine.decode`'s data_parallel), and the slots are rounded up to a
-    multiple of the devices.
+    multiple of the devices ("lanes"). A refill then prefills one prompt per device
+    (holding the rows that find no free slot yet); a lone prompt runs on one device.
 
 A row stops at a stop token (the checkpoint's eos list, e.g. `<|eot|>` and `<|eom|>`;
 the token is kept in `token_ids`, as transformers and vLLM do), at a stop string
@@ -352,11 +353,13 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
     def prefill(free: int) -> _Held:
         """Prefill the next prompts of the queue, with all their samples (at most B rows),
         until they fill `free` slots; only the next prompt when at most half the slots
-        are free (a refill between decode steps)."""
+        are free (a refill between decode steps), or with lanes the next `lanes`
+        prompts, one per device (rows beyond the free slots are held for the next ones:
+        a prefill split over two devices ran 1.8x the tokens/s of a lone prompt)."""
         take: list[tuple[int, int]] = []  # (request index, sample index) per row
         prompts: list[int] = []
-        one = free <= B // 2
-        while queue and len(take) < free and not (one and prompts):
+        few = free <= B // 2
+        while queue and (len(prompts) < lanes if few else len(take) < free):
             i, k = queue[0]
             left = len(requests[i].samples) - k
             if left > B - len(take) and take:
@@ -368,13 +371,13 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
                 queue[0][1] += len(js)  # n > B: the rest in a later prefill
             else:
                 queue.popleft()
-        # P prompt rows run the model: 1, or B (padded) for several prompts. On CPU a
-        # prefill's cost is its P x T tokens, so refilling a few slots one prompt at a
-        # time costs what one batch of them would, and prefill compiles per prompt
-        # bucket for P = 1 and B only (the mixed benchmark spent 49 of 131 s compiling
-        # 22 executables with P any power of two). B sample rows draw their first
-        # tokens (cheap), whatever the n.
-        K, P = B, (1 if len(prompts) == 1 else B)
+        # P prompt rows run the model: 1, or B (padded) for several prompts (`lanes` for
+        # a refill's one per device). On CPU a prefill's cost is its P x T tokens, so
+        # refilling a few slots one prompt at a time costs what one batch of them would,
+        # and prefill compiles per prompt bucket for P = 1, lanes and B only (the mixed
+        # benchmark spent 49 of 131 s compiling 22 executables with P any power of two).
+        # B sample rows draw their first tokens (cheap), whatever the n.
+        K, P = B, (1 if len(prompts) == 1 else lanes if few else B)
         reqs = [requests[i] for i in prompts]
         T = prompt_bucket(max(len(r.ids) for r in reqs), max_model_len)
         ids = np.zeros((P, T), np.int32)
