@@ -128,8 +128,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--cpu-devices", default="auto", metavar="N",
                         help="on CPU, without --mesh: decode each batch's rows on N devices side by side, one per "
                              "core (XLA runs a decode step on about one core; each device holds a copy of the "
-                             "weights). auto (default): the cores, at most 8, as many as fit in half the free "
-                             "memory; 1: off")
+                             "weights). auto (default): one for checkpoints under 32 MiB (their steps are per-op "
+                             "overhead), else the cores, at most 8, as many as fit in half the free memory; 1: off")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     cache = parser.add_mutually_exclusive_group()
     cache.add_argument("--compile-cache", default=None, metavar="DIR",

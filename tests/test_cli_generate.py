@@ -89,8 +89,10 @@ def test_cpu_devices_decode_side_by_side(tmp_path, capsys, monkeypatch):
     assert outs["2"] == outs["1"]
     assert distributed.cpu_lanes("auto", os.path.getsize(os.path.join(DEFAULT_MODEL, "model.safetensors"))) == 1
     monkeypatch.setattr(distributed, "_available_memory", lambda: 16 << 30)
-    assert distributed.cpu_lanes("auto", 1 << 30) == 2  # 2 x 4 GiB fit in 8 GiB (2 cores here)
+    monkeypatch.setattr(distributed.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert distributed.cpu_lanes("auto", 1 << 30) == 2  # 4 cores, but 2 x 4 GiB fill half of 16 GiB
     assert distributed.cpu_lanes("auto", 2 << 30) == 1
+    assert distributed.cpu_lanes("auto", 32 << 20) == 4  # the cores
     with pytest.raises(ValueError, match="--cpu-devices: expected a positive integer or 'auto', got 'x'"):
         distributed.cpu_lanes("x")
 
