@@ -150,8 +150,8 @@ def cpu_lanes(request: str, weight_bytes: int = 0) -> int:
         return 1
     try:
         jax.config.update("jax_num_cpu_devices", n)
-    except RuntimeError:  # backends already started: keep the devices there are
-        pass
+    except (RuntimeError, AttributeError):  # backends already started (or a jax without the option): keep
+        pass  # the devices there are
     return min(n, len(jax.devices("cpu")))
 
 
