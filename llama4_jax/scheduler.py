@@ -285,6 +285,13 @@ def _pixel_batch(config: Llama4Config, params, reqs: list[Request]):
     return jnp.asarray(np.concatenate([tiles, pad]), params["params"]["vision"]["patch_embed"].dtype), config
 
 
+def _on_device(x, device):
+    """A replicated array's copy on `device` (no copy made); anything else as it is."""
+    if not isinstance(x, jax.Array):
+        return x
+    return x.addressable_data([s.device for s in x.addressable_shards].index(device))
+
+
 @dataclasses.dataclass
 class _Held:
     """A prefill state whose sample rows wait for free slots: `pending` lists
@@ -317,13 +324,13 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
     split = (unroll and moe_impl == "ragged" and rows <= text.num_local_experts
              and (lanes > 1 or all(len(x.sharding.device_set) == 1 for x in jax.tree_util.tree_leaves(params))))
     run_params = unstack_layers(params, split_experts=split) if unroll else params
-    # With lanes, the replicated inputs' copy on the mesh's first device (no copy made),
-    # when this process holds every device of the mesh.
-    one_device = None
+    # With lanes, a prompt that does not split over the devices runs on the mesh's first
+    # device, from the replicated inputs' copies there (no copy made), when this process
+    # holds every device of the mesh; the parameters' copies are taken once.
+    first = None
     if lanes > 1 and all(d.process_index == jax.process_index() for d in sharding.active()[0].devices.flat):
         first = sharding.active()[0].devices.flat[0]
-        one_device = lambda x: x.addressable_data(  # noqa: E731
-            [s.device for s in x.addressable_shards].index(first)) if isinstance(x, jax.Array) else x
+        first_params = jax.tree_util.tree_map(lambda x: _on_device(x, first), run_params)
     # Longest prompt first; per prompt [request index, how many of its samples were taken].
     queue = collections.deque([i, 0] for i in sorted(range(len(requests)), key=lambda i: -len(requests[i].ids))
                               if requests[i].samples)
@@ -398,13 +405,14 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
         kw = dict(max_len=max_len, max_new=N, kv_dtype=kv_dtype, mm=mm, top_logprobs=top_k,
                   piece=prefill_chunk if prefill_chunk and T > prefill_chunk else None, scan_layers=not unroll,
                   **statics)
-        if lanes > 1 and P % lanes and one_device:
+        if lanes > 1 and P % lanes and first is not None:
             # Prompts that do not split over the devices (a refill's single prompt) run on
             # one device, with all the cores' threads, and the state goes to the mesh after:
             # every device computing the same prefill took 1.2x as long (benchmark model,
             # one prompt of 500 or 2000 tokens).
             with sharding.suspended():
-                new = call_compiled(stats, engine.prefill, *jax.tree_util.tree_map(one_device, args), **kw)
+                new = call_compiled(stats, engine.prefill, first_params,
+                                    *jax.tree_util.tree_map(lambda x: _on_device(x, first), args[1:]), **kw)
             new = engine.to_mesh(new)
         else:
             new = call_compiled(stats, engine.prefill, *args, data_parallel=lanes > 1, **kw)
