@@ -17,7 +17,9 @@
    generate --cpu-devices` does) and on one; transformers on torch's threads (one per
    core). Reported: median wall time of `--repeats` runs after a warm-up (compilation
    is in the warm-up only), generated tokens/s, the ratio, each process's peak RSS,
-   and whether the greedy tokens agree.
+   and whether the greedy tokens agree; and our decode step against its roofline
+   (`batch_roofline`: the bytes a step of 8 rows must read, the distinct experts the
+   rows' tokens chose included, over the both-core read bandwidth as in `context`).
 2. `roofline`: decode at batch 1 on a dense ~300M-parameter config (hidden 1024, 16
    layers, 16 heads / 4 KV heads, MLP 4096, vocabulary 32000), fp32: weight bytes read
    per token (every layer, the final norm and the lm_head; one embedding row) divided
@@ -149,9 +151,57 @@ def batch_ours(path: str, repeats: int, devices: int) -> dict:
         times.append(time.perf_counter() - t0)
         stats.append(st)
     i = int(np.argsort(times)[len(times) // 2])
+    rss = peak_rss_mib()  # before the roofline's bandwidth array
     return {"median_s": times[i], "first_s": first, "compile_s": compile_s, "prefill_s": stats[i].prefill_s,
-            "decode_s": stats[i].decode_s, "tokens": [o.token_ids for o in out], "peak_rss_mib": peak_rss_mib(),
-            "device": str(jax.devices()[0])}
+            "decode_s": stats[i].decode_s, "decode_steps": stats[i].decode_steps,
+            "tokens": [o.token_ids for o in out], "peak_rss_mib": rss, "device": str(jax.devices()[0]),
+            "roofline": batch_roofline(config, params, P, [o.token_ids for o in out], devices)}
+
+
+def batch_roofline(config, params, prompts_, tokens, devices: int) -> dict:
+    """Bytes the batch's decode steps read, and the step time that reading them at the
+    both-core read bandwidth (`read_bandwidth`) would take.
+
+    Per step (one new token of every row): the weights every row shares (attention,
+    router, shared expert, norms, lm_head; one embedding row per row), the routed
+    experts the rows chose (each distinct (layer, expert) once: `probes.moe_trace` on
+    the rows' prompt + generated tokens gives the experts each fed token chose), and
+    the occupied KV cache. `ideal`: one reader reads each of them once. `lanes`: as our
+    data-parallel decode on `devices` devices reads them: each device the shared
+    weights and its own rows' experts (rows split in order, `devices` equal shares).
+    Averaged over the decode steps (the tokens fed after the first generated one).
+    """
+    import jax
+
+    from llama4_jax import probes
+
+    t = config.text
+    routed = 0
+    for path, x in jax.tree_util.tree_leaves_with_path(params):
+        key = jax.tree_util.keystr(path)
+        if "['moe']" in key and "['shared']" not in key and "router" not in key:
+            routed += x.size * x.dtype.itemsize
+    expert = routed // (t.num_local_experts * len(t.moe_layers))  # one expert of one layer
+    shared = active_bytes_per_token(config, params) - expert * t.num_experts_per_tok * len(t.moe_layers)
+    seqs = np.asarray([p + tok for p, tok in zip(prompts_, tokens)], np.int32)
+    chosen = probes.moe_trace(config, params, seqs).experts  # [M, B, T, k]
+    B, start = seqs.shape[0], len(prompts_[0])
+    steps = range(start + 1, start + len(tokens[0]) - 1)  # position of the token each decode step feeds
+    share = B // devices
+
+    def experts_read(rows, pos):
+        return sum(len(set(chosen[m, rows, pos].ravel().tolist())) for m in range(chosen.shape[0]))
+
+    ideal, lanes = [], []
+    for pos in steps:
+        cache = B * occupied_cache_bytes(config, pos + 1)
+        ideal.append(shared + experts_read(slice(None), pos) * expert + cache)
+        lanes.append(devices * shared + cache + expert * sum(
+            experts_read(slice(d * share, (d + 1) * share), pos) for d in range(devices)))
+    bw, threads = read_bandwidth()
+    return {"ideal_bytes": float(np.mean(ideal)), "lanes_bytes": float(np.mean(lanes)), "read_gbs": bw / 1e9,
+            "threads": threads, "ideal_s": float(np.mean(ideal)) / bw, "lanes_s": float(np.mean(lanes)) / bw,
+            "shared_bytes": shared, "expert_bytes": expert}
 
 
 def batch_hf(path: str, repeats: int) -> dict:
@@ -453,6 +503,17 @@ def main(argv=None) -> int:
                   f"compile {r['compile_s']:.1f} s in warm-up)")
         print(f"{'transformers':18s}{hf['median_s']:10.2f}{n / hf['median_s']:10.1f}{hf['first_s']:11.1f}"
               f"{hf['peak_rss_mib']:14.0f}   (torch threads {hf['threads']})")
+        rf = ours["roofline"]
+        for label, r in runs:
+            step = r["decode_s"] / r["decode_steps"]
+            print(f"{label}: decode {step * 1e3:.2f} ms per step of {BATCH} rows = {step / rf['ideal_s']:.2f}x "
+                  f"the step's roofline of {rf['ideal_s'] * 1e3:.2f} ms ({rf['ideal_bytes'] / 1e6:.1f} MB: weights "
+                  f"shared by the rows, the distinct experts they chose, the occupied cache; at {rf['read_gbs']:.1f} "
+                  f"GB/s read by {rf['threads']} threads)")
+        print(f"read as {args.cpu_devices} data-parallel devices read it (each the shared weights and its rows' "
+              f"experts): {rf['lanes_bytes'] / 1e6:.1f} MB, {rf['lanes_s'] * 1e3:.2f} ms; 5x transformers needs "
+              f"{(hf['median_s'] / 5 - ours['median_s'] + ours['decode_s']) / ours['decode_steps'] * 1e3:.2f} ms "
+              f"per step (prefill and the rest as measured)")
         same = sum(a == b for a, b in zip(ours["tokens"], hf["tokens"]))
         print(f"speed-up: {hf['median_s'] / ours['median_s']:.2f}x on {args.cpu_devices} CPU device(s) "
               f"(target >= 5x), {hf['median_s'] / one['median_s']:.2f}x on one; identical greedy rows: {same}/{BATCH} "
