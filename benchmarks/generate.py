@@ -33,7 +33,9 @@
    final norm, the lm_head and one embedding row; plus the bytes of the occupied KV
    cache slots: every layer's keys, values and positions) divided by the read
    bandwidth of both cores (`read_bandwidth`: one thread per core OR-reducing its half
-   of a 1 GiB array; a single-threaded copy understates it).
+   of a 1 GiB array; a single-threaded copy understates it). Ours on one device, and on
+   a `seq` mesh of `--cpu-devices` CPU devices (weights replicated, each device
+   reading its share of every layer's cache slots: `engine.decode`'s slot_parallel).
 5. `mixed`: an offline workload on the `batch` part's model: `--mixed-prompts` prompts
    (seeded) with lengths drawn uniformly from 16..2048 and `max_new_tokens` from
    8..256, greedy, stop tokens off, 8 slots / rows per batch (ours on `--cpu-devices`
@@ -328,31 +330,43 @@ def occupied_cache_bytes(config, context: int, itemsize: int = 4) -> int:
     return slots * (2 * t.num_key_value_heads * t.head_dim * itemsize + 4)
 
 
-def context_decode(contexts: list[int], new: int) -> dict:
+def context_decode(contexts: list[int], new: int, devices: int) -> dict:
     import jax
 
     import llama4_jax
+    from llama4_jax import sharding
 
+    if devices > 1:
+        jax.config.update("jax_num_cpu_devices", devices)  # before the backend starts
     config = scout_shaped().replace_text(eos_token_id=(), max_position_embeddings=1 << 20)
     params = llama4_jax.init_params(config, jax.random.key(0), dtype="float32")
     weights = active_bytes_per_token(config, params)
     bw, threads = read_bandwidth()
+    # Ours on one device, and with `devices` > 1 on a `seq` mesh: the weights replicated,
+    # every layer's cache slots split, each device reading its share (`engine.decode`'s
+    # slot_parallel).
+    ways = {1: (params, None)}
+    if devices > 1:
+        mesh = sharding.make_mesh(f"seq={devices}")
+        ways[devices] = (jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())), mesh)
     rows = []
     for n in contexts:
         P = [np.random.default_rng(n).integers(3, config.text.vocab_size, n).tolist()]
-        run = lambda: llama4_jax.generate(config, params, P, max_new_tokens=new, batch_size=1,  # noqa: E731
-                                          prefill_chunk=8192, return_stats=True)[1]
-        run()  # compile
-        steps, prefill = [], []
-        for _ in range(3):
-            st = run()
-            steps.append(st.decode_s / (st.generated_tokens - 1))  # the first token comes from prefill
-            prefill.append(st.prefill_s)
+        row = {"context": n}
+        for d, (p, mesh) in ways.items():
+            run = lambda: llama4_jax.generate(config, p, P, max_new_tokens=new, batch_size=1,  # noqa: E731
+                                              prefill_chunk=8192, return_stats=True, mesh=mesh)
+            run()  # compile
+            steps, prefill = [], []
+            for _ in range(3):
+                st = run()
+                steps.append(st.decode_s / (st.generated_tokens - 1))  # the first token comes from prefill
+                prefill.append(st.prefill_s)
+            row[f"step_s_{d}"] = float(np.median(steps))
+            row[f"prefill_s_{d}"] = float(np.median(prefill))
         cache = occupied_cache_bytes(config, n + new // 2)
-        step = float(np.median(steps))
-        rows.append({"context": n, "step_s": step, "prefill_s": float(np.median(prefill)), "cache_bytes": cache,
-                     "roofline_s": (weights + cache) / bw})
-    return {"weights_bytes": weights, "read_gbs": bw / 1e9, "threads": threads, "rows": rows,
+        rows.append({**row, "cache_bytes": cache, "roofline_s": (weights + cache) / bw})
+    return {"weights_bytes": weights, "read_gbs": bw / 1e9, "threads": threads, "rows": rows, "devices": list(ways),
             "peak_rss_mib": peak_rss_mib()}
 
 
@@ -462,8 +476,8 @@ def main(argv=None) -> int:
     ap.add_argument("--part", choices=["batch", "roofline", "context", "prefill-1m", "mixed", "all"], default="all")
     ap.add_argument("--mixed-prompts", type=int, default=256, help="prompts of the mixed part")
     ap.add_argument("--cpu-devices", type=int, default=os.cpu_count() or 1,
-                    help="CPU devices our batch and mixed runs decode on side by side (default: the cores; the "
-                         "batch part also runs one device)")
+                    help="CPU devices our batch, mixed and context runs decode on side by side (default: the cores; "
+                         "the batch and context parts also run one device)")
     ap.add_argument("--contexts", default="100,4096,16384,65536", help="prompt lengths of the context part")
     ap.add_argument("--prefill-tokens", type=int, default=1 << 20, help="prompt length of the prefill-1m part")
     ap.add_argument("--repeats", type=int, default=3)
@@ -478,7 +492,7 @@ def main(argv=None) -> int:
               "ours-1": lambda: batch_ours(args.path, args.repeats, 1),
               "hf": lambda: batch_hf(args.path, args.repeats),
               "roofline": lambda: roofline(args.roofline_layers, args.roofline_new),
-              "context": lambda: context_decode([int(x) for x in args.contexts.split(",")], 33),
+              "context": lambda: context_decode([int(x) for x in args.contexts.split(",")], 33, args.cpu_devices),
               "prefill-1m": lambda: prefill_1m(args.prefill_tokens),
               "mixed-continuous": lambda: mixed_ours(args.path, args.mixed_prompts, False, args.cpu_devices),
               "mixed-static": lambda: mixed_ours(args.path, args.mixed_prompts, True, args.cpu_devices),
@@ -532,11 +546,14 @@ def main(argv=None) -> int:
         print(f"\n[context] Scout-shaped (16 experts top-1), fp32, batch-1 decode after long prompts; active "
               f"weights {r['weights_bytes'] / 1e6:.1f} MB per token; read bandwidth {r['read_gbs']:.1f} GB/s "
               f"({r['threads']} threads)")
-        print(f"{'context':>9s}{'ms/token':>10s}{'cache MB':>10s}{'roofline ms':>13s}{'x roofline':>12s}"
-              f"{'prefill s':>11s}")
+        print(f"{'context':>9s}{'cache MB':>10s}{'roofline ms':>13s}" + "".join(
+            f"{f'ms/token x{d}':>15s}{'x roofline':>12s}{'prefill s':>11s}" for d in r["devices"]))
         for row in r["rows"]:
-            print(f"{row['context']:9d}{row['step_s'] * 1e3:10.2f}{row['cache_bytes'] / 1e6:10.1f}"
-                  f"{row['roofline_s'] * 1e3:13.2f}{row['step_s'] / row['roofline_s']:12.2f}{row['prefill_s']:11.1f}")
+            print(f"{row['context']:9d}{row['cache_bytes'] / 1e6:10.1f}{row['roofline_s'] * 1e3:13.2f}" + "".join(
+                f"{row[f'step_s_{d}'] * 1e3:15.2f}{row[f'step_s_{d}'] / row['roofline_s']:12.2f}"
+                f"{row[f'prefill_s_{d}']:11.1f}" for d in r["devices"]))
+        print("x1: one device; xN: a seq=N mesh of CPU devices, each reading its share of the cache slots "
+              "(--cpu-devices N)")
         print("targets: <= 1.5x the roofline at 64K; >= 70% of it (<= 1.43x) after 100 tokens")
     if args.part in ("mixed", "all"):
         with tempfile.TemporaryDirectory() as tmp:

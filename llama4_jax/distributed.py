@@ -93,9 +93,11 @@ def from_args(args) -> bool:
 
 def start(args, prog: str, *, weight_bytes: int = 0):
     """A subcommand's start-up: join jax.distributed if its flags ask for it, then build
-    --mesh, else (one process, on CPU) the --cpu-devices mesh of `cpu_lanes` devices
-    (weight_bytes: the checkpoint's bytes on disk, for its memory bound). Returns (mesh
-    or None, whether this is process 0); ValueError with a message naming the flag."""
+    --mesh (one process on CPU with --cpu-devices N: of N CPU devices, e.g. --mesh seq=2
+    --cpu-devices 2), else (one process, on CPU) the --cpu-devices mesh of `cpu_lanes`
+    devices (weight_bytes: the checkpoint's bytes on disk, for its memory bound).
+    Returns (mesh or None, whether this is process 0); ValueError with a message naming
+    the flag."""
     try:
         multi = from_args(args)
         if multi:
@@ -103,13 +105,18 @@ def start(args, prog: str, *, weight_bytes: int = 0):
                   f"{jax.local_device_count()} of {jax.device_count()} devices", file=sys.stderr)
     except (ValueError, RuntimeError) as e:
         raise ValueError(f"multi-host start-up failed: {e}") from None
-    lanes = 1
-    if not multi and not args.mesh and getattr(args, "cpu_devices", "1") != "1":
-        lanes = cpu_lanes(args.cpu_devices, weight_bytes)
+    lanes, devices = 1, None
+    if not multi and getattr(args, "cpu_devices", "1") != "1":
+        if not args.mesh:
+            lanes = cpu_lanes(args.cpu_devices, weight_bytes)
+        elif args.cpu_devices != "auto":  # on CPU, the --mesh is made of that many CPU devices
+            n = cpu_lanes(args.cpu_devices)
+            if jax.default_backend() == "cpu":
+                devices = jax.local_devices()[:n]
     mesh = None
     if args.mesh:
         try:
-            mesh = sharding.make_mesh(args.mesh)
+            mesh = sharding.make_mesh(args.mesh, devices=devices)
         except ValueError as e:  # includes sharding.ShardingError
             raise ValueError(f"--mesh: {e}") from None
     elif lanes > 1 and jax.default_backend() == "cpu":

@@ -226,15 +226,20 @@ def _state_shardings(state, mesh, rules):
     return out
 
 
-def _per_device(fn, in_specs, out_specs):
+def _per_device(fn, in_specs, out_specs, shards=None):
     """fn run by each device of the active (data-parallel, `sharding.data_parallel`)
     mesh on its share of the rows, traced as single-device code (no active mesh
-    inside): `shard_map` with these specs and no collectives."""
+    inside): `shard_map` with these specs, adding no collective of its own. With
+    `shards` (`sharding.slot_parallel`): on all rows over its share of every layer's
+    cache slots, the attention combining the shards (`sharding.slot_shards`)."""
     mesh, _ = sharding.active()
 
     def local(*args):
         with sharding.suspended():
-            return fn(*args)
+            if shards is None:
+                return fn(*args)
+            with sharding.slot_shards(shards):
+                return fn(*args)
 
     return jax.shard_map(local, mesh=sharding._tracing_mesh(mesh), in_specs=in_specs, out_specs=out_specs,
                          check_vma=False)
@@ -319,10 +324,11 @@ def insert(state):
     return _insert_jit(treedef, tuple(x.sharding for x in leaves))
 
 
-@functools.partial(jax.jit, static_argnames=("text", "attn_impl", "moe_impl", "scan_layers", "data_parallel"),
+@functools.partial(jax.jit, static_argnames=("text", "attn_impl", "moe_impl", "scan_layers", "data_parallel",
+                                             "slot_parallel"),
                    donate_argnums=(1,))
 def decode(params, state, samp, budget, stop_ids, limit, *, text, attn_impl, moe_impl, scan_layers=True,
-           data_parallel=False):
+           data_parallel=False, slot_parallel=None):
     """Decode until a row finishes, every row is done, or `limit` iterations ran.
 
     One `lax.while_loop`; each iteration feeds every row's last token [B, 1] at its
@@ -337,6 +343,12 @@ def decode(params, state, samp, budget, stop_ids, limit, *, text, attn_impl, moe
     done test. On CPU, where XLA runs a decode step's small products on about one core,
     a mesh of one device per core runs the rows' shares side by side (see
     `benchmarks/generate.py --part batch`).
+    slot_parallel (static, `sharding.SlotShards`): the active mesh splits only the
+    cache slots, over replicated parameters (`sharding.slot_parallel`); every
+    device then runs the whole step on all rows over its share of each layer's slots,
+    with one all-gather per layer to combine the attention (`cached_attention`), so
+    the cores read a long cache side by side (`benchmarks/generate.py --part
+    context`).
     Returns (state, iterations run).
     """
     model = _model(text, params, attn_impl, moe_impl, scan_layers)
@@ -371,10 +383,10 @@ def decode(params, state, samp, budget, stop_ids, limit, *, text, attn_impl, moe
             out["top_lps"] = s["top_lps"].at[rows, col].set(lps, mode="drop")
         return out
 
-    if data_parallel:  # replicated parameters and stop ids; rows and their cache split
+    if data_parallel or slot_parallel:  # replicated parameters and stop ids; rows or cache slots split
         specs = jax.tree_util.tree_map(lambda x: x.spec, _state_shardings(state, *sharding.active()))
         whole = jax.sharding.PartitionSpec()
-        step = _per_device(step, (whole, specs, specs["done"], specs["done"], whole), specs)
+        step = _per_device(step, (whole, specs, specs["done"], specs["done"], whole), specs, slot_parallel)
 
     def cond(c):
         s, n = c

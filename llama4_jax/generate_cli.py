@@ -123,13 +123,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--moe-impl", default=None, choices=["ragged", "dense", "ep"],
                         help="MoE strategy (default: ep when --mesh splits the experts, else ragged)")
     parser.add_argument("--mesh", default=None, metavar="SPEC",
-                        help='device mesh, e.g. "data=2,expert=4" (axes data, fsdp, expert, tensor): the model is '
-                             "loaded straight onto it and batches run data- and expert-parallel")
+                        help='device mesh, e.g. "data=2,expert=4" (axes data, fsdp, expert, tensor, seq): the model '
+                             "is loaded straight onto it and batches run data- and expert-parallel; seq=N alone "
+                             "splits every layer's KV cache slots, each device reading its share (long contexts)")
     parser.add_argument("--cpu-devices", default="auto", metavar="N",
                         help="on CPU, without --mesh: decode each batch's rows on N devices side by side, one per "
                              "core (XLA runs a decode step on about one core; each device holds a copy of the "
                              "weights). auto (default): one for checkpoints under 32 MiB (their steps are per-op "
-                             "overhead), else the cores, at most 8, as many as fit in half the free memory; 1: off")
+                             "overhead), else the cores, at most 8, as many as fit in half the free memory; 1: off. "
+                             "With --mesh: the CPU devices it is made of (--mesh seq=2 --cpu-devices 2)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     cache = parser.add_mutually_exclusive_group()
     cache.add_argument("--compile-cache", default=None, metavar="DIR",

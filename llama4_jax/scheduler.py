@@ -43,6 +43,10 @@ How a run goes (continuous batching over `batch_size` decode slots):
     slots (`engine.decode`'s data_parallel), and the slots are rounded up to a
     multiple of the devices ("lanes"). A refill then prefills one prompt per device
     (holding the rows that find no free slot yet); a lone prompt runs on one device.
+    On a mesh that splits only the KV cache slots (`sharding.slot_parallel`, e.g.
+    seq=2), every device decodes every row over its share of each layer's slots
+    (`engine.decode`'s slot_parallel: the cores read a long cache side by side), and
+    prompts are prefilled on one device.
 
 A row stops at a stop token (the checkpoint's eos list, e.g. `<|eot|>` and `<|eom|>`;
 the token is kept in `token_ids`, as transformers and vLLM do), at a stop string
@@ -61,6 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import engine, sharding
+from .cache import cache_slots
 from .config import Llama4Config
 from .engine import GenerationStats, call_compiled, logprob_bucket, new_token_bucket, prompt_bucket, to_host
 from .model.text import unstack_layers
@@ -252,15 +257,21 @@ def run_requests(config: Llama4Config, params, requests: list[Request], *, token
     # A mesh that splits only the batch, over replicated parameters: each device decodes
     # its own rows (`engine.decode`'s data_parallel), and the slots are a multiple of them.
     lanes = mesh.devices.size if sharding.data_parallel(mesh, rules, params) else 1
+    # A mesh that splits only the cache slots, over replicated parameters: each device
+    # runs the decode step over its share of every layer's slots (`engine.decode`'s
+    # slot_parallel).
+    shards = None if lanes > 1 else sharding.slot_parallel(mesh, rules, params)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
     def place(x):
-        """Token ids and masks [B, T] split by batch; per-row and scalar inputs replicated."""
+        """Token ids and masks [B, T] split by batch (with slot shards, whole: a prompt
+        runs on one device); per-row and scalar inputs replicated."""
         x = jnp.asarray(x)
-        return jax.device_put(x, sharding.batch_sharding(mesh, rules, x.shape) if x.ndim == 2 else replicated)
+        split = x.ndim == 2 and shards is None
+        return jax.device_put(x, sharding.batch_sharding(mesh, rules, x.shape) if split else replicated)
 
     with sharding.activate(mesh, rules):  # traced (and so compiled) with the mesh's constraints and `ep` MoE
-        return _run_batches(config, params, requests, place=place, lanes=lanes, **kw), stats
+        return _run_batches(config, params, requests, place=place, lanes=lanes, shards=shards, **kw), stats
 
 
 def _sampling_arrays(samps: list[Sampling], place) -> dict:
@@ -304,9 +315,11 @@ class _Held:
 def _run_batches(config: Llama4Config, params, requests: list[Request], *, tokenizer, stop_token_ids,
                  batch_size: int, max_model_len: int, kv_dtype, attention_impl: str, moe_impl: str,
                  prefill_chunk: int | None = None,
-                 on_complete, on_batch, place, lanes: int, stats: GenerationStats) -> list[Completion]:
+                 on_complete, on_batch, place, lanes: int, stats: GenerationStats,
+                 shards: sharding.SlotShards | None = None) -> list[Completion]:
     """Continuous batching over `batch_size` decode slots (see the module docstring),
-    rounded up to a multiple of `lanes` (> 1: devices decoding their own rows)."""
+    rounded up to a multiple of `lanes` (> 1: devices decoding their own rows); with
+    `shards`, devices decoding every row over their share of the cache slots."""
     text = config.text
     n_samples = sum(len(r.samples) for r in requests)
     stats.prompts += n_samples
@@ -322,13 +335,15 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
     B = -(-min(batch_size, n_samples) // lanes) * lanes
     rows = B // lanes * text.num_experts_per_tok  # per device
     split = (unroll and moe_impl == "ragged" and rows <= text.num_local_experts
-             and (lanes > 1 or all(len(x.sharding.device_set) == 1 for x in jax.tree_util.tree_leaves(params))))
+             and (lanes > 1 or shards is not None
+                  or all(len(x.sharding.device_set) == 1 for x in jax.tree_util.tree_leaves(params))))
     run_params = unstack_layers(params, split_experts=split) if unroll else params
     # With lanes, a prompt that does not split over the devices runs on the mesh's first
     # device, from the replicated inputs' copies there (no copy made), when this process
     # holds every device of the mesh; the parameters' copies are taken once.
     first = None
-    if lanes > 1 and all(d.process_index == jax.process_index() for d in sharding.active()[0].devices.flat):
+    if (lanes > 1 or shards is not None) and all(d.process_index == jax.process_index()
+                                                 for d in sharding.active()[0].devices.flat):
         first = sharding.active()[0].devices.flat[0]
         first_params = jax.tree_util.tree_map(lambda x: _on_device(x, first), run_params)
     # Longest prompt first; per prompt [request index, how many of its samples were taken].
@@ -341,6 +356,8 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
     N = new_token_bucket(max(budgets[i] for i, _ in queue))
     max_len = prompt_bucket(max(len(requests[i].ids) for i, _ in queue), max_model_len) + N
     top_k = logprob_bucket(max(r.logprobs or 0 for r in requests), text.vocab_size)
+    if shards is not None and any(n % shards.count for n in cache_slots(text, max_len)):
+        shards = None  # slots that do not split evenly: the step as XLA partitions it
     statics = dict(text=text, attn_impl=attention_impl, moe_impl=moe_impl)
     filler = Sampling(temperature=0.0, seed=0)
     slot_req: dict[int, tuple[int, int]] = {}  # slot -> (request index, sample index) it holds
@@ -405,11 +422,11 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
         kw = dict(max_len=max_len, max_new=N, kv_dtype=kv_dtype, mm=mm, top_logprobs=top_k,
                   piece=prefill_chunk if prefill_chunk and T > prefill_chunk else None, scan_layers=not unroll,
                   **statics)
-        if lanes > 1 and P % lanes and first is not None:
-            # Prompts that do not split over the devices (a refill's single prompt) run on
-            # one device, with all the cores' threads, and the state goes to the mesh after:
-            # every device computing the same prefill took 1.2x as long (benchmark model,
-            # one prompt of 500 or 2000 tokens).
+        if (shards is not None or lanes > 1 and P % lanes) and first is not None:
+            # Prompts that do not split over the devices (a refill's single prompt; with
+            # slot shards, all) run on one device, with all the cores' threads, and the
+            # state goes to the mesh after: every device computing the same prefill took
+            # 1.2x as long (benchmark model, one prompt of 500 or 2000 tokens).
             with sharding.suspended():
                 new = call_compiled(stats, engine.prefill, first_params,
                                     *jax.tree_util.tree_map(lambda x: _on_device(x, first), args[1:]), **kw)
@@ -508,6 +525,7 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
         t0, c0 = time.perf_counter(), stats.compile_s
         state, steps = call_compiled(stats, engine.decode, run_params, state, *arrays, stop_ids,
                                      place(np.int32(limit)), scan_layers=not unroll, data_parallel=lanes > 1,
+                                     slot_parallel=shards,
                                      **statics)
         stats.decode_steps += int(to_host(steps))
         if texts:  # cut rows whose new text reached a stop string

@@ -44,7 +44,7 @@ __all__ = [
     "AXIS_NAMES", "LOGICAL_AXES", "Rules", "ShardingError", "parse_mesh_spec", "make_mesh", "abstract_mesh",
     "default_rules", "fsdp_rules", "param_specs", "param_shardings", "shard_params", "cache_shardings",
     "activate", "active", "splits", "constrain", "batch_sharding", "splits_experts", "call_on_mesh", "OutAxes", "CACHE_AXES",
-    "WARN_REPLICATED_BYTES",
+    "WARN_REPLICATED_BYTES", "SlotShards", "slot_shards", "slot_axes", "slot_parallel",
 ]
 
 AXIS_NAMES = ("data", "fsdp", "expert", "tensor", "seq")
@@ -425,6 +425,56 @@ def suspended():
         yield
     finally:
         _ACTIVE.reset(token)
+
+
+class SlotShards(NamedTuple):
+    """The mesh axes a decode step's cache slots are split over (inside `shard_map`,
+    `engine.decode`'s slot_parallel), and how many shards they make."""
+
+    axes: tuple[str, ...]
+    count: int
+
+
+_SLOTS: contextvars.ContextVar = contextvars.ContextVar("llama4_jax_slot_shards", default=None)
+
+
+@contextlib.contextmanager
+def slot_shards(shards: SlotShards):
+    """Trace code inside `shard_map` whose cache entries hold this device's share of
+    the slots (`slot_axes`): `attention.write_cache` writes only the slots it holds and
+    `cached_attention` combines the shards' partial softmaxes."""
+    token = _SLOTS.set(shards)
+    try:
+        yield
+    finally:
+        _SLOTS.reset(token)
+
+
+def slot_axes() -> SlotShards | None:
+    """The `slot_shards` being traced, or None."""
+    return _SLOTS.get()
+
+
+def slot_parallel(mesh, rules: Rules | None, params) -> SlotShards | None:
+    """The slot shards of a run on `mesh` that splits only the KV cache's slots, else None.
+
+    That is: `mesh` has more than one device, every axis of more than one device is one
+    that `cache_seq` maps to and no other logical axis but `length` does (a prompt's
+    tokens; a decode step has one), and every parameter is replicated over the mesh's
+    devices. Each device can then run a decode step as single-device code over its
+    share of every layer's cache slots (`engine.decode`'s slot_parallel)."""
+    rules = default_rules(mesh) if rules is None else rules
+    sizes = _axis_sizes(mesh)
+    split = {a for a, n in sizes.items() if n > 1}
+    slots = set(rules.mesh_axes("cache_seq"))
+    others = {a for name in rules.as_dict() if name not in ("cache_seq", "length") for a in rules.mesh_axes(name)}
+    devices = set(mesh.devices.flat)
+    if not (split and split <= slots and not split & others
+            and all(getattr(x, "sharding", None) is not None and x.sharding.is_fully_replicated
+                    and x.sharding.device_set == devices for x in jax.tree_util.tree_leaves(params))):
+        return None
+    axes = tuple(a for a in rules.mesh_axes("cache_seq") if sizes.get(a, 1) > 1)
+    return SlotShards(axes, math.prod(sizes[a] for a in axes))
 
 
 def data_parallel(mesh, rules: Rules | None, params) -> bool:

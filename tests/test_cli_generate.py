@@ -87,6 +87,10 @@ def test_cpu_devices_decode_side_by_side(tmp_path, capsys, monkeypatch):
         assert ("decoding on 2 CPU devices" in capsys.readouterr().err) == (n == "2")
         outs[n] = sorted((r["id"], r["token_ids"]) for r in _read(out))
     assert outs["2"] == outs["1"]
+    # A seq mesh of 2 CPU devices: every row on both, each reading half the cache slots.
+    out = str(tmp_path / "seq.jsonl")
+    assert main(["generate", "--input", inp, "--output", out, "--mesh", "seq=2", "--cpu-devices", "2", *COMMON]) == 0
+    assert sorted((r["id"], r["token_ids"]) for r in _read(out)) == outs["1"]
     assert distributed.cpu_lanes("auto", os.path.getsize(os.path.join(DEFAULT_MODEL, "model.safetensors"))) == 1
     monkeypatch.setattr(distributed, "_available_memory", lambda: 16 << 30)
     monkeypatch.setattr(distributed.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)

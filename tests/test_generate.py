@@ -475,6 +475,49 @@ def test_generate_on_a_mesh_equals_one_device(maverick_like: Checkpoint):
         llama4_jax.generate(config, params, prompts, attention_impl="ring")
 
 
+@pytest.mark.parametrize("unroll,kv_dtype", [(False, None), (True, None), (True, "int8")])
+def test_slot_parallel_decode_equals_one_device(scout, monkeypatch, unroll, kv_dtype):
+    """On a mesh that splits only the cache slots, over replicated parameters, each
+    device decodes every row over its half of each layer's slots (`shard_map`; a
+    prompt is prefilled on one device): the tokens and log-probabilities equal one
+    device's, greedy and sampled, scanned and unrolled, float and int8 cache, with ring
+    buffers (chunk 8, 4 slots a device) that wrap and refilled slots. The compiled
+    decode's collectives are the attention's all-gathers (one per layer) and the
+    loop's done test, and its cache arrays hold half the slots."""
+    from llama4_jax import engine, sharding
+
+    _, config, params = scout
+    if unroll:
+        monkeypatch.setattr(engine, "_UNROLL_MIN_BYTES", 0)
+    mesh = sharding.make_mesh("seq=2", devices=jax.devices()[:2])
+    _, replicated = llama4_jax.load(scout[0].path, dtype="float32", mesh=mesh)
+    assert sharding.slot_parallel(mesh, None, replicated) == sharding.SlotShards(("seq",), 2)
+    assert sharding.slot_parallel(mesh, None, params) is None  # one device's parameters
+    assert sharding.slot_parallel(sharding.make_mesh("data=2,seq=2", devices=jax.devices()[:4]), None,
+                                  replicated) is None  # the batch is split too
+    assert not sharding.data_parallel(mesh, None, replicated)
+    prompts = _prompts(config.text.vocab_size, (9, 4, 12, 6, 7), seed=22)
+    budgets = [3, 12, 7, 5, 10]
+    engine.COMPILED.clear()
+    for sampling in (Sampling(temperature=0.0, seed=0), TopP(p=0.9, temperature=0.8, seed=3)):
+        kw = dict(max_new_tokens=budgets, batch_size=3, sampling=sampling, logprobs=0, kv_dtype=kv_dtype)
+        one = llama4_jax.generate(config, params, prompts, **kw)
+        two = llama4_jax.generate(config, replicated, prompts, mesh=mesh, **kw)
+        assert [o.token_ids for o in two] == [o.token_ids for o in one]
+        np.testing.assert_allclose(np.concatenate([o.logprobs for o in two]),
+                                   np.concatenate([o.logprobs for o in one]), atol=1e-5)
+    decodes = [(key, exe.as_text()) for key, exe in engine.COMPILED.items()
+               if key[0] is engine.decode and key[4] is not None]
+    assert decodes
+    for key, hlo in decodes:
+        assert re.findall(r"\b(all-to-all|collective-permute|reduce-scatter)\b", hlo) == []
+        assert hlo.count(" all-gather(") >= (config.text.num_hidden_layers if unroll else 1)
+        assert ("slot_parallel", sharding.SlotShards(("seq",), 2)) in key[3]
+        # The cache's positions [.., B, S] hold S / 2 slots on each device.
+        caches = [(shape, sh) for shape, dtype, sh in key[2] if dtype == np.int32 and len(shape) == 3]
+        assert caches and all(sh.shard_shape(shape)[-1] * 2 == shape[-1] for shape, sh in caches)
+
+
 @pytest.mark.parametrize("unroll", [False, True])
 def test_data_parallel_decode_equals_one_device(scout, monkeypatch, unroll):
     """On a mesh that splits only the batch, over replicated parameters, each device

@@ -78,8 +78,20 @@ def _values(p, vb, vs, dtype):
     return jnp.einsum("bkgts,bksd->bkgtd", p.astype(dtype), vb.astype(dtype), preferred_element_type=jnp.float32)
 
 
+def _combine_shards(out, l, m, axes):
+    """The softmax over every device's slots from each device's part: out [..., d] the
+    unnormalised sum of exp(logit - m) v over its slots, l [...] the sum of exp(logit -
+    m), m [...] its largest logit. One all-gather of the three; each part is rescaled
+    to the largest m (a part with no visible slot has m = NEG and weighs exp(NEG - m) =
+    0 next to any part that has one). The same on every device, in device order."""
+    parts = jax.lax.all_gather(jnp.concatenate([out, l[..., None], m[..., None]], axis=-1), axes)
+    out, l, m = parts[..., :-2], parts[..., -2], parts[..., -1]
+    w = jnp.exp(m - jnp.max(m, axis=0))
+    return jnp.sum(out * w[..., None], axis=0), jnp.sum(l * w, axis=0)
+
+
 def cached_attention(q, k, v, q_pos, k_pos, *, chunk_size: int | None, k_scale=None, v_scale=None,
-                     block: int | None = 0, split_slots: bool = False, group=None):
+                     block: int | None = 0, split_slots: bool = False, group=None, shards=None):
     """softmax(q k^T / sqrt(d) + mask) v over a cache, in the cache's layout.
 
     q [B, T, H, d] (temperature already applied), k [B, K, d, S], v [B, K, S, d] (int8
@@ -93,6 +105,10 @@ def cached_attention(q, k, v, q_pos, k_pos, *, chunk_size: int | None, k_scale=N
     and group `group` (an int or traced scalar) is read: each block is sliced straight
     from the stacked buffer, so the layer's slice is never copied out first. A static
     group 0 of [1, ...] arrays (a per-group cache) is the whole buffer.
+    shards (`sharding.SlotShards`, inside `shard_map`): the cache arrays hold this
+    device's share of the slots. Each device reads its share in one pass, and the
+    partial softmaxes are combined exactly (`_combine_shards`: one all-gather of each
+    shard's output, maximum and sum).
     Returns [B, T, H, d] in q's dtype.
     """
     B, T, H, d = q.shape
@@ -113,15 +129,19 @@ def cached_attention(q, k, v, q_pos, k_pos, *, chunk_size: int | None, k_scale=N
     def finish(out):  # [B, K, G, T, d] -> [B, T, H, d]
         return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(B, T, H, d).astype(dtype)
 
-    if block is None or split_slots or S <= block:
+    if block is None or split_slots or shards is not None or S <= block:
         if group is not None:
             k, v, k_pos = k[group], v[group], k_pos[group]
             k_scale, v_scale = (None if x is None else x[group] for x in (k_scale, v_scale))
         lg = masked(_scores(qg, k, k_scale), k_pos)
         # The normalisation divides the [.., d] output, not the [.., S] probabilities
         # (as the blocked loop does): one pass less over the slots.
-        p = jnp.exp(lg - jnp.max(lg, axis=-1, keepdims=True))
-        return finish(_values(p, v, v_scale, dtype) / jnp.sum(p, axis=-1)[..., None])
+        m = jnp.max(lg, axis=-1)
+        p = jnp.exp(lg - m[..., None])
+        out, l = _values(p, v, v_scale, dtype), jnp.sum(p, axis=-1)
+        if shards is not None:
+            out, l = _combine_shards(out, l, m, shards.axes)
+        return finish(out / l[..., None])
 
     # Visit blocks up to the last occupied slot of any row (global layers fill slots in
     # position order; a ring buffer, once full, is visited whole); at least one, so a

@@ -9,6 +9,7 @@ behind; `xla` is the reference.
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from .. import quant, sharding
@@ -61,7 +62,7 @@ def read_cache(entry, dtype, group=None):
     return jnp.transpose(k, (0, 3, 1, 2)).astype(dtype), jnp.swapaxes(v, 1, 2).astype(dtype)
 
 
-def write_cache(entry, k, v, k_pos, *, ring: bool, group=None):
+def write_cache(entry, k, v, k_pos, *, ring: bool, group=None, shards=None):
     """Store the valid new keys/values of [B, T] tokens in a cache entry.
 
     entry: {'k': [B, K, d, S], 'v': [B, K, S, d], 'pos': [B, S]}, plus 'k_scale',
@@ -74,8 +75,15 @@ def write_cache(entry, k, v, k_pos, *, ring: bool, group=None):
     dropped by an out-of-range index. The update is one scatter of the T new tokens
     into the buffers, which XLA performs in place when the cache is donated or carried
     (never a copy of the cache).
+
+    shards (`sharding.SlotShards`, inside `shard_map`): the entry holds this device's
+    share of the slots (device i of n: slots i * S / n onwards, S the whole entry's);
+    only the new tokens whose slot falls there are written.
     """
     S = entry["pos"].shape[-1]
+    held = S
+    if shards is not None:
+        S = held * shards.count
     if k_pos.shape == (1, 1):
         # One token of one row (a batch-1 decode step) is written twice, to the same slot
         # with the same value: XLA rewrites a scatter of a single index into an update
@@ -88,6 +96,9 @@ def write_cache(entry, k, v, k_pos, *, ring: bool, group=None):
         slot = jnp.where(keep, k_pos % S, S)
     else:
         slot = jnp.where(valid & (k_pos < S), k_pos, S)
+    if shards is not None:  # this device's slots only; the others (and S) are dropped
+        slot = slot - jax.lax.axis_index(shards.axes) * held
+        slot = jnp.where((slot >= 0) & (slot < held), slot, held)
     b = jnp.arange(k_pos.shape[0])[:, None]
     lead = (b,) if group is None else (group, b)
     # Index arrays (b, slot) broadcast to [B, T] and, being split by slices, come first
@@ -156,13 +167,14 @@ class Attention(nn.Module):
             # attend over the cache. The one token at position p evicts p - S, which is
             # never in p's chunk (S is the chunk, or max_len > p), so nothing it may see
             # is lost, and no [cached | new] copy of the ring is made per step.
-            cache = write_cache(cache, k, v, k_pos, ring=self.flags.is_chunked, group=group)
+            shards = sharding.slot_axes() if x.shape[1] == 1 else None
+            cache = write_cache(cache, k, v, k_pos, ring=self.flags.is_chunked, group=group, shards=shards)
             if x.shape[1] == 1:
                 # A decode step reads the cache in its own layout, in place, whatever
                 # the backend (the backends are built for many queries).
                 out = cached_attention(q, cache["k"], cache["v"], q_pos, cache["pos"], chunk_size=chunk,
                                        k_scale=cache.get("k_scale"), v_scale=cache.get("v_scale"),
-                                       split_slots=sharding.splits("cache_seq"), group=group)
+                                       split_slots=sharding.splits("cache_seq"), group=group, shards=shards)
                 return self._out(out, wo), cache
             (keys, vals), kpos = read_cache(cache, dt, group), _pick(cache["pos"], group)
 
