@@ -355,7 +355,7 @@ def context_decode(contexts: list[int], new: int, devices: int) -> dict:
         row = {"context": n}
         for d, (p, mesh) in ways.items():
             run = lambda: llama4_jax.generate(config, p, P, max_new_tokens=new, batch_size=1,  # noqa: E731
-                                              prefill_chunk=8192, return_stats=True, mesh=mesh)
+                                              prefill_chunk=8192, return_stats=True, mesh=mesh)[1]
             run()  # compile
             steps, prefill = [], []
             for _ in range(3):
