@@ -188,7 +188,7 @@ def batch_roofline(config, params, prompts_, tokens, devices: int) -> dict:
     seqs = np.asarray([p + tok for p, tok in zip(prompts_, tokens)], np.int32)
     chosen = probes.moe_trace(config, params, seqs).experts  # [M, B, T, k]
     B, start = seqs.shape[0], len(prompts_[0])
-    steps = range(start + 1, start + len(tokens[0]) - 1)  # position of the token each decode step feeds
+    steps = range(start, start + len(tokens[0]) - 1)  # position of the token each decode step feeds
     share = B // devices
 
     def experts_read(rows, pos):

@@ -48,7 +48,7 @@ def test_batch_roofline_counts_each_chosen_expert_once(bench, tiny, monkeypatch,
     monkeypatch.setattr(bench, "read_bandwidth", lambda: (1e9, 2))
     expert = 3 * t.hidden_size * t.intermediate_size * 4  # gate, up and down, fp32
     shared = bench.active_bytes_per_token(config, params) - M * expert
-    steps = range(T + 1, T + N - 1)
+    steps = range(T, T + N - 1)  # decode feeds the generated tokens but the last
     cache = np.mean([B * bench.occupied_cache_bytes(config, p + 1) for p in steps])
     per_layer = 1 if routing == "same" else B
     one = bench.batch_roofline(config, params, prompts, tokens, devices=1)
