@@ -118,7 +118,9 @@ def start(args, prog: str, *, weight_bytes: int = 0):
         try:
             mesh = sharding.make_mesh(args.mesh, devices=devices)
         except ValueError as e:  # includes sharding.ShardingError
-            raise ValueError(f"--mesh: {e}") from None
+            hint = ("; on CPU, --cpu-devices N makes the mesh of N CPU devices"
+                    if devices is None and not multi and jax.default_backend() == "cpu" else "")
+            raise ValueError(f"--mesh: {e}{hint}") from None
     elif lanes > 1 and jax.default_backend() == "cpu":
         mesh = jax.sharding.Mesh(np.array(jax.local_devices()[:lanes]), ("data",))
         print(f"{prog}: decoding on {lanes} CPU devices side by side, each with a copy of the weights "

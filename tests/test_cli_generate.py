@@ -91,6 +91,9 @@ def test_cpu_devices_decode_side_by_side(tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "seq.jsonl")
     assert main(["generate", "--input", inp, "--output", out, "--mesh", "seq=2", "--cpu-devices", "2", *COMMON]) == 0
     assert sorted((r["id"], r["token_ids"]) for r in _read(out)) == outs["1"]
+    # Without --cpu-devices the mesh must use every device (8 here): a one-line error with the way out.
+    assert main(["generate", "--input", inp, "--output", str(tmp_path / "x.jsonl"), "--mesh", "seq=2", *COMMON]) == 2
+    assert "--cpu-devices N makes the mesh of N CPU devices" in capsys.readouterr().err
     assert distributed.cpu_lanes("auto", os.path.getsize(os.path.join(DEFAULT_MODEL, "model.safetensors"))) == 1
     monkeypatch.setattr(distributed, "_available_memory", lambda: 16 << 30)
     monkeypatch.setattr(distributed.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
