@@ -178,11 +178,8 @@ def batch_roofline(config, params, prompts_, tokens, devices: int) -> dict:
     from llama4_jax import probes
 
     t = config.text
-    routed = 0
-    for path, x in jax.tree_util.tree_leaves_with_path(params):
-        key = jax.tree_util.keystr(path)
-        if "['moe']" in key and "['shared']" not in key and "router" not in key:
-            routed += x.size * x.dtype.itemsize
+    routed = sum(x.size * x.dtype.itemsize for path, x in jax.tree_util.tree_leaves_with_path(params)
+                 if routed_expert(jax.tree_util.keystr(path)))
     expert = routed // (t.num_local_experts * len(t.moe_layers))  # one expert of one layer
     shared = active_bytes_per_token(config, params) - expert * t.num_experts_per_tok * len(t.moe_layers)
     seqs = np.asarray([p + tok for p, tok in zip(prompts_, tokens)], np.int32)
@@ -313,10 +310,15 @@ def active_bytes_per_token(config, params) -> int:
         n = x.size * x.dtype.itemsize
         if key == "['params']['embed']":
             n = x.shape[-1] * x.dtype.itemsize
-        elif "['moe']" in key and "['shared']" not in key and "router" not in key:
+        elif routed_expert(key):
             n = n * t.num_experts_per_tok // t.num_local_experts
         total += n
     return total
+
+
+def routed_expert(key: str) -> bool:
+    """Whether the parameter at `key` (`jax.tree_util.keystr`) is a routed expert weight."""
+    return "['moe']" in key and "['shared']" not in key and "router" not in key
 
 
 def occupied_cache_bytes(config, context: int, itemsize: int = 4) -> int:

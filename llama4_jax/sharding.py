@@ -458,23 +458,29 @@ def slot_axes() -> SlotShards | None:
 def slot_parallel(mesh, rules: Rules | None, params) -> SlotShards | None:
     """The slot shards of a run on `mesh` that splits only the KV cache's slots, else None.
 
-    That is: `mesh` has more than one device, every axis of more than one device is one
-    that `cache_seq` maps to and no other logical axis but `length` does (a prompt's
-    tokens; a decode step has one), and every parameter is replicated over the mesh's
-    devices. Each device can then run a decode step as single-device code over its
-    share of every layer's cache slots (`engine.decode`'s slot_parallel)."""
+    That is (`_splits_only`): `mesh` has more than one device, every axis of more than
+    one device is one that `cache_seq` maps to and no other logical axis but `length`
+    does (a prompt's tokens; a decode step has one), and every parameter is replicated
+    over the mesh's devices. Each device can then run a decode step as single-device
+    code over its share of every layer's cache slots (`engine.decode`'s slot_parallel)."""
     rules = default_rules(mesh) if rules is None else rules
-    sizes = _axis_sizes(mesh)
-    split = {a for a, n in sizes.items() if n > 1}
-    slots = set(rules.mesh_axes("cache_seq"))
-    others = {a for name in rules.as_dict() if name not in ("cache_seq", "length") for a in rules.mesh_axes(name)}
-    devices = set(mesh.devices.flat)
-    if not (split and split <= slots and not split & others
-            and all(getattr(x, "sharding", None) is not None and x.sharding.is_fully_replicated
-                    and x.sharding.device_set == devices for x in jax.tree_util.tree_leaves(params))):
+    if not _splits_only(mesh, rules, params, "cache_seq", "length"):
         return None
+    sizes = _axis_sizes(mesh)
     axes = tuple(a for a in rules.mesh_axes("cache_seq") if sizes.get(a, 1) > 1)
     return SlotShards(axes, math.prod(sizes[a] for a in axes))
+
+
+def _splits_only(mesh, rules: Rules, params, logical: str, *shared: str) -> bool:
+    """`mesh` has more than one device, every axis of more than one device is one that
+    `logical` maps to and no other logical axis does (but those in `shared`), and every
+    parameter is replicated over the mesh's devices."""
+    split = {a for a, n in _axis_sizes(mesh).items() if n > 1}
+    others = {a for name in rules.as_dict() if name not in (logical, *shared) for a in rules.mesh_axes(name)}
+    devices = set(mesh.devices.flat)
+    return (bool(split) and split <= set(rules.mesh_axes(logical)) and not split & others
+            and all(getattr(x, "sharding", None) is not None and x.sharding.is_fully_replicated
+                    and x.sharding.device_set == devices for x in jax.tree_util.tree_leaves(params)))
 
 
 def data_parallel(mesh, rules: Rules | None, params) -> bool:
@@ -482,15 +488,7 @@ def data_parallel(mesh, rules: Rules | None, params) -> bool:
     every axis of more than one device is one that `batch` maps to and no other logical
     axis does, and every parameter is replicated over the mesh's devices. Each device
     can then run its own rows as single-device code (`engine.decode`'s `data_parallel`)."""
-    rules = default_rules(mesh) if rules is None else rules
-    sizes = _axis_sizes(mesh)
-    split = {a for a, n in sizes.items() if n > 1}
-    batch = set(rules.mesh_axes("batch"))
-    others = {a for name in rules.as_dict() if name != "batch" for a in rules.mesh_axes(name)}
-    devices = set(mesh.devices.flat)
-    return (bool(split) and split <= batch and not split & others
-            and all(getattr(x, "sharding", None) is not None and x.sharding.is_fully_replicated
-                    and x.sharding.device_set == devices for x in jax.tree_util.tree_leaves(params)))
+    return _splits_only(mesh, default_rules(mesh) if rules is None else rules, params, "batch")
 
 
 def splits(logical: str) -> bool:
