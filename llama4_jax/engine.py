@@ -49,7 +49,7 @@ from .sampling import top_logprobs as alternatives
 
 __all__ = ["GenerationStats", "empty_state", "prefill", "insert", "decode", "to_mesh", "call_compiled", "to_host",
            "bucket", "prompt_bucket", "new_token_bucket", "logprob_bucket", "unroll_layers", "COMPILED",
-           "default_compile_cache", "use_compile_cache"]
+           "default_compile_cache", "use_compile_cache", "is_compiled", "COSTS"]
 
 MIN_BUCKET = 16  # smallest prompt-length and new-token bucket
 _UNROLL_MIN_BYTES = 32 << 20
@@ -420,19 +420,56 @@ def to_host(x) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+@dataclasses.dataclass
+class Costs:
+    """What compiling and prefilling cost in this process, measured: the scheduler
+    weighs one against the other when it picks a prompt's length bucket
+    (`scheduler.run_requests`). compile_s: seconds of each compilation, per jitted
+    function; prefill_s / prefill_tokens: seconds of prefill (compilation excluded)
+    and the padded tokens (rows x bucket) it ran."""
+
+    compile_s: dict = dataclasses.field(default_factory=dict)
+    prefill_s: float = 0.0
+    prefill_tokens: int = 0
+
+    def compile_estimate(self, jitted) -> float | None:
+        """Median seconds of `jitted`'s compilations so far, or None before the first."""
+        times = self.compile_s.get(jitted)
+        return float(np.median(times)) if times else None
+
+    def token_seconds(self) -> float | None:
+        """Prefill seconds per padded token so far, or None before the first prefill."""
+        return self.prefill_s / self.prefill_tokens if self.prefill_tokens else None
+
+
+COSTS = Costs()
+
+
+def _key(jitted, args, static):
+    leaves = jax.tree_util.tree_leaves(args)
+    return (jitted, jax.tree_util.tree_structure(args),
+            tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves),
+            tuple(sorted(static.items())), sharding.active())
+
+
+def is_compiled(jitted, *args, **static) -> bool:
+    """Whether `call_compiled(stats, jitted, *args, **static)` would run without compiling."""
+    return _key(jitted, args, static) in COMPILED
+
+
 def call_compiled(stats: GenerationStats, jitted, *args, **static):
     """Call `jitted` through an ahead-of-time compiled executable, kept across calls,
-    so compile time is measured apart from prefill and decode time."""
-    leaves = jax.tree_util.tree_leaves(args)
-    key = (jitted, jax.tree_util.tree_structure(args),
-           tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves),
-           tuple(sorted(static.items())), sharding.active())
+    so compile time is measured apart from prefill and decode time (and recorded in
+    `COSTS`)."""
+    key = _key(jitted, args, static)
     if key in COMPILED:
         COMPILED.move_to_end(key)
     else:
         t0 = time.perf_counter()
         COMPILED[key] = jitted.lower(*args, **static).compile()
-        stats.compile_s += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        stats.compile_s += dt
+        COSTS.compile_s.setdefault(jitted, []).append(dt)
         while len(COMPILED) > MAX_COMPILED:
             COMPILED.popitem(last=False)
     return COMPILED[key](*args)

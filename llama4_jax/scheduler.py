@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import time
 from typing import Any, Callable, Sequence
 
@@ -274,6 +275,31 @@ def run_requests(config: Llama4Config, params, requests: list[Request], *, token
         return _run_batches(config, params, requests, place=place, lanes=lanes, shards=shards, **kw), stats
 
 
+def _prompt_length(n: int, max_model_len: int, top: int, compiled: Callable[[int], bool], count: int) -> int:
+    """The length a prefill of prompts of at most n tokens is left-padded to: their
+    bucket (`prompt_bucket`), or a larger one up to `top` that is already compiled
+    when padding the `count` prompts of that bucket still to run to it costs less than
+    compiling theirs, both as measured in this process (`engine.COSTS`: the median
+    compilation of `engine.prefill`, and prefill seconds per padded token). Without
+    measurements, or when the bucket is compiled, the bucket. A run of few prompts of
+    many lengths then compiles few executables (in the mixed benchmark's timed run,
+    five prefill buckets had cost 30 s of compilation); a long one compiles the buckets
+    that pay off. Padding only adds masked tokens: a prompt's tokens are the same,
+    its log-probabilities equal to fp32 rounding."""
+    T = prompt_bucket(n, max_model_len)
+    compile_s, token_s = engine.COSTS.compile_estimate(engine.prefill), engine.COSTS.token_seconds()
+    if compile_s is None or token_s is None or compiled(T):
+        return T
+    larger = T
+    while larger < top:
+        larger = min(top, prompt_bucket(larger + 1, max_model_len))
+        if count * (larger - T) * token_s >= compile_s:
+            break
+        if compiled(larger):
+            return larger
+    return T
+
+
 def _sampling_arrays(samps: list[Sampling], place) -> dict:
     return {
         "temperature": place(np.asarray([s.temperature for s in samps], np.float32)),
@@ -354,7 +380,9 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
     # One token buffer, cache length and top-k width for the whole run, so decode
     # compiles once, prefill once per (prompt bucket, P), insert once per (P, M).
     N = new_token_bucket(max(budgets[i] for i, _ in queue))
-    max_len = prompt_bucket(max(len(requests[i].ids) for i, _ in queue), max_model_len) + N
+    top = prompt_bucket(max(len(requests[i].ids) for i, _ in queue), max_model_len)  # the largest prompt bucket
+    max_len = top + N
+    prefilled = [0]  # padded prompt tokens (rows x bucket) of the refill in progress
     top_k = logprob_bucket(max(r.logprobs or 0 for r in requests), text.vocab_size)
     if shards is not None and any(n % shards.count for n in cache_slots(text, max_len)):
         shards = None  # slots that do not split evenly: the step as XLA partitions it
@@ -403,37 +431,47 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
         # B sample rows draw their first tokens (cheap), whatever the n.
         K, P = B, (1 if len(prompts) == 1 else lanes if few else B)
         reqs = [requests[i] for i in prompts]
-        T = prompt_bucket(max(len(r.ids) for r in reqs), max_model_len)
-        ids = np.zeros((P, T), np.int32)
-        mask = np.zeros((P, T), np.int32)
-        for b, r in enumerate(reqs):
-            ids[b, T - len(r.ids):] = r.ids
-            mask[b, T - len(r.ids):] = 1
-        mask[len(reqs):, -1] = 1  # filler rows: one token, budget 0
         row_of = {i: b for b, i in enumerate(prompts)}
         src = [row_of[i] for i, _ in take] + [0] * (K - len(take))
         pad = K - len(take)
         samp = _sampling_arrays([sampling_of(i, j) for i, j in take] + [filler] * pad, place)
         budget = place(np.asarray([budgets[i] for i, _ in take] + [0] * pad, np.int32))
         pixel_values, mm = _pixel_batch(config, params, reqs)
+        # Prompts that do not split over the devices (a refill's single prompt; with slot
+        # shards, all) run on one device, with all the cores' threads, and the state goes
+        # to the mesh after: every device computing the same prefill took 1.2x as long
+        # (benchmark model, one prompt of 500 or 2000 tokens).
+        on_first = (shards is not None or lanes > 1 and P % lanes) and first is not None
+
+        def call(T: int, compiled_only: bool = False):
+            """Prefill the prompts left-padded to T tokens (or only say whether that
+            executable is compiled)."""
+            ids = np.zeros((P, T), np.int32)
+            mask = np.zeros((P, T), np.int32)
+            for b, r in enumerate(reqs):
+                ids[b, T - len(r.ids):] = r.ids
+                mask[b, T - len(r.ids):] = 1
+            mask[len(reqs):, -1] = 1  # filler rows: one token, budget 0
+            args = (run_params, place(ids), place(mask), samp, budget, stop_ids, pixel_values,
+                    place(np.asarray(src, np.int32)))
+            kw = dict(max_len=max_len, max_new=N, kv_dtype=kv_dtype, mm=mm, top_logprobs=top_k,
+                      piece=prefill_chunk if prefill_chunk and T > prefill_chunk else None, scan_layers=not unroll,
+                      **statics)
+            run = engine.is_compiled if compiled_only else functools.partial(call_compiled, stats)
+            if on_first:
+                with sharding.suspended():
+                    new = run(engine.prefill, first_params,
+                              *jax.tree_util.tree_map(lambda x: _on_device(x, first), args[1:]), **kw)
+                return new if compiled_only else engine.to_mesh(new)
+            return run(engine.prefill, *args, data_parallel=lanes > 1, **kw)
+
+        longest = max(len(r.ids) for r in reqs)
+        T = _prompt_length(longest, max_model_len, top, lambda T: call(T, compiled_only=True),
+                           sum(prompt_bucket(len(requests[i].ids), max_model_len) == prompt_bucket(longest, max_model_len)
+                               for i, _ in queue) + len(reqs))
         stats.prompt_tokens += sum(len(r.ids) for r in reqs)
-        args = (run_params, place(ids), place(mask), samp, budget, stop_ids, pixel_values,
-                place(np.asarray(src, np.int32)))
-        kw = dict(max_len=max_len, max_new=N, kv_dtype=kv_dtype, mm=mm, top_logprobs=top_k,
-                  piece=prefill_chunk if prefill_chunk and T > prefill_chunk else None, scan_layers=not unroll,
-                  **statics)
-        if (shards is not None or lanes > 1 and P % lanes) and first is not None:
-            # Prompts that do not split over the devices (a refill's single prompt; with
-            # slot shards, all) run on one device, with all the cores' threads, and the
-            # state goes to the mesh after: every device computing the same prefill took
-            # 1.2x as long (benchmark model, one prompt of 500 or 2000 tokens).
-            with sharding.suspended():
-                new = call_compiled(stats, engine.prefill, first_params,
-                                    *jax.tree_util.tree_map(lambda x: _on_device(x, first), args[1:]), **kw)
-            new = engine.to_mesh(new)
-        else:
-            new = call_compiled(stats, engine.prefill, *args, data_parallel=lanes > 1, **kw)
-        return _Held(new, [(k, src[k], i, j) for k, (i, j) in enumerate(take)])
+        prefilled[0] += P * T
+        return _Held(call(T), [(k, src[k], i, j) for k, (i, j) in enumerate(take)])
 
     def refill(free: list[int]):
         """Fill the `free` slots: held sample rows first, then newly prefilled prompts."""
@@ -511,9 +549,13 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
         free = [b for b in range(B) if b not in slot_req]
         if free and (held is not None or queue):  # refill the free slots: prefill, then insert in place
             t0, c0 = time.perf_counter(), stats.compile_s
+            prefilled[0] = 0
             refill(free)
             jax.block_until_ready(state["tokens"])
-            stats.prefill_s += time.perf_counter() - t0 - (stats.compile_s - c0)
+            took = time.perf_counter() - t0 - (stats.compile_s - c0)
+            stats.prefill_s += took
+            engine.COSTS.prefill_s += took
+            engine.COSTS.prefill_tokens += prefilled[0]
             arrays = None
             continue  # a new row may be done at its first token
         if not slot_req:

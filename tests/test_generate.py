@@ -174,6 +174,55 @@ def test_budgets_in_one_bucket_share_executables(scout):
     assert stats.compile_s == 0
 
 
+def test_prompt_length_pads_to_a_compiled_bucket_when_that_costs_less(monkeypatch):
+    """A prefill runs at its prompts' bucket, unless a larger bucket is compiled and
+    padding the prompts of its bucket still to run costs less than compiling theirs,
+    as measured (`engine.COSTS`)."""
+    from llama4_jax import engine, scheduler
+
+    compiled = {128}.__contains__
+    pick = lambda n, count: scheduler._prompt_length(n, 4096, 512, compiled, count)  # noqa: E731
+    monkeypatch.setattr(engine, "COSTS", engine.Costs())
+    assert pick(20, 3) == 32  # nothing measured yet: the bucket
+    monkeypatch.setattr(engine, "COSTS", engine.Costs({engine.prefill: [9.0, 10.0, 11.0]}, 1.0, 1000))
+    assert engine.COSTS.compile_estimate(engine.prefill) == 10.0 and engine.COSTS.token_seconds() == 1e-3
+    assert pick(20, 3) == 128  # 3 prompts x 96 tokens x 1 ms = 0.29 s < 10 s
+    assert pick(20, 100) == 128  # 100 x 96 x 1 ms = 9.6 s < 10 s
+    assert pick(20, 200) == 32  # 200 x 96 x 1 ms = 19.2 s (64, uncompiled, would cost 6.4 s): compile 32
+    assert pick(100, 3) == 128  # its own bucket is compiled
+    assert pick(200, 3) == 256  # no compiled bucket above
+    assert pick(600, 3) == 1024  # above the largest bucket of the run (512): its own
+
+
+def test_short_prompts_reuse_a_compiled_longer_bucket(scout, monkeypatch):
+    """With compilation measured as costly, a run's shorter prompts are prefilled in
+    the longer bucket already compiled: one prefill executable instead of two, and
+    the same tokens and log-probabilities (padding is masked)."""
+    from llama4_jax import engine, scheduler
+
+    _, config, params = scout
+    prompts = _prompts(config.text.vocab_size, (40, 10, 12), seed=21)  # buckets 64, 16, 16
+    run = lambda: llama4_jax.generate(config, params, prompts, max_new_tokens=5, batch_size=1,  # noqa: E731
+                                      logprobs=0, return_stats=True)
+
+    def prefill_lengths():  # (P, T) of the compiled prefills' token ids and masks
+        return sorted({shape for k in engine.COMPILED if k[0] is engine.prefill
+                       for shape, dtype, _ in k[2] if len(shape) == 2 and dtype == np.int32})
+
+    with monkeypatch.context() as m:  # each prompt its own bucket
+        m.setattr(scheduler, "_prompt_length", lambda n, max_model_len, *_: engine.prompt_bucket(n, max_model_len))
+        engine.COMPILED.clear()
+        ref, _ = run()
+    assert prefill_lengths() == [(1, 16), (1, 64)]
+    monkeypatch.setattr(engine, "COSTS", engine.Costs({engine.prefill: [100.0]}, 1.0, 1000))
+    engine.COMPILED.clear()
+    out, stats = run()
+    assert prefill_lengths() == [(1, 64)]
+    assert stats.prompt_tokens == 62
+    assert [c.token_ids for c in out] == [c.token_ids for c in ref]
+    np.testing.assert_allclose([c.logprobs for c in out], [c.logprobs for c in ref], atol=1e-5)
+
+
 @pytest.mark.parametrize("batch_size", [2, 6])  # 2 decode rows <= 5 experts: split; 6: stacked
 def test_unrolled_layers_match_the_scan(scout, monkeypatch, batch_size):
     """Large weights on CPU prefill and decode on per-group weights (`unroll_layers`;
