@@ -576,7 +576,8 @@ def main(argv=None) -> int:
         print(f"continuous / static {rate['continuous'] / rate['static']:.2f}x (target >= 2x); continuous / "
               f"transformers {rate['continuous'] / rate['hf']:.2f}x (target >= 8x)")
         # The warm-up covers only the first prompts' shapes, so the timed runs still compile
-        # some (prompt bucket, rows) shapes; a long offline run compiles each once.
+        # some (prompt bucket, rows) shapes; a long offline run compiles each one that pays
+        # off once (`scheduler._prompt_length`).
         warm = {k: r["generated"] / (r["wall_s"] - r.get("compile_s", 0.0)) for k, r in runs.items()}
         print(f"without the compilation in the timed runs: continuous {warm['continuous']:.1f} tok/s, static "
               f"{warm['static']:.1f}: {warm['continuous'] / warm['static']:.2f}x static, "

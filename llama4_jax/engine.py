@@ -49,7 +49,7 @@ from .sampling import top_logprobs as alternatives
 
 __all__ = ["GenerationStats", "empty_state", "prefill", "insert", "decode", "to_mesh", "call_compiled", "to_host",
            "bucket", "prompt_bucket", "new_token_bucket", "logprob_bucket", "unroll_layers", "COMPILED",
-           "default_compile_cache", "use_compile_cache", "is_compiled", "COSTS"]
+           "default_compile_cache", "use_compile_cache", "is_compiled", "Costs", "COSTS"]
 
 MIN_BUCKET = 16  # smallest prompt-length and new-token bucket
 _UNROLL_MIN_BYTES = 32 << 20

@@ -27,10 +27,11 @@ How a run goes (continuous batching over `batch_size` decode slots):
     completions together, e.g. to post-process them in one batched call before they
     are written) and refills their slots. Each row has its own step, so a request's
     tokens do not depend on its slot, its batch-mates or when it entered;
-  * prompts are left-padded to a length bucket (`engine.bucket`), a prefill's
-    prompts to P rows and an insert's rows to M rows (1 or `batch_size`: a refill of
-    at most half the slots prefills one prompt at a time; a prefill draws the first
-    tokens of `batch_size` sample rows, fillers included), so a run compiles prefill
+  * prompts are left-padded to a length bucket (`engine.bucket`), or to a longer one
+    already compiled when that costs less than compiling theirs (`_prompt_length`),
+    a prefill's prompts to P rows and an insert's rows to M rows (1 or `batch_size`:
+    a refill of at most half the slots prefills one prompt at a time; a prefill draws
+    the first tokens of `batch_size` sample rows, fillers included), so a run compiles prefill
     at most twice per bucket (three times with lanes, below), insert at most four
     times, decode and `empty_state` once. Top-k
     log-probabilities are computed for the run's largest k, bucketed
@@ -382,7 +383,7 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
     N = new_token_bucket(max(budgets[i] for i, _ in queue))
     top = prompt_bucket(max(len(requests[i].ids) for i, _ in queue), max_model_len)  # the largest prompt bucket
     max_len = top + N
-    prefilled = [0]  # padded prompt tokens (rows x bucket) of the refill in progress
+    prefilled = 0  # padded prompt tokens (rows x bucket) of the refill in progress
     top_k = logprob_bucket(max(r.logprobs or 0 for r in requests), text.vocab_size)
     if shards is not None and any(n % shards.count for n in cache_slots(text, max_len)):
         shards = None  # slots that do not split evenly: the step as XLA partitions it
@@ -408,6 +409,7 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
         are free (a refill between decode steps), or with lanes the next `lanes`
         prompts, one per device (rows beyond the free slots are held for the next ones:
         a prefill split over two devices ran 1.8x the tokens/s of a lone prompt)."""
+        nonlocal prefilled
         take: list[tuple[int, int]] = []  # (request index, sample index) per row
         prompts: list[int] = []
         few = free <= B // 2
@@ -466,11 +468,11 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
             return run(engine.prefill, *args, data_parallel=lanes > 1, **kw)
 
         longest = max(len(r.ids) for r in reqs)
-        T = _prompt_length(longest, max_model_len, top, lambda T: call(T, compiled_only=True),
-                           sum(prompt_bucket(len(requests[i].ids), max_model_len) == prompt_bucket(longest, max_model_len)
-                               for i, _ in queue) + len(reqs))
+        own = prompt_bucket(longest, max_model_len)
+        count = len(reqs) + sum(prompt_bucket(len(requests[i].ids), max_model_len) == own for i, _ in queue)
+        T = _prompt_length(longest, max_model_len, top, lambda T: call(T, compiled_only=True), count)
         stats.prompt_tokens += sum(len(r.ids) for r in reqs)
-        prefilled[0] += P * T
+        prefilled += P * T
         return _Held(call(T), [(k, src[k], i, j) for k, (i, j) in enumerate(take)])
 
     def refill(free: list[int]):
@@ -549,13 +551,13 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
         free = [b for b in range(B) if b not in slot_req]
         if free and (held is not None or queue):  # refill the free slots: prefill, then insert in place
             t0, c0 = time.perf_counter(), stats.compile_s
-            prefilled[0] = 0
+            prefilled = 0
             refill(free)
             jax.block_until_ready(state["tokens"])
             took = time.perf_counter() - t0 - (stats.compile_s - c0)
             stats.prefill_s += took
             engine.COSTS.prefill_s += took
-            engine.COSTS.prefill_tokens += prefilled[0]
+            engine.COSTS.prefill_tokens += prefilled
             arrays = None
             continue  # a new row may be done at its first token
         if not slot_req:
