@@ -251,6 +251,12 @@ def _cache_case(seed, B, S, K, G, d, T, fill, ring_chunk=None, int8=False, group
     dict(B=3, S=37, K=2, G=3, d=6, T=1, fill=(5, 30, 1), block=None),
     dict(B=3, S=37, K=2, G=3, d=6, T=1, fill=(5, 30, 1), block=8, groups=(1, 3)),
     dict(B=3, S=37, K=2, G=3, d=6, T=1, fill=(5, 30, 1), block=None, groups=(2, 3)),
+    # The default on a float cache of >= 2 * SPARSE_BLOCK slots: at most half of them
+    # occupied, read in blocks (the last shifted back); more, in one pass.
+    dict(B=2, S=1100, K=2, G=2, d=8, T=1, fill=(300, 40), block=0),
+    dict(B=2, S=1100, K=2, G=2, d=8, T=1, fill=(800, 40), block=0),
+    dict(B=2, S=600, K=2, G=2, d=8, T=1, fill=(100, 30), ring_chunk=600, block=0),
+    dict(B=2, S=600, K=2, G=2, d=8, T=1, fill=(700, 30), ring_chunk=600, block=0),  # wrapped: whole
 ])
 def test_cached_attention_equals_reference(case):
     """`cached_attention` on the cache layout equals `xla_attention` on the same keys in
@@ -264,6 +270,22 @@ def test_cached_attention_equals_reference(case):
                                   group=None if groups is None else jnp.int32(groups[0]))
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-6, rtol=1e-5)
     assert np.abs(np.asarray(ref)).max() > 0.3  # the check has teeth
+
+
+def test_half_empty_cache_is_read_in_blocks():
+    """By default a float cache of >= 2 * SPARSE_BLOCK slots in its own buffers is read
+    in one pass or, while at most half of its slots are occupied, in blocks up to the
+    last occupied one: a conditional whose branch loops. Smaller caches: one pass only."""
+    def program(S):
+        q = jnp.zeros((2, 1, 4, 8))
+        k, v = jnp.zeros((2, 2, 8, S)), jnp.zeros((2, 2, S, 8))
+        f = lambda q, k, v, kp: cached.cached_attention(q, k, v, jnp.zeros((2, 1), jnp.int32), kp,  # noqa: E731
+                                                        chunk_size=None)
+        return str(jax.make_jaxpr(f)(q, k, v, jnp.zeros((2, S), jnp.int32)))
+
+    big, small = program(2 * cached.SPARSE_BLOCK), program(2 * cached.SPARSE_BLOCK - 1)
+    assert "cond[" in big and "while[" in big
+    assert "cond[" not in small and "while[" not in small
 
 
 def _decode_step(S, *, scan, kv_dtype=None, B=2):
