@@ -1,6 +1,5 @@
 """KV cache: prefill + decode equals one full forward; ring buffer; int8 error."""
 
-import functools
 import re
 
 import jax
