@@ -382,6 +382,8 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
     # compiles once, prefill once per (prompt bucket, P), insert once per (P, M).
     N = new_token_bucket(max(budgets[i] for i, _ in queue))
     top = prompt_bucket(max(len(requests[i].ids) for i, _ in queue), max_model_len)  # the largest prompt bucket
+    # Prompts still queued per prompt bucket (what padding a bucket to a compiled one would cost).
+    queued = collections.Counter(prompt_bucket(len(requests[i].ids), max_model_len) for i, _ in queue)
     max_len = top + N
     prefilled = 0  # padded prompt tokens (rows x bucket) of the refill in progress
     top_k = logprob_bucket(max(r.logprobs or 0 for r in requests), text.vocab_size)
@@ -425,6 +427,7 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
                 queue[0][1] += len(js)  # n > B: the rest in a later prefill
             else:
                 queue.popleft()
+                queued[prompt_bucket(len(requests[i].ids), max_model_len)] -= 1
         # P prompt rows run the model: 1, or B (padded) for several prompts (`lanes` for
         # a refill's one per device). On CPU a prefill's cost is its P x T tokens, so
         # refilling a few slots one prompt at a time costs what one batch of them would,
@@ -468,8 +471,7 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
             return run(engine.prefill, *args, data_parallel=lanes > 1, **kw)
 
         longest = max(len(r.ids) for r in reqs)
-        own = prompt_bucket(longest, max_model_len)
-        count = len(reqs) + sum(prompt_bucket(len(requests[i].ids), max_model_len) == own for i, _ in queue)
+        count = len(reqs) + queued[prompt_bucket(longest, max_model_len)]
         T = _prompt_length(longest, max_model_len, top, lambda T: call(T, compiled_only=True), count)
         stats.prompt_tokens += sum(len(r.ids) for r in reqs)
         prefilled += P * T
