@@ -90,8 +90,8 @@ def unroll_layers(params) -> bool:
     """Prefill and decode with per-group weight arrays (`unstack_layers`) on CPU, where
     a scanned layer's weights are copied out of the stacked array on every call (3x the
     memory traffic of a batch-1 decode step; 68 of 320 ms of a 1000-token prefill of the
-    benchmark model). It costs one extra copy of the layer weights for the duration of a
-    `generate` call and a longer compile, so only weights beyond the caches (>= 32 MiB)
+    benchmark model). The per-group arrays are views of the stacked ones (no copy), but
+    the unrolled program compiles longer, so only weights beyond the caches (>= 32 MiB)
     take it."""
     layers = jax.tree_util.tree_leaves(params["params"]["layers"])
     return jax.default_backend() == "cpu" and sum(x.nbytes for x in layers) >= _UNROLL_MIN_BYTES

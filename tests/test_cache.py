@@ -105,6 +105,54 @@ def test_prefill_then_decode_equals_full_forward(params, batch, split_experts):
     np.testing.assert_array_equal(cache_lengths(CFG, cache), mask.sum(1))
 
 
+@pytest.mark.parametrize("devices", [1, 2])
+@pytest.mark.parametrize("split_experts", [False, True])
+def test_unstacked_layers_are_views_of_the_stacked_weights(params, devices, split_experts):
+    """On CPU `unstack_layers` copies nothing: every per-group (and per-expert) array
+    holds the values of its slice, keeps the stacked array's sharding, and where the
+    slice starts 64-byte aligned in the stacked buffer (XLA:CPU aliases aligned host
+    memory; it copies the others) it is that buffer's memory, on every device."""
+    from llama4_jax.model.layers import ExpertList
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:devices]), ("data",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    params = jax.device_put(params, sharding)
+    stacked = params["params"]["layers"]
+    un = unstack_layers(params, split_experts=split_experts)["params"]
+    G = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+    aliased = []
+
+    def check(x, src, index):
+        assert not isinstance(x, ExpertList)
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(src)[index])
+        assert x.sharding.is_equivalent_to(sharding, x.ndim)
+        size = int(np.prod(src.shape[len(index):])) * src.dtype.itemsize
+        offset = int(np.ravel_multi_index(index, src.shape[:len(index)])) * size
+        for got, base in zip(x.addressable_shards, src.addressable_shards):
+            assert got.device == base.device
+            if offset % 64 == 0:
+                assert got.data.unsafe_buffer_pointer() == base.data.unsafe_buffer_pointer() + offset
+                aliased.append(size)
+
+    def walk(node, src, g):
+        if isinstance(node, dict):
+            assert node.keys() == src.keys()
+            for k in node:
+                walk(node[k], src[k], g)
+        elif isinstance(node, ExpertList):
+            assert split_experts and len(node.parts) == src.shape[1]
+            for e, part in enumerate(node.parts):
+                check(part, src, (g, e))
+        else:
+            check(node, src, (g,))
+
+    for g in range(G):
+        walk(un[f"layers_{g}"], stacked, g)
+    assert ("moe" in str(jax.tree_util.tree_structure(un))) and (
+        isinstance(un["layers_0"]["layer_1"]["moe"]["gate"], ExpertList) == split_experts)
+    assert sum(aliased) >= 0.9 * sum(x.nbytes for x in jax.tree_util.tree_leaves(stacked)) * devices
+
+
 def test_single_row_decode_equals_full_forward(params, batch):
     """Batch 1, where `write_cache` writes each decode token twice to its slot (a scatter
     of one index became a copy of the cache), equals the full forward; and a dropped
