@@ -94,10 +94,11 @@ def test_empty_experts(w):
     _check_all(h, w, idx, score)
 
 
-@pytest.mark.parametrize("block", [8, 16])
+@pytest.mark.parametrize("block", [8, 16, 128])
 def test_blocked_partial_blocks(w, block):
-    """74 routed rows over 9 experts (groups of ~8) in 8- or 16-row blocks: groups end in
-    a partial block that overlaps the next group, whose rows must not be overwritten.
+    """74 routed rows over 9 experts (groups of ~8) in 8-, 16- or 128-row blocks: groups
+    end in a partial block that overlaps the next group(s), whose rows must not be
+    overwritten (128: every block runs past the last row into the slack).
     (The skewed test above runs one 37-row group through five 8-row blocks.)"""
     h, idx, score = _routed(37, 2, seed=3)
     ref = _JIT["dense"](h, w, idx, score)
@@ -204,10 +205,12 @@ def test_rowwise_refuses_huge_inputs(w):
 def test_block_rows():
     assert moe.block_rows(8, 16) == 8
     assert moe.block_rows(200, 16) == 16  # mean 13 -> 16
-    assert moe.block_rows(2048, 16) == 32  # capped
+    assert moe.block_rows(1008, 16) == 32  # mean 63: capped
+    assert moe.block_rows(1024, 16) == 128  # mean 64: one block of 128
+    assert moe.block_rows(8192, 16) == 128
     for n in range(1, 3000, 37):
         b = moe.block_rows(n, 16)
-        assert 8 <= b <= 32 and b & (b - 1) == 0
+        assert b in ((8, 16, 32) if n <= 63 * 16 else (128,))
 
 
 # ---- compiled HLO: expert weights are read in place, never transposed or re-laid-out ----

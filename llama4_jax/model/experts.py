@@ -135,14 +135,21 @@ def block_rows(num_rows: int, num_experts: int) -> int:
 
     The smallest power of two >= the mean group size, clamped to [8, 32]: one block
     per expert at decode sizes (8 rows cost the same as 1, the weights dominate), and
-    32 rows at prefill, where a [32, D] x [D, F] matmul already runs near the CPU's
-    matmul peak while the padding of each expert's last block stays small (about
-    E * 16 rows on average). Measured on 2 shared cores, T*k=2048, D=512, F=1024,
-    16 experts (min of 7): 16 rows 126 ms, 32 rows 91 ms, 64 rows 128 ms, 128 rows
-    188 ms; one dense [2048, 512] SwiGLU of the same shape 184 ms; earlier, with less
-    load: 32 rows ~45 ms, 64 ~47 ms, `ragged_dot` ~620 ms, `dense` ~1500 ms.
+    32 rows at prefill, where the padding of each expert's last block stays small
+    (about E * 16 rows on average). From a mean of 64 rows per expert, 128 rows: each
+    block then costs its loop step, row slices and switch once for 4x the rows, which
+    outweighs the padding (under half of an expert's rows at these sizes).
+
+    Measured (2 cores, XLA:CPU with YNNPACK, medians of 9): 8 chained layers of the
+    benchmark model's experts (16 `ExpertList` experts, D=256, F=512, top-1), ms for
+    blocks of 16 / 32 / 64 / 128 rows: T=256: 43 / 46 / 68 / 86; T=512: 51 / 57 /
+    71 / 86; T=1024: 103 / 113 / 94 / 91; T=1536: 148 / 131 / 139 / 92; T=2048:
+    209 / 194 / 177 / 146. Earlier, at T*k=2048, D=512, F=1024: 16 rows 126 ms, 32
+    rows 91, 64 rows 128, 128 rows 188 (before XLA:CPU's YNNPACK matmuls).
     """
     mean = -(-num_rows // num_experts)
+    if mean >= 64:
+        return 128
     return int(min(32, max(8, 1 << max(0, mean - 1).bit_length())))
 
 
