@@ -226,8 +226,8 @@ def test_short_prompts_reuse_a_compiled_longer_bucket(scout, monkeypatch):
 @pytest.mark.parametrize("batch_size", [2, 6])  # 2 decode rows <= 5 experts: split; 6: stacked
 def test_unrolled_layers_match_the_scan(scout, monkeypatch, batch_size):
     """Large weights on CPU prefill and decode on per-group weights (`unroll_layers`;
-    with at most E decode rows, each expert its own array, which prefill runs with
-    `blocked` and decode with `rowwise`); the tokens and log-probabilities equal
+    with at most E decode rows, each expert its own array, which decode runs with
+    `rowwise`; prefill runs `blocked` on the stacked experts); the tokens and log-probabilities equal
     the scanned layers' (fp32 summation order only)."""
     from llama4_jax import engine
 
