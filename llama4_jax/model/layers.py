@@ -27,8 +27,9 @@ class ExpertList:
     The decode parameters on CPU (`unstack_layers(split_experts=True)`) take this
     form so a matmul reads a chosen expert's buffer where it lies: slicing w[e] out of
     a stacked array is a copy on XLA:CPU, which cost more than the matmul itself (96 MB
-    copied per step at batch 8 in the benchmark model). `moe.rowwise_moe` (decode) and
-    `moe.blocked_moe` (a prefill on the same parameters) consume it.
+    copied per step at batch 8 in the benchmark model). `moe.rowwise_moe` (decode)
+    consumes it; `moe.blocked_moe` takes it too (`generate` prefills from the stacked
+    experts, which measured faster).
     """
 
     parts: tuple
