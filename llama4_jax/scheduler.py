@@ -359,8 +359,9 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
     # place (`rowwise`, a `lax.switch` per row, on per-expert buffers); more rows go to
     # `blocked` on stacked experts. Prefill always runs `blocked` on stacked experts: it
     # slices one expert per block of rows, which measured as fast as the per-expert
-    # buffers or faster (8 MoE layers of the benchmark model, 512 / 1024 / 2048 tokens:
-    # 62 / 88 / 134 ms against 68 / 89 / 148) and compiles faster (0.6 against 1.0 s).
+    # buffers or faster (8 MoE layers of the benchmark model, 512 / 1024 / 2048 tokens,
+    # one device: 62 / 88 / 134 ms against 68 / 89 / 148; a prompt per device on two:
+    # within noise) and compiles faster (0.6 against 1.0 s).
     # Both are views of `params` (`unstack_layers`): neither copies a weight.
     B = -(-min(batch_size, n_samples) // lanes) * lanes
     rows = B // lanes * text.num_experts_per_tok  # per device
