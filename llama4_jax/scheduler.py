@@ -70,7 +70,7 @@ from . import engine, sharding
 from .cache import cache_slots
 from .config import Llama4Config
 from .engine import GenerationStats, call_compiled, logprob_bucket, new_token_bucket, prompt_bucket, to_host
-from .model.text import unstack_layers
+from .model.text import split_expert_layers, unstack_layers
 from .sampling import Sampling, sample_seed
 
 __all__ = ["Completion", "Request", "check_request", "check_n", "check_logprobs", "context_length",
@@ -362,14 +362,14 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
     # buffers or faster (8 MoE layers of the benchmark model, 512 / 1024 / 2048 tokens,
     # one device: 62 / 88 / 134 ms against 68 / 89 / 148; a prompt per device on two:
     # within noise) and compiles faster (0.6 against 1.0 s).
-    # Both are views of `params` (`unstack_layers`): neither copies a weight.
+    # Both are views of `params` (`unstack_layers`, `split_expert_layers`): neither copies a weight.
     B = -(-min(batch_size, n_samples) // lanes) * lanes
     rows = B // lanes * text.num_experts_per_tok  # per device
     split = (unroll and moe_impl == "ragged" and rows <= text.num_local_experts
              and (lanes > 1 or shards is not None
                   or all(len(x.sharding.device_set) == 1 for x in jax.tree_util.tree_leaves(params))))
     prefill_params = unstack_layers(params) if unroll else params
-    decode_params = unstack_layers(params, split_experts=True) if split else prefill_params
+    decode_params = split_expert_layers(prefill_params) if split else prefill_params
     # With lanes, a prompt that does not split over the devices runs on the mesh's first
     # device, from the replicated inputs' copies there (no copy made), when this process
     # holds every device of the mesh; the parameters' copies are taken once.

@@ -67,7 +67,7 @@ def leading_slices(x, indices: list[tuple[int, ...]]) -> list:
     its slices handed back to the device in one `device_put`, which XLA:CPU takes
     without copying (an aligned host buffer is aliased). So the CPU decode parameters
     (per-group layers, per-expert weights: `unstack_layers`) take no memory of their
-    own: the benchmark model's, replicated on 2 CPU devices, take 9 ms (29 ms with
+    own: the benchmark model's, replicated on 2 CPU devices, take 11 ms (36 ms with
     per-expert arrays: ~30 us per array made) where the copy took 46 ms per `generate`
     call and held a second copy of the layer weights (peak RSS of the mixed benchmark
     2368 -> 1856 MiB).

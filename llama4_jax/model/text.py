@@ -16,7 +16,6 @@ axis of 1, so the parameter tree always has the same shape.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any
 
@@ -171,45 +170,33 @@ def unstack_layers(params, split_experts: bool = False):
     """Parameters for `TextModel(scan_layers=False)`: the stacked `layers` subtree
     [G, ...] split into per-group subtrees `layers_0` .. `layers_{G-1}`.
 
-    split_experts: also hold each MoE layer's routed experts (gate, up, down under a
-    `moe` module) as E separate arrays (`ExpertList`), which the `ragged` MoE runs with
-    `rowwise` (a decode step then reads each chosen expert in place instead of copying
-    it out of [E, D, F]).
+    split_experts: also hold each MoE layer's routed experts as E separate arrays
+    (`split_expert_layers`).
 
     On CPU the new arrays are views of the stacked ones (`leading_slices`: no copy,
     each array keeping its sharding); elsewhere, slices."""
     p = dict(params["params"])
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(p.pop("layers"))
-    G = leaves[0][1].shape[0]
-    per_leaf = []
-    for path, x in leaves:
-        if split_experts and _routed_expert(path):
-            E = x.shape[1]
-            flat = leading_slices(x, [(g, e) for g in range(G) for e in range(E)])
-            per_leaf.append([_Experts(tuple(flat[g * E:(g + 1) * E])) for g in range(G)])
-        else:
-            per_leaf.append(leading_slices(x, [(g,) for g in range(G)]))
+    leaves, treedef = jax.tree_util.tree_flatten(p.pop("layers"))
+    G = leaves[0].shape[0]
+    per_leaf = [leading_slices(x, [(g,) for g in range(G)]) for x in leaves]
     for g in range(G):
-        group = jax.tree_util.tree_unflatten(treedef, [s[g] for s in per_leaf])
-        p[f"layers_{g}"] = _expert_lists(group) if split_experts else group
+        p[f"layers_{g}"] = treedef.unflatten([s[g] for s in per_leaf])
+    out = {**params, "params": p}
+    return split_expert_layers(out) if split_experts else out
+
+
+def split_expert_layers(params):
+    """Unstacked parameters (`unstack_layers`) whose routed experts (gate, up, down
+    under a `moe` module) are held as E separate arrays (`ExpertList`, views on CPU),
+    which the `ragged` MoE runs with `rowwise`: a decode step then reads each chosen
+    expert in place instead of copying it out of [E, D, F]. The other arrays are
+    shared with `params`."""
+    p = {k: _split_experts(v) if k.startswith("layers_") else v for k, v in params["params"].items()}
     return {**params, "params": p}
 
 
-@dataclasses.dataclass(frozen=True)
-class _Experts:
-    """One leaf's E per-expert arrays while `unstack_layers` builds its groups (a pytree leaf)."""
-
-    parts: tuple
-
-
-def _routed_expert(path) -> bool:
-    """Whether a leaf's key path lies under a routed-expert weight: `moe` / gate, up or down."""
-    keys = [getattr(k, "key", None) for k in path]
-    return any(a == "moe" and b in ("gate", "up", "down") for a, b in zip(keys, keys[1:]))
-
-
-def _expert_lists(tree):
-    """The routed-expert weights of a group (whose leaves are `_Experts`) as `ExpertList`s."""
+def _split_experts(tree):
+    """Each routed-expert weight (gate, up, down under a `moe` module) as an `ExpertList`."""
     if not isinstance(tree, dict):
         return tree
     out = {}
@@ -217,11 +204,9 @@ def _expert_lists(tree):
         if name == "moe":
             sub = dict(sub)
             for w in ("gate", "up", "down"):
-                E = len(jax.tree_util.tree_leaves(sub[w])[0].parts)
-                sub[w] = ExpertList(tuple(jax.tree_util.tree_map(lambda x, e=e: x.parts[e], sub[w])
-                                          for e in range(E)))
+                sub[w] = ExpertList.split(sub[w])
         else:
-            sub = _expert_lists(sub)
+            sub = _split_experts(sub)
         out[name] = sub
     return out
 
