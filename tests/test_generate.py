@@ -553,8 +553,13 @@ def test_slot_parallel_decode_equals_one_device(scout, monkeypatch, unroll, kv_d
         one = llama4_jax.generate(config, params, prompts, **kw)
         two = llama4_jax.generate(config, replicated, prompts, mesh=mesh, **kw)
         assert [o.token_ids for o in two] == [o.token_ids for o in one]
+        # The two programs agree to the last bits of fp32, not bitwise (the shards'
+        # partial softmaxes are combined: 2.4e-6 at most with a float cache). An int8
+        # cache rounds those values to 8 bits, and one lying on a rounding boundary can
+        # round to neighbouring steps in the two: one such step moved a later token's
+        # log-probability by 2.8e-4 (AMD EPYC, jax 0.10.2), the others stayed within 1e-5.
         np.testing.assert_allclose(np.concatenate([o.logprobs for o in two]),
-                                   np.concatenate([o.logprobs for o in one]), atol=1e-5)
+                                   np.concatenate([o.logprobs for o in one]), atol=1e-5 if kv_dtype is None else 1e-3)
     decodes = [(key, exe.as_text()) for key, exe in engine.COMPILED.items()
                if key[0] is engine.decode and key[4] is not None]
     assert decodes
