@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama4_jax.sampling import (Greedy, MinP, Sampling, Temperature, TopK, TopP, _cutoff, derive_seed, resolve, sample,
-                                 sample_seed, top_logprobs, with_seed)
+from llama4_jax.sampling import (Greedy, MinP, Sampling, Temperature, TopK, TopP, _cutoff, argmax, derive_seed, resolve,
+                                 sample, sample_seed, top_logprobs, with_seed)
 
 _sample = jax.jit(sample)
 
@@ -69,9 +69,25 @@ def test_greedy_and_logprobs():
     logits = jnp.asarray(rng.normal(size=(3, 50)), jnp.float32)
     toks, lps = _sample(logits, *_rows([Greedy().resolve()] * 3, 50), 0)
     np.testing.assert_array_equal(toks, np.argmax(logits, -1))
-    # logprobs are of the raw distribution, fp32 log_softmax: 1e-6 absolute.
-    ref = jax.nn.log_softmax(logits)[np.arange(3), np.asarray(toks)]
-    np.testing.assert_allclose(lps, ref, atol=1e-6)
+    # logprobs are of the raw distribution, in jax.nn.log_softmax's fp32 arithmetic:
+    # the same numbers, though only the chosen tokens' are computed.
+    ref = jax.jit(jax.nn.log_softmax)(logits)[np.arange(3), np.asarray(toks)]
+    np.testing.assert_array_equal(lps, ref)
+
+
+def test_argmax_is_jnp_argmax():
+    """The first index of the row max, ties and NaN as jnp.argmax (first tie, first NaN)."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(6, 300)).astype(np.float32)
+    x[1, [7, 40, 299]] = 9.0  # ties: the first wins
+    x[2, [3, 200]] = np.nan  # the first NaN wins
+    x[3] = -np.inf  # nothing finite: index 0
+    x[4, 299] = np.inf
+    x[5] = 0.0
+    got = jax.jit(argmax)(jnp.asarray(x))
+    np.testing.assert_array_equal(got, jnp.argmax(jnp.asarray(x), axis=-1))
+    np.testing.assert_array_equal(got, [np.argmax(x[0]), 7, 3, 0, 299, 0])
+    assert got.dtype == jnp.int32
 
 
 def test_top_logprobs_are_the_raw_distribution():
