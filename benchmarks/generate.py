@@ -19,7 +19,9 @@
    is in the warm-up only), generated tokens/s, the ratio, each process's peak RSS,
    and whether the greedy tokens agree; and our decode step against its roofline
    (`batch_roofline`: the bytes a step of 8 rows must read, the distinct experts the
-   rows' tokens chose included, over the both-core read bandwidth as in `context`).
+   rows' tokens chose included, over the both-core read bandwidth as in `context`),
+   and the bytes our data-parallel devices read at the rate XLA's matrix-vector
+   products of their rows read when the devices run them at once (`matvec_bandwidth`).
 2. `roofline`: decode at batch 1 on a dense ~300M-parameter config (hidden 1024, 16
    layers, 16 heads / 4 KV heads, MLP 4096, vocabulary 32000), fp32: weight bytes read
    per token (every layer, the final norm and the lm_head; one embedding row) divided
@@ -198,9 +200,41 @@ def batch_roofline(config, params, prompts_, tokens, devices: int) -> dict:
         lanes.append(devices * shared + cache + expert * sum(
             experts_read(slice(d * share, (d + 1) * share), pos) for d in range(devices)))
     bw, threads = read_bandwidth()
+    mv = matvec_bandwidth(devices, B // devices, t.hidden_size)
     return {"ideal_bytes": float(np.mean(ideal)), "lanes_bytes": float(np.mean(lanes)), "read_gbs": bw / 1e9,
             "threads": threads, "ideal_s": float(np.mean(ideal)) / bw, "lanes_s": float(np.mean(lanes)) / bw,
+            "matvec_gbs": mv / 1e9, "lanes_matvec_s": float(np.mean(lanes)) / mv,
             "shared_bytes": shared, "expert_bytes": expert}
+
+
+def matvec_bandwidth(devices: int, rows: int, d: int, n: int = 1 << 16, steps: int = 20) -> float:
+    """Bytes per second that XLA's matrix-vector products read when `devices` CPU
+    devices run them at once, as the data-parallel decode step does: each device
+    multiplies `rows` rows by its own copy of a [d, n] fp32 matrix (64 MiB at d = 256,
+    far past the caches), `steps` times in a loop (`shard_map` over a data mesh).
+    All devices' bytes over the wall time, best of 5. Unlike `read_bandwidth` this is
+    what the step's weight reads can get: the devices share one memory bus, and a
+    product of a few rows reads slower than an OR-reduce."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.asarray(jax.devices()[:devices]), ("data",))
+    w = jax.device_put(np.full((d, n), 1e-3, np.float32), NamedSharding(mesh, PartitionSpec()))  # a copy per device
+    x = jax.device_put(np.ones((devices * rows, d), np.float32), NamedSharding(mesh, PartitionSpec("data")))
+
+    def local(x, w):  # each product feeds the next, so none is hoisted out of the loop
+        return jax.lax.fori_loop(0, steps, lambda i, y: y + jnp.max(y @ w, axis=-1, keepdims=True) * 1e-6, x)
+
+    f = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec("data"), PartitionSpec()),
+                              out_specs=PartitionSpec("data")))
+    jax.block_until_ready(f(x, w))
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(x, w))
+        best = min(best, time.perf_counter() - t0)
+    return devices * steps * d * n * 4 / best
 
 
 def batch_hf(path: str, repeats: int) -> dict:
@@ -527,7 +561,10 @@ def main(argv=None) -> int:
                   f"shared by the rows, the distinct experts they chose, the occupied cache; at {rf['read_gbs']:.1f} "
                   f"GB/s read by {rf['threads']} threads)")
         print(f"read as {args.cpu_devices} data-parallel devices read it (each the shared weights and its rows' "
-              f"experts): {rf['lanes_bytes'] / 1e6:.1f} MB, {rf['lanes_s'] * 1e3:.2f} ms; 5x transformers needs "
+              f"experts): {rf['lanes_bytes'] / 1e6:.1f} MB, {rf['lanes_s'] * 1e3:.2f} ms at that bandwidth, "
+              f"{rf['lanes_matvec_s'] * 1e3:.2f} ms at the {rf['matvec_gbs']:.1f} GB/s the devices' matrix-vector "
+              f"products of {BATCH // args.cpu_devices} rows read together (each from its own 64 MiB matrix, "
+              f"all at once); 5x transformers needs "
               f"{(hf['median_s'] / 5 - ours['median_s'] + ours['decode_s']) / ours['decode_steps'] * 1e3:.2f} ms "
               f"per step (prefill and the rest as measured)")
         same = sum(a == b for a, b in zip(ours["tokens"], hf["tokens"]))

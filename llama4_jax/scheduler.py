@@ -69,8 +69,8 @@ import numpy as np
 from . import engine, sharding
 from .cache import cache_slots
 from .config import Llama4Config
-from .engine import GenerationStats, call_compiled, logprob_bucket, new_token_bucket, prompt_bucket, to_host
-from .model.text import split_expert_layers, unstack_layers
+from .engine import (GenerationStats, call_compiled, layer_views, logprob_bucket, new_token_bucket, on_device,
+                     prompt_bucket, to_host)
 from .sampling import Sampling, sample_seed
 
 __all__ = ["Completion", "Request", "check_request", "check_n", "check_logprobs", "context_length",
@@ -323,11 +323,21 @@ def _pixel_batch(config: Llama4Config, params, reqs: list[Request]):
     return jnp.asarray(np.concatenate([tiles, pad]), params["params"]["vision"]["patch_embed"].dtype), config
 
 
-def _on_device(x, device):
-    """A replicated array's copy on `device` (no copy made); anything else as it is."""
-    if not isinstance(x, jax.Array):
-        return x
-    return x.addressable_data([s.device for s in x.addressable_shards].index(device))
+def _run_params(params, unroll: bool, split: bool, first):
+    """(prefill, decode, prefill on device `first`) parameters: with `unroll`, the
+    layers as per-group views (`engine.layer_views`; decode's with per-expert arrays
+    when `split`), the other arrays as they are; `first`'s are the replicated arrays'
+    buffers on that device (None without a device)."""
+    if not unroll:
+        on_first = None if first is None else jax.tree_util.tree_map(lambda x: on_device(x, first), params)
+        return params, params, on_first
+    rest = {k: v for k, v in params["params"].items() if k != "layers"}
+    prefill, decode, first_layers = layer_views(params, split, first)
+    on_first = None
+    if first is not None:
+        on_first = {**params, "params": {**jax.tree_util.tree_map(lambda x: on_device(x, first), rest),
+                                         **first_layers}}
+    return ({**params, "params": {**rest, **prefill}}, {**params, "params": {**rest, **decode}}, on_first)
 
 
 @dataclasses.dataclass
@@ -362,14 +372,13 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
     # buffers or faster (8 MoE layers of the benchmark model, 512 / 1024 / 2048 tokens,
     # one device: 62 / 88 / 134 ms against 68 / 89 / 148; a prompt per device on two:
     # within noise) and compiles faster (0.6 against 1.0 s).
-    # Both are views of `params` (`unstack_layers`, `split_expert_layers`): neither copies a weight.
+    # Both are views of `params` (`unstack_layers`, `split_expert_layers`): neither copies
+    # a weight, and they are kept for the next calls on the same weights (`layer_views`).
     B = -(-min(batch_size, n_samples) // lanes) * lanes
     rows = B // lanes * text.num_experts_per_tok  # per device
     split = (unroll and moe_impl == "ragged" and rows <= text.num_local_experts
              and (lanes > 1 or shards is not None
                   or all(len(x.sharding.device_set) == 1 for x in jax.tree_util.tree_leaves(params))))
-    prefill_params = unstack_layers(params) if unroll else params
-    decode_params = split_expert_layers(prefill_params) if split else prefill_params
     # With lanes, a prompt that does not split over the devices runs on the mesh's first
     # device, from the replicated inputs' copies there (no copy made), when this process
     # holds every device of the mesh; the parameters' copies are taken once.
@@ -377,7 +386,7 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
     if (lanes > 1 or shards is not None) and all(d.process_index == jax.process_index()
                                                  for d in sharding.active()[0].devices.flat):
         first = sharding.active()[0].devices.flat[0]
-        first_params = jax.tree_util.tree_map(lambda x: _on_device(x, first), prefill_params)
+    prefill_params, decode_params, first_params = _run_params(params, unroll, split, first)
     # Longest prompt first; per prompt [request index, how many of its samples were taken].
     queue = collections.deque([i, 0] for i in sorted(range(len(requests)), key=lambda i: -len(requests[i].ids))
                               if requests[i].samples)
@@ -471,7 +480,7 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
             if on_first:
                 with sharding.suspended():
                     new = run(engine.prefill, first_params,
-                              *jax.tree_util.tree_map(lambda x: _on_device(x, first), args[1:]), **kw)
+                              *jax.tree_util.tree_map(lambda x: on_device(x, first), args[1:]), **kw)
                 return new if compiled_only else engine.to_mesh(new)
             return run(engine.prefill, *args, data_parallel=lanes > 1, **kw)
 

@@ -46,6 +46,7 @@ def test_batch_roofline_counts_each_chosen_expert_once(bench, tiny, monkeypatch,
     monkeypatch.setattr(probes, "moe_trace", lambda config, params, ids: probes.MoETrace(
         t.moe_layers, None, experts, None, None, None))
     monkeypatch.setattr(bench, "read_bandwidth", lambda: (1e9, 2))
+    monkeypatch.setattr(bench, "matvec_bandwidth", lambda devices, rows, d: 0.5e9 * devices)
     expert = 3 * t.hidden_size * t.intermediate_size * 4  # gate, up and down, fp32
     shared = bench.active_bytes_per_token(config, params) - M * expert
     steps = range(T, T + N - 1)  # decode feeds the generated tokens but the last
@@ -60,3 +61,4 @@ def test_batch_roofline_counts_each_chosen_expert_once(bench, tiny, monkeypatch,
     two = bench.batch_roofline(config, params, prompts, tokens, devices=2)
     assert two["ideal_bytes"] == one["ideal_bytes"]
     assert two["lanes_bytes"] == pytest.approx(2 * shared + 2 * M * (1 if routing == "same" else 2) * expert + cache)
+    assert two["lanes_matvec_s"] == pytest.approx(two["lanes_bytes"] / 1e9)  # at the devices' matvec rate

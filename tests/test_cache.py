@@ -1,6 +1,8 @@
 """KV cache: prefill + decode equals one full forward; ring buffer; int8 error."""
 
+import gc
 import re
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -154,6 +156,35 @@ def test_unstacked_layers_are_views_of_the_stacked_weights(params, devices, spli
     assert ("moe" in str(jax.tree_util.tree_structure(un))) and (
         isinstance(un["layers_0"]["layer_1"]["moe"]["gate"], ExpertList) == split_experts)
     assert sum(aliased) >= 0.9 * sum(x.nbytes for x in jax.tree_util.tree_leaves(stacked)) * (devices or 1)
+
+
+@pytest.mark.parametrize("devices", [None, 2])  # None: one device, no mesh
+def test_layer_views_are_kept_while_the_weights_live(params, devices):
+    """`engine.layer_views` makes a parameter set's views once: a second call on the
+    same arrays returns the same views, other arrays (equal values) get their own, and
+    the entry holds views of the buffers, not the parameter arrays, so dropping the
+    parameters drops it (a single-device array is its own buffer's shard: viewed
+    directly, the entry would keep it alive)."""
+    from llama4_jax import engine
+
+    if devices is None:
+        sharding, first = jax.sharding.SingleDeviceSharding(jax.devices()[0]), None
+    else:
+        mesh = jax.sharding.Mesh(np.array(jax.devices()[:devices]), ("data",))
+        sharding, first = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()), jax.devices()[0]
+    engine.VIEWS.clear()
+    p, q = jax.device_put(params, sharding), jax.device_put(params, sharding)
+    a, b = engine.layer_views(p, True, first), engine.layer_views(p, True, first)
+    assert all(x is y for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+    assert a[0].keys() == unstack_layers(p)["params"].keys() - set(p["params"]) and (a[2] is None) == (first is None)
+    c = engine.layer_views(q, True, first)
+    assert not set(map(id, jax.tree_util.tree_leaves(c))) & set(map(id, jax.tree_util.tree_leaves(a)))
+    assert len(engine.VIEWS) == 2
+    stacked = weakref.ref(jax.tree_util.tree_leaves(p["params"]["layers"])[0])
+    del p, a, b
+    gc.collect()
+    assert stacked() is None and len(engine.VIEWS) == 1
+    engine.VIEWS.clear()
 
 
 def test_single_row_decode_equals_full_forward(params, batch):

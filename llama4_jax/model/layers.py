@@ -48,7 +48,7 @@ class ExpertList:
         return (len(self.parts),) + tuple(self.parts[0].shape)
 
 
-def _viewable(x, k: int) -> bool:
+def viewable(x, k: int) -> bool:
     """Whether x is a concrete array on CPU devices whose first k axes are whole on every device."""
     if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
         return False
@@ -72,14 +72,18 @@ def leading_slices(x, indices: list[tuple[int, ...]]) -> list:
     call and held a second copy of the layer weights (peak RSS of the mixed benchmark
     2368 -> 1856 MiB).
     Elsewhere (other devices, tracers, a leading axis split over devices) they are
-    slices, i.e. copies. Views keep x's buffers alive; x must not be donated while they
+    slices, i.e. copies. Views keep x's buffers alive, not the array x itself (so a
+    finalizer on x still runs when x is dropped); x must not be donated while they
     live (parameters never are by `generate`).
     """
     k = len(indices[0]) if indices else 0
-    if not indices or not _viewable(x, k):
+    if not indices or not viewable(x, k):
         return [x[i] for i in indices]
     shards = x.addressable_shards
-    hosts = [np.asarray(s.data) for s in shards]  # views of the device buffers
+    # Views of the device buffers, through a new array per buffer (a single-device
+    # array is its own shard: viewed directly, the views would hold x).
+    hosts = [np.asarray(jax.make_array_from_single_device_arrays(s.data.shape, s.data.sharding, [s.data]))
+             for s in shards]
     flat = jax.device_put([h[i] for i in indices for h in hosts], [s.device for _ in indices for s in shards])
     if isinstance(x.sharding, jax.sharding.SingleDeviceSharding):
         return flat
