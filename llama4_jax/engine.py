@@ -433,9 +433,15 @@ def decode(params, state, samp, budget, stop_ids, limit, *, text, attn_impl, moe
         whole = jax.sharding.PartitionSpec()
         step = _per_device(step, (whole, specs, specs["done"], specs["done"], whole), specs, slot_parallel)
 
+    # Go on while no row has finished since entry (done rows stay done, so: done still
+    # equals done0) and some row was running at entry (loop-invariant, tested once):
+    # one reduction over the rows per step, so on a data-parallel mesh one all-reduce
+    # (two before: all(done) and any(done & ~done0)).
+    running0 = ~jnp.all(done0)
+
     def cond(c):
         s, n = c
-        return (n < limit) & ~jnp.all(s["done"]) & ~jnp.any(s["done"] & ~done0)
+        return (n < limit) & running0 & jnp.all(s["done"] == done0)
 
     def body(c):
         s, n = c
