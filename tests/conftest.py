@@ -1,13 +1,26 @@
 """Test setup: 8 fake CPU devices and exact fp32 matmuls, before jax is imported."""
 
+import atexit
 import gc
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ["LLAMA4_JAX_COMPILE_CACHE"] = ""  # the CLI's tests compile; they never write the user's cache
+# One persistent compilation cache for the run: made by the first process that imports
+# this file (pytest itself, before it starts the xdist workers) and inherited through the
+# environment by the workers and every process a test starts (CLI runs, notebooks, the
+# multi-host pair). A program compiled again (after a module's `jax.clear_caches()`, in
+# another worker, in a subprocess) is then loaded, not compiled. Removed when that first
+# process exits.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="llama4_jax_tests_xla_")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -23,7 +23,6 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 import llama4_jax  # noqa: E402
 from llama4_jax import distributed, sharding  # noqa: E402
-from llama4_jax.checkpoint import load_checkpoint  # noqa: E402
 
 MESHES = ("data=2,expert=4", "expert=4,tensor=2")
 

@@ -228,7 +228,6 @@ def _write_fp8(src: str, dst: str, layout: str, top: float = 448.0):
 
     Returns the dequantized fp32 state dict (what a correct reader must reproduce).
     """
-    import torch
     from safetensors.torch import load_file, save_file
 
     sd = load_file(os.path.join(src, "model.safetensors"))
