@@ -10,13 +10,14 @@
   skips what the budget no longer covers, rewriting its markdown after every line.
 """
 
-import importlib.util
+import importlib
 import json
 import os
 import re
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 
@@ -26,11 +27,14 @@ SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_validate.py")
 
 @pytest.fixture(scope="module")
 def gv():
-    spec = importlib.util.spec_from_file_location("gpu_validate", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    """The script's modules (benchmarks/gpu_*.py, which import each other by name, as they
+    do when the script runs from benchmarks/), as one namespace."""
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    try:
+        common, report = importlib.import_module("gpu_common"), importlib.import_module("gpu_report")
+    finally:
+        sys.path.remove(os.path.dirname(SCRIPT))
+    return types.SimpleNamespace(**{**vars(common), **vars(report)})
 
 
 def test_lower_only_exports_every_gpu_program():
@@ -119,8 +123,8 @@ def test_counting_helpers(gv):
     brute = lambda T, C: sum(1 for i in range(T) for j in range(i + 1) if not C or i // C == j // C)  # noqa: E731
     for T, C in ((10, 4), (16, 8), (17, 8), (5, None), (8, 8), (3, 16)):
         assert gv.visible_pairs(T, C) == brute(T, C), (T, C)
-    assert gv._slug("NVIDIA H200") == "h200"
-    assert gv._slug("NVIDIA H100 80GB HBM3") == "h100-80gb-hbm3"
+    assert gv.device_slug("NVIDIA H200") == "h200"
+    assert gv.device_slug("NVIDIA H100 80GB HBM3") == "h100-80gb-hbm3"
     # The Scout-shaped config of the GPU run: ~1B parameters, a quarter of its layers global.
     config = gv.scout_shaped(gv.Sizes())
     t = config.text
