@@ -147,7 +147,7 @@ def expected_markers(name: str) -> tuple[str, ...]:
     `ragged_dot` strategy's scope for `ragged` on GPU, the ragged all-to-all for `ep`;
     on TPU, Mosaic custom calls (`tpu_custom_call`), the splash kernels by name and the
     `gmm` strategy's scope."""
-    marks = []
+    marks = ["ragged_all_to_all"] if "moe ep" in name else []  # both platforms
     if name.startswith("tpu "):
         marks.append("tpu_custom_call")
         if "splash" in name or "attention=auto" in name:
@@ -156,15 +156,11 @@ def expected_markers(name: str) -> tuple[str, ...]:
                 marks.append("splash_mha_dkv")
         if re.search(r"moe (ragged|gmm|ep)|moe=ragged", name):
             marks.append("gmm_experts")
-        if "moe ep" in name:
-            marks.append("ragged_all_to_all")
-        return tuple(marks)
-    if "pallas" in name:
-        marks.append("triton")
-    if re.search(r"moe (ragged|ep)|moe=ragged|engine", name):
-        marks.append("ragged_dot_experts")
-    if "moe ep" in name:
-        marks.append("ragged_all_to_all")
+    else:
+        if "pallas" in name:
+            marks.append("triton")
+        if re.search(r"moe (ragged|ep)|moe=ragged|engine", name):
+            marks.append("ragged_dot_experts")
     return tuple(marks)
 
 
