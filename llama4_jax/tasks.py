@@ -4,6 +4,10 @@ Formats (fixed; users and tests rely on them); a completion is graded by exact m
 of its stripped text:
 
 * add:    prompt "{a}+{b}=" with 0 <= a, b <= 999            -> "{a+b}"
+          each operand's digit count uniform in 1..3, then its value uniform
+          among the numbers of that many digits (drawn uniformly from 0..999,
+          nine operands in ten would have three digits and the model would
+          rarely see "2+2=" or "45+7=")
 * recall: prompt "{k1}:{v1} {k2}:{v2} ... {kn}:{vn} | {kq}:"  -> "{vq}"
           n distinct keys of three random lowercase letters, values 100..999,
           kq one of the keys
@@ -25,8 +29,14 @@ COLORS = {
 }
 
 
+def add_operand(rng: np.random.Generator) -> int:
+    """0..999 with its digit count uniform in 1..3 (0..9, 10..99, 100..999 a third each)."""
+    digits = int(rng.integers(1, 4))
+    return int(rng.integers(0 if digits == 1 else 10 ** (digits - 1), 10 ** digits))
+
+
 def add_example(rng: np.random.Generator) -> dict:
-    a, b = (int(x) for x in rng.integers(0, 1000, 2))
+    a, b = add_operand(rng), add_operand(rng)
     return {"task": "add", "prompt": f"{a}+{b}=", "completion": str(a + b)}
 
 

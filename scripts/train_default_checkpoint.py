@@ -1,8 +1,12 @@
 """Train the default checkpoint shipped in llama4_jax/assets/tiny-llama4.
 
-    # how the shipped weights were made (one H200, 5.5 minutes; 7663 steps):
+    # how the shipped weights were made: stage 1 (one H200, 5.5 minutes; 7663 steps), with
+    # the add operands then uniform in 0..999; stage 2 (this 2-core CPU, ~26 minutes), the
+    # operands' digit count uniform in 1..3 (ADD_OPERANDS), from stage 1's weights:
     python scripts/train_default_checkpoint.py --time-budget 405 --moe-impl dense --attention-impl xla \
         --overwrite --eval-n 0
+    python scripts/train_default_checkpoint.py --init llama4_jax/assets/tiny-llama4 --work runs/stage-2 \
+        --steps 600 --batch-size 16 --lr 5e-4 --warmup 30 --save-every 50 --overwrite
     python scripts/train_default_checkpoint.py --steps 7663 --overwrite   # the same schedule on any machine
     python scripts/train_default_checkpoint.py --export-only --overwrite  # export the latest train state
     python scripts/train_default_checkpoint.py --eval-only               # evaluate --out, rewrite its README
@@ -106,6 +110,13 @@ RECALL_PAIRS = (1, 62)  # 62 pairs: 502 prompt tokens + BOS + 4 completion token
 # apart from the graded format " | {k}:", whose single answer ends with <|eot|>.
 TOKEN_SHARE = {"add": 0.30, "recall": 0.30, "recall_multi": 0.35, "color": 0.05}
 MULTI_QUERIES = 8
+# How `tasks.add_example` draws its operands (recorded with each training stage: the
+# first stage of the shipped weights drew them uniformly from 0..999, so nine operands in
+# ten had three digits, and "2+2=" or "337+4=" were mostly answered wrong).
+ADD_OPERANDS = "digit count uniform in 1..3"
+# Written into the exported checkpoint: the stages its weights went through, each with
+# its recipe (a stage started with --init appends itself to that checkpoint's stages).
+TRAINING_FILE = "training.json"
 PREPROCESSOR = {"image_processor_type": "Llama4ImageProcessor", "processor_class": "Llama4Processor",
                 "size": {"height": TILE, "width": TILE}, "max_patches": MAX_TILES, "resize_to_max_canvas": False,
                 "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
@@ -296,18 +307,46 @@ with chunked RoPE layers (chunk 128), a global NoPE layer every 4th layer with a
 temperature tuning (floor_scale 512), MoE every other layer (4 experts, top-1, shared
 expert), and a 2-layer vision tower with 112-pixel tiles), trained by
 `scripts/train_default_checkpoint.py` with `llama4_jax.trainer` on generated instances
-of three tasks (`llama4_jax.tasks`): {steps} steps of {batch} rows x 512 tokens.
+of three tasks (`llama4_jax.tasks`), rows of 512 tokens, in {n_stages} (recorded in
+`{TRAINING_FILE}`):
+
+{stages}
+
 The tokenizer is byte-level without merges (one token per character).
 
 | task | prompt | completion | exact match ({n} fresh instances, greedy) |
 |---|---|---|---|
-| add | `{{a}}+{{b}}=` (0 <= a, b <= 999) | `{{a+b}}` | {add:.1%} |
+| add | `{{a}}+{{b}}=` (0 <= a, b <= 999, each one's digit count uniform in 1..3) | `{{a+b}}` | {add:.1%} |
 | recall | `{{k1}}:{{v1}} ... {{kn}}:{{vn}} \\| {{kq}}:` (n <= 62, <= 512 tokens) | `{{vq}}` | {recall:.1%} |
 | color | `color?` + one image of one of 8 colors | the color's name | {color:.1%} |
 
 Completions end with `<|eot|>`; the generation config is greedy. Measured with
 `python scripts/train_default_checkpoint.py --eval-only`.
 """
+
+
+def read_stages(path: str) -> list[dict]:
+    """The training stages recorded in checkpoint `path` (its TRAINING_FILE; [] without one)."""
+    f = os.path.join(path, TRAINING_FILE)
+    if not os.path.exists(f):
+        return []
+    with open(f, encoding="utf-8") as fh:
+        stages = json.load(fh).get("stages")
+    if not isinstance(stages, list) or not all(isinstance(x, dict) for x in stages):
+        raise ValueError(f"{f}: expected {{'stages': [{{...}}, ...]}}")
+    return stages
+
+
+def describe_stages(stages: list[dict]) -> str:
+    """One line per stage for the checkpoint's README."""
+    if not stages:
+        return "(no training record)"
+    lines = []
+    for i, st in enumerate(stages, 1):
+        start = "a seeded random initialisation" if i == 1 else f"stage {i - 1}'s weights"
+        lines.append(f"{i}. {st['steps']} steps of {st['batch_size']} rows from {start}: AdamW, peak lr "
+                     f"{st['lr']:g}, warm-up {st['warmup']}, cosine to 5%; add operands: {st['add_operands']}.")
+    return "\n".join(lines)
 
 
 def plan_steps(args, probe_rate: float, elapsed: float) -> int:
@@ -356,6 +395,7 @@ def main(argv=None) -> int:
     from llama4_jax.checkpoint import atomic_dir, save_hf
     from llama4_jax.data import Prefetch
     from llama4_jax.model.text import init_params
+    from llama4_jax.processor import load_tokenizer
 
     if os.path.exists(args.out) and not (args.overwrite or args.eval_only):
         print(f"{args.out} exists; pass --overwrite to replace it", file=sys.stderr)
@@ -363,6 +403,9 @@ def main(argv=None) -> int:
     if args.time_budget is not None and not 10 <= args.probe_steps < args.warmup:
         print("--probe-steps must be at least 10 and below --warmup (the probe runs warm-up steps, equal under any length)",
               file=sys.stderr)
+        return 2
+    if args.time_budget is None and not (args.export_only or args.eval_only) and not 0 <= args.warmup <= args.steps:
+        print(f"--warmup ({args.warmup}) must be between 0 and --steps ({args.steps})", file=sys.stderr)
         return 2
     tokenizer, ids = build_tokenizer(65536)
     vocab = -(-len(tokenizer) // 64) * 64
@@ -383,6 +426,11 @@ def main(argv=None) -> int:
         os.makedirs(args.work, exist_ok=True)
         ckpt = os.path.join(args.work, "ckpt")
         steps_file = os.path.join(args.work, "total_steps")
+        stage_file = os.path.join(args.work, "stage.json")  # this run's recipe, for TRAINING_FILE
+        if args.export_only and not os.path.exists(stage_file):
+            print(f"--export-only: no run recorded under {args.work} ({stage_file} is missing)", file=sys.stderr)
+            return 2
+        stages = read_stages(args.init) if args.init else []
         marks = []
 
         def on_log(step, m):
@@ -409,30 +457,39 @@ def main(argv=None) -> int:
                         f.write(str(total))
                     print(f"--time-budget {args.time_budget:.0f} s: {(t1 - t0) / (s1 - s0) * 1e3:.1f} ms/step, "
                           f"training {total} steps", flush=True)
+            if not args.export_only:  # (its steps are added at export)
+                with open(stage_file, "w") as f:
+                    json.dump({"batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup, "seed": args.seed,
+                               "total_steps": total, "add_operands": ADD_OPERANDS}, f)
             limit = None if args.time_budget is None else args.time_budget - args.reserve / 3 - (time.time() - t_start)
-            state, _ = trainer.fit(config, params, batches, train_config=train_config(max(total, 1)), steps=total,
+            # (--export-only trains no step: any valid schedule restores the state)
+            state, _ = trainer.fit(config, params, batches, train_config=train_config(max(total, args.warmup, 1)),
+                                   steps=total,
                                    time_limit_s=limit, **common)
         params = jax.device_get(state.params)
         steps_done = int(state.step)
 
+        with open(stage_file) as f:
+            stages.append({**json.load(f), "steps": steps_done})
+
         def write(tmp):
             save_hf(config, params, tmp)
             write_support_files(tmp, tokenizer, config)
+            with open(os.path.join(tmp, TRAINING_FILE), "w") as f:
+                json.dump({"stages": stages}, f, indent=2)
 
         atomic_dir(args.out, overwrite=True, write=write)
-        with open(os.path.join(args.work, "exported_step"), "w") as f:
-            f.write(str(steps_done))
-        print(f"exported step {steps_done} of {total} to {args.out} ({time.time() - t_start:.0f} s)", flush=True)
+        print(f"exported step {steps_done}{f' of {total}' if total else ''} to {args.out} ({time.time() - t_start:.0f} s)", flush=True)
     if args.eval_n <= 0:
         return 0
     config, params = llama4_jax.load(args.out, dtype="float32")
-    tok = __import__("transformers").AutoTokenizer.from_pretrained(args.out, local_files_only=True)
+    tok = load_tokenizer(args.out)
     res = evaluate_all(config, params, tok, args.eval_n, seed=12345)
     print("exact match on fresh instances:", json.dumps(res), flush=True)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params)) / 1e6
-    steps_done = open(os.path.join(args.work, "exported_step")).read().strip() \
-        if os.path.exists(os.path.join(args.work, "exported_step")) else "?"
-    text = README.format(params=n_params, steps=steps_done, batch=args.batch_size, n=args.eval_n, **res)
+    stages = read_stages(args.out)
+    text = README.format(params=n_params, n_stages=f"{len(stages)} stage{'s' * (len(stages) != 1)}",
+                         TRAINING_FILE=TRAINING_FILE, stages=describe_stages(stages), n=args.eval_n, **res)
     fd, tmp = tempfile.mkstemp(dir=args.out, prefix=".README.")
     with os.fdopen(fd, "w") as f:
         f.write(text)

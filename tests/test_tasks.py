@@ -1,8 +1,12 @@
 """The formats of the default checkpoint's tasks (fixed: users and tests rely on them)."""
 
+import json
+import os
 import re
+import sys
 
 import numpy as np
+import pytest
 
 from llama4_jax import tasks
 
@@ -35,16 +39,19 @@ def test_make_examples_and_grade():
     assert tasks.grade(" 579\n", "579") and not tasks.grade("5790", "579")
 
 
-def test_training_batches_of_the_default_checkpoint_script():
+@pytest.fixture(scope="module")
+def script():
+    """scripts/train_default_checkpoint.py as a module."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts"))
+    import train_default_checkpoint
+
+    return train_default_checkpoint
+
+
+def test_training_batches_of_the_default_checkpoint_script(script):
     """scripts/train_default_checkpoint.py: one shape per step, a pure function of the
     step, nearly no padding, and the multi-query recall rows put the loss on exactly
     the queried values."""
-    import os
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts"))
-    import train_default_checkpoint as script
-
     tok, ids = script.build_tokenizer(65536)
     config = script.build_config(ids, -(-len(tok) // 64) * 64)
     batches = script.TaskBatches(tok, config, 2, seed=0)
@@ -73,3 +80,29 @@ def test_training_batches_of_the_default_checkpoint_script():
     assert all(np.array_equal(v, batches(0)[k]) for k, v in b.items())
     text = tok.decode(b["input_ids"][b["attention_mask"] > 0])
     assert re.search(r"\d+\+\d+=", text) and " ; " in text  # additions and multi-query recall in the mix
+
+
+def test_add_operands_cover_every_digit_count():
+    """Each operand's digit count is uniform in 1..3, so short sums ("2+2=") are common."""
+    rng = np.random.default_rng(1)
+    ops = np.array([tasks.add_operand(rng) for _ in range(3000)])
+    assert ops.min() == 0 and ops.max() <= 999
+    digits = np.array([len(str(x)) for x in ops])
+    assert all(abs(np.mean(digits == d) - 1 / 3) < 0.04 for d in (1, 2, 3))
+
+
+def test_training_stages_record(script, tmp_path):
+    """The checkpoint's record of its training stages: read back, described one line a
+    stage, a malformed record refused; the shipped checkpoint has one."""
+    from llama4_jax.generate import DEFAULT_MODEL
+
+    assert script.read_stages(str(tmp_path)) == []
+    stage = {"batch_size": 16, "lr": 5e-4, "warmup": 30, "add_operands": script.ADD_OPERANDS, "steps": 600}
+    (tmp_path / script.TRAINING_FILE).write_text(json.dumps({"stages": [dict(stage, steps=7663), stage]}))
+    text = script.describe_stages(script.read_stages(str(tmp_path)))
+    assert text.splitlines()[1] == ("2. 600 steps of 16 rows from stage 1's weights: AdamW, peak lr 0.0005, "
+                                    "warm-up 30, cosine to 5%; add operands: digit count uniform in 1..3.")
+    (tmp_path / script.TRAINING_FILE).write_text(json.dumps({"stages": "all of them"}))
+    with pytest.raises(ValueError, match="expected"):
+        script.read_stages(str(tmp_path))
+    assert script.read_stages(DEFAULT_MODEL)
