@@ -7,7 +7,8 @@ of its stripped text:
           each operand's digit count uniform in 1..3, then its value uniform
           among the numbers of that many digits (drawn uniformly from 0..999,
           nine operands in ten would have three digits and the model would
-          rarely see "2+2=" or "45+7=")
+          rarely see "2+2=" or "45+7="); in a quarter of them one operand
+          lies just below a power of ten (999+1 carries through every digit)
 * recall: prompt "{k1}:{v1} {k2}:{v2} ... {kn}:{vn} | {kq}:"  -> "{vq}"
           n distinct keys of three random lowercase letters, values 100..999,
           kq one of the keys
@@ -35,8 +36,18 @@ def add_operand(rng: np.random.Generator) -> int:
     return int(rng.integers(0 if digits == 1 else 10 ** (digits - 1), 10 ** digits))
 
 
+# The share of additions whose one operand lies just below a power of ten (0..9,
+# 90..99, 990..999): their sums carry through every digit (999+1, 97+8), which operands
+# drawn by digit count alone make rare (under 1% of three-digit plus one-digit sums).
+CARRY_SHARE = 0.25
+
+
 def add_example(rng: np.random.Generator) -> dict:
     a, b = add_operand(rng), add_operand(rng)
+    if rng.random() < CARRY_SHARE:
+        a = 10 ** len(str(a)) - 1 - int(rng.integers(10))
+        if rng.random() < 0.5:
+            a, b = b, a
     return {"task": "add", "prompt": f"{a}+{b}=", "completion": str(a + b)}
 
 

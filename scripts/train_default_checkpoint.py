@@ -1,10 +1,13 @@
 """Train the default checkpoint shipped in llama4_jax/assets/tiny-llama4.
 
-    # how the shipped weights were made: stage 1 (one H200, 5.5 minutes; 7663 steps), with
-    # the add operands then uniform in 0..999; stage 2 (this 2-core CPU, ~26 minutes), the
-    # operands' digit count uniform in 1..3 (ADD_OPERANDS), from stage 1's weights:
+    # how the shipped weights were made (each stage's recipe is in the checkpoint's
+    # training.json): stage 1 on one H200 in 5.5 minutes (7663 steps; the add operands then
+    # uniform in 0..999), ...
     python scripts/train_default_checkpoint.py --time-budget 405 --moe-impl dense --attention-impl xla \
         --overwrite --eval-n 0
+    # ... then stages 2-4 on a 2-core CPU (24-37 minutes each), each from the previous
+    # stage's weights, with the add operands of ADD_OPERANDS (stage 4; stages 2-3 without
+    # the near-power-of-ten quarter): 600, 800, 800 steps of 16 rows at peak lr 5e-4, 8e-4, 5e-4:
     python scripts/train_default_checkpoint.py --init llama4_jax/assets/tiny-llama4 --work runs/stage-2 \
         --steps 600 --batch-size 16 --lr 5e-4 --warmup 30 --save-every 50 --overwrite
     python scripts/train_default_checkpoint.py --steps 7663 --overwrite   # the same schedule on any machine
@@ -113,7 +116,7 @@ MULTI_QUERIES = 8
 # How `tasks.add_example` draws its operands (recorded with each training stage: the
 # first stage of the shipped weights drew them uniformly from 0..999, so nine operands in
 # ten had three digits, and "2+2=" or "337+4=" were mostly answered wrong).
-ADD_OPERANDS = "digit count uniform in 1..3"
+ADD_OPERANDS = "digit count uniform in 1..3, a quarter with one operand in 0..9, 90..99 or 990..999"
 # Written into the exported checkpoint: the stages its weights went through, each with
 # its recipe (a stage started with --init appends itself to that checkpoint's stages).
 TRAINING_FILE = "training.json"
@@ -316,7 +319,7 @@ The tokenizer is byte-level without merges (one token per character).
 
 | task | prompt | completion | exact match ({n} fresh instances, greedy) |
 |---|---|---|---|
-| add | `{{a}}+{{b}}=` (0 <= a, b <= 999, each one's digit count uniform in 1..3) | `{{a+b}}` | {add:.1%} |
+| add | `{{a}}+{{b}}=` (0 <= a, b <= 999, digit counts uniform in 1..3; a quarter carry through every digit, as 999+1) | `{{a+b}}` | {add:.1%} |
 | recall | `{{k1}}:{{v1}} ... {{kn}}:{{vn}} \\| {{kq}}:` (n <= 62, <= 512 tokens) | `{{vq}}` | {recall:.1%} |
 | color | `color?` + one image of one of 8 colors | the color's name | {color:.1%} |
 

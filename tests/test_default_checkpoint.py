@@ -2,7 +2,7 @@
 characters as tokens, and it answers its tasks in their formats (the README's main
 command). Accuracy floors are regression checks of what the checkpoint measures on
 seeded fresh instances (its README gives the measured accuracies on 200 per task:
-add 99.5%, recall 97%, color 100%); the floors leave room for the few misses a small
+add 99%, recall 97.5%, color 100%); the floors leave room for the few misses a small
 sample can hold."""
 
 import json

@@ -83,21 +83,29 @@ def test_training_batches_of_the_default_checkpoint_script(script):
 
 
 def test_add_operands_cover_every_digit_count():
-    """Each operand's digit count is uniform in 1..3, so short sums ("2+2=") are common."""
+    """Each operand's digit count is uniform in 1..3, so short sums ("2+2=") are common,
+    and long carry chains (999+1) are too."""
     rng = np.random.default_rng(1)
     ops = np.array([tasks.add_operand(rng) for _ in range(3000)])
     assert ops.min() == 0 and ops.max() <= 999
     digits = np.array([len(str(x)) for x in ops])
     assert all(abs(np.mean(digits == d) - 1 / 3) < 0.04 for d in (1, 2, 3))
+    # ... and in a quarter of the sums one operand lies just below a power of ten (carries
+    # through every digit), two or three digits in 2/3 of them: with the ~8% of other sums
+    # that have such an operand by chance, 0.25 * 2/3 + 0.75 * 0.08 = 0.23.
+    pairs = [tuple(map(int, tasks.add_example(rng)["prompt"][:-1].split("+"))) for _ in range(4000)]
+    near = np.mean([any(90 <= x <= 99 or 990 <= x <= 999 for x in p) for p in pairs])
+    assert 0.20 < near < 0.27, near
 
 
 def test_training_stages_record(script, tmp_path):
     """The checkpoint's record of its training stages: read back, described one line a
-    stage, a malformed record refused; the shipped checkpoint has one."""
+    stage, a malformed record refused; the shipped checkpoint's last stage drew the
+    add operands as `tasks.add_example` does now."""
     from llama4_jax.generate import DEFAULT_MODEL
 
     assert script.read_stages(str(tmp_path)) == []
-    stage = {"batch_size": 16, "lr": 5e-4, "warmup": 30, "add_operands": script.ADD_OPERANDS, "steps": 600}
+    stage = {"batch_size": 16, "lr": 5e-4, "warmup": 30, "add_operands": "digit count uniform in 1..3", "steps": 600}
     (tmp_path / script.TRAINING_FILE).write_text(json.dumps({"stages": [dict(stage, steps=7663), stage]}))
     text = script.describe_stages(script.read_stages(str(tmp_path)))
     assert text.splitlines()[1] == ("2. 600 steps of 16 rows from stage 1's weights: AdamW, peak lr 0.0005, "
@@ -105,4 +113,5 @@ def test_training_stages_record(script, tmp_path):
     (tmp_path / script.TRAINING_FILE).write_text(json.dumps({"stages": "all of them"}))
     with pytest.raises(ValueError, match="expected"):
         script.read_stages(str(tmp_path))
-    assert script.read_stages(DEFAULT_MODEL)
+    shipped = script.read_stages(DEFAULT_MODEL)
+    assert shipped and shipped[-1]["add_operands"] == script.ADD_OPERANDS
