@@ -346,6 +346,9 @@ def describe_stages(stages: list[dict]) -> str:
         return "(no training record)"
     lines = []
     for i, st in enumerate(stages, 1):
+        if "unrecorded" in st:
+            lines.append(f"{i}. the weights of `{st['unrecorded']}` (no training record)")
+            continue
         start = "a seeded random initialisation" if i == 1 else f"stage {i - 1}'s weights"
         lines.append(f"{i}. {st['steps']} steps of {st['batch_size']} rows from {start}: AdamW, peak lr "
                      f"{st['lr']:g}, warm-up {st['warmup']}, cosine to 5%; add operands: {st['add_operands']}.")
@@ -395,7 +398,7 @@ def main(argv=None) -> int:
 
     import llama4_jax
     from llama4_jax import train, trainer
-    from llama4_jax.checkpoint import atomic_dir, save_hf
+    from llama4_jax.checkpoint import CheckpointError, atomic_dir, save_hf
     from llama4_jax.data import Prefetch
     from llama4_jax.model.text import init_params
     from llama4_jax.processor import load_tokenizer
@@ -420,7 +423,11 @@ def main(argv=None) -> int:
 
     if not args.eval_only:
         if args.init:
-            init_config, params = llama4_jax.load(args.init, dtype="float32")
+            try:
+                init_config, params = llama4_jax.load(args.init, dtype="float32")
+            except (CheckpointError, OSError) as e:
+                print(f"--init: {e}", file=sys.stderr)
+                return 2
             if init_config != config:
                 print(f"--init {args.init} has another config than this script builds", file=sys.stderr)
                 return 2
@@ -433,7 +440,13 @@ def main(argv=None) -> int:
         if args.export_only and not os.path.exists(stage_file):
             print(f"--export-only: no run recorded under {args.work} ({stage_file} is missing)", file=sys.stderr)
             return 2
-        stages = read_stages(args.init) if args.init else []
+        try:
+            stages = read_stages(args.init) if args.init else []
+        except (ValueError, OSError) as e:  # json.JSONDecodeError is a ValueError
+            print(f"--init: {e}", file=sys.stderr)
+            return 2
+        if args.init and not stages:  # weights from elsewhere: say so rather than claim a random start
+            stages = [{"unrecorded": os.path.basename(os.path.normpath(args.init))}]
         marks = []
 
         def on_log(step, m):
@@ -467,8 +480,7 @@ def main(argv=None) -> int:
             limit = None if args.time_budget is None else args.time_budget - args.reserve / 3 - (time.time() - t_start)
             # (--export-only trains no step: any valid schedule restores the state)
             state, _ = trainer.fit(config, params, batches, train_config=train_config(max(total, args.warmup, 1)),
-                                   steps=total,
-                                   time_limit_s=limit, **common)
+                                   steps=total, time_limit_s=limit, **common)
         params = jax.device_get(state.params)
         steps_done = int(state.step)
 
@@ -482,7 +494,8 @@ def main(argv=None) -> int:
                 json.dump({"stages": stages}, f, indent=2)
 
         atomic_dir(args.out, overwrite=True, write=write)
-        print(f"exported step {steps_done}{f' of {total}' if total else ''} to {args.out} ({time.time() - t_start:.0f} s)", flush=True)
+        print(f"exported step {steps_done}{f' of {total}' if total else ''} to {args.out} "
+              f"({time.time() - t_start:.0f} s)", flush=True)
     if args.eval_n <= 0:
         return 0
     config, params = llama4_jax.load(args.out, dtype="float32")

@@ -110,6 +110,8 @@ def test_training_stages_record(script, tmp_path):
     text = script.describe_stages(script.read_stages(str(tmp_path)))
     assert text.splitlines()[1] == ("2. 600 steps of 16 rows from stage 1's weights: AdamW, peak lr 0.0005, "
                                     "warm-up 30, cosine to 5%; add operands: digit count uniform in 1..3.")
+    assert script.describe_stages([{"unrecorded": "mine"}, stage]).startswith(
+        "1. the weights of `mine` (no training record)\n2. 600 steps of 16 rows from stage 1's weights")
     (tmp_path / script.TRAINING_FILE).write_text(json.dumps({"stages": "all of them"}))
     with pytest.raises(ValueError, match="expected"):
         script.read_stages(str(tmp_path))
