@@ -30,16 +30,23 @@ COLORS = {
 }
 
 
+def number_with_digits(rng: np.random.Generator, digits: int) -> int:
+    """Uniform among the numbers of that many digits (1: 0..9, 2: 10..99, ...)."""
+    return int(rng.integers(0 if digits == 1 else 10 ** (digits - 1), 10 ** digits))
+
+
 def add_operand(rng: np.random.Generator) -> int:
     """0..999 with its digit count uniform in 1..3 (0..9, 10..99, 100..999 a third each)."""
-    digits = int(rng.integers(1, 4))
-    return int(rng.integers(0 if digits == 1 else 10 ** (digits - 1), 10 ** digits))
+    return number_with_digits(rng, int(rng.integers(1, 4)))
 
 
 # The share of additions whose one operand lies just below a power of ten (0..9,
 # 90..99, 990..999): their sums carry through every digit (999+1, 97+8), which operands
 # drawn by digit count alone make rare (under 1% of three-digit plus one-digit sums).
 CARRY_SHARE = 0.25
+# How `add_example` draws its operands, in words (recorded with each training stage of
+# the shipped checkpoint; its first stage drew them uniformly from 0..999).
+ADD_OPERANDS = "digit count uniform in 1..3, a quarter with one operand in 0..9, 90..99 or 990..999"
 
 
 def add_example(rng: np.random.Generator) -> dict:

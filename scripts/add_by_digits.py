@@ -24,16 +24,14 @@ def sums_by_digits(n: int, seed: int) -> dict[str, list[tuple[int, int]]]:
     """{"1+1": all 100 one-digit pairs, "1+2": n seeded pairs, ...}."""
     import numpy as np
 
+    from llama4_jax.tasks import number_with_digits
+
     rng = np.random.default_rng(seed)
-
-    def operand(d: int) -> int:
-        return int(rng.integers(0 if d == 1 else 10 ** (d - 1), 10 ** d))
-
     sets = {"1+1": [(a, b) for a in range(10) for b in range(10)]}
     for da in (1, 2, 3):
         for db in (1, 2, 3):
             if (da, db) != (1, 1):
-                sets[f"{da}+{db}"] = [(operand(da), operand(db)) for _ in range(n)]
+                sets[f"{da}+{db}"] = [(number_with_digits(rng, da), number_with_digits(rng, db)) for _ in range(n)]
     return sets
 
 

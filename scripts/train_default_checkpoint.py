@@ -6,7 +6,7 @@
     python scripts/train_default_checkpoint.py --time-budget 405 --moe-impl dense --attention-impl xla \
         --overwrite --eval-n 0
     # ... then stages 2-4 on a 2-core CPU (24-37 minutes each), each from the previous
-    # stage's weights, with the add operands of ADD_OPERANDS (stage 4; stages 2-3 without
+    # stage's weights, with the add operands of tasks.ADD_OPERANDS (stage 4; stages 2-3 without
     # the near-power-of-ten quarter): 600, 800, 800 steps of 16 rows at peak lr 5e-4, 8e-4, 5e-4:
     python scripts/train_default_checkpoint.py --init llama4_jax/assets/tiny-llama4 --work runs/stage-2 \
         --steps 600 --batch-size 16 --lr 5e-4 --warmup 30 --save-every 50 --overwrite
@@ -113,10 +113,6 @@ RECALL_PAIRS = (1, 62)  # 62 pairs: 502 prompt tokens + BOS + 4 completion token
 # apart from the graded format " | {k}:", whose single answer ends with <|eot|>.
 TOKEN_SHARE = {"add": 0.30, "recall": 0.30, "recall_multi": 0.35, "color": 0.05}
 MULTI_QUERIES = 8
-# How `tasks.add_example` draws its operands (recorded with each training stage: the
-# first stage of the shipped weights drew them uniformly from 0..999, so nine operands in
-# ten had three digits, and "2+2=" or "337+4=" were mostly answered wrong).
-ADD_OPERANDS = "digit count uniform in 1..3, a quarter with one operand in 0..9, 90..99 or 990..999"
 # Written into the exported checkpoint: the stages its weights went through, each with
 # its recipe (a stage started with --init appends itself to that checkpoint's stages).
 TRAINING_FILE = "training.json"
@@ -397,7 +393,7 @@ def main(argv=None) -> int:
     import numpy as np
 
     import llama4_jax
-    from llama4_jax import train, trainer
+    from llama4_jax import tasks, train, trainer
     from llama4_jax.checkpoint import CheckpointError, atomic_dir, save_hf
     from llama4_jax.data import Prefetch
     from llama4_jax.model.text import init_params
@@ -476,7 +472,7 @@ def main(argv=None) -> int:
             if not args.export_only:  # (its steps are added at export)
                 with open(stage_file, "w") as f:
                     json.dump({"batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup, "seed": args.seed,
-                               "total_steps": total, "add_operands": ADD_OPERANDS}, f)
+                               "total_steps": total, "add_operands": tasks.ADD_OPERANDS}, f)
             limit = None if args.time_budget is None else args.time_budget - args.reserve / 3 - (time.time() - t_start)
             # (--export-only trains no step: any valid schedule restores the state)
             state, _ = trainer.fit(config, params, batches, train_config=train_config(max(total, args.warmup, 1)),

@@ -116,4 +116,4 @@ def test_training_stages_record(script, tmp_path):
     with pytest.raises(ValueError, match="expected"):
         script.read_stages(str(tmp_path))
     shipped = script.read_stages(DEFAULT_MODEL)
-    assert shipped and shipped[-1]["add_operands"] == script.ADD_OPERANDS
+    assert shipped and shipped[-1]["add_operands"] == tasks.ADD_OPERANDS
