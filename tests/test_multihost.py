@@ -31,7 +31,9 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """Scout-like (12 layers, top-1, qk norm, chunk 8) with 8 experts, so expert=4 splits them."""
+    """Scout-like (top-1, qk norm, chunk 8) with 8 experts, so expert=4 splits them, and 8
+    layers (two scanned groups of three chunked layers and a global one; the twelve of
+    `scout_like` made the two processes' compilations 1.5x as long)."""
     import dataclasses
 
     import jax
@@ -40,7 +42,9 @@ def checkpoint(tmp_path_factory):
     from llama4_jax.config import Llama4Config
     from tests.hf_models import TEXT
 
-    config = Llama4Config(text=dataclasses.replace(TEXT["scout_like"], num_local_experts=8, hidden_size=64))
+    config = Llama4Config(text=dataclasses.replace(TEXT["scout_like"], num_local_experts=8, hidden_size=64,
+                                                   num_hidden_layers=8, moe_layers=tuple(range(8)),
+                                                   no_rope_layers=(1, 1, 1, 0) * 2))
     path = str(tmp_path_factory.mktemp("multihost") / "ckpt")
     save_hf(config, llama4_jax.init_params(config, jax.random.key(3)), path)
     return path
