@@ -8,10 +8,12 @@ layout), so what is trained is what is asked at inference.
 
 Packing: examples are laid end to end into rows of `seq_len` tokens in order; an
 example that does not fit the rest of a row starts the next one, the rest of the row
-is padding (attention_mask 0). Positions run on through a row (each example starts
-with its own BOS; tokens of a row may attend to earlier examples of the same row, as
-in GPT-style packing). Text longer than a row is split across rows; a prompt with its
-completion must fit one row.
+is padding (attention_mask 0). Each example of a row is a segment of its own
+(`segment_ids`): it attends only to itself and its positions start at 0, so it is
+trained exactly as it is computed alone (at inference, a prompt is alone in its
+row), and its first token is not a target of the example before it
+(`train.loss_fn`). Text longer than a row is split across rows, each piece a segment;
+a prompt with its completion must fit one row.
 """
 
 from __future__ import annotations
@@ -104,12 +106,15 @@ def read_jsonl(path: str, tokenizer, config: Llama4Config, image_processor=None)
 @dataclasses.dataclass
 class Packed:
     """Rows of `seq_len` tokens: input_ids, attention_mask, loss_mask int32 [N, L];
-    tiles[i]: the image tiles of row i ([n_i, 3, S, S] or None)."""
+    tiles[i]: the image tiles of row i ([n_i, 3, S, S] or None); segment_ids int32
+    [N, L]: which example of its row each token belongs to (1, 2, ...; 0 for padding),
+    or None for rows whose tokens may attend to every earlier token of the row."""
 
     input_ids: np.ndarray
     attention_mask: np.ndarray
     loss_mask: np.ndarray
     tiles: list
+    segment_ids: np.ndarray | None = None
 
     def __len__(self):
         return self.input_ids.shape[0]
@@ -120,7 +125,7 @@ def pack(examples: Iterable[Example], seq_len: int, pad_id: int) -> Packed:
     rows, cur = [], None
 
     def new_row():
-        return {"ids": [], "loss": [], "tiles": []}
+        return {"ids": [], "loss": [], "tiles": [], "seg": []}
 
     for i, ex in enumerate(examples):
         pieces = [ex]
@@ -135,6 +140,7 @@ def pack(examples: Iterable[Example], seq_len: int, pad_id: int) -> Packed:
                 if cur is not None:
                     rows.append(cur)
                 cur = new_row()
+            cur["seg"] += [(cur["seg"][-1] if cur["seg"] else 0) + 1] * len(p.ids)
             cur["ids"] += p.ids
             cur["loss"] += p.loss_mask
             if p.pixel_values is not None:
@@ -147,11 +153,12 @@ def pack(examples: Iterable[Example], seq_len: int, pad_id: int) -> Packed:
     ids = np.full((n, seq_len), pad_id, np.int32)
     att = np.zeros((n, seq_len), np.int32)
     loss = np.zeros((n, seq_len), np.int32)
+    seg = np.zeros((n, seq_len), np.int32)
     for r, row in enumerate(rows):
         k = len(row["ids"])
-        ids[r, :k], att[r, :k], loss[r, :k] = row["ids"], 1, row["loss"]
+        ids[r, :k], att[r, :k], loss[r, :k], seg[r, :k] = row["ids"], 1, row["loss"], row["seg"]
     tiles = [np.concatenate(r["tiles"]) if r["tiles"] else None for r in rows]
-    return Packed(ids, att, loss, tiles)
+    return Packed(ids, att, loss, tiles, seg)
 
 
 def tile_bucket(n: int) -> int:
@@ -166,6 +173,8 @@ def make_batch(packed: Packed, rows: Sequence[int], *, num_tiles: int | None = N
     rows = np.asarray(rows)
     batch = {"input_ids": packed.input_ids[rows], "attention_mask": packed.attention_mask[rows],
              "loss_mask": packed.loss_mask[rows]}
+    if packed.segment_ids is not None:
+        batch["segment_ids"] = packed.segment_ids[rows]
     tiles = [packed.tiles[r] for r in rows if packed.tiles[r] is not None]
     if tiles:
         px = np.concatenate(tiles).astype(np.float32)

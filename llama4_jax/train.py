@@ -100,16 +100,21 @@ def default_loss_mask(attention_mask):
 
 
 def model_logits(config, params, input_ids, attention_mask, *, pixel_values=None, moe_impl="ragged",
-                 attention_impl="xla", remat=False):
-    """(logits f32 [B, T, V], router logits: a list of [N, E] per MoE layer)."""
+                 attention_impl="xla", remat=False, segment_ids=None):
+    """(logits f32 [B, T, V], router logits: a list of [N, E] per MoE layer).
+
+    segment_ids [B, T]: packed rows, each example attending only to itself
+    (`TextModel`'s segment_ids)."""
     config = _text(config)
     t = config.text
     dtype = params["params"]["embed"].dtype
     model = TextModel(t, dtype, attention_impl, moe_impl, remat=remat)
     positions, valid = positions_from_mask(attention_mask)
+    if segment_ids is not None:
+        positions = None  # derived from the segments
     embeds = input_embeddings(config, params, input_ids, pixel_values)
     (logits, _, _), state = model.apply(params, input_ids, positions, valid, embeds=embeds,
-                                        mutable=["intermediates"])
+                                        segment_ids=segment_ids, mutable=["intermediates"])
     router = []
     for leaf in jax.tree_util.tree_leaves(state.get("intermediates", {})):
         # Scanned groups stack the sown logits on a leading [G] axis.
@@ -155,9 +160,12 @@ def loss_fn(config, params, batch, *, train_config: TrainConfig = TrainConfig(),
     """Training loss and metrics of `batch` (a dict of arrays).
 
     batch: input_ids int [B, T]; optional attention_mask (0/1 [B, T], default all 1),
-    loss_mask (0/1 [B, T]: which tokens are targets, see the module docstring) and
-    pixel_values [N, 3, S, S] (tiles for the `<|patch|>` tokens in batch order; extra
-    tiles beyond the placeholders are ignored, so batches can pad to a fixed count).
+    loss_mask (0/1 [B, T]: which tokens are targets, see the module docstring),
+    segment_ids (int [B, T]: packed rows, `data.pack`: each example attends only to
+    itself, and the first token of an example is never a target, having nothing of
+    its example before it) and pixel_values [N, 3, S, S] (tiles for the `<|patch|>`
+    tokens in batch order; extra tiles beyond the placeholders are ignored, so batches
+    can pad to a fixed count).
     teacher_logits: [B, T, V] logits of a teacher for the same inputs, or teacher:
     a (config, params) pair run here without gradient. Returns (loss, metrics).
     """
@@ -168,12 +176,19 @@ def loss_fn(config, params, batch, *, train_config: TrainConfig = TrainConfig(),
     mask = jnp.asarray(batch.get("attention_mask", jnp.ones_like(ids)), jnp.int32)
     loss_mask = batch.get("loss_mask")
     loss_mask = default_loss_mask(mask) if loss_mask is None else jnp.asarray(loss_mask, jnp.int32) * mask
+    segments = batch.get("segment_ids")
+    if segments is not None:
+        segments = jnp.asarray(segments, jnp.int32)
+        # An example's first token is predicted from the example before it, which it
+        # cannot see: never a target.
+        same = jnp.concatenate([jnp.zeros_like(segments[:, :1]), segments[:, 1:] == segments[:, :-1]], axis=1)
+        loss_mask = loss_mask * same
     pixels = batch.get("pixel_values")
     if tc.compute_dtype != "float32":
         params = jax.tree_util.tree_map(lambda p: p.astype(tc.compute_dtype), params)
         pixels = None if pixels is None else pixels.astype(tc.compute_dtype)
     logits, router = model_logits(config, params, ids, mask, pixel_values=pixels, moe_impl=moe_impl,
-                                  attention_impl=attention_impl, remat=tc.remat)
+                                  attention_impl=attention_impl, remat=tc.remat, segment_ids=segments)
 
     # Position t predicts token t + 1.
     pred, targets, w = logits[:, :-1], ids[:, 1:], loss_mask[:, 1:].astype(jnp.float32)
@@ -190,7 +205,7 @@ def loss_fn(config, params, batch, *, train_config: TrainConfig = TrainConfig(),
             raise ValueError("pass teacher_logits or teacher, not both")
         t_config, t_params = teacher
         teacher_logits, _ = model_logits(t_config, t_params, ids, mask, pixel_values=batch.get("pixel_values"),
-                                         moe_impl=moe_impl, attention_impl=attention_impl)
+                                         moe_impl=moe_impl, attention_impl=attention_impl, segment_ids=segments)
     if teacher_logits is not None:
         if teacher_logits.shape != logits.shape:
             raise ValueError(f"teacher logits have shape {tuple(teacher_logits.shape)}, the student's "

@@ -198,13 +198,16 @@ class TaskBatches:
     Instances are generated until they hold a little more than B x SEQ_LEN tokens, in
     TOKEN_SHARE proportions, then packed first-fit by decreasing length (few padding
     tokens, unlike in-order packing with prompts of up to 507 tokens); what does not
-    fit is dropped, and each row's instances are shuffled."""
+    fit is dropped, and each row's instances are shuffled. With `segments`, each
+    instance is a segment of its row (`data.Packed.segment_ids`: it attends only to
+    itself, positions from 0, as a prompt runs at inference); without (stages 1-4 of the
+    shipped weights), an instance may attend to the ones before it in its row."""
 
-    def __init__(self, tokenizer, config, batch_size: int, seed: int):
+    def __init__(self, tokenizer, config, batch_size: int, seed: int, segments: bool = False):
         from llama4_jax.data import end_of_turn_id
         from llama4_jax.processor import ImageProcessor
 
-        self.tok, self.config, self.B, self.seed = tokenizer, config, batch_size, seed
+        self.tok, self.config, self.B, self.seed, self.segments = tokenizer, config, batch_size, seed, segments
         self.proc = ImageProcessor.from_dict(PREPROCESSOR)
         self.pad = config.text.pad_token_id
         # The byte tokenizer maps each character to one token: text-only instances are
@@ -276,15 +279,17 @@ class TaskBatches:
                 rows[r].append(examples[i])
                 room[r] -= len(examples[i].ids)
         ids = np.full((self.B, SEQ_LEN), self.pad, np.int32)
-        att, loss, row_tiles = np.zeros_like(ids), np.zeros_like(ids), []
+        att, loss, seg, row_tiles = np.zeros_like(ids), np.zeros_like(ids), np.zeros_like(ids), []
         for r, row in enumerate(rows):
             row = [row[j] for j in rng.permutation(len(row))]
             seq = [t for e in row for t in e.ids]
             ids[r, :len(seq)], att[r, :len(seq)] = seq, 1
             loss[r, :len(seq)] = [m for e in row for m in e.loss_mask]
+            seg[r, :len(seq)] = np.repeat(np.arange(1, len(row) + 1), [len(e.ids) for e in row])
             px = [e.pixel_values for e in row if e.pixel_values is not None]
             row_tiles.append(np.concatenate(px) if px else None)
-        return make_batch(Packed(ids, att, loss, row_tiles), range(self.B), num_tiles=BATCH_TILES)
+        return make_batch(Packed(ids, att, loss, row_tiles, seg if self.segments else None), range(self.B),
+                          num_tiles=BATCH_TILES)
 
 
 def evaluate_all(config, params, tokenizer, n: int, seed: int) -> dict:
@@ -347,7 +352,8 @@ def describe_stages(stages: list[dict]) -> str:
             continue
         start = "a seeded random initialisation" if i == 1 else f"stage {i - 1}'s weights"
         lines.append(f"{i}. {st['steps']} steps of {st['batch_size']} rows from {start}: AdamW, peak lr "
-                     f"{st['lr']:g}, warm-up {st['warmup']}, cosine to 5%; add operands: {st['add_operands']}.")
+                     f"{st['lr']:g}, warm-up {st['warmup']}, cosine to 5%; add operands: {st['add_operands']}"
+                     + ("; each instance a segment of its row." if st.get("segments") else "."))
     return "\n".join(lines)
 
 
@@ -381,6 +387,9 @@ def main(argv=None) -> int:
     ap.add_argument("--init", default=None,
                     help="start from this checkpoint's weights (e.g. the shipped one, to train it further) "
                          "instead of a seeded random initialisation")
+    ap.add_argument("--segments", action="store_true",
+                    help="each instance a segment of its row (attends only to itself, positions from 0: "
+                         "data.Packed.segment_ids); stages 1-4 of the shipped weights trained without")
     ap.add_argument("--eval-n", type=int, default=200,
                     help="fresh instances per task for the final evaluation (0: no evaluation)")
     ap.add_argument("--export-only", action="store_true", help="export the latest train state, no training")
@@ -453,7 +462,8 @@ def main(argv=None) -> int:
 
         common = dict(ckpt_dir=ckpt, save_every=args.save_every, attention_impl=args.attention_impl,
                       moe_impl=args.moe_impl, progress=sys.stderr.isatty(), log_every=10, on_log=on_log)
-        with Prefetch(TaskBatches(tokenizer, config, args.batch_size, args.seed), workers=args.workers) as batches:
+        with Prefetch(TaskBatches(tokenizer, config, args.batch_size, args.seed, args.segments),
+                      workers=args.workers) as batches:
             total = args.steps
             if args.export_only:
                 total = 0
@@ -472,7 +482,8 @@ def main(argv=None) -> int:
             if not args.export_only:  # (its steps are added at export)
                 with open(stage_file, "w") as f:
                     json.dump({"batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup, "seed": args.seed,
-                               "total_steps": total, "add_operands": tasks.ADD_OPERANDS}, f)
+                               "total_steps": total, "add_operands": tasks.ADD_OPERANDS,
+                               "segments": args.segments}, f)
             limit = None if args.time_budget is None else args.time_budget - args.reserve / 3 - (time.time() - t_start)
             # (--export-only trains no step: any valid schedule restores the state)
             state, _ = trainer.fit(config, params, batches, train_config=train_config(max(total, args.warmup, 1)),

@@ -71,7 +71,10 @@ def test_packing_and_loss_masks(tokenizer):
     assert p.loss_mask == [0] * (len(p.ids) - 2) + [1, 1]  # the completion and its end-of-turn token
     assert p.ids[-1] == data.end_of_turn_id(tokenizer)
     packed = data.pack(exs, 32, 0)
-    assert len(packed) == 1 and packed.attention_mask[0].sum() == len(exs[0].ids) + len(exs[1].ids)
+    n0, n1 = len(exs[0].ids), len(exs[1].ids)
+    assert len(packed) == 1 and packed.attention_mask[0].sum() == n0 + n1
+    assert packed.segment_ids[0].tolist() == [1] * n0 + [2] * n1 + [0] * (32 - n0 - n1)  # one segment an example
+    assert data.make_batch(packed, [0])["segment_ids"].shape == (1, 32)
     long = data.encode(tokenizer, config, text="x" * 70)
     assert len(data.pack([long], 32, 0)) == 3  # text is split across rows
     with pytest.raises(data.DataError, match="more than --seq-len"):

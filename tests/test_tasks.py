@@ -80,6 +80,14 @@ def test_training_batches_of_the_default_checkpoint_script(script):
     assert all(np.array_equal(v, batches(0)[k]) for k, v in b.items())
     text = tok.decode(b["input_ids"][b["attention_mask"] > 0])
     assert re.search(r"\d+\+\d+=", text) and " ; " in text  # additions and multi-query recall in the mix
+    assert "segment_ids" not in b  # the recorded stages' rows
+    s = script.TaskBatches(tok, config, 2, seed=0, segments=True)(0)
+    assert all(np.array_equal(v, s[k]) for k, v in b.items())  # the same rows, and their segments:
+    for r in range(2):  # one per instance, each starting with BOS, 0 on the padding
+        n = int(b["attention_mask"][r].sum())
+        starts = np.flatnonzero(np.diff(s["segment_ids"][r, :n], prepend=0))
+        assert (s["input_ids"][r, starts] == config.text.bos_token_id).all() and (s["segment_ids"][r, n:] == 0).all()
+        assert (np.flatnonzero(s["input_ids"][r, :n] == config.text.bos_token_id) == starts).all()
 
 
 def test_add_operands_cover_every_digit_count():

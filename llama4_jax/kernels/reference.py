@@ -9,6 +9,16 @@ Masks are never passed around. Every query and key carries its absolute position
 Padding and empty cache slots get the position `INVALID_POS`, which fails the causal
 test for every query. This is HF's mask exactly: chunks are aligned to the first real
 token of each row (HF offsets them by the leading-pad count), not to a sliding window.
+
+Packed rows (several training examples end to end, `segment_positions`) keep this
+rule: the mask position of a token is `segment * span + its position in its segment`,
+with `span` the row length rounded up to a multiple of the chunk, and every layer takes
+a chunk: the chunked layers their own (which divides `span`, so a segment's chunks
+start at its first token, as a lone prompt's do), the global layers `span` itself. A
+token then sees exactly the earlier tokens of its own segment, on every backend, and
+the blocked backends skip the other segments' key blocks. RoPE and the attention
+temperature take the position within the segment, so each example is computed as if
+it were alone in its row.
 """
 
 from __future__ import annotations
@@ -31,6 +41,37 @@ def visible(q_pos, k_pos, chunk_size: int | None):
     if chunk_size:
         m = m & (kp // chunk_size == qp // chunk_size)
     return m
+
+
+def segment_span(seq_len: int, chunk_size: int | None) -> int:
+    """The mask-position stride between the segments of a packed row of `seq_len` tokens:
+    seq_len rounded up to a multiple of the chunk (see the module docstring). Raises
+    ValueError when a row that long could hold mask positions past INVALID_POS."""
+    span = -(-seq_len // chunk_size) * chunk_size if chunk_size else seq_len
+    if seq_len * span >= INVALID_POS:
+        raise ValueError(f"packed rows (segment_ids) of {seq_len} tokens are too long: their mask positions "
+                         f"would reach {seq_len} x {span}, past {INVALID_POS} (rows of up to 16,384 tokens fit)")
+    return span
+
+
+def segment_positions(segment_ids, valid, chunk_size: int | None):
+    """(positions, mask positions, span) of packed rows.
+
+    segment_ids int [B, T]: a new segment starts wherever the id differs from the token
+    before (ids need only differ between neighbours; padding may carry any id, it is
+    excluded by `valid`). positions [B, T]: each token's position within its segment
+    (what RoPE and the attention temperature take); mask positions: `segment * span +
+    position`, the positions the mask rule takes, with span = `segment_span(T,
+    chunk_size)`, which the global layers take as their chunk.
+    """
+    B, T = segment_ids.shape
+    span = segment_span(T, chunk_size)
+    t = jnp.arange(T, dtype=jnp.int32)[None]
+    start = jnp.concatenate([jnp.ones((B, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    first = jax.lax.cummax(jnp.where(start, t, 0), axis=1)  # index of the segment's first token
+    segment = jnp.cumsum(start, axis=1, dtype=jnp.int32) - 1
+    positions = jnp.where(valid, t - first, 0).astype(jnp.int32)
+    return positions, segment * span + positions, span
 
 
 def xla_attention(q, k, v, q_pos, k_pos, *, chunk_size: int | None = None):

@@ -121,6 +121,7 @@ class Attention(nn.Module):
     flags: LayerFlags
     dtype: jnp.dtype
     impl: str = "xla"
+    segment_span: int | None = None  # packed rows: a global layer's chunk (`segment_positions`)
 
     @nn.compact
     def __call__(self, x, ctx, cache=None, group=None):
@@ -148,7 +149,7 @@ class Attention(nn.Module):
         elif cfg.attn_temperature_tuning:
             q = (q.astype(jnp.float32) * ctx["temp"][:, :, None, None]).astype(dt)
 
-        chunk = cfg.attention_chunk_size if self.flags.is_chunked else None
+        chunk = cfg.attention_chunk_size if self.flags.is_chunked else self.segment_span
         q_pos = ctx["q_pos"]
         k_pos = ctx["k_pos"]
         if cache is None:

@@ -26,6 +26,7 @@ import numpy as np
 
 from ..config import LayerFlags, Llama4Config, TextConfig, rope_inv_freq
 from ..kernels import default_attention_impl, ring
+from ..kernels.reference import segment_positions
 from .attention import INVALID_POS, Attention, temperature_scale
 from .layers import MLP, ExpertList, RMSNorm, leading_slices, param, rope_angles
 from .. import quant, sharding
@@ -40,12 +41,15 @@ class DecoderLayer(nn.Module):
     attn_impl: str
     moe_impl: str
 
+    segment_span: int | None = None  # packed rows: the global layers' chunk (`segment_positions`)
+
     @nn.compact
     def __call__(self, x, ctx, cache, group=None):
         cfg = self.cfg
         with jax.named_scope("attention"):
             h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="attn_norm")(x)
-            a, cache = Attention(cfg, self.flags, self.dtype, self.attn_impl, name="attn")(h, ctx, cache, group)
+            a, cache = Attention(cfg, self.flags, self.dtype, self.attn_impl, self.segment_span,
+                                 name="attn")(h, ctx, cache, group)
             x = x + a
         with jax.named_scope("moe" if self.flags.is_moe else "mlp"):
             h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="ffn_norm")(x)
@@ -73,6 +77,7 @@ class DecoderGroup(nn.Module):
     attn_impl: str
     moe_impl: str
     with_hidden: bool = False
+    segment_span: int | None = None
 
     @nn.compact
     def __call__(self, carry, ctx):
@@ -80,7 +85,8 @@ class DecoderGroup(nn.Module):
         new_cache, hidden = {}, []
         for j, flags in enumerate(self.cfg.group_flags):
             name = f"layer_{j}"
-            layer = DecoderLayer(self.cfg, flags, self.dtype, self.attn_impl, self.moe_impl, name=name)
+            layer = DecoderLayer(self.cfg, flags, self.dtype, self.attn_impl, self.moe_impl, self.segment_span,
+                                 name=name)
             x, c = layer(x, ctx, cache.get(name) if cache else None, g)
             if c is not None:
                 new_cache[name] = c
@@ -101,22 +107,34 @@ class TextModel(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids=None, positions=None, valid=None, cache_layers=None, *, embeds=None,
-                 last_only: bool = False):
+                 last_only: bool = False, segment_ids=None):
         """last_only: logits of the last position only, [B, 1, V] (prefill of a
-        left-padded batch, where that is every row's last real token)."""
+        left-padded batch, where that is every row's last real token).
+        segment_ids int [B, T]: packed rows (training), a new example wherever the id
+        changes; each token attends only to its own example, which is computed as if
+        alone (`kernels.reference.segment_positions`): `positions` are then derived
+        from the ids (pass None), and there is no cache."""
         cfg, dt = self.cfg, self.dtype
         embed = param(self, "embed", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dt)
         x = embed[input_ids] if embeds is None else embeds.astype(dt)
         x = sharding.constrain(x, ("batch", "length", None))
 
+        span = None
+        mask_positions = positions
+        if segment_ids is not None:
+            if positions is not None or cache_layers:
+                raise ValueError("segment_ids (packed rows) derive the positions and run without a cache: "
+                                 "pass positions=None and no cache")
+            chunk = cfg.attention_chunk_size if any(f.is_chunked for f in cfg.layer_flags) else None
+            positions, mask_positions, span = segment_positions(jnp.asarray(segment_ids), valid, chunk)
         ctx = {
-            "q_pos": positions,
-            "k_pos": jnp.where(valid, positions, INVALID_POS),
+            "q_pos": mask_positions,
+            "k_pos": jnp.where(valid, mask_positions, INVALID_POS),
         }
         ctx["cos"], ctx["sin"] = rope_angles(positions, rope_inv_freq(cfg))
         ctx["temp"] = temperature_scale(positions, cfg)
 
-        group_args = (cfg, dt, self.attn_impl, self.moe_impl, self.with_hidden)
+        group_args = (cfg, dt, self.attn_impl, self.moe_impl, self.with_hidden, span)
         cache_in = cache_layers if cache_layers else None
         # jax.checkpoint per group: the backward pass keeps only each group's input.
         group_cls = nn.remat(DecoderGroup) if self.remat else DecoderGroup
