@@ -5,11 +5,12 @@
     # uniform in 0..999), ...
     python scripts/train_default_checkpoint.py --time-budget 405 --moe-impl dense --attention-impl xla \
         --overwrite --eval-n 0
-    # ... then stages 2-4 on a 2-core CPU (24-37 minutes each), each from the previous
-    # stage's weights, with the add operands of tasks.ADD_OPERANDS (stage 4; stages 2-3 without
-    # the near-power-of-ten quarter): 600, 800, 800 steps of 16 rows at peak lr 5e-4, 8e-4, 5e-4:
-    python scripts/train_default_checkpoint.py --init llama4_jax/assets/tiny-llama4 --work runs/stage-2 \
-        --steps 600 --batch-size 16 --lr 5e-4 --warmup 30 --save-every 50 --overwrite
+    # ... then stages 2-5 on a 2-core CPU (24-37 minutes each), each from the previous
+    # stage's weights, with the add operands of tasks.ADD_OPERANDS (stages 4-5; stages 2-3
+    # without the near-power-of-ten quarter): 600, 800, 800, 600 steps of 16 rows at peak lr
+    # 5e-4, 8e-4, 5e-4, 5e-4, stage 5 with --segments (each instance a segment of its row):
+    python scripts/train_default_checkpoint.py --init llama4_jax/assets/tiny-llama4 --work runs/stage-5 \
+        --steps 600 --batch-size 16 --lr 5e-4 --warmup 30 --save-every 50 --segments --overwrite
     python scripts/train_default_checkpoint.py --steps 7663 --overwrite   # the same schedule on any machine
     python scripts/train_default_checkpoint.py --export-only --overwrite  # export the latest train state
     python scripts/train_default_checkpoint.py --eval-only               # evaluate --out, rewrite its README
