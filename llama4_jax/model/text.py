@@ -40,7 +40,6 @@ class DecoderLayer(nn.Module):
     dtype: Any
     attn_impl: str
     moe_impl: str
-
     segment_span: int | None = None  # packed rows: the global layers' chunk (`segment_positions`)
 
     @nn.compact
