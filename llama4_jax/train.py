@@ -34,6 +34,7 @@ import optax
 
 from . import sharding
 from .config import Llama4Config, TextConfig
+from .kernels.reference import segment_starts
 from .model.text import TextModel, input_embeddings, positions_from_mask
 
 
@@ -181,8 +182,7 @@ def loss_fn(config, params, batch, *, train_config: TrainConfig = TrainConfig(),
         segments = jnp.asarray(segments, jnp.int32)
         # An example's first token is predicted from the example before it, which it
         # cannot see: never a target.
-        same = jnp.concatenate([jnp.zeros_like(segments[:, :1]), segments[:, 1:] == segments[:, :-1]], axis=1)
-        loss_mask = loss_mask * same
+        loss_mask = jnp.where(segment_starts(segments), 0, loss_mask)
     pixels = batch.get("pixel_values")
     if tc.compute_dtype != "float32":
         params = jax.tree_util.tree_map(lambda p: p.astype(tc.compute_dtype), params)

@@ -54,6 +54,13 @@ def segment_span(seq_len: int, chunk_size: int | None) -> int:
     return span
 
 
+def segment_starts(segment_ids):
+    """bool [B, T]: the tokens that start a segment of a packed row (the first token, and
+    every token whose id differs from the one before)."""
+    return jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
+                           axis=1)
+
+
 def segment_positions(segment_ids, valid, chunk_size: int | None):
     """(positions, mask positions, span) of packed rows.
 
@@ -64,10 +71,10 @@ def segment_positions(segment_ids, valid, chunk_size: int | None):
     position`, the positions the mask rule takes, with span = `segment_span(T,
     chunk_size)`, which the global layers take as their chunk.
     """
-    B, T = segment_ids.shape
+    T = segment_ids.shape[1]
     span = segment_span(T, chunk_size)
     t = jnp.arange(T, dtype=jnp.int32)[None]
-    start = jnp.concatenate([jnp.ones((B, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    start = segment_starts(segment_ids)
     first = jax.lax.cummax(jnp.where(start, t, 0), axis=1)  # index of the segment's first token
     segment = jnp.cumsum(start, axis=1, dtype=jnp.int32) - 1
     positions = jnp.where(valid, t - first, 0).astype(jnp.int32)
