@@ -114,17 +114,18 @@ def test_budgets_stats_and_derived_seeds(scout):
 def test_continuous_batching_equals_one_at_a_time(scout):
     """Rows that finish early free their slot for the next prompt (prefilled, then
     inserted into the running decode state): greedy and seeded-sampled tokens and
-    log-probabilities equal those of one prompt at a time, whatever slot a request
-    lands in and whenever it enters."""
+    log-probabilities equal those of one prompt at a time (a run with one slot),
+    whatever slot a request lands in and whenever it enters."""
     _, config, params = scout
     prompts = _prompts(config.text.vocab_size, (6, 23, 3, 11, 17, 4, 9), seed=21)
     budgets = [2, 20, 5, 20, 3, 20, 9]
     for sampling in (None, [TopP(0.95, temperature=1.5, seed=s) for s in range(7)]):
-        run = lambda ps, n, smp, bs: llama4_jax.generate(  # noqa: E731
-            config, params, ps, max_new_tokens=n, sampling=smp, batch_size=bs, logprobs=True, return_stats=True)
-        out, stats = run(prompts, budgets, sampling, 3)
-        for b, p in enumerate(prompts):
-            (one,), _ = run([p], budgets[b], None if sampling is None else sampling[b], 1)
+        run = lambda bs: llama4_jax.generate(  # noqa: E731
+            config, params, prompts, max_new_tokens=budgets, sampling=sampling, batch_size=bs, logprobs=True,
+            return_stats=True)
+        out, stats = run(3)
+        alone, _ = run(1)
+        for b, one in enumerate(alone):
             assert out[b].token_ids == one.token_ids, (sampling, b)
             assert out[b].finish_reason == one.finish_reason
             np.testing.assert_allclose(out[b].logprobs, one.logprobs, atol=1e-5)  # fp32, other batch-mates
@@ -364,7 +365,8 @@ def test_top_logprobs_match_forward(scout):
 
 def test_stop_strings_with_refilled_slots():
     """Stop strings are checked per row as slots are refilled: each completion (ids,
-    text cut before the stop string, reason) equals the prompt's alone."""
+    text cut before the stop string, reason) equals the prompt's alone (a run with one
+    slot)."""
     from transformers import AutoTokenizer
 
     from llama4_jax.generate import DEFAULT_MODEL
@@ -373,10 +375,10 @@ def test_stop_strings_with_refilled_slots():
     config, params = llama4_jax.load(DEFAULT_MODEL, dtype="float32")
     prompts = ["987+654=", "123+456=", "12+34=", "999+999=", "321+345="]  # answered with 2-4 digits
     kw = dict(tokenizer=tok, stop=["4", "9"])
-    many = llama4_jax.generate(config, params, prompts, max_new_tokens=[8, 2, 3, 8, 8], batch_size=2, **kw)
+    many, alone = (llama4_jax.generate(config, params, prompts, max_new_tokens=[8, 2, 3, 8, 8], batch_size=bs, **kw)
+                   for bs in (2, 1))
     assert {o.finish_reason for o in many} == {"stop", "length"} and any(o.text for o in many)
-    for i, p in enumerate(prompts):
-        (one,) = llama4_jax.generate(config, params, [p], max_new_tokens=[8, 2, 3, 8, 8][i], batch_size=1, **kw)
+    for i, one in enumerate(alone):
         assert (many[i].token_ids, many[i].text, many[i].finish_reason) == (one.token_ids, one.text,
                                                                              one.finish_reason), i
 
@@ -524,18 +526,36 @@ def test_generate_on_a_mesh_equals_one_device(maverick_like: Checkpoint):
         llama4_jax.generate(config, params, prompts, attention_impl="ring")
 
 
+SAMPLINGS = (Sampling(temperature=0.0, seed=0), TopP(p=0.9, temperature=0.8, seed=3))  # greedy, sampled
+_ONE_DEVICE: dict = {}
+
+
+def _one_device(config, params, prompts, **kw):
+    """One device's completions of `prompts` under each of SAMPLINGS, with the scanned
+    layers (`test_unrolled_layers_match_the_scan` equates the unrolled ones to them):
+    the reference of the mesh tests below, computed once per (prompts, kw) in this
+    process, so the unrolled variants compile only their mesh programs."""
+    key = (str(prompts), str(sorted(kw.items())))
+    if key not in _ONE_DEVICE:
+        _ONE_DEVICE[key] = [llama4_jax.generate(config, params, prompts, sampling=s, **kw) for s in SAMPLINGS]
+    return _ONE_DEVICE[key]
+
+
 @pytest.mark.parametrize("unroll,kv_dtype", [(False, None), (True, None), (True, "int8")])
 def test_slot_parallel_decode_equals_one_device(scout, monkeypatch, unroll, kv_dtype):
     """On a mesh that splits only the cache slots, over replicated parameters, each
     device decodes every row over its half of each layer's slots (`shard_map`; a
     prompt is prefilled on one device): the tokens and log-probabilities equal one
-    device's, greedy and sampled, scanned and unrolled, float and int8 cache, with ring
+    device's (scanned), greedy and sampled, scanned and unrolled, float and int8 cache, with ring
     buffers (chunk 8, 4 slots a device) that wrap and refilled slots. The compiled
     decode's collectives are the attention's all-gathers (one per layer) and the
     loop's done test, and its cache arrays hold half the slots."""
     from llama4_jax import engine, sharding
 
     _, config, params = scout
+    prompts = _prompts(config.text.vocab_size, (9, 4, 12, 6, 7), seed=22)
+    kw = dict(max_new_tokens=[3, 12, 7, 5, 10], batch_size=3, logprobs=0, kv_dtype=kv_dtype)
+    ref = _one_device(config, params, prompts, **kw)
     if unroll:
         monkeypatch.setattr(engine, "_UNROLL_MIN_BYTES", 0)
     mesh = sharding.make_mesh("seq=2", devices=jax.devices()[:2])
@@ -545,13 +565,9 @@ def test_slot_parallel_decode_equals_one_device(scout, monkeypatch, unroll, kv_d
     assert sharding.slot_parallel(sharding.make_mesh("data=2,seq=2", devices=jax.devices()[:4]), None,
                                   replicated) is None  # the batch is split too
     assert not sharding.data_parallel(mesh, None, replicated)
-    prompts = _prompts(config.text.vocab_size, (9, 4, 12, 6, 7), seed=22)
-    budgets = [3, 12, 7, 5, 10]
     engine.COMPILED.clear()
-    for sampling in (Sampling(temperature=0.0, seed=0), TopP(p=0.9, temperature=0.8, seed=3)):
-        kw = dict(max_new_tokens=budgets, batch_size=3, sampling=sampling, logprobs=0, kv_dtype=kv_dtype)
-        one = llama4_jax.generate(config, params, prompts, **kw)
-        two = llama4_jax.generate(config, replicated, prompts, mesh=mesh, **kw)
+    for sampling, one in zip(SAMPLINGS, ref):
+        two = llama4_jax.generate(config, replicated, prompts, mesh=mesh, sampling=sampling, **kw)
         assert [o.token_ids for o in two] == [o.token_ids for o in one]
         # The two programs agree to the last bits of fp32, not bitwise (the shards'
         # partial softmaxes are combined: 2.4e-6 at most with a float cache). An int8
@@ -576,13 +592,16 @@ def test_slot_parallel_decode_equals_one_device(scout, monkeypatch, unroll, kv_d
 def test_data_parallel_decode_equals_one_device(scout, monkeypatch, unroll):
     """On a mesh that splits only the batch, over replicated parameters, each device
     prefills and decodes its own rows as single-device code (`shard_map`): the tokens
-    and log-probabilities equal one device's, greedy and sampled, scanned and unrolled
+    and log-probabilities equal one device's (scanned), greedy and sampled, scanned and unrolled
     (per-group weights, each expert its own array), with the slots rounded up to a
     multiple of the devices (batch_size 3 -> 4) and refilled. The compiled decode
     moves no data between devices: its only collective is the loop's done test."""
     from llama4_jax import engine, sharding
 
     _, config, params = scout
+    prompts = _prompts(config.text.vocab_size, (9, 4, 12, 6, 7), seed=21)
+    kw = dict(max_new_tokens=[3, 12, 7, 5, 10], batch_size=3, logprobs=0)
+    ref = _one_device(config, params, prompts, **kw)
     if unroll:
         monkeypatch.setattr(engine, "_UNROLL_MIN_BYTES", 0)
     mesh = sharding.make_mesh("data=2", devices=jax.devices()[:2])
@@ -591,14 +610,9 @@ def test_data_parallel_decode_equals_one_device(scout, monkeypatch, unroll):
     assert not sharding.data_parallel(mesh, None, params)  # one device's parameters
     assert not sharding.data_parallel(sharding.make_mesh("data=2,tensor=2", devices=jax.devices()[:4]), None,
                                       replicated)
-    prompts = _prompts(config.text.vocab_size, (9, 4, 12, 6, 7), seed=21)
-    budgets = [3, 12, 7, 5, 10]
     engine.COMPILED.clear()
-    for sampling in (Sampling(temperature=0.0, seed=0), TopP(p=0.9, temperature=0.8, seed=3)):
-        one = llama4_jax.generate(config, params, prompts, max_new_tokens=budgets, batch_size=3, sampling=sampling,
-                                  logprobs=0)
-        two = llama4_jax.generate(config, replicated, prompts, max_new_tokens=budgets, batch_size=3,
-                                  sampling=sampling, logprobs=0, mesh=mesh)
+    for sampling, one in zip(SAMPLINGS, ref):
+        two = llama4_jax.generate(config, replicated, prompts, sampling=sampling, mesh=mesh, **kw)
         assert [o.token_ids for o in two] == [o.token_ids for o in one]
         np.testing.assert_allclose(np.concatenate([o.logprobs for o in two]),
                                    np.concatenate([o.logprobs for o in one]), atol=1e-5)

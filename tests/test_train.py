@@ -289,6 +289,26 @@ def packed_model():
     return config, L.init_params(config, jax.random.key(5))
 
 
+def _right_padded(exs):
+    """Examples as rows of one batch, right-padded (a row's tokens never see its padding)."""
+    ids, mask = np.zeros((len(exs), max(map(len, exs))), np.int32), np.zeros((len(exs), max(map(len, exs))), np.int32)
+    for i, x in enumerate(exs):
+        ids[i, :len(x)], mask[i, :len(x)] = x, 1
+    return ids, mask
+
+
+_ALONE: dict = {}
+
+
+def _alone_logits(config, params, exs):
+    """Each example's logits alone (its own row of a right-padded batch, `xla`), once per process."""
+    key = str([x.tolist() for x in exs])
+    if key not in _ALONE:
+        _ALONE[key] = np.asarray(jax.jit(lambda p, i, m: train.model_logits(config, p, i, m)[0])(
+            params, *_right_padded(exs)))
+    return _ALONE[key]
+
+
 @pytest.mark.parametrize("impl", ["xla", "blockwise", "pallas"])
 def test_packed_rows_equal_examples_alone(packed_model, impl):
     """Examples packed into one row (`segment_ids`, as `data.pack` makes them) give the
@@ -309,10 +329,10 @@ def test_packed_rows_equal_examples_alone(packed_model, impl):
     ids[1, :13], mask[1, :13], seg[1, :13] = exs[1], 1, 1  # one example, then padding
     logits, _ = jax.jit(lambda p: train.model_logits(config, p, ids, mask, segment_ids=seg,
                                                      attention_impl=impl))(params)
+    alone = _alone_logits(config, params, exs)
     start = 0
-    for x in exs:
-        alone, _ = train.model_logits(config, params, x[None], np.ones((1, len(x)), np.int32))
-        np.testing.assert_allclose(logits[0, start:start + len(x)], alone[0], atol=2e-5, rtol=0)
+    for x, a in zip(exs, alone):
+        np.testing.assert_allclose(logits[0, start:start + len(x)], a[:len(x)], atol=2e-5, rtol=0)
         start += len(x)
     np.testing.assert_allclose(logits[1, :13], logits[0, 5:18], atol=2e-5, rtol=0)
     with pytest.raises(ValueError, match="positions=None"):
@@ -332,9 +352,11 @@ def test_packed_loss_and_gradients_equal_examples_alone(packed_model):
     grad = jax.jit(jax.value_and_grad(lambda p, b: train.loss_fn(config, p, b), has_aux=True))
     (loss, m), g = grad(params, batch)
     assert float(m["tokens"]) == sum(n - 1 for n in lens)
-    parts = [grad(params, {"input_ids": x[None], "attention_mask": np.ones((1, len(x)), np.int32)}) for x in exs]
-    w = np.asarray([n - 1 for n in lens], np.float32) / sum(n - 1 for n in lens)
-    np.testing.assert_allclose(float(loss), sum(wi * float(l) for wi, ((l, _), _) in zip(w, parts)), atol=1e-6)
-    ref = jax.tree_util.tree_map(lambda a, b: w[0] * a + w[1] * b, parts[0][1], parts[1][1])
+    # The examples alone, each its own row of a right-padded batch: the batch's loss is
+    # the target-weighted mean of the rows' losses, its gradient that of the mean.
+    ids, mask = _right_padded(exs)
+    (ref_loss, ref_m), ref = grad(params, {"input_ids": ids, "attention_mask": mask})
+    assert float(ref_m["tokens"]) == float(m["tokens"])
+    np.testing.assert_allclose(float(loss), float(ref_loss), atol=1e-6)
     for got, want in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(ref)):
         np.testing.assert_allclose(got, want, atol=1e-5 * max(float(np.abs(want).max()), 1e-6), rtol=0)
