@@ -178,7 +178,7 @@ def test_expert_parallel_step_equals_single_device(tiny):
 
 def test_remat_and_bf16_compute(tiny):
     params, batch = tiny
-    g = lambda tc: jax.grad(lambda p: train.loss_fn(TINY, p, batch, train_config=tc)[0])(params)  # noqa: E731
+    g = lambda tc: jax.jit(jax.grad(lambda p: train.loss_fn(TINY, p, batch, train_config=tc)[0]))(params)  # noqa: E731
     for a, b in zip(jax.tree_util.tree_leaves(g(train.TrainConfig(remat=True))),
                     jax.tree_util.tree_leaves(g(train.TrainConfig()))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
