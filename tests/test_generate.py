@@ -224,13 +224,6 @@ def test_short_prompts_reuse_a_compiled_longer_bucket(scout, monkeypatch):
     np.testing.assert_allclose([c.logprobs for c in out], [c.logprobs for c in ref], atol=1e-5)
 
 
-SAMPLINGS = (Sampling(temperature=0.0, seed=0), TopP(p=0.9, temperature=0.8, seed=3))  # greedy, sampled
-# One device's completions, the reference of the tests below: computed once per process
-# (their xdist group keeps them on one worker: pyproject's `--dist loadgroup`).
-_ONE_DEVICE: dict = {}
-
-
-@pytest.mark.xdist_group("one_device_references")
 @pytest.mark.parametrize("batch_size", [2, 6])  # 2 decode rows <= 5 experts: split; 6: stacked
 def test_unrolled_layers_match_the_scan(scout, monkeypatch, batch_size):
     """Large weights on CPU prefill and decode on per-group weights (`unroll_layers`;
@@ -241,16 +234,13 @@ def test_unrolled_layers_match_the_scan(scout, monkeypatch, batch_size):
 
     _, config, params = scout
     prompts = _prompts(config.text.vocab_size, (7, 13, 3, 21, 9, 30), seed=14)
-    run = lambda bs: llama4_jax.generate(config, params, prompts, max_new_tokens=6, batch_size=bs,  # noqa: E731
-                                         sampling=Sampling(temperature=0.0, seed=0), logprobs=0)
-    assert not engine.unroll_layers(params)  # the tiny model scans: the reference (one batch size for both)
-    key = ("unrolled", str(prompts))
-    if key not in _ONE_DEVICE:
-        _ONE_DEVICE[key] = run(6)
-    ref = _ONE_DEVICE[key]
+    run = lambda: llama4_jax.generate(config, params, prompts, max_new_tokens=6, batch_size=batch_size,
+                                      sampling=Sampling(temperature=0.0, seed=0), logprobs=0)
+    assert not engine.unroll_layers(params)  # the tiny model scans: the reference
+    ref = run()
     monkeypatch.setattr(engine, "_UNROLL_MIN_BYTES", 0)
     assert engine.unroll_layers(params)
-    out = run(batch_size)
+    out = run()
     assert [c.token_ids for c in out] == [c.token_ids for c in ref]
     np.testing.assert_allclose([c.logprobs for c in out], [c.logprobs for c in ref], atol=1e-5)
 
@@ -536,6 +526,10 @@ def test_generate_on_a_mesh_equals_one_device(maverick_like: Checkpoint):
         llama4_jax.generate(config, params, prompts, attention_impl="ring")
 
 
+SAMPLINGS = (Sampling(temperature=0.0, seed=0), TopP(p=0.9, temperature=0.8, seed=3))  # greedy, sampled
+_ONE_DEVICE: dict = {}
+
+
 def _one_device(config, params, prompts, **kw):
     """One device's completions of `prompts` under each of SAMPLINGS, with the scanned
     layers (`test_unrolled_layers_match_the_scan` equates the unrolled ones to them):
@@ -547,7 +541,6 @@ def _one_device(config, params, prompts, **kw):
     return _ONE_DEVICE[key]
 
 
-@pytest.mark.xdist_group("one_device_references")
 @pytest.mark.parametrize("unroll,kv_dtype", [(False, None), (True, None), (True, "int8")])
 def test_slot_parallel_decode_equals_one_device(scout, monkeypatch, unroll, kv_dtype):
     """On a mesh that splits only the cache slots, over replicated parameters, each
@@ -595,7 +588,6 @@ def test_slot_parallel_decode_equals_one_device(scout, monkeypatch, unroll, kv_d
         assert caches and all(sh.shard_shape(shape)[-1] * 2 == shape[-1] for shape, sh in caches)
 
 
-@pytest.mark.xdist_group("one_device_references")
 @pytest.mark.parametrize("unroll", [False, True])
 def test_data_parallel_decode_equals_one_device(scout, monkeypatch, unroll):
     """On a mesh that splits only the batch, over replicated parameters, each device
