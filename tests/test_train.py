@@ -291,7 +291,8 @@ def packed_model():
 
 def _right_padded(exs):
     """Examples as rows of one batch, right-padded (a row's tokens never see its padding)."""
-    ids, mask = np.zeros((len(exs), max(map(len, exs))), np.int32), np.zeros((len(exs), max(map(len, exs))), np.int32)
+    ids = np.zeros((len(exs), max(map(len, exs))), np.int32)
+    mask = np.zeros_like(ids)
     for i, x in enumerate(exs):
         ids[i, :len(x)], mask[i, :len(x)] = x, 1
     return ids, mask
