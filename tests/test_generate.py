@@ -599,9 +599,9 @@ def test_data_parallel_decode_equals_one_device(scout, monkeypatch, unroll):
     from llama4_jax import engine, sharding
 
     _, config, params = scout
-    prompts = _prompts(config.text.vocab_size, (9, 4, 12, 6, 7), seed=21)
-    kw = dict(max_new_tokens=[3, 12, 7, 5, 10], batch_size=3, logprobs=0)
-    ref = _one_device(config, params, prompts, **kw)
+    prompts = _prompts(config.text.vocab_size, (9, 4, 12, 6, 7), seed=22)
+    kw = dict(max_new_tokens=[3, 12, 7, 5, 10], batch_size=3, logprobs=0, kv_dtype=None)
+    ref = _one_device(config, params, prompts, **kw)  # the slot-parallel test's float reference
     if unroll:
         monkeypatch.setattr(engine, "_UNROLL_MIN_BYTES", 0)
     mesh = sharding.make_mesh("data=2", devices=jax.devices()[:2])
