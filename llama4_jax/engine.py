@@ -33,6 +33,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import math
 import os
 import time
 import weakref
@@ -49,7 +50,7 @@ from .model.text import TextModel, positions_from_mask, split_expert_layers, uns
 from .sampling import sample
 from .sampling import top_logprobs as alternatives
 
-__all__ = ["GenerationStats", "empty_state", "prefill", "insert", "decode", "to_mesh", "call_compiled", "to_host",
+__all__ = ["GenerationStats", "empty_state", "prefill", "insert", "decode", "ride", "piece_size", "to_mesh", "call_compiled", "to_host",
            "bucket", "prompt_bucket", "new_token_bucket", "logprob_bucket", "unroll_layers", "layer_views", "on_device",
            "VIEWS", "COMPILED", "default_compile_cache", "use_compile_cache", "is_compiled", "Costs", "COSTS"]
 
@@ -65,7 +66,9 @@ class GenerationStats:
     prompt_tokens: tokens prefilled; generated_tokens: tokens in the completions;
     prefill_s / decode_s: time in the prefill and decode executables (compilation
     excluded); compile_s: time compiling them; decode_steps: decode loop iterations
-    (each one feeds every slot one token).
+    (each one feeds every slot one token); ridden_tokens: the prompt tokens among
+    prompt_tokens that were prefilled riding along decode steps (`ride`: their time
+    is in decode_s).
     """
 
     prompts: int = 0
@@ -75,11 +78,14 @@ class GenerationStats:
     decode_s: float = 0.0
     compile_s: float = 0.0
     decode_steps: int = 0
+    ridden_tokens: int = 0
 
     def summary(self) -> str:
-        pf = self.prompt_tokens / self.prefill_s if self.prefill_s else float("nan")
+        alone = self.prompt_tokens - self.ridden_tokens
+        pf = alone / self.prefill_s if self.prefill_s else float("nan")
         dc = self.generated_tokens / self.decode_s if self.decode_s else float("nan")
-        return (f"{self.prompts} prompts, {self.prompt_tokens} prompt tokens, {self.generated_tokens} generated "
+        rode = f" ({self.ridden_tokens} prefilled along decode steps)" if self.ridden_tokens else ""
+        return (f"{self.prompts} prompts, {self.prompt_tokens} prompt tokens{rode}, {self.generated_tokens} generated "
                 f"tokens; prefill {pf:.1f} tok/s ({self.prefill_s:.2f} s), decode {dc:.1f} tok/s "
                 f"({self.decode_s:.2f} s), compile {self.compile_s:.2f} s")
 
@@ -398,35 +404,11 @@ def decode(params, state, samp, budget, stop_ids, limit, *, text, attn_impl, moe
     """
     model = _model(text, params, attn_impl, moe_impl, scan_layers)
     top_k = state["top_ids"].shape[-1] if "top_ids" in state else 0
-    done0 = state["done"]
 
     def step(params, s, samp, budget, stop_ids):
-        B, N = s["tokens"].shape  # on a data-parallel mesh: this device's rows
         logits, cache, _ = model.apply(params, s["last"][:, None], s["pos"][:, None], ~s["done"][:, None],
                                        s["cache"])
-        tok, lp = sample(logits[:, 0], samp["temperature"], samp["top_k"], samp["top_p"], samp["min_p"],
-                         samp["seed"], s["step"])
-        tok = jnp.where(s["done"], 0, tok)
-        new_stop = ~s["done"] & jnp.isin(tok, stop_ids)
-        live = (~s["done"]).astype(jnp.int32)
-        col = jnp.where(s["done"], N, s["step"])  # done rows write nowhere (dropped)
-        rows = jnp.arange(B)
-        n_made = s["step"] + live
-        out = {
-            "tokens": s["tokens"].at[rows, col].set(tok, mode="drop"),
-            "logprobs": s["logprobs"].at[rows, col].set(lp, mode="drop"),
-            "last": tok,
-            "pos": s["pos"] + live,
-            "step": n_made,
-            "done": s["done"] | new_stop | (n_made >= budget),
-            "stopped": s["stopped"] | new_stop,
-            "cache": cache,
-        }
-        if top_k:
-            ids, lps = alternatives(logits[:, 0], top_k)
-            out["top_ids"] = s["top_ids"].at[rows, col].set(ids, mode="drop")
-            out["top_lps"] = s["top_lps"].at[rows, col].set(lps, mode="drop")
-        return out
+        return {**_advance(s, logits[:, 0], samp, budget, stop_ids, top_k), "cache": cache}
 
     if data_parallel or slot_parallel:  # replicated parameters and stop ids; rows or cache slots split
         specs = jax.tree_util.tree_map(lambda x: x.spec, _state_shardings(state, *sharding.active()))
@@ -437,6 +419,7 @@ def decode(params, state, samp, budget, stop_ids, limit, *, text, attn_impl, moe
     # equals done0) and some row was running at entry (loop-invariant, tested once):
     # one reduction over the rows per step, so on a data-parallel mesh one all-reduce
     # (two before: all(done) and any(done & ~done0)).
+    done0 = state["done"]
     running0 = ~jnp.all(done0)
 
     def cond(c):
@@ -450,6 +433,128 @@ def decode(params, state, samp, budget, stop_ids, limit, *, text, attn_impl, moe
 
     state, n = jax.lax.while_loop(cond, body, (state, jnp.int32(0)))
     return _pin(state), n
+
+
+def _advance(s, logits, samp, budget, stop_ids, top_k: int) -> dict:
+    """The per-row arrays of decode state `s` (not its cache) after one step whose
+    logits [B, V] are those of every row's last token: row b draws its token number
+    step[b] (the key folded from that step); finished rows emit nothing and keep their
+    step; a row is done at a stop token or its budget."""
+    B, N = s["tokens"].shape  # on a data-parallel mesh: this device's rows
+    tok, lp = sample(logits, samp["temperature"], samp["top_k"], samp["top_p"], samp["min_p"], samp["seed"],
+                     s["step"])
+    tok = jnp.where(s["done"], 0, tok)
+    new_stop = ~s["done"] & jnp.isin(tok, stop_ids)
+    live = (~s["done"]).astype(jnp.int32)
+    col = jnp.where(s["done"], N, s["step"])  # done rows write nowhere (dropped)
+    rows = jnp.arange(B)
+    n_made = s["step"] + live
+    out = {
+        "tokens": s["tokens"].at[rows, col].set(tok, mode="drop"),
+        "logprobs": s["logprobs"].at[rows, col].set(lp, mode="drop"),
+        "last": tok,
+        "pos": s["pos"] + live,
+        "step": n_made,
+        "done": s["done"] | new_stop | (n_made >= budget),
+        "stopped": s["stopped"] | new_stop,
+    }
+    if top_k:
+        ids, lps = alternatives(logits, top_k)
+        out["top_ids"] = s["top_ids"].at[rows, col].set(ids, mode="drop")
+        out["top_lps"] = s["top_lps"].at[rows, col].set(lps, mode="drop")
+    return out
+
+
+def _start_rows(s, logits, rows, starting, length, samp, budget, stop_ids, top_k: int) -> dict:
+    """Rows `rows` [L] of decode state `s` (per-row arrays), where `starting` [L], begin
+    decoding: their prompts (of `length` [L] tokens) are in the cache and `logits` [L, V]
+    are those of their last tokens. Each draws its first token (as `prefill` does, with
+    its row's sampling and step 0); the other lanes change nothing."""
+    B, N = s["tokens"].shape
+    r = jnp.where(starting, rows, B)  # B: dropped
+    pick = lambda x: x[rows]  # noqa: E731
+    tok, lp = sample(logits, pick(samp["temperature"]), pick(samp["top_k"]), pick(samp["top_p"]),
+                     pick(samp["min_p"]), pick(samp["seed"]), 0)
+    row_budget = budget[rows]
+    stopped = jnp.isin(tok, stop_ids) & (row_budget > 0)
+    put = lambda x, v: x.at[r].set(v, mode="drop")  # noqa: E731
+    out = {**s,
+           "tokens": s["tokens"].at[r, 0].set(tok, mode="drop"),
+           "logprobs": s["logprobs"].at[r, 0].set(lp, mode="drop"),
+           "last": put(s["last"], tok), "pos": put(s["pos"], length), "step": put(s["step"], 1),
+           "done": put(s["done"], stopped | (row_budget <= 1)), "stopped": put(s["stopped"], stopped)}
+    if top_k:
+        ids, lps = alternatives(logits, top_k)
+        out["top_ids"] = s["top_ids"].at[r, 0].set(ids, mode="drop")
+        out["top_lps"] = s["top_lps"].at[r, 0].set(lps, mode="drop")
+    return out
+
+
+def piece_size(text: TextConfig, size: int) -> int:
+    """Tokens per prefill piece riding along decode steps (`ride`): `size`, or where it
+    does not divide the attention chunk of a model with chunked layers, its greatest
+    common divisor with the chunk, so that pieces starting at multiples of it never
+    cross a chunk boundary (`TextModel(piece=...)`)."""
+    if size < 1:
+        raise ValueError(f"piece size must be >= 1, got {size}")
+    if any(f.is_chunked for f in text.layer_flags):
+        size = math.gcd(size, text.attention_chunk_size)
+    return size
+
+
+@functools.partial(jax.jit, static_argnames=("text", "attn_impl", "moe_impl", "piece", "scan_layers"),
+                   donate_argnums=(1,))
+def ride(params, state, samp, budget, stop_ids, limit, prompt, *, text, attn_impl, moe_impl, piece: int,
+         scan_layers=True):
+    """Decode as `decode` does, each step also prefilling the next piece of a prompt
+    into an idle row of the state (chunked prefill riding along the decode steps: the
+    prompt's tokens and the decode tokens go through the layers as one row, so they
+    share every read of the weights). One device (no mesh).
+
+    prompt: "ids" int [1, T] (right-padded), "length" [1] (its tokens), "row" [1] (the
+    state row it fills: a done row, whose cache is reused as it is: the new prompt
+    writes every slot it attends to before reading it, so the old entries are never
+    seen, see `Attention._attend_with_piece`), "cursor" [1] (pieces already
+    prefilled, < ceil(length / piece)). Each step runs the prompt's next piece: tokens
+    cursor * piece onwards at their positions (`piece` from `piece_size`, so no piece
+    crosses a chunk boundary). After its last piece the row draws its first token
+    (with the sampling and budget the host gave that row) and the loop ends: the row
+    decodes from the next call on.
+
+    Stops when a row finishes, after the prompt's last piece, or after `limit` steps.
+    Returns (state, prompt with its cursor advanced, steps).
+    """
+    model = _model(text, params, attn_impl, moe_impl, scan_layers)
+    top_k = state["top_ids"].shape[-1] if "top_ids" in state else 0
+    B = state["done"].shape[0]
+
+    def step(s, pr):
+        start = pr["cursor"] * piece
+        offs = start[:, None] + jnp.arange(piece)
+        ids = jnp.take_along_axis(pr["ids"], jnp.minimum(offs, pr["ids"].shape[1] - 1), axis=1)
+        pc = {"ids": ids, "positions": offs, "valid": offs < pr["length"][:, None], "rows": pr["row"],
+              "last": jnp.clip(pr["length"] - 1 - start, 0, piece - 1)}
+        logits, cache, _ = model.apply(params, s["last"][:, None], s["pos"][:, None], ~s["done"][:, None],
+                                       s["cache"], piece=pc)
+        out = _advance(s, logits[:B, 0], samp, budget, stop_ids, top_k)
+        starting = start + piece >= pr["length"]
+        out = _start_rows(out, logits[B:, 0], pr["row"], starting, pr["length"], samp, budget, stop_ids, top_k)
+        return {**out, "cache": cache}, {**pr, "cursor": pr["cursor"] + 1}
+
+    done0 = state["done"]
+
+    def cond(c):  # also ends after the last piece when the row is done at its first token
+        s, pr, n = c
+        return (n < limit) & jnp.all(s["done"] == done0) & (pr["cursor"][0] * piece < pr["length"][0])
+
+    def body(c):
+        s, pr, n = c
+        with jax.named_scope("ride_step"):
+            s, pr = step(s, pr)
+        return s, pr, n + 1
+
+    state, prompt, n = jax.lax.while_loop(cond, body, (state, prompt, jnp.int32(0)))
+    return state, prompt, n
 
 
 # (function, argument structure, shapes, dtypes and shardings, statics, mesh) -> executable,

@@ -78,6 +78,14 @@ __all__ = ["Completion", "Request", "check_request", "check_n", "check_logprobs"
 
 STOP_STRING_SEGMENT = 32  # decode steps between host-side stop-string checks
 
+# Tokens per prefill piece riding along the decode steps (`engine.ride`; made to divide
+# the attention chunk by `engine.piece_size`). Measured with the mixed benchmark's
+# first 64 prompts (of 16..2048 tokens, 8..256 new, batch 8) on one CPU device, after
+# the same warm-up: pieces of 256 / 512 / 1024 tokens 62.2 / 49.6 / 54.8 s (130 /
+# 162 / 326 ms per step), against 64.8 s (58.2 s of it not compiling) with each refill
+# prefilled alone and inserted.
+RIDE_PIECE = 512
+
 
 @dataclasses.dataclass
 class Completion:
@@ -404,6 +412,16 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
     if shards is not None and any(n % shards.count for n in cache_slots(text, max_len)):
         shards = None  # slots that do not split evenly: the step as XLA partitions it
     statics = dict(text=text, attn_impl=attention_impl, moe_impl=moe_impl)
+    # On one device (no mesh) and with a float cache, a refill of a prompt rides along
+    # the decode steps (`engine.ride`). On a data-parallel mesh a lone prompt is
+    # prefilled with both cores' threads instead (riding, its pieces ran on one core:
+    # 287 ms per step of 512 tokens against 162, slower than before); with slot shards
+    # it is prefilled on one device; an int8 cache is not read back by a prefill for its
+    # own keys (they are attended unquantized), which a riding piece would do.
+    piece = None
+    if sharding.active() is None and str(kv_dtype) != "int8":
+        piece = engine.piece_size(text, RIDE_PIECE)
+    flight: list | None = None  # [row, request index, sample index, pieces prefilled] of the prompt riding
     filler = Sampling(temperature=0.0, seed=0)
     slot_req: dict[int, tuple[int, int]] = {}  # slot -> (request index, sample index) it holds
     slot_samp, slot_budget = [filler] * B, [0] * B  # host copies of the per-slot decode inputs
@@ -559,13 +577,57 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
         if on_batch is not None:
             on_batch(finished)
 
+    def rides(i: int, k: int) -> bool:
+        """Whether queued prompt i (its samples from the k-th on) can ride along decode:
+        one sample row left and no images."""
+        return len(requests[i].samples) - k == 1 and requests[i].pixel_values is None
+
+    def launch(b: int) -> None:
+        """Start the next queued prompt riding into free row b."""
+        nonlocal flight, arrays
+        i, k = queue.popleft()
+        queued[prompt_bucket(len(requests[i].ids), max_model_len)] -= 1
+        j = requests[i].samples[k]
+        flight = [b, i, j, 0]
+        slot_samp[b], slot_budget[b] = sampling_of(i, j), budgets[i]
+        stats.prompt_tokens += len(requests[i].ids)
+        stats.ridden_tokens += len(requests[i].ids)
+        arrays = None
+
+    def ride(limit: int):
+        """Decode steps with the prompt in flight riding along (`engine.ride`); its row
+        joins the decoding rows after its last piece."""
+        nonlocal state, flight
+        b, i, j, done_pieces = flight
+        n = len(requests[i].ids)
+        ids = np.zeros((1, top), np.int32)
+        ids[0, :n] = requests[i].ids
+        prompt = {"ids": place(ids), "length": place(np.asarray([n], np.int32)),
+                  "row": place(np.asarray([b], np.int32)), "cursor": place(np.asarray([done_pieces], np.int32))}
+        state, prompt, steps = call_compiled(stats, engine.ride, decode_params, state, *arrays, stop_ids,
+                                             place(np.int32(limit)), prompt, piece=piece, scan_layers=not unroll,
+                                             **statics)
+        flight[3] = int(to_host(prompt["cursor"])[0])
+        if flight[3] * piece >= n:  # prefilled: the row decodes
+            flight = None
+            slot_req[b] = (i, j)
+            if requests[i].stop and tokenizer is not None:
+                texts[b] = IncrementalText(tokenizer)
+        return steps
+
     while True:
         done = to_host(state["done"])  # harvest the rows that finished (in decode, or at their first token)
         fin = [b for b in sorted(slot_req) if done[b]]
         if fin:
             harvest(fin)
-        free = [b for b in range(B) if b not in slot_req]
-        if free and (held is not None or queue):  # refill the free slots: prefill, then insert in place
+        free = [b for b in range(B) if b not in slot_req and (flight is None or b != flight[0])]
+        # A refill of at most half the slots, while rows decode, rides along the decode
+        # steps, one prompt at a time.
+        if (free and piece is not None and held is None and len(free) <= B // 2 and slot_req
+                and queue and rides(*queue[0])):
+            if flight is None:
+                launch(free[0])
+        elif free and (held is not None or queue):  # refill the free slots: prefill, then insert in place
             t0, c0 = time.perf_counter(), stats.compile_s
             prefilled = 0
             refill(free)
@@ -576,17 +638,20 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
             engine.COSTS.prefill_tokens += prefilled
             arrays = None
             continue  # a new row may be done at its first token
-        if not slot_req:
+        if not slot_req and flight is None:
             break
         if arrays is None:
             arrays = _sampling_arrays(slot_samp, place), place(np.asarray(slot_budget, np.int32))
         # With stop strings, decode in segments and check the new text in between.
         limit = STOP_STRING_SEGMENT if texts else N
         t0, c0 = time.perf_counter(), stats.compile_s
-        state, steps = call_compiled(stats, engine.decode, decode_params, state, *arrays, stop_ids,
-                                     place(np.int32(limit)), scan_layers=not unroll, data_parallel=lanes > 1,
-                                     slot_parallel=shards,
-                                     **statics)
+        if flight is not None:
+            steps = ride(limit)
+        else:
+            state, steps = call_compiled(stats, engine.decode, decode_params, state, *arrays, stop_ids,
+                                         place(np.int32(limit)), scan_layers=not unroll, data_parallel=lanes > 1,
+                                         slot_parallel=shards,
+                                         **statics)
         stats.decode_steps += int(to_host(steps))
         if texts:  # cut rows whose new text reached a stop string
             check_stops(sorted(texts), to_host(state["tokens"]), to_host(state["step"]))

@@ -1,5 +1,6 @@
 """KV cache: prefill + decode equals one full forward; ring buffer; int8 error."""
 
+import dataclasses
 import gc
 import re
 import weakref
@@ -387,6 +388,38 @@ def _decode_step(S, *, scan, kv_dtype=None, B=2):
                                text=CFG.text, attn_impl="auto", moe_impl="ragged", scan_layers=scan).compile()
 
 
+def _ride_step(S, *, scan, B=2, piece=4):
+    """The compiled engine loop of decode steps with prefill pieces riding along
+    (`engine.ride`), lowered like `_decode_step`'s."""
+    from llama4_jax import engine
+
+    params = llama4_jax.abstract_params(CFG, dtype="float32")
+    if not scan:
+        params = jax.eval_shape(unstack_layers, params)
+    samp = dict(temperature=jnp.zeros(B), top_k=jnp.zeros(B, jnp.int32), top_p=jnp.ones(B), min_p=jnp.zeros(B),
+                seed=jnp.zeros(B, jnp.uint32))
+    cache = abstract_cache(CFG, B, S, per_group=not scan)
+    state = {"tokens": jax.ShapeDtypeStruct((B, 16), jnp.int32), "logprobs": jax.ShapeDtypeStruct((B, 16), jnp.float32),
+             **{k: jax.ShapeDtypeStruct((B,), jnp.int32) for k in ("last", "pos", "step")},
+             **{k: jax.ShapeDtypeStruct((B,), jnp.bool_) for k in ("done", "stopped")}, "cache": cache}
+    prompt = {"ids": jax.ShapeDtypeStruct((1, 64), jnp.int32),
+              **{k: jax.ShapeDtypeStruct((1,), jnp.int32) for k in ("length", "row", "cursor")}}
+    return engine.ride.lower(params, state, samp, jnp.zeros(B, jnp.int32), jnp.zeros(1, jnp.int32), jnp.int32(1),
+                             prompt, text=CFG.text, attn_impl="auto", moe_impl="ragged", piece=piece,
+                             scan_layers=scan).compile()
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_ride_step_makes_no_cache_sized_copies(scan):
+    """Decode steps with a prefill piece riding along write every new key in place and
+    then read: no copy, transpose or slice of one layer's keys/values in the compiled
+    loop (reading the piece's row before writing made XLA copy each layer's cache
+    twice per step)."""
+    t = CFG.text
+    copies = cache_copies(_ride_step(4096, scan=scan), 2 * t.num_key_value_heads * t.head_dim * 4096)
+    assert not copies, copies
+
+
 def cache_copies(compiled, slice_elems: int) -> list[str]:
     """Instructions of a compiled program that copy, transpose or slice out an array of at
     least `slice_elems` elements (one layer's keys or values), outside in-place updates."""
@@ -428,3 +461,65 @@ def test_cache_copy_detector_has_teeth():
     old = jax.jit(lambda q, e: xla_attention(q, *read_cache(e, jnp.float32, 0), jnp.zeros((2, 1), jnp.int32),
                                              e["pos"][0])).lower(q, cache).compile()
     assert cache_copies(old, 2 * t.num_key_value_heads * t.head_dim * S)
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_piece_riding_a_decode_step_equals_both_alone(params, scan):
+    """`TextModel(piece=...)`: a decode step of rows 0 and 1 and two prefill pieces of
+    row 2 (positions 0-3, then 4-7: chunk-aligned), each run as one row of tokens,
+    equal the decode step alone and the 8-token prompt prefilled alone: logits within
+    1e-5 (fp32) and the same cache. Row 2 first holds a stale 12-token prompt, whose
+    keys the new one must never see (a riding prompt reuses a finished row as it is)."""
+    t = CFG.text
+    p = params if scan else unstack_layers(params)
+    model = TextModel(t, jnp.float32, "xla", "ragged", scan_layers=scan)
+    rng = np.random.default_rng(5)
+    ids = jnp.asarray(rng.integers(3, t.vocab_size, (3, 12)), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(12), (3, 12))
+    mask = jnp.arange(12) < jnp.asarray([[9], [6], [12]])  # rows of 9, 6 and (stale) 12 tokens, right-padded
+    cache0 = init_cache(CFG, 3, 24, per_group=not scan)
+    _, cache0, _ = model.apply(p, ids, pos, mask, cache0)
+    new = jnp.asarray(rng.integers(3, t.vocab_size, (1, 8)), jnp.int32)  # row 2's new prompt
+    dec_ids = jnp.asarray([[7], [8], [0]], jnp.int32)
+    dec_pos, dec_valid = jnp.asarray([[9], [6], [0]]), jnp.asarray([[True], [True], [False]])
+
+    cache = cache0
+    for k in range(2):
+        piece = {"ids": new[:, 4 * k:4 * k + 4], "positions": jnp.arange(4 * k, 4 * k + 4)[None],
+                 "valid": jnp.ones((1, 4), bool), "rows": jnp.asarray([2]), "last": jnp.asarray([3])}
+        v = dec_valid if k == 0 else jnp.zeros_like(dec_valid)  # the second piece rides alone
+        logits, cache, _ = model.apply(p, dec_ids, dec_pos, v, cache, piece=piece)
+        assert logits.shape == (4, 1, t.vocab_size)
+        if k == 0:
+            dec_alone, dec_cache, _ = model.apply(p, dec_ids, dec_pos, dec_valid, cache0)
+            np.testing.assert_allclose(logits[:2], dec_alone[:2], atol=1e-5)  # row 2: not decoding
+    fresh = init_cache(CFG, 1, 24, per_group=not scan)
+    alone, alone_cache, _ = model.apply(p, new, jnp.arange(8)[None], jnp.ones((1, 8), bool), fresh)
+    np.testing.assert_allclose(logits[3], alone[:, -1], atol=1e-5)
+
+    # Rows 0 and 1 hold what the decode step alone wrote; row 2 the new prompt's keys
+    # wherever its slots are valid (ring slots: its last chunk).
+    for got, want, ref_row in zip(jax.tree_util.tree_leaves(cache), jax.tree_util.tree_leaves(dec_cache),
+                                  jax.tree_util.tree_leaves(alone_cache)):
+        np.testing.assert_allclose(got[:, :2], want[:, :2], atol=1e-5)
+    for name in cache:
+        entries = cache[name] if not scan else (cache[name],)
+        refs = alone_cache[name] if not scan else (alone_cache[name],)
+        for e, r in zip(entries, refs):
+            S = r["pos"].shape[-1]
+            live = np.asarray(r["pos"][:, 0] < INVALID_POS)  # [G, S]: the new prompt's slots
+            np.testing.assert_array_equal(np.asarray(e["pos"][:, 2])[live], np.asarray(r["pos"][:, 0])[live])
+            k_got = np.moveaxis(np.asarray(e["k"][:, 2]), -1, 1)[live]  # [G, K, d, S] -> slots first
+            k_ref = np.moveaxis(np.asarray(r["k"][:, 0]), -1, 1)[live]
+            np.testing.assert_allclose(k_got, k_ref, atol=1e-5)
+            assert S >= live.shape[-1]
+
+
+def test_piece_size_divides_the_chunk():
+    from llama4_jax import engine
+
+    assert engine.piece_size(CFG.text, 256) == 4  # chunk 4
+    assert engine.piece_size(dataclasses.replace(CFG.text, attention_chunk_size=12), 8) == 4
+    assert engine.piece_size(dataclasses.replace(CFG.text, no_rope_layers=(0,) * 8), 100) == 100  # no chunked layers
+    with pytest.raises(ValueError, match="piece size"):
+        engine.piece_size(CFG.text, 0)

@@ -132,6 +132,33 @@ def test_continuous_batching_equals_one_at_a_time(scout):
         assert stats.generated_tokens == sum(len(o.token_ids) for o in out)
         # Seven requests over three slots in fewer steps than the longest three budgets run back to back.
         assert stats.decode_steps < 3 * (20 - 1)
+        assert stats.ridden_tokens > 0  # refills rode along decode steps (`engine.ride`)
+
+
+def test_refills_riding_along_decode_equal_one_at_a_time(scout):
+    """Refills prefilled in pieces riding along the decode steps (`engine.ride`: pieces
+    of 8 tokens, the chunk): prompts of whole pieces (8, 16, 24 tokens) and ragged ones,
+    budgets of one token (the row is done at its first token) and more, sampled, with
+    top-2 alternatives and a stop string: tokens, log-probabilities and alternatives
+    equal one prompt at a time (a run with one slot, which never rides)."""
+    from llama4_jax import engine
+
+    _, config, params = scout
+    assert engine.piece_size(config.text, 512) == 8
+    prompts = _prompts(config.text.vocab_size, (8, 16, 5, 24, 9, 3, 17, 8), seed=23)
+    budgets = [1, 6, 1, 9, 4, 1, 7, 5]
+    sampling = [TopP(0.9, temperature=1.2, seed=s) for s in range(8)]
+    run = lambda bs, **kw: llama4_jax.generate(  # noqa: E731
+        config, params, prompts, max_new_tokens=budgets, sampling=sampling, batch_size=bs, logprobs=2,
+        return_stats=True, **kw)
+    out, stats = run(3)
+    alone, _ = run(1)
+    assert stats.ridden_tokens > 0
+    assert f"({stats.ridden_tokens} prefilled along decode steps)" in stats.summary()
+    for b, one in enumerate(alone):
+        assert out[b].token_ids == one.token_ids and len(one.token_ids) == budgets[b], b
+        np.testing.assert_allclose(out[b].logprobs, one.logprobs, atol=1e-5)
+        assert [[i for i, _ in t] for t in out[b].top_logprobs] == [[i for i, _ in t] for t in one.top_logprobs]
 
 
 def test_mixed_run_compiles_a_bounded_set(scout):

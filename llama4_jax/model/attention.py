@@ -45,24 +45,26 @@ def quantize_kv(x):
     return q, scale
 
 
-def _pick(x, group):
-    return x if group is None else x[group]
+def _pick(x, group, rows=None):
+    x = x if group is None else x[group]
+    return x if rows is None else x[rows]
 
 
-def read_cache(entry, dtype, group=None):
+def read_cache(entry, dtype, group=None, rows=None):
     """Keys and values [B, S, K, d] of a cache entry in `dtype` (dequantised if int8),
     the layout the attention backends take (a transposed copy: prefills only; a decode
     step reads the cache in place, `cached_attention`).
 
-    group: for a stacked entry ([G, B, ...]), the group whose slice is read."""
-    k, v = _pick(entry["k"], group), _pick(entry["v"], group)  # [B, K, d, S], [B, K, S, d]
+    group: for a stacked entry ([G, B, ...]), the group whose slice is read.
+    rows: int [L], read only these rows ([L, S, K, d]; a prefill piece's rows)."""
+    k, v = _pick(entry["k"], group, rows), _pick(entry["v"], group, rows)  # [B, K, d, S], [B, K, S, d]
     if "k_scale" in entry:
-        k = k.astype(jnp.float32) * _pick(entry["k_scale"], group)[:, :, None, :]
-        v = v.astype(jnp.float32) * _pick(entry["v_scale"], group)[..., None]
+        k = k.astype(jnp.float32) * _pick(entry["k_scale"], group, rows)[:, :, None, :]
+        v = v.astype(jnp.float32) * _pick(entry["v_scale"], group, rows)[..., None]
     return jnp.transpose(k, (0, 3, 1, 2)).astype(dtype), jnp.swapaxes(v, 1, 2).astype(dtype)
 
 
-def write_cache(entry, k, v, k_pos, *, ring: bool, group=None, shards=None):
+def write_cache(entry, k, v, k_pos, *, ring: bool, group=None, shards=None, rows=None):
     """Store the valid new keys/values of [B, T] tokens in a cache entry.
 
     entry: {'k': [B, K, d, S], 'v': [B, K, S, d], 'pos': [B, S]}, plus 'k_scale',
@@ -79,6 +81,8 @@ def write_cache(entry, k, v, k_pos, *, ring: bool, group=None, shards=None):
     shards (`sharding.SlotShards`, inside `shard_map`): the entry holds this device's
     share of the slots (device i of n: slots i * S / n onwards, S the whole entry's);
     only the new tokens whose slot falls there are written.
+    rows: int [B], the entry's rows the B rows of k, v, k_pos go to (default 0..B-1;
+    a prefill piece riding along a decode step writes its own rows).
     """
     S = entry["pos"].shape[-1]
     held = S
@@ -99,7 +103,7 @@ def write_cache(entry, k, v, k_pos, *, ring: bool, group=None, shards=None):
     if shards is not None:  # this device's slots only; the others (and S) are dropped
         slot = slot - jax.lax.axis_index(shards.axes) * held
         slot = jnp.where((slot >= 0) & (slot < held), slot, held)
-    b = jnp.arange(k_pos.shape[0])[:, None]
+    b = (jnp.arange(k_pos.shape[0]) if rows is None else rows)[:, None]
     lead = (b,) if group is None else (group, b)
     # Index arrays (b, slot) broadcast to [B, T] and, being split by slices, come first
     # in the indexed shape: every update below is [B, T, ...] whatever the layout.
@@ -129,6 +133,9 @@ class Attention(nn.Module):
 
         cache: this layer's entry ([B, S, ...]), or with `group` the entry stacked over
         all groups ([G, B, S, ...]), of which group `group` is read and written in place.
+        With ctx["piece"] (`TextModel(piece=...)`), x is one row [1, L*C + B, D]: the L
+        prefill pieces' C tokens each, then one decode token for each of the cache's B
+        rows; each part attends as it would alone, the pieces over their own cache rows.
         """
         cfg, dt = self.cfg, self.dtype
         D, H, K, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -137,9 +144,18 @@ class Attention(nn.Module):
         wv = param(self, "v", (D, K, d), ("embed", "kv_heads", "head_dim"), dt)
         wo = param(self, "o", (H, d, D), ("q_heads", "head_dim", "embed"), dt)
 
-        q = quant.matmul(x, wq)
-        k = quant.matmul(x, wk)
-        v = quant.matmul(x, wv)
+        q, k, v = quant.matmul(x, wq), quant.matmul(x, wk), quant.matmul(x, wv)
+        piece = ctx.get("piece")
+        if piece is None:
+            q, k = self._positional(q, k, ctx)
+            out, cache = self._attend(q, k, v, ctx, cache, group)
+            return self._out(out, wo), cache
+        out, cache = self._attend_with_piece(q, k, v, ctx, piece, cache, group)
+        return self._out(out, wo), cache
+
+    def _positional(self, q, k, ctx):
+        """RoPE and QK norm (RoPE layers) or the temperature (NoPE layers) of q, k [B, T, N, d]."""
+        cfg = self.cfg
         if self.flags.uses_rope:
             q = apply_rope(q, ctx["cos"], ctx["sin"])
             k = apply_rope(k, ctx["cos"], ctx["sin"])
@@ -147,14 +163,21 @@ class Attention(nn.Module):
                 q = rms_norm(q, None, cfg.rms_norm_eps)
                 k = rms_norm(k, None, cfg.rms_norm_eps)
         elif cfg.attn_temperature_tuning:
-            q = (q.astype(jnp.float32) * ctx["temp"][:, :, None, None]).astype(dt)
+            q = (q.astype(jnp.float32) * ctx["temp"][:, :, None, None]).astype(self.dtype)
+        return q, k
 
-        chunk = cfg.attention_chunk_size if self.flags.is_chunked else self.segment_span
-        q_pos = ctx["q_pos"]
-        k_pos = ctx["k_pos"]
+    @property
+    def _chunk(self):
+        return self.cfg.attention_chunk_size if self.flags.is_chunked else self.segment_span
+
+    def _attend(self, q, k, v, ctx, cache, group):
+        """Attention of q [B, T, H, d] (keys k, v [B, T, K, d]) over the cache rows
+        0..B-1 and itself: (out [B, T, H, d], updated cache entry)."""
+        dt, chunk = self.dtype, self._chunk
+        q_pos, k_pos = ctx["q_pos"], ctx["k_pos"]
         if cache is None:
             keys, vals, kpos = k, v, k_pos
-        elif self.flags.is_chunked and x.shape[1] > 1:
+        elif self.flags.is_chunked and q.shape[1] > 1:
             # Ring buffer, several new tokens: attend over [cached | new] so a prefill
             # longer than the ring still sees its own chunk, then keep the last `chunk`
             # tokens per row.
@@ -168,19 +191,46 @@ class Attention(nn.Module):
             # attend over the cache. The one token at position p evicts p - S, which is
             # never in p's chunk (S is the chunk, or max_len > p), so nothing it may see
             # is lost, and no [cached | new] copy of the ring is made per step.
-            shards = sharding.slot_axes() if x.shape[1] == 1 else None
+            decode = q.shape[1] == 1
+            shards = sharding.slot_axes() if decode else None
             cache = write_cache(cache, k, v, k_pos, ring=self.flags.is_chunked, group=group, shards=shards)
-            if x.shape[1] == 1:
-                # A decode step reads the cache in its own layout, in place, whatever
-                # the backend (the backends are built for many queries).
-                out = cached_attention(q, cache["k"], cache["v"], q_pos, cache["pos"], chunk_size=chunk,
-                                       k_scale=cache.get("k_scale"), v_scale=cache.get("v_scale"),
-                                       split_slots=sharding.splits("cache_seq"), group=group, shards=shards)
-                return self._out(out, wo), cache
+            if decode:
+                return self._read_in_place(q, q_pos, cache, group, shards), cache
             (keys, vals), kpos = read_cache(cache, dt, group), _pick(cache["pos"], group)
+        return attend(q, keys, vals, q_pos, kpos, chunk_size=chunk, impl=self.impl), cache
 
-        out = attend(q, keys, vals, q_pos, kpos, chunk_size=chunk, impl=self.impl)
-        return self._out(out, wo), cache
+    def _read_in_place(self, q, q_pos, cache, group, shards=None):
+        """A decode step reads the cache in its own layout, in place, whatever the
+        backend (the backends are built for many queries)."""
+        return cached_attention(q, cache["k"], cache["v"], q_pos, cache["pos"], chunk_size=self._chunk,
+                                k_scale=cache.get("k_scale"), v_scale=cache.get("v_scale"),
+                                split_slots=sharding.splits("cache_seq"), group=group, shards=shards)
+
+    def _attend_with_piece(self, q, k, v, ctx, piece, cache, group):
+        """q, k, v [1, L*C + B, N, d]: L prefill pieces of C tokens (extending cache rows
+        piece["rows"], whose decode tokens are invalid), then one decode token per cache
+        row. Every new key is written first, then the decode tokens read the cache in
+        place and each piece reads its row.
+
+        Writing a piece before reading it is exact when the piece does not cross a
+        multiple of the attention chunk (the engine's pieces never do): in a ring buffer
+        it then evicts only keys of earlier chunks, which none of its queries sees (a
+        global layer evicts nothing). All writes before all reads also keeps the update
+        in place: a piece row read from the old cache and the writes after it made
+        XLA:CPU copy each layer's whole cache twice per step."""
+        (L, C), B = piece["q_pos"].shape, ctx["q_pos"].shape[0]
+        H, d = q.shape[2], q.shape[3]
+        (qd, kd, vd), (qp, kp, vp) = ([t[0, L * C:].reshape(B, 1, *t.shape[2:]) for t in (q, k, v)],
+                                      [t[0, :L * C].reshape(L, C, *t.shape[2:]) for t in (q, k, v)])
+        qd, kd = self._positional(qd, kd, ctx)
+        qp, kp = self._positional(qp, kp, piece)
+        rows, ring = piece["rows"], self.flags.is_chunked
+        cache = write_cache(cache, kd, vd, ctx["k_pos"], ring=ring, group=group)
+        cache = write_cache(cache, kp, vp, piece["k_pos"], ring=ring, group=group, rows=rows)
+        out_dec = self._read_in_place(qd, ctx["q_pos"], cache, group)
+        (keys, vals), kpos = read_cache(cache, self.dtype, group, rows), _pick(cache["pos"], group, rows)
+        out_pcs = attend(qp, keys, vals, piece["q_pos"], kpos, chunk_size=self._chunk, impl=self.impl)
+        return jnp.concatenate([out_pcs.reshape(1, L * C, H, d), out_dec.reshape(1, B, H, d)], axis=1), cache
 
     def _out(self, out, wo):
         # One [H*d, D] matmul (quant.matmul): contracting (h, e) as two dims made XLA

@@ -106,16 +106,31 @@ class TextModel(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids=None, positions=None, valid=None, cache_layers=None, *, embeds=None,
-                 last_only: bool = False, segment_ids=None):
+                 last_only: bool = False, segment_ids=None, piece=None):
         """last_only: logits of the last position only, [B, 1, V] (prefill of a
         left-padded batch, where that is every row's last real token).
         segment_ids int [B, T]: packed rows (training), a new example wherever the id
         changes; each token attends only to its own example, which is computed as if
         alone (`kernels.reference.segment_positions`): `positions` are then derived
-        from the ids (pass None), and there is no cache."""
+        from the ids (pass None), and there is no cache.
+        piece: prefill pieces riding along a decode step (`engine.ride`), a dict of
+        "ids", "positions", "valid" [L, C], "rows" [L], the cache rows they extend
+        (rows whose decode token is invalid), and "last" [L], the index in its piece of
+        the token whose logits are returned. A piece must not cross a multiple of the
+        attention chunk (see `Attention._attend_with_piece`). The decode step's tokens
+        [B, 1] (one per cache row) and the pieces' L x C tokens run as one row through
+        every projection, norm and FFN (one read of the weights for both); attention is
+        each part's own. Returns logits [B + L, 1, V]: the decode rows', then the
+        pieces' "last" tokens'."""
         cfg, dt = self.cfg, self.dtype
         embed = param(self, "embed", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dt)
         x = embed[input_ids] if embeds is None else embeds.astype(dt)
+        if piece is not None:
+            if x.shape[1] != 1 or segment_ids is not None or self.with_hidden or not cache_layers:
+                raise ValueError("piece rides along a decode step: input_ids [B, 1], a cache, no segment_ids "
+                                 "and no hidden states")
+            B, (L, C) = x.shape[0], piece["ids"].shape
+            x = jnp.concatenate([embed[piece["ids"]].reshape(1, L * C, -1), x.reshape(1, B, -1)], axis=1)
         x = sharding.constrain(x, ("batch", "length", None))
 
         span = None
@@ -132,6 +147,11 @@ class TextModel(nn.Module):
         }
         ctx["cos"], ctx["sin"] = rope_angles(positions, rope_inv_freq(cfg))
         ctx["temp"] = temperature_scale(positions, cfg)
+        if piece is not None:
+            pp = piece["positions"]
+            ctx["piece"] = {"q_pos": pp, "k_pos": jnp.where(piece["valid"], pp, INVALID_POS),
+                            "temp": temperature_scale(pp, cfg), "rows": piece["rows"]}
+            ctx["piece"]["cos"], ctx["piece"]["sin"] = rope_angles(pp, rope_inv_freq(cfg))
 
         group_args = (cfg, dt, self.attn_impl, self.moe_impl, self.with_hidden, span)
         cache_in = cache_layers if cache_layers else None
@@ -168,7 +188,10 @@ class TextModel(nn.Module):
                     new_cache = {name: entry[:g] + (mine[name],) + entry[g + 1:] for name, entry in new_cache.items()}
                 hiddens.append(h)
             hidden = tuple(jnp.stack(h) for h in zip(*hiddens))
-        if last_only:
+        if piece is not None:  # the decode rows' tokens, then each piece's last one
+            last = jnp.take_along_axis(x[0, :L * C].reshape(L, C, -1), piece["last"][:, None, None], axis=1)
+            x = jnp.concatenate([x[0, L * C:], last[:, 0]])[:, None]
+        elif last_only:
             x = x[:, -1:]
         x = RMSNorm(cfg.rms_norm_eps, dt, name="final_norm")(x)
         if cfg.tie_word_embeddings:
