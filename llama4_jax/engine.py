@@ -4,6 +4,8 @@
     new = call_compiled(stats, prefill, params, ids, mask, samp, budget, stop_ids, pixel_values, src, **statics)
     state = call_compiled(stats, insert(state), state, new, slots, rows, cache_rows)
     state, steps = call_compiled(stats, decode, params, state, samp, budget, stop_ids, limit, **statics)
+    state, prompt, steps = call_compiled(stats, ride, params, state, samp, budget, stop_ids, limit, prompt,
+                                         piece=piece_size(text, 512), **statics)
 
 `prefill` runs a left-padded batch of P prompts into a fresh KV cache and samples the
 first token of K sample rows (row k a sample of prompt src[k], with its own seed), so a
@@ -12,7 +14,9 @@ slots of a running one (continuous batching), each with its prompt's cache rows;
 `decode` is one `lax.while_loop` that donates its state (cache included) and runs
 until a row finishes, every row is done, or a step limit. Each row keeps its own step
 (index of its next token), so a request's tokens and random stream do not depend on
-when it entered a slot. All are compiled ahead of time through `call_compiled`, which
+when it entered a slot. `ride` is `decode` with a prompt prefilled into an idle
+row in pieces riding along the steps (one device): each step runs the next piece and
+every decoding row's token as one row through the layers. All are compiled ahead of time through `call_compiled`, which
 keeps the executables across calls and books the compile time apart from prefill and
 decode time (`GenerationStats`); the least recently used are dropped past
 `MAX_COMPILED`.

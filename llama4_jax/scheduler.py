@@ -22,6 +22,10 @@ How a run goes (continuous batching over `batch_size` decode slots):
     time), so it is prefilled once per `batch_size` samples, once when n <= batch_size;
     sample rows that find no free slot are held, prefilled, and inserted as slots free
     up, before anything new is prefilled (at most one such prefill state is held);
+  * on one device (no mesh, float cache), a refill of at most half the slots instead
+    starts the next prompt (one sample, no images) riding along the decode steps in a
+    free row (`engine.ride`: a `RIDE_PIECE`-token piece of it per step, sharing the
+    step's pass over the weights); the row decodes after its last piece;
   * decode (one jitted `lax.while_loop`) runs until a row finishes (or every row is
     done). The host then harvests the finished rows (`on_batch` gets each harvest's
     completions together, e.g. to post-process them in one batched call before they

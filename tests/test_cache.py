@@ -1,6 +1,7 @@
 """KV cache: prefill + decode equals one full forward; ring buffer; int8 error."""
 
 import dataclasses
+import functools
 import gc
 import re
 import weakref
@@ -473,12 +474,13 @@ def test_piece_riding_a_decode_step_equals_both_alone(params, scan):
     t = CFG.text
     p = params if scan else unstack_layers(params)
     model = TextModel(t, jnp.float32, "xla", "ragged", scan_layers=scan)
+    apply = jax.jit(functools.partial(model.apply, p))
     rng = np.random.default_rng(5)
     ids = jnp.asarray(rng.integers(3, t.vocab_size, (3, 12)), jnp.int32)
     pos = jnp.broadcast_to(jnp.arange(12), (3, 12))
     mask = jnp.arange(12) < jnp.asarray([[9], [6], [12]])  # rows of 9, 6 and (stale) 12 tokens, right-padded
     cache0 = init_cache(CFG, 3, 24, per_group=not scan)
-    _, cache0, _ = model.apply(p, ids, pos, mask, cache0)
+    _, cache0, _ = apply(ids, pos, mask, cache0)
     new = jnp.asarray(rng.integers(3, t.vocab_size, (1, 8)), jnp.int32)  # row 2's new prompt
     dec_ids = jnp.asarray([[7], [8], [0]], jnp.int32)
     dec_pos, dec_valid = jnp.asarray([[9], [6], [0]]), jnp.asarray([[True], [True], [False]])
@@ -488,13 +490,13 @@ def test_piece_riding_a_decode_step_equals_both_alone(params, scan):
         piece = {"ids": new[:, 4 * k:4 * k + 4], "positions": jnp.arange(4 * k, 4 * k + 4)[None],
                  "valid": jnp.ones((1, 4), bool), "rows": jnp.asarray([2]), "last": jnp.asarray([3])}
         v = dec_valid if k == 0 else jnp.zeros_like(dec_valid)  # the second piece rides alone
-        logits, cache, _ = model.apply(p, dec_ids, dec_pos, v, cache, piece=piece)
+        logits, cache, _ = apply(dec_ids, dec_pos, v, cache, piece=piece)
         assert logits.shape == (4, 1, t.vocab_size)
         if k == 0:
-            dec_alone, dec_cache, _ = model.apply(p, dec_ids, dec_pos, dec_valid, cache0)
+            dec_alone, dec_cache, _ = apply(dec_ids, dec_pos, dec_valid, cache0)
             np.testing.assert_allclose(logits[:2], dec_alone[:2], atol=1e-5)  # row 2: not decoding
     fresh = init_cache(CFG, 1, 24, per_group=not scan)
-    alone, alone_cache, _ = model.apply(p, new, jnp.arange(8)[None], jnp.ones((1, 8), bool), fresh)
+    alone, alone_cache, _ = apply(new, jnp.arange(8)[None], jnp.ones((1, 8), bool), fresh)
     np.testing.assert_allclose(logits[3], alone[:, -1], atol=1e-5)
 
     # Rows 0 and 1 hold what the decode step alone wrote; row 2 the new prompt's keys
