@@ -525,3 +525,14 @@ def test_piece_size_divides_the_chunk():
     assert engine.piece_size(dataclasses.replace(CFG.text, no_rope_layers=(0,) * 8), 100) == 100  # no chunked layers
     with pytest.raises(ValueError, match="piece size"):
         engine.piece_size(CFG.text, 0)
+
+
+def test_piece_needs_a_decode_step_and_a_cache(params):
+    model = TextModel(CFG.text, jnp.float32, "xla", "ragged")
+    piece = {"ids": jnp.ones((1, 4), jnp.int32), "positions": jnp.arange(4)[None], "valid": jnp.ones((1, 4), bool),
+             "rows": jnp.asarray([0]), "last": jnp.asarray([3])}
+    ids, pos, valid = jnp.ones((2, 2), jnp.int32), jnp.zeros((2, 2), jnp.int32), jnp.ones((2, 2), bool)
+    with pytest.raises(ValueError, match="piece rides along a decode step"):
+        model.apply(params, ids, pos, valid, init_cache(CFG, 2, 8), piece=piece)  # two tokens a row
+    with pytest.raises(ValueError, match="piece rides along a decode step"):
+        model.apply(params, ids[:, :1], pos[:, :1], valid[:, :1], None, piece=piece)  # no cache
