@@ -260,11 +260,18 @@ def prefill(params, ids, mask, samp, budget, stop_ids, pixel_values=None, src=No
     logits, pos = logits[:, 0], jnp.sum(mask, axis=1).astype(jnp.int32)
     if src is not None:
         logits, pos = logits[src], pos[src]
+    return _pin({**_first_rows(logits, samp, budget, stop_ids, pos, max_new, top_logprobs), "cache": cache})
+
+
+def _first_rows(logits, samp, budget, stop_ids, pos, max_new: int, top_k: int) -> dict:
+    """The per-row arrays of K rows whose prompts are prefilled: each draws its first
+    token (step 0) from logits [K, V] of its prompt's last token with its sampling
+    arrays [K], and is done at once at a stop token or a budget [K] of one; pos [K]:
+    the prompts' lengths."""
     tok, lp = sample(logits, samp["temperature"], samp["top_k"], samp["top_p"], samp["min_p"], samp["seed"], 0)
-    top = alternatives(logits, top_logprobs) if top_logprobs else None
+    top = alternatives(logits, top_k) if top_k else None
     stopped = jnp.isin(tok, stop_ids) & (budget > 0)
-    return _pin({**_rows(tok, lp, top, pos, stopped | (budget <= 1), stopped, max_new, top_logprobs),
-                 "cache": cache})
+    return _rows(tok, lp, top, pos, stopped | (budget <= 1), stopped, max_new, top_k)
 
 
 def _state_shardings(state, mesh, rules):
@@ -472,26 +479,12 @@ def _advance(s, logits, samp, budget, stop_ids, top_k: int) -> dict:
 def _start_rows(s, logits, rows, starting, length, samp, budget, stop_ids, top_k: int) -> dict:
     """Rows `rows` [L] of decode state `s` (per-row arrays), where `starting` [L], begin
     decoding: their prompts (of `length` [L] tokens) are in the cache and `logits` [L, V]
-    are those of their last tokens. Each draws its first token (as `prefill` does, with
-    its row's sampling and step 0); the other lanes change nothing."""
+    are those of their last tokens. Each draws its first token as `prefill` does
+    (`_first_rows`, with its row's sampling and budget); the other lanes change nothing."""
     B, N = s["tokens"].shape
+    new = _first_rows(logits, {k: v[rows] for k, v in samp.items()}, budget[rows], stop_ids, length, N, top_k)
     r = jnp.where(starting, rows, B)  # B: dropped
-    pick = lambda x: x[rows]  # noqa: E731
-    tok, lp = sample(logits, pick(samp["temperature"]), pick(samp["top_k"]), pick(samp["top_p"]),
-                     pick(samp["min_p"]), pick(samp["seed"]), 0)
-    row_budget = budget[rows]
-    stopped = jnp.isin(tok, stop_ids) & (row_budget > 0)
-    put = lambda x, v: x.at[r].set(v, mode="drop")  # noqa: E731
-    out = {**s,
-           "tokens": s["tokens"].at[r, 0].set(tok, mode="drop"),
-           "logprobs": s["logprobs"].at[r, 0].set(lp, mode="drop"),
-           "last": put(s["last"], tok), "pos": put(s["pos"], length), "step": put(s["step"], 1),
-           "done": put(s["done"], stopped | (row_budget <= 1)), "stopped": put(s["stopped"], stopped)}
-    if top_k:
-        ids, lps = alternatives(logits, top_k)
-        out["top_ids"] = s["top_ids"].at[r, 0].set(ids, mode="drop")
-        out["top_lps"] = s["top_lps"].at[r, 0].set(lps, mode="drop")
-    return out
+    return {**s, **{k: s[k].at[r].set(v, mode="drop") for k, v in new.items()}}
 
 
 def piece_size(text: TextConfig, size: int) -> int:
