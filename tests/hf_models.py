@@ -18,11 +18,11 @@ import numpy as np
 from llama4_jax.config import Llama4Config, RopeScaling, TextConfig, to_hf
 
 TEXT = {
-    # Scout-like: every layer MoE, qk norm, llama3 scaling 16/1/1, top-1; 12 layers, period 4.
+    # Scout-like: every layer MoE, qk norm, llama3 scaling 16/1/1, top-1; 8 layers, period 4.
     "scout_like": TextConfig(
-        vocab_size=331, hidden_size=60, intermediate_size=28, intermediate_size_mlp=44, num_hidden_layers=12,
+        vocab_size=331, hidden_size=60, intermediate_size=28, intermediate_size_mlp=44, num_hidden_layers=8,
         num_attention_heads=6, num_key_value_heads=2, head_dim=10, num_local_experts=5, num_experts_per_tok=1,
-        moe_layers=tuple(range(12)), no_rope_layers=(1, 1, 1, 0) * 3, attention_chunk_size=8, floor_scale=6,
+        moe_layers=tuple(range(8)), no_rope_layers=(1, 1, 1, 0) * 2, attention_chunk_size=8, floor_scale=6,
         use_qk_norm=True, rope_scaling=RopeScaling(16.0, 1.0, 1.0, 32), rope_theta=10000.0,
         bos_token_id=1, eos_token_id=(2,), pad_token_id=0,
     ),

@@ -31,9 +31,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """Scout-like (top-1, qk norm, chunk 8) with 8 experts, so expert=4 splits them, and 8
-    layers (two scanned groups of three chunked layers and a global one; the twelve of
-    `scout_like` made the two processes' compilations 1.5x as long)."""
+    """Scout-like (top-1, qk norm, chunk 8, 8 layers: two scanned groups of three chunked
+    layers and a global one) with 8 experts, so expert=4 splits them."""
     import dataclasses
 
     import jax

@@ -33,7 +33,7 @@ from tests.test_vision import VISION
 
 ATOL = 1e-4
 SHIPPED = L.load_config(DEFAULT_MODEL)
-# Scout-like attention (chunk 8, floor_scale 6, qk norm, 12 layers) with no routed experts;
+# Scout-like attention (chunk 8, floor_scale 6, qk norm, 8 layers) with no routed experts;
 # the shipped tokenizer's vocabulary and special tokens, so its chat template can drive it.
 GUARD_TEXT = dataclasses.replace(
     hf_models.TEXT["scout_like"], moe_layers=(), vocab_size=SHIPPED.text.vocab_size,
