@@ -41,9 +41,8 @@ def checkpoint(tmp_path_factory):
     from llama4_jax.config import Llama4Config
     from tests.hf_models import TEXT
 
-    config = Llama4Config(text=dataclasses.replace(TEXT["scout_like"], num_local_experts=8, hidden_size=64,
-                                                   num_hidden_layers=8, moe_layers=tuple(range(8)),
-                                                   no_rope_layers=(1, 1, 1, 0) * 2))
+    config = Llama4Config(text=dataclasses.replace(TEXT["scout_like"], num_local_experts=8, hidden_size=64))
+    assert config.text.num_hidden_layers == 8
     path = str(tmp_path_factory.mktemp("multihost") / "ckpt")
     save_hf(config, llama4_jax.init_params(config, jax.random.key(3)), path)
     return path

@@ -108,8 +108,9 @@ def test_attention_weights_reproduce_the_layer_output(scout):
 def test_probes_refuse_bad_input(scout):
     _, config, params = scout
     ids = np.zeros((1, 5), np.int32)
-    with pytest.raises(ValueError, match="outside 0..7"):
-        probes.attention_weights(config, params, ids, layers=(8,))
+    L = config.text.num_hidden_layers
+    with pytest.raises(ValueError, match=rf"layers \[{L}\] are outside 0..{L - 1}"):
+        probes.attention_weights(config, params, ids, layers=(L,))
     with pytest.raises(ValueError, match="attention_mask shape"):
         probes.moe_trace(config, params, ids, attention_mask=np.ones((1, 4)))
     dense = config.replace_text(moe_layers=())
