@@ -361,7 +361,7 @@ def section_attention(s: Section, ctx: dict) -> None:
            "output and of the gradients w.r.t. q, k, v of sum(out * ct), ct random. Times: median of 3 after the "
            "checked call (fewer samples when they would take over 3 s).")
     s.line(f"- `pallas` runs {'compiled (Triton)' if on_gpu else 'in interpret mode (no GPU)'}; `cudnn` is "
-           "the candidate jax.nn.dot_product_attention(implementation='cudnn'), bf16/fp16 only, "
+           "cuDNN flash attention (jax.nn.dot_product_attention; `auto` on GPU in bf16), bf16/fp16 only, "
            + ("run on this GPU" if on_gpu else "GPU only: not run here"))
     s.table("T", "heads", "mask", "dtype", "impl", "fwd err (rel)", "grad err (rel)", "fwd ms", "fwd+bwd ms")
     for T in sz.attn_lengths:

@@ -159,6 +159,8 @@ def expected_markers(name: str) -> tuple[str, ...]:
     else:
         if "pallas" in name:
             marks.append("triton")
+        if name.startswith("attention cudnn"):
+            marks.append("__cudnn$fmha")  # the fused-attention custom call, not the fallback
         if re.search(r"moe (ragged|ep)|moe=ragged|engine", name):
             marks.append("ragged_dot_experts")
     return tuple(marks)

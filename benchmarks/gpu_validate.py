@@ -38,9 +38,9 @@ sections that would start with too little budget left are recorded as skipped.
    mask) and of a decode step (32 rows x 1 token against 16384 cache slots), next to
    `xla`, `blockwise` and (prefill) cuDNN, against `xla` fp32: error, ms and K/V bytes
    per second (decode: against the copy rate of section 1). Then `xla`, `blockwise`,
-   `pallas` (compiled, not interpreted, on GPU) and a candidate, cuDNN flash attention
-   through `jax.nn.dot_product_attention` (chunked layers as causal attention over the
-   sequence reshaped into chunks), at 16K and 32K
+   `pallas` (compiled, not interpreted, on GPU) and `cudnn`, cuDNN flash attention
+   through `jax.nn.dot_product_attention` (`auto`'s GPU choice for bf16: chunked layers
+   as causal attention over the sequence reshaped into chunks), at 16K and 32K
    tokens, chunk 8192, with the chunked (RoPE-layer) mask and the global (NoPE-layer)
    one, batch 1, 4 query heads on 2 KV heads of 128 (2 on 1 at 32K, where the `xla`
    reference's [H, T, T] fp32 arrays would not fit otherwise): forward output and the
@@ -60,7 +60,9 @@ sections that would start with too little budget left are recorded as skipped.
    (bytes of active weights read per token plus the KV cache at the mean context,
    divided by the measured copy rate). Batch-64 decode tokens/s, same methods, and
    the greedy agreement of the two. Last, the prefill through the `xla` and `pallas`
-   attention backends (`auto`: `kernels.default_attention_impl`; the recorded H200 run predates `xla` as the GPU default, when `auto` was `blockwise` past 1024 tokens).
+   attention backends (`auto`: `kernels.default_attention_impl`, `cudnn` for this bf16
+   model; the recorded H200 run predates `cudnn` and `xla` as GPU defaults, when `auto`
+   was `blockwise` past 1024 tokens).
 6. parity_1b: the same ~1B model in fp32 (weights are bf16-representable, so both
    dtypes hold the same model) against HF fp32, and the bf16 logits of section 5
    against it.
@@ -76,7 +78,8 @@ paths for `tpu` (`kernels.platform.lower_for_tpu`: splash attention forward and
 gradient, the `gmm` MoE, `ep` on `ragged_all_to_all` with `gmm`, the model forward
 with `auto` attention), and prints one line per program; it exits non-zero if any
 fails. cuDNN attention cannot be lowered without a GPU (jax checks for cuDNN while
-tracing) and is reported as skipped; a TPU program is reported as skipped, with the
+tracing; traced for a GPU on a CPU host, the `cudnn` backend would lower its fallback)
+and is reported as skipped; a TPU program is reported as skipped, with the
 reason, only if this jax lacks the Pallas TPU ops or cannot lower Mosaic kernels
 without a chip (jax 0.10.2 can). Lowering proves tracing and StableHLO; Mosaic's and
 Triton's own compilation of the kernels happens only on the device.

@@ -342,7 +342,8 @@ def test_model_forward_matches_xla():
 
 
 def test_registered_and_default():
-    assert {"xla", "blockwise", "pallas", "splash", "ring", "ring_blockwise", "ring_pallas", "auto"} <= set(backends())
+    assert {"xla", "blockwise", "pallas", "splash", "cudnn", "ring", "ring_blockwise", "ring_pallas",
+            "auto"} <= set(backends())
     assert default_attention_impl(256) == "xla"
     assert default_attention_impl(65536) == "blockwise"
     with pytest.raises(ValueError, match="unknown attention_impl 'nope'"):
@@ -558,3 +559,113 @@ def test_splash_lowers_for_tpu(chunk):
         assert exp.platforms == ("tpu",) and "tpu_custom_call" in module
         for name in kernels:
             assert name in module, name
+
+
+# ---- cudnn (cuDNN flash attention on a GPU; jax.nn's XLA implementation here) -------
+
+# (B, T, H, K, d, chunk): whole chunks plus a partial one, GQA 5; whole chunks only,
+# GQA 4; one partial chunk (T < chunk); global.
+CUDNN_CASES = {
+    "chunk8_tail_gqa5": (2, 37, 5, 1, 16, 8),
+    "chunk16_dividing_gqa4": (2, 48, 8, 2, 8, 16),
+    "chunk64_one_partial": (1, 40, 4, 2, 8, 64),
+    "global": (2, 33, 4, 2, 8, None),
+}
+
+
+@pytest.mark.parametrize("case", list(CUDNN_CASES))
+def test_cudnn_equals_xla(case):
+    """The kernel's calls (chunks reshaped into rows, the partial chunk apart) equal xla
+    where they apply (positions 0..T-1 in every row), alone and through the `cudnn`
+    backend; off a GPU they run jax.nn's XLA implementation, the same calls cuDNN gets."""
+    from llama4_jax.kernels import cudnn
+
+    B, T, H, K, d, chunk = CUDNN_CASES[case]
+    q, k, v, qp, kp = contiguous_inputs(B, T, H, K, d, seed=11)
+    ref = xla_attention(q, k, v, qp, kp, chunk_size=chunk)
+    out = jax.jit(lambda q, k, v: cudnn.chunked_causal(q, k, v, chunk_size=chunk))(q, k, v)
+    np.testing.assert_allclose(out, ref, atol=TOL, rtol=0)
+    out = jax.jit(lambda *a: attend(*a, chunk_size=chunk, impl="cudnn"))(q, k, v, qp, kp)
+    np.testing.assert_allclose(out, ref, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["chunk8_tail_gqa5", "global"])
+def test_cudnn_gradients_match_reference(case):
+    """Gradients through the reshaped calls equal jax.grad of the reference (on a GPU,
+    cuDNN's own backward kernels compute them)."""
+    from llama4_jax.kernels import cudnn
+
+    B, T, H, K, d, chunk = CUDNN_CASES[case]
+    q, k, v, qp, kp = contiguous_inputs(B, T, H, K, d, seed=12)
+    w = jnp.asarray(np.random.default_rng(13).normal(size=(B, T, H, d)), jnp.float32)
+    f = lambda q, k, v: jnp.sum(cudnn.chunked_causal(q, k, v, chunk_size=chunk) * w)  # noqa: E731
+    f_ref = lambda q, k, v: jnp.sum(xla_attention(q, k, v, qp, kp, chunk_size=chunk) * w)  # noqa: E731
+    grads = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(q, k, v)
+    for g, g_ref, name in zip(grads, jax.grad(f_ref, argnums=(0, 1, 2))(q, k, v), "qkv"):
+        np.testing.assert_allclose(g, g_ref, atol=GRAD_TOL, rtol=0, err_msg=f"d{name}")
+
+
+def test_cudnn_applies_only_where_its_mask_is_ours():
+    """The kernel's calls run exactly when positions are 0..T-1 in every row of a
+    self-attention call with no multi-device mesh; a fallback that returns a sentinel
+    shows which branch ran. Through the registered backend, padded rows equal xla."""
+    from llama4_jax import sharding
+    from llama4_jax.kernels import cudnn
+
+    B, T, H, K, d, chunk = CUDNN_CASES["chunk8_tail_gqa5"]
+    q, k, v, qp, kp = contiguous_inputs(B, T, H, K, d, seed=14)
+    sentinel = lambda q, k, v, qp, kp, chunk_size: jnp.full(q.shape, 7.0, q.dtype)  # noqa: E731
+    call = jax.jit(lambda q, k, v, qp, kp: cudnn.cudnn_attention(q, k, v, qp, kp, chunk_size=chunk,
+                                                                  fallback=sentinel))
+    np.testing.assert_allclose(call(q, k, v, qp, kp), xla_attention(q, k, v, qp, kp, chunk_size=chunk), atol=TOL)
+    _, _, _, qp_pad, kp_pad = make_inputs(B, T, T, H, K, d, left_pad=(0, 3))
+    for name, (qpos, kpos) in {"left pad": (qp_pad, kp_pad), "offset": (qp + 8, kp + 8),
+                               "invalid slot": (qp, kp.at[0, 5].set(INVALID_POS))}.items():
+        assert np.all(np.asarray(call(q, k, v, qpos, kpos)) == 7.0), name
+    assert np.all(np.asarray(cudnn.cudnn_attention(q[:, -1:], k, v, qp[:, -1:], kp, chunk_size=chunk,
+                                                   fallback=sentinel)) == 7.0)  # a decode step
+    with sharding.activate(sharding.make_mesh("data=8")):
+        assert np.all(np.asarray(cudnn.cudnn_attention(q, k, v, qp, kp, chunk_size=chunk, fallback=sentinel)) == 7.0)
+    out = jax.jit(lambda *a: attend(*a, chunk_size=chunk, impl="cudnn"))(q, k, v, qp_pad, kp_pad)
+    m = valid_rows(qp_pad, kp_pad)
+    ref = xla_attention(q, k, v, qp_pad, kp_pad, chunk_size=chunk)
+    np.testing.assert_allclose(np.where(m, out, 0), np.where(m, ref, 0), atol=TOL, rtol=0)
+
+
+def test_model_forward_with_cudnn_matches_xla():
+    """The decoder with `cudnn` (chunk 8 over 125 tokens: 15 whole chunks and a partial
+    one) equals xla: unpadded rows take the kernel's calls in every layer; with a
+    left-padded row the whole batch takes the fallback."""
+    params, ids, mask, ref_padded = model_case()
+    ref = forward(MODEL_CFG, params, ids, moe_impl="dense")
+    out = forward(MODEL_CFG, params, ids, attention_impl="cudnn", moe_impl="dense")
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=0)
+    out = forward(MODEL_CFG, params, ids, attention_mask=mask, attention_impl="cudnn", moe_impl="dense")
+    m = mask[:, :, None] > 0
+    np.testing.assert_allclose(np.where(m, out, 0), np.where(m, ref_padded, 0), atol=2e-5, rtol=0)
+
+
+def test_auto_on_gpu_is_cudnn_for_half_precision():
+    """`auto` on a GPU is `cudnn` for bf16/fp16 activations and the scores-size rule for
+    fp32. Traced for a GPU on this host (no cuDNN here), the `cudnn` backend is its
+    fallback alone: `auto` in bf16 lowers for cuda, with neither cuDNN's custom call
+    nor the positions check and jax.nn's XLA implementation (which run only off GPU)."""
+    from jax import export
+
+    from llama4_jax.kernels import cudnn, platform
+
+    assert default_attention_impl(4096, platform="gpu", dtype=jnp.bfloat16) == "cudnn"
+    assert default_attention_impl(4096, platform="gpu", dtype=jnp.float16) == "cudnn"
+    assert default_attention_impl(4096, platform="gpu", dtype=jnp.float32) == "xla"
+    assert default_attention_impl(4096, platform="gpu") == "xla"
+    assert default_attention_impl(4096, platform="cpu", dtype=jnp.bfloat16) == "blockwise"
+    assert default_attention_impl(4096, platform="tpu", dtype=jnp.bfloat16) == "splash"
+    q, k, v, qp, kp = make_inputs(1, 64, 64, 4, 2, 128, dtype=jnp.bfloat16)
+    with platform.tracing_for("cuda"):
+        assert not cudnn.cudnn_runs(q, k, v, 16)
+        exp = export.export(jax.jit(lambda *a: attend(*a, chunk_size=16, impl="auto")), platforms=["cuda"])(
+            q, k, v, qp, kp)
+    module = exp.mlir_module()
+    assert "__cudnn" not in module  # no fused-attention custom call
+    assert "stablehlo.case" not in module and "stablehlo.if" not in module  # no positions check: the fallback alone
+    assert not cudnn.cudnn_runs(q, k, v, 16)  # on this CPU host: not a GPU trace

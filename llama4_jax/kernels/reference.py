@@ -28,6 +28,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from .. import sharding  # the mesh context only (sharding imports nothing of the package)
+
 # Larger than any real position, small enough that pos // chunk stays in int32.
 INVALID_POS = 2**30
 # Finite, so a fully-masked row gives a uniform softmax instead of NaN.
@@ -79,6 +81,25 @@ def segment_positions(segment_ids, valid, chunk_size: int | None):
     segment = jnp.cumsum(start, axis=1, dtype=jnp.int32) - 1
     positions = jnp.where(valid, t - first, 0).astype(jnp.int32)
     return positions, segment * span + positions, span
+
+
+def contiguous_positions(q_pos, k_pos):
+    """bool scalar: every row's query and key positions are 0, 1, ..., T-1 (S == T).
+
+    Where this holds, our position mask is the index mask a fused kernel builds itself
+    (causal, or chunked causal with chunks from index 0): the device-side half of the
+    condition under which `splash` and `cudnn` run their kernels."""
+    ar = jnp.arange(q_pos.shape[1], dtype=q_pos.dtype)[None]
+    return jnp.all(q_pos == ar) & jnp.all(k_pos == ar.astype(k_pos.dtype))
+
+
+def kernel_may_apply(q, k) -> bool:
+    """The trace-time half of that condition: self-attention (S == T) and no active
+    multi-device mesh (`sharding.activate`: a fused kernel is a custom call the SPMD
+    partitioner cannot split, so XLA would gather q/k/v onto every device)."""
+    ctx = sharding.active()
+    multi = ctx is not None and ctx[0].size > 1
+    return q.shape[1] == k.shape[1] and not multi
 
 
 def xla_attention(q, k, v, q_pos, k_pos, *, chunk_size: int | None = None):

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from . import platform
+from .reference import contiguous_positions, kernel_may_apply
 
 BLOCKS = (512, 256, 128)  # splash's kv compute block must be a multiple of 128 lanes
 
@@ -91,26 +92,10 @@ def splash_kernel_attention(q, k, v, *, chunk_size: int | None = None, interpret
     return out.transpose(0, 2, 1, 3)[:, :T].astype(q.dtype)
 
 
-def contiguous_positions(q_pos, k_pos):
-    """bool scalar: every row's query and key positions are 0, 1, ..., T-1 (S == T)."""
-    ar = jnp.arange(q_pos.shape[1], dtype=q_pos.dtype)[None]
-    return jnp.all(q_pos == ar) & jnp.all(k_pos == ar.astype(k_pos.dtype))
-
-
-def static_applies(q, k) -> bool:
-    """The trace-time half of the condition: self-attention (S == T) and no active
-    multi-device mesh."""
-    from .. import sharding  # the mesh context only (sharding imports nothing of the package)
-
-    ctx = sharding.active()
-    multi = ctx is not None and ctx[0].size > 1
-    return q.shape[1] == k.shape[1] and not multi
-
-
 def splash_attention(q, k, v, q_pos, k_pos, *, chunk_size=None, fallback, interpret: bool | None = None):
     """Attention equal to `xla_attention`: splash where the module's condition holds,
     `fallback(q, k, v, q_pos, k_pos, chunk_size=...)` everywhere else."""
-    if not static_applies(q, k):
+    if not kernel_may_apply(q, k):
         return fallback(q, k, v, q_pos, k_pos, chunk_size=chunk_size)
     with jax.named_scope("splash_attention"):
         return jax.lax.cond(

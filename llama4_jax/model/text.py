@@ -352,9 +352,10 @@ def forward(
       attention_mask: optional 0/1 [B, T]; left or right padding. Positions, the
         chunk boundaries and the NoPE temperature follow each row's real tokens.
       attention_impl: attention backend (see `llama4_jax.model.attention.backends()`):
-        "xla" (the reference), "blockwise", "pallas", "ring" (needs a mesh with a
-        `seq` axis), or "auto", the default (`llama4_jax.kernels.default_attention_impl`:
-        on CPU xla up to 512 tokens, then blockwise; on GPU xla while its scores fit
+        "xla" (the reference), "blockwise", "pallas", "splash", "cudnn", "ring" (needs
+        a mesh with a `seq` axis), or "auto", the default
+        (`llama4_jax.kernels.default_attention_impl`: on CPU xla up to 256 tokens, then
+        blockwise; on GPU cudnn for bf16/fp16 weights, else xla while its scores fit
         4 GiB, then blockwise; splash on TPU).
       moe_impl: "ragged" (only the chosen experts), "dense" (the reference) or "ep"
         (expert parallel over the mesh); default: "ep" when the mesh splits the
@@ -396,7 +397,8 @@ def forward(
                                      for a in (input_ids, attention_mask))
     if attention_impl == "auto":
         attention_impl = default_attention_impl(input_ids.shape[1], mesh=mesh,
-                                                batch_heads=input_ids.shape[0] * config.text.num_attention_heads)
+                                                batch_heads=input_ids.shape[0] * config.text.num_attention_heads,
+                                                dtype=params["params"]["embed"].dtype)
     if moe_impl is None:
         moe_impl = "ep" if mesh is not None and sharding.splits_experts(mesh, rules, config.text) else "ragged"
     logits, hidden = _forward(config, params, input_ids, attention_mask, attention_impl, moe_impl,
