@@ -401,7 +401,9 @@ def test_kernels_do_not_import_the_model():
                 assert not any(a.name.startswith("llama4_jax.model") for a in node.names), path.name
 
 
-# ---- splash (jax's Pallas TPU kernel; interpret mode here) ----------------------------
+# ---- fused kernels under a positions check: splash (jax's Pallas TPU kernel,
+# interpret mode here) and cudnn (cuDNN flash attention; jax.nn's XLA implementation
+# off a GPU) -----------------------------------------------------------------------------
 
 # (B, T, H, K, d, chunk): chunk not dividing T, GQA 5, head dim 14 (T padded to 128);
 # global over 130 tokens (two 128-token blocks after padding, one nearly empty);
@@ -419,34 +421,116 @@ def contiguous_inputs(B, T, H, K, d, seed=0, dtype=jnp.float32):
     return q, k, v, qp, kp
 
 
-@pytest.mark.parametrize("case", list(SPLASH_CASES))
-def test_splash_equals_xla(case):
-    """The splash kernel (interpret mode) equals xla where it applies (positions 0..T-1
-    in every row), alone and through the `splash` backend."""
+# (B, T, H, K, d, chunk): whole chunks plus a partial one, GQA 5; whole chunks only,
+# GQA 4; one partial chunk (T < chunk); global.
+CUDNN_CASES = {
+    "chunk8_tail_gqa5": (2, 37, 5, 1, 16, 8),
+    "chunk16_dividing_gqa4": (2, 48, 8, 2, 8, 16),
+    "chunk64_one_partial": (1, 40, 4, 2, 8, 64),
+    "global": (2, 33, 4, 2, 8, None),
+}
+
+
+def _splash_kernel(q, k, v, chunk):
     from llama4_jax.kernels import splash
 
-    B, T, H, K, d, chunk = SPLASH_CASES[case]
+    return splash.splash_kernel_attention(q, k, v, chunk_size=chunk)
+
+
+def _cudnn_kernel(q, k, v, chunk):
+    from llama4_jax.kernels import cudnn
+
+    return cudnn.chunked_causal(q, k, v, chunk_size=chunk)
+
+
+def _with_fallback(name):
+    from llama4_jax.kernels import cudnn, splash
+
+    return {"splash": splash.splash_attention, "cudnn": cudnn.cudnn_attention}[name]
+
+
+# name -> (the kernel alone for positions 0..T-1, its cases, the cases its gradient runs)
+FUSED = {
+    "splash": (_splash_kernel, SPLASH_CASES, ("chunk8_gqa5", "global_two_blocks")),
+    "cudnn": (_cudnn_kernel, CUDNN_CASES, ("chunk8_tail_gqa5", "global")),
+}
+
+
+@pytest.mark.parametrize("name,case", [(n, c) for n, (_, cases, _) in FUSED.items() for c in cases])
+def test_fused_kernel_equals_xla(name, case):
+    """The kernel equals xla where it applies (positions 0..T-1 in every row), alone and
+    through its backend: splash in interpret mode; cudnn's calls (chunks reshaped into
+    rows, a partial chunk apart) through jax.nn's XLA implementation, the calls cuDNN
+    gets on a GPU."""
+    kernel, cases, _ = FUSED[name]
+    B, T, H, K, d, chunk = cases[case]
     q, k, v, qp, kp = contiguous_inputs(B, T, H, K, d, seed=5)
     ref = xla_attention(q, k, v, qp, kp, chunk_size=chunk)
-    out = jax.jit(lambda q, k, v: splash.splash_kernel_attention(q, k, v, chunk_size=chunk))(q, k, v)
+    out = jax.jit(lambda q, k, v: kernel(q, k, v, chunk))(q, k, v)
     np.testing.assert_allclose(out, ref, atol=TOL, rtol=0)
-    out = jax.jit(lambda *a: attend(*a, chunk_size=chunk, impl="splash"))(q, k, v, qp, kp)
+    out = jax.jit(lambda *a: attend(*a, chunk_size=chunk, impl=name))(q, k, v, qp, kp)
     np.testing.assert_allclose(out, ref, atol=TOL, rtol=0)
 
 
-@pytest.mark.parametrize("case", ["chunk8_gqa5", "global_two_blocks"])
-def test_splash_gradients_match_reference(case):
-    """Splash's own backward kernels (dq, dkv) equal jax.grad of the reference."""
-    from llama4_jax.kernels import splash
-
-    B, T, H, K, d, chunk = SPLASH_CASES[case]
+@pytest.mark.parametrize("name,case", [(n, c) for n, (_, _, grads) in FUSED.items() for c in grads])
+def test_fused_kernel_gradients_match_reference(name, case):
+    """The kernel's gradients equal jax.grad of the reference (splash's own dq / dkv
+    kernels; for cudnn the reshaped calls', cuDNN's backward kernels on a GPU)."""
+    kernel, cases, _ = FUSED[name]
+    B, T, H, K, d, chunk = cases[case]
     q, k, v, qp, kp = contiguous_inputs(B, T, H, K, d, seed=6)
     w = jnp.asarray(np.random.default_rng(7).normal(size=(B, T, H, d)), jnp.float32)
-    f = lambda q, k, v: jnp.sum(splash.splash_kernel_attention(q, k, v, chunk_size=chunk) * w)  # noqa: E731
+    f = lambda q, k, v: jnp.sum(kernel(q, k, v, chunk) * w)  # noqa: E731
     f_ref = lambda q, k, v: jnp.sum(xla_attention(q, k, v, qp, kp, chunk_size=chunk) * w)  # noqa: E731
     grads = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(q, k, v)
-    for g, g_ref, name in zip(grads, jax.grad(f_ref, argnums=(0, 1, 2))(q, k, v), "qkv"):
-        np.testing.assert_allclose(g, g_ref, atol=GRAD_TOL, rtol=0, err_msg=f"d{name}")
+    for g, g_ref, gname in zip(grads, jax.grad(f_ref, argnums=(0, 1, 2))(q, k, v), "qkv"):
+        np.testing.assert_allclose(g, g_ref, atol=GRAD_TOL, rtol=0, err_msg=f"d{gname}")
+
+
+@pytest.mark.parametrize("name", list(FUSED))
+def test_fused_kernel_applies_only_where_its_mask_is_ours(name):
+    """The kernel runs exactly when positions are 0..T-1 in every row of a self-attention
+    call with no multi-device mesh; everything else takes the fallback. A fallback that
+    returns a sentinel shows which branch ran."""
+    from llama4_jax import sharding
+
+    with_fallback = _with_fallback(name)
+    B, T, H, K, d, chunk = SPLASH_CASES["chunk8_gqa5"]
+    q, k, v, qp, kp = contiguous_inputs(B, T, H, K, d, seed=9)
+    sentinel = lambda q, k, v, qp, kp, chunk_size: jnp.full(q.shape, 7.0, q.dtype)  # noqa: E731
+    call = jax.jit(lambda q, k, v, qp, kp: with_fallback(q, k, v, qp, kp, chunk_size=chunk, fallback=sentinel))
+    np.testing.assert_allclose(call(q, k, v, qp, kp), xla_attention(q, k, v, qp, kp, chunk_size=chunk), atol=TOL)
+    _, _, _, qp_pad, kp_pad = make_inputs(B, T, T, H, K, d, left_pad=(0, 3))  # row 1 left-padded
+    shifted = qp + 8  # contiguous but not starting at 0 (chunks would be misaligned)
+    invalid = kp.at[0, 5].set(INVALID_POS)  # one empty key slot
+    for case, (qpos, kpos) in {"left pad": (qp_pad, kp_pad), "offset": (shifted, shifted),
+                               "invalid slot": (qp, invalid), "keys differ": (qp, kp.at[1].set(kp[1, ::-1]))}.items():
+        assert np.all(np.asarray(call(q, k, v, qpos, kpos)) == 7.0), case
+    # Static: a decode step (T=1 against 37 keys), and an active 8-device mesh.
+    assert np.all(np.asarray(with_fallback(q[:, -1:], k, v, qp[:, -1:], kp, chunk_size=chunk,
+                                           fallback=sentinel)) == 7.0)
+    with sharding.activate(sharding.make_mesh("data=8")):
+        assert np.all(np.asarray(with_fallback(q, k, v, qp, kp, chunk_size=chunk, fallback=sentinel)) == 7.0)
+    # The registered backend's fallback is a real backend: left-padded rows equal xla.
+    out = jax.jit(lambda *a: attend(*a, chunk_size=chunk, impl=name))(q, k, v, qp_pad, kp_pad)
+    m = valid_rows(qp_pad, kp_pad)
+    ref = xla_attention(q, k, v, qp_pad, kp_pad, chunk_size=chunk)
+    np.testing.assert_allclose(np.where(m, out, 0), np.where(m, ref, 0), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(FUSED))
+def test_model_forward_with_fused_kernel_matches_xla(name):
+    """The decoder with `splash` or `cudnn` (3 chunked RoPE layers with QK norm, 1
+    global NoPE layer with temperature tuning, chunk 8 over 125 tokens: 15 whole chunks
+    and a partial one) equals xla: unpadded rows run the kernel in every layer; with a
+    left-padded row the whole batch takes the fallback."""
+    params, ids, mask, ref_padded = model_case()
+    ref = forward(MODEL_CFG, params, ids, moe_impl="dense")
+    out = forward(MODEL_CFG, params, ids, attention_impl=name, moe_impl="dense")
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=0)
+    out = forward(MODEL_CFG, params, ids, attention_mask=mask, attention_impl=name, moe_impl="dense")
+    m = mask[:, :, None] > 0
+    np.testing.assert_allclose(np.where(m, out, 0), np.where(m, ref_padded, 0), atol=2e-5, rtol=0)
 
 
 def test_splash_bf16():
@@ -465,50 +549,6 @@ def test_splash_bf16():
     np.testing.assert_allclose(out, ref, atol=3e-2, rtol=0)
     err_ref, err_out = float(jnp.max(jnp.abs(ref - exact))), float(jnp.max(jnp.abs(out - exact)))
     assert err_out <= 1.5 * err_ref + 1e-3, (err_out, err_ref)
-
-
-def test_splash_applies_only_where_its_mask_is_ours():
-    """The kernel runs exactly when positions are 0..T-1 in every row of a self-attention
-    call with no multi-device mesh; everything else takes the fallback. A fallback that
-    returns a sentinel shows which branch ran."""
-    from llama4_jax import sharding
-    from llama4_jax.kernels import splash
-
-    B, T, H, K, d, chunk = SPLASH_CASES["chunk8_gqa5"]
-    q, k, v, qp, kp = contiguous_inputs(B, T, H, K, d, seed=9)
-    sentinel = lambda q, k, v, qp, kp, chunk_size: jnp.full(q.shape, 7.0, q.dtype)  # noqa: E731
-    call = jax.jit(lambda q, k, v, qp, kp: splash.splash_attention(q, k, v, qp, kp, chunk_size=chunk,
-                                                                    fallback=sentinel))
-    np.testing.assert_allclose(call(q, k, v, qp, kp), xla_attention(q, k, v, qp, kp, chunk_size=chunk), atol=TOL)
-    _, _, _, qp_pad, kp_pad = make_inputs(B, T, T, H, K, d, left_pad=(0, 3))  # row 1 left-padded
-    shifted = qp + 8  # contiguous but not starting at 0 (chunks would be misaligned)
-    invalid = kp.at[0, 5].set(INVALID_POS)  # one empty key slot
-    for name, (qpos, kpos) in {"left pad": (qp_pad, kp_pad), "offset": (shifted, shifted),
-                               "invalid slot": (qp, invalid), "keys differ": (qp, kp.at[1].set(kp[1, ::-1]))}.items():
-        assert np.all(np.asarray(call(q, k, v, qpos, kpos)) == 7.0), name
-    # Static: a decode step (T=1 against 37 keys), and an active 8-device mesh.
-    assert np.all(np.asarray(splash.splash_attention(q[:, -1:], k, v, qp[:, -1:], kp, chunk_size=chunk,
-                                                     fallback=sentinel)) == 7.0)
-    with sharding.activate(sharding.make_mesh("data=8")):
-        assert np.all(np.asarray(splash.splash_attention(q, k, v, qp, kp, chunk_size=chunk, fallback=sentinel)) == 7.0)
-    # The registered backend's fallback is a real backend: left-padded rows equal xla.
-    out = jax.jit(lambda *a: attend(*a, chunk_size=chunk, impl="splash"))(q, k, v, qp_pad, kp_pad)
-    m = valid_rows(qp_pad, kp_pad)
-    ref = xla_attention(q, k, v, qp_pad, kp_pad, chunk_size=chunk)
-    np.testing.assert_allclose(np.where(m, out, 0), np.where(m, ref, 0), atol=TOL, rtol=0)
-
-
-def test_model_forward_with_splash_matches_xla():
-    """The decoder with `splash` (3 chunked RoPE layers with QK norm, 1 global NoPE layer
-    with temperature tuning, chunk 8, floor_scale 6) equals xla: unpadded rows run the
-    kernel in every layer; with a left-padded row the whole batch takes the fallback."""
-    params, ids, mask, ref_padded = model_case()
-    ref = forward(MODEL_CFG, params, ids, moe_impl="dense")
-    out = forward(MODEL_CFG, params, ids, attention_impl="splash", moe_impl="dense")
-    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=0)
-    out = forward(MODEL_CFG, params, ids, attention_mask=mask, attention_impl="splash", moe_impl="dense")
-    m = mask[:, :, None] > 0
-    np.testing.assert_allclose(np.where(m, out, 0), np.where(m, ref_padded, 0), atol=2e-5, rtol=0)
 
 
 def test_auto_on_tpu_is_splash():
@@ -559,90 +599,6 @@ def test_splash_lowers_for_tpu(chunk):
         assert exp.platforms == ("tpu",) and "tpu_custom_call" in module
         for name in kernels:
             assert name in module, name
-
-
-# ---- cudnn (cuDNN flash attention on a GPU; jax.nn's XLA implementation here) -------
-
-# (B, T, H, K, d, chunk): whole chunks plus a partial one, GQA 5; whole chunks only,
-# GQA 4; one partial chunk (T < chunk); global.
-CUDNN_CASES = {
-    "chunk8_tail_gqa5": (2, 37, 5, 1, 16, 8),
-    "chunk16_dividing_gqa4": (2, 48, 8, 2, 8, 16),
-    "chunk64_one_partial": (1, 40, 4, 2, 8, 64),
-    "global": (2, 33, 4, 2, 8, None),
-}
-
-
-@pytest.mark.parametrize("case", list(CUDNN_CASES))
-def test_cudnn_equals_xla(case):
-    """The kernel's calls (chunks reshaped into rows, the partial chunk apart) equal xla
-    where they apply (positions 0..T-1 in every row), alone and through the `cudnn`
-    backend; off a GPU they run jax.nn's XLA implementation, the same calls cuDNN gets."""
-    from llama4_jax.kernels import cudnn
-
-    B, T, H, K, d, chunk = CUDNN_CASES[case]
-    q, k, v, qp, kp = contiguous_inputs(B, T, H, K, d, seed=11)
-    ref = xla_attention(q, k, v, qp, kp, chunk_size=chunk)
-    out = jax.jit(lambda q, k, v: cudnn.chunked_causal(q, k, v, chunk_size=chunk))(q, k, v)
-    np.testing.assert_allclose(out, ref, atol=TOL, rtol=0)
-    out = jax.jit(lambda *a: attend(*a, chunk_size=chunk, impl="cudnn"))(q, k, v, qp, kp)
-    np.testing.assert_allclose(out, ref, atol=TOL, rtol=0)
-
-
-@pytest.mark.parametrize("case", ["chunk8_tail_gqa5", "global"])
-def test_cudnn_gradients_match_reference(case):
-    """Gradients through the reshaped calls equal jax.grad of the reference (on a GPU,
-    cuDNN's own backward kernels compute them)."""
-    from llama4_jax.kernels import cudnn
-
-    B, T, H, K, d, chunk = CUDNN_CASES[case]
-    q, k, v, qp, kp = contiguous_inputs(B, T, H, K, d, seed=12)
-    w = jnp.asarray(np.random.default_rng(13).normal(size=(B, T, H, d)), jnp.float32)
-    f = lambda q, k, v: jnp.sum(cudnn.chunked_causal(q, k, v, chunk_size=chunk) * w)  # noqa: E731
-    f_ref = lambda q, k, v: jnp.sum(xla_attention(q, k, v, qp, kp, chunk_size=chunk) * w)  # noqa: E731
-    grads = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(q, k, v)
-    for g, g_ref, name in zip(grads, jax.grad(f_ref, argnums=(0, 1, 2))(q, k, v), "qkv"):
-        np.testing.assert_allclose(g, g_ref, atol=GRAD_TOL, rtol=0, err_msg=f"d{name}")
-
-
-def test_cudnn_applies_only_where_its_mask_is_ours():
-    """The kernel's calls run exactly when positions are 0..T-1 in every row of a
-    self-attention call with no multi-device mesh; a fallback that returns a sentinel
-    shows which branch ran. Through the registered backend, padded rows equal xla."""
-    from llama4_jax import sharding
-    from llama4_jax.kernels import cudnn
-
-    B, T, H, K, d, chunk = CUDNN_CASES["chunk8_tail_gqa5"]
-    q, k, v, qp, kp = contiguous_inputs(B, T, H, K, d, seed=14)
-    sentinel = lambda q, k, v, qp, kp, chunk_size: jnp.full(q.shape, 7.0, q.dtype)  # noqa: E731
-    call = jax.jit(lambda q, k, v, qp, kp: cudnn.cudnn_attention(q, k, v, qp, kp, chunk_size=chunk,
-                                                                  fallback=sentinel))
-    np.testing.assert_allclose(call(q, k, v, qp, kp), xla_attention(q, k, v, qp, kp, chunk_size=chunk), atol=TOL)
-    _, _, _, qp_pad, kp_pad = make_inputs(B, T, T, H, K, d, left_pad=(0, 3))
-    for name, (qpos, kpos) in {"left pad": (qp_pad, kp_pad), "offset": (qp + 8, kp + 8),
-                               "invalid slot": (qp, kp.at[0, 5].set(INVALID_POS))}.items():
-        assert np.all(np.asarray(call(q, k, v, qpos, kpos)) == 7.0), name
-    assert np.all(np.asarray(cudnn.cudnn_attention(q[:, -1:], k, v, qp[:, -1:], kp, chunk_size=chunk,
-                                                   fallback=sentinel)) == 7.0)  # a decode step
-    with sharding.activate(sharding.make_mesh("data=8")):
-        assert np.all(np.asarray(cudnn.cudnn_attention(q, k, v, qp, kp, chunk_size=chunk, fallback=sentinel)) == 7.0)
-    out = jax.jit(lambda *a: attend(*a, chunk_size=chunk, impl="cudnn"))(q, k, v, qp_pad, kp_pad)
-    m = valid_rows(qp_pad, kp_pad)
-    ref = xla_attention(q, k, v, qp_pad, kp_pad, chunk_size=chunk)
-    np.testing.assert_allclose(np.where(m, out, 0), np.where(m, ref, 0), atol=TOL, rtol=0)
-
-
-def test_model_forward_with_cudnn_matches_xla():
-    """The decoder with `cudnn` (chunk 8 over 125 tokens: 15 whole chunks and a partial
-    one) equals xla: unpadded rows take the kernel's calls in every layer; with a
-    left-padded row the whole batch takes the fallback."""
-    params, ids, mask, ref_padded = model_case()
-    ref = forward(MODEL_CFG, params, ids, moe_impl="dense")
-    out = forward(MODEL_CFG, params, ids, attention_impl="cudnn", moe_impl="dense")
-    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=0)
-    out = forward(MODEL_CFG, params, ids, attention_mask=mask, attention_impl="cudnn", moe_impl="dense")
-    m = mask[:, :, None] > 0
-    np.testing.assert_allclose(np.where(m, out, 0), np.where(m, ref_padded, 0), atol=2e-5, rtol=0)
 
 
 def test_auto_on_gpu_is_cudnn_for_half_precision():
