@@ -21,7 +21,8 @@ cuDNN runs bf16/fp16 inputs (fp32 softmax statistics and accumulation) and has i
 own backward kernels, so training uses it too.
 
 On the H200 (benchmarks/results/gpu-h200.md, 16K tokens, chunk 8192, 4/2 heads of 128,
-bf16) this path took 0.69 ms forward and 1.80 ms forward + backward against `xla`'s
+bf16) these calls, run as the validation's candidate before this backend existed, took
+0.69 ms forward and 1.80 ms forward + backward against `xla`'s
 6.52 / 26.42 ms and `pallas`'s 0.98 / 870 ms, at the error of the bf16 `xla`
 reference (forward 1.3e-2 against 1.7e-2; gradients 2.8e-2 against 2.0e-2): `auto`
 picks it on a CUDA GPU for bf16/fp16 activations.
