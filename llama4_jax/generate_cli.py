@@ -115,8 +115,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--on-error", choices=["fail", "skip"], default="fail",
                         help="a malformed input line fails the run before any work (default) or is skipped")
     parser.add_argument("--attention-impl", default="auto", choices=["auto", "xla", "blockwise", "pallas"],
-                        help="attention backend: auto (xla for short contexts, blockwise for long ones), xla, "
-                             "blockwise or pallas")
+                        help="attention backend of prefill (decode steps read the cache in place): auto (the "
+                             "platform's choice: on CPU xla for short contexts, blockwise for long ones; on GPU xla "
+                             "while its scores fit 4 GiB), xla, blockwise or pallas")
     parser.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
                         help="prefill prompts longer than N tokens in equal pieces of at most N (bounds "
                              "activation memory; default: the model's attention chunk, else 8192)")
