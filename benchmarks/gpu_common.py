@@ -246,13 +246,13 @@ def attention_fns(impl: str, chunk: int | None):
     kernel would not take here, so no row reports the fallback's numbers as cuDNN's."""
     import jax
 
-    from llama4_jax.kernels import cudnn
+    from llama4_jax.kernels import cudnn, platform
     from llama4_jax.model.attention import attend
 
     def f(q, k, v, qp, kp):
         if impl == "cudnn" and not cudnn.cudnn_runs(q, k, v, chunk):
             raise RuntimeError(f"cuDNN does not take this call here ({q.dtype}, head dim {q.shape[-1]}, platform "
-                               f"{cudnn.platform.target()}): the cudnn backend would run its fallback")
+                               f"{platform.target()}): the cudnn backend would run its fallback")
         return attend(q, k, v, qp, kp, chunk_size=chunk, impl=impl)
 
     def fwd_grad(q, k, v, qp, kp, ct):

@@ -82,7 +82,6 @@ def chunked_causal(q, k, v, *, chunk_size: int | None, implementation: str | Non
     return jnp.concatenate([out, tail], axis=1)
 
 
-
 def cudnn_runs(q, k, v, chunk_size: int | None) -> bool:
     """Whether cuDNN takes this call: a bf16/fp16 trace for a GPU whose jax finds cuDNN
     and accepts these shapes. jax checks cuDNN's presence and the head dim while
