@@ -40,7 +40,6 @@ import functools
 import math
 import os
 import time
-import weakref
 
 import jax
 import jax.numpy as jnp
@@ -49,17 +48,15 @@ import numpy as np
 from . import sharding
 from .cache import init_cache
 from .config import TextConfig
-from .model.layers import viewable
-from .model.text import TextModel, positions_from_mask, split_expert_layers, unstack_layers
+from .model.text import TextModel, positions_from_mask
 from .sampling import sample
 from .sampling import top_logprobs as alternatives
 
 __all__ = ["GenerationStats", "empty_state", "prefill", "insert", "decode", "ride", "piece_size", "to_mesh", "call_compiled", "to_host",
-           "bucket", "prompt_bucket", "new_token_bucket", "logprob_bucket", "unroll_layers", "layer_views", "on_device",
-           "VIEWS", "COMPILED", "default_compile_cache", "use_compile_cache", "is_compiled", "Costs", "COSTS"]
+           "bucket", "prompt_bucket", "new_token_bucket", "logprob_bucket",
+           "COMPILED", "default_compile_cache", "use_compile_cache", "is_compiled", "Costs", "COSTS"]
 
 MIN_BUCKET = 16  # smallest prompt-length and new-token bucket
-_UNROLL_MIN_BYTES = 32 << 20
 
 
 @dataclasses.dataclass
@@ -96,60 +93,6 @@ class GenerationStats:
 
 def _model(text: TextConfig, params, attn_impl, moe_impl, scan_layers: bool = True):
     return TextModel(text, params["params"]["embed"].dtype, attn_impl, moe_impl, scan_layers=scan_layers)
-
-
-def unroll_layers(params) -> bool:
-    """Prefill and decode with per-group weight arrays (`unstack_layers`) on CPU, where
-    a scanned layer's weights are copied out of the stacked array on every call (3x the
-    memory traffic of a batch-1 decode step; 68 of 320 ms of a 1000-token prefill of the
-    benchmark model). The per-group arrays are views of the stacked ones (no copy), but
-    the unrolled program compiles longer, so only weights beyond the caches (>= 32 MiB)
-    take it."""
-    layers = jax.tree_util.tree_leaves(params["params"]["layers"])
-    return jax.default_backend() == "cpu" and sum(x.nbytes for x in layers) >= _UNROLL_MIN_BYTES
-
-
-# The per-group layer views of the parameters the last `generate` calls ran on
-# (`layer_views`), so a repeated call on the same weights does not make them again:
-# ~30 us per array, 45-64 ms of every call for the benchmark model on 2 CPU devices
-# (~460 arrays, 384 of them per expert), ~5 ms with them kept. Keyed by the
-# identities of the stacked layer arrays; an entry holds views of their buffers, never
-# the arrays themselves, and is dropped when any of them is collected (dropping a
-# model frees its memory) or when MAX_VIEWS other parameter sets were used since.
-VIEWS: collections.OrderedDict = collections.OrderedDict()
-MAX_VIEWS = 2
-
-
-def layer_views(params, split: bool, device=None) -> tuple[dict, dict, dict | None]:
-    """The `layers_{g}` entries of `unstack_layers(params)` (prefill), of
-    `split_expert_layers` of it when `split` (decode; else the prefill ones), and of
-    the prefill ones' copies on `device` (a replicated array's buffer there, no copy;
-    None without a device). Kept in `VIEWS` while they are views (CPU, the group and
-    expert axes whole on every device); otherwise made anew each call. Kept views hold
-    the weight buffers: the parameters must not be donated while they are kept (drop
-    them, or clear `VIEWS`, first; `train.init_state` copies them)."""
-    leaves, treedef = jax.tree_util.tree_flatten(params["params"]["layers"])
-    key = (treedef, tuple(map(id, leaves)), split, device)
-    if key in VIEWS:
-        VIEWS.move_to_end(key)
-        return VIEWS[key]
-    p = unstack_layers({"params": {"layers": params["params"]["layers"]}})["params"]
-    views = (p, split_expert_layers({"params": p})["params"] if split else p,
-             None if device is None else jax.tree_util.tree_map(lambda x: on_device(x, device), p))
-    if all(viewable(x, min(x.ndim, 2)) for x in leaves):
-        VIEWS[key] = views
-        for x in leaves:
-            weakref.finalize(x, VIEWS.pop, key, None)
-        while len(VIEWS) > MAX_VIEWS:
-            VIEWS.popitem(last=False)
-    return views
-
-
-def on_device(x, device):
-    """A replicated array's copy on `device` (no copy made); anything else as it is."""
-    if not isinstance(x, jax.Array):
-        return x
-    return x.addressable_data([s.device for s in x.addressable_shards].index(device))
 
 
 def _new_cache(text: TextConfig, B: int, max_len: int, dtype, kv_dtype, scan_layers: bool):
@@ -221,7 +164,7 @@ def prefill(params, ids, mask, samp, budget, stop_ids, pixel_values=None, src=No
     (chunked prefill), each writing the cache the next one reads, so activations are
     bounded by the piece, not the prompt. top_logprobs: also keep the k most likely
     tokens of each generated token (static). scan_layers=False: params are the per-group
-    parameters of `unroll_layers` (`unstack_layers`), whose layers it reads in place
+    parameters of `views.unroll_layers` (`views.unstack_layers`), whose layers it reads in place
     (a scan copies each layer's weights out of the stack on every call), and the cache
     is per group (`cache.split_groups`), for the same reason. data_parallel (static): as
     for `decode`; the prompts run the model on their devices' shares when P divides

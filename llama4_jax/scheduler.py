@@ -73,8 +73,9 @@ import numpy as np
 from . import engine, sharding
 from .cache import cache_slots
 from .config import Llama4Config
-from .engine import (GenerationStats, call_compiled, layer_views, logprob_bucket, new_token_bucket, on_device,
-                     prompt_bucket, to_host)
+from .engine import GenerationStats, call_compiled, logprob_bucket, new_token_bucket, prompt_bucket, to_host
+from .model import views
+from .model.views import layer_views, on_device
 from .sampling import Sampling, sample_seed
 
 __all__ = ["Completion", "Request", "check_request", "check_n", "check_logprobs", "context_length",
@@ -337,7 +338,7 @@ def _pixel_batch(config: Llama4Config, params, reqs: list[Request]):
 
 def _run_params(params, unroll: bool, split: bool, first):
     """(prefill, decode, prefill on device `first`) parameters: with `unroll`, the
-    layers as per-group views (`engine.layer_views`; decode's with per-expert arrays
+    layers as per-group views (`views.layer_views`; decode's with per-expert arrays
     when `split`), the other arrays as they are; `first`'s are the replicated arrays'
     buffers on that device (None without a device)."""
     if not unroll:
@@ -376,7 +377,7 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
         return []
     stop_set = set(stop_token_ids)
     stop_ids = place(np.asarray(sorted(stop_set) or [-1], np.int32))
-    unroll = engine.unroll_layers(params)
+    unroll = views.unroll_layers(params)
     # Decode rows this many or fewer per routed expert read the chosen experts in
     # place (`rowwise`, a `lax.switch` per row, on per-expert buffers); more rows go to
     # `blocked` on stacked experts. Prefill always runs `blocked` on stacked experts: it

@@ -18,7 +18,8 @@ from llama4_jax.config import Llama4Config, RopeScaling, TextConfig
 from llama4_jax.model.attention import INVALID_POS, read_cache, write_cache
 from llama4_jax.kernels import cached
 from llama4_jax.kernels.reference import xla_attention
-from llama4_jax.model.text import TextModel, unstack_layers
+from llama4_jax.model.text import TextModel
+from llama4_jax.model.views import unstack_layers
 
 # Every layer type in two scanned groups: RoPE+chunked and NoPE+global attention, dense
 # and MoE (top-2) feed-forward; chunk 4 and floor_scale 4 so a 24-token sequence crosses
@@ -76,7 +77,7 @@ def _incremental(params, ids, mask, kv_dtype=None, step=_step, split_experts=Fal
 
     The first piece runs the scan; the second piece and the single-token steps run the
     unrolled model on per-group weights and the per-group cache (`split_groups` of the
-    scan's), as prefill and decode do on CPU for large weights (`engine.unroll_layers`;
+    scan's), as prefill and decode do on CPU for large weights (`views.unroll_layers`;
     split_experts: with each MoE layer's experts as separate arrays, which the
     multi-token piece runs with `blocked`)."""
     unstacked = unstack_layers(params, split_experts=split_experts)
@@ -162,31 +163,54 @@ def test_unstacked_layers_are_views_of_the_stacked_weights(params, devices, spli
 
 @pytest.mark.parametrize("devices", [None, 2])  # None: one device, no mesh
 def test_layer_views_are_kept_while_the_weights_live(params, devices):
-    """`engine.layer_views` makes a parameter set's views once: a second call on the
+    """`views.layer_views` makes a parameter set's views once: a second call on the
     same arrays returns the same views, other arrays (equal values) get their own, and
     the entry holds views of the buffers, not the parameter arrays, so dropping the
     parameters drops it (a single-device array is its own buffer's shard: viewed
     directly, the entry would keep it alive)."""
-    from llama4_jax import engine
+    from llama4_jax.model import views
 
     if devices is None:
         sharding, first = jax.sharding.SingleDeviceSharding(jax.devices()[0]), None
     else:
         mesh = jax.sharding.Mesh(np.array(jax.devices()[:devices]), ("data",))
         sharding, first = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()), jax.devices()[0]
-    engine.VIEWS.clear()
+    views.VIEWS.clear()
     p, q = jax.device_put(params, sharding), jax.device_put(params, sharding)
-    a, b = engine.layer_views(p, True, first), engine.layer_views(p, True, first)
+    a, b = views.layer_views(p, True, first), views.layer_views(p, True, first)
     assert all(x is y for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
     assert a[0].keys() == unstack_layers(p)["params"].keys() - set(p["params"]) and (a[2] is None) == (first is None)
-    c = engine.layer_views(q, True, first)
+    c = views.layer_views(q, True, first)
     assert not set(map(id, jax.tree_util.tree_leaves(c))) & set(map(id, jax.tree_util.tree_leaves(a)))
-    assert len(engine.VIEWS) == 2
+    assert len(views.VIEWS) == 2
     stacked = weakref.ref(jax.tree_util.tree_leaves(p["params"]["layers"])[0])
     del p, a, b
     gc.collect()
-    assert stacked() is None and len(engine.VIEWS) == 1
-    engine.VIEWS.clear()
+    assert stacked() is None and len(views.VIEWS) == 1
+    views.VIEWS.clear()
+
+
+@pytest.mark.parametrize("rows", ["decode", "prefill"])
+def test_forward_on_layer_views_equals_the_scan(params, batch, monkeypatch, rows):
+    """`forward` on CPU with large weights (the threshold patched to 0) and concrete
+    parameters runs the unrolled model on per-group views (with per-expert arrays,
+    read by `rowwise`, for at most E routed rows: 1 token x top-2 of 3 experts), not
+    the scan, which would copy every layer's weights out of the stacked arrays. Logits
+    and hidden states equal the scanned layers' (`jax.jit(forward)`: tracers, so the
+    scan) on the left-padded batch, to fp32 summation order."""
+    from llama4_jax.model import views
+
+    ids, mask = batch
+    ids, mask = (ids[:1, -1:], mask[:1, -1:]) if rows == "decode" else (ids, mask)
+    scanned = jax.jit(lambda p, i, m: llama4_jax.forward(CFG, p, i, attention_mask=m, return_hidden_states=True))
+    ref_logits, ref_hidden = scanned(params, ids, mask)
+    monkeypatch.setattr(views, "_UNROLL_MIN_BYTES", 0)
+    views.VIEWS.clear()
+    logits, hidden = llama4_jax.forward(CFG, params, ids, attention_mask=mask, return_hidden_states=True)
+    assert [key[2] for key in views.VIEWS] == [rows == "decode"]  # views made, per expert for decode
+    np.testing.assert_allclose(logits, ref_logits, atol=2e-6, rtol=1e-6)
+    np.testing.assert_allclose(hidden, ref_hidden, atol=2e-6, rtol=1e-6)
+    views.VIEWS.clear()
 
 
 def test_single_row_decode_equals_full_forward(params, batch):

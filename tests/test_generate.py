@@ -240,16 +240,16 @@ def test_unrolled_layers_match_the_scan(scout, monkeypatch, batch_size):
     with at most E decode rows, each expert its own array, which decode runs with
     `rowwise`; prefill runs `blocked` on the stacked experts); the tokens and log-probabilities equal
     the scanned layers' (fp32 summation order only)."""
-    from llama4_jax import engine
+    from llama4_jax.model import views
 
     _, config, params = scout
     prompts = _prompts(config.text.vocab_size, (7, 13, 3, 21, 9, 30), seed=14)
     run = lambda: llama4_jax.generate(config, params, prompts, max_new_tokens=6, batch_size=batch_size,
                                       sampling=Sampling(temperature=0.0, seed=0), logprobs=0)
-    assert not engine.unroll_layers(params)  # the tiny model scans: the reference
+    assert not views.unroll_layers(params)  # the tiny model scans: the reference
     ref = run()
-    monkeypatch.setattr(engine, "_UNROLL_MIN_BYTES", 0)
-    assert engine.unroll_layers(params)
+    monkeypatch.setattr(views, "_UNROLL_MIN_BYTES", 0)
+    assert views.unroll_layers(params)
     out = run()
     assert [c.token_ids for c in out] == [c.token_ids for c in ref]
     np.testing.assert_allclose([c.logprobs for c in out], [c.logprobs for c in ref], atol=1e-5)
@@ -561,13 +561,14 @@ def test_slot_parallel_decode_equals_one_device(scout, monkeypatch, unroll, kv_d
     decode's collectives are the attention's all-gathers (one per layer) and the
     loop's done test, and its cache arrays hold half the slots."""
     from llama4_jax import engine, sharding
+    from llama4_jax.model import views
 
     _, config, params = scout
     prompts = _prompts(config.text.vocab_size, (9, 4, 12, 6, 7), seed=22)
     kw = dict(max_new_tokens=[3, 12, 7, 5, 10], batch_size=3, logprobs=0, kv_dtype=kv_dtype)
     ref = _one_device(config, params, prompts, **kw)
     if unroll:
-        monkeypatch.setattr(engine, "_UNROLL_MIN_BYTES", 0)
+        monkeypatch.setattr(views, "_UNROLL_MIN_BYTES", 0)
     mesh = sharding.make_mesh("seq=2", devices=jax.devices()[:2])
     _, replicated = llama4_jax.load(scout[0].path, dtype="float32", mesh=mesh)
     assert sharding.slot_parallel(mesh, None, replicated) == sharding.SlotShards(("seq",), 2)
@@ -607,13 +608,14 @@ def test_data_parallel_decode_equals_one_device(scout, monkeypatch, unroll):
     multiple of the devices (batch_size 3 -> 4) and refilled. The compiled decode
     moves no data between devices: its only collective is the loop's done test."""
     from llama4_jax import engine, sharding
+    from llama4_jax.model import views
 
     _, config, params = scout
     prompts = _prompts(config.text.vocab_size, (9, 4, 12, 6, 7), seed=22)
     kw = dict(max_new_tokens=[3, 12, 7, 5, 10], batch_size=3, logprobs=0, kv_dtype=None)
     ref = _one_device(config, params, prompts, **kw)  # the slot-parallel test's float reference
     if unroll:
-        monkeypatch.setattr(engine, "_UNROLL_MIN_BYTES", 0)
+        monkeypatch.setattr(views, "_UNROLL_MIN_BYTES", 0)
     mesh = sharding.make_mesh("data=2", devices=jax.devices()[:2])
     _, replicated = llama4_jax.load(scout[0].path, dtype="float32", mesh=mesh)
     assert sharding.data_parallel(mesh, None, replicated)

@@ -11,7 +11,8 @@ Layers are scanned in repeating groups of `cfg.scan_period` layers (4 for Scout 
 Maverick), so compile time does not grow with depth; group member j is layer
 `g * period + j`, and its parameters are stacked on a leading `layers` axis. An
 aperiodic pattern is one group of all layers (an unrolled stack) with a leading
-axis of 1, so the parameter tree always has the same shape.
+axis of 1, so the parameter tree always has the same shape. On CPU, large weights
+run unrolled on per-group views of that tree instead (`views.py`).
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ from ..config import LayerFlags, Llama4Config, TextConfig, rope_inv_freq
 from ..kernels import default_attention_impl, ring
 from ..kernels.reference import segment_positions
 from .attention import INVALID_POS, Attention, temperature_scale
-from .layers import MLP, ExpertList, RMSNorm, leading_slices, param, rope_angles
+from .layers import MLP, RMSNorm, param, rope_angles
 from .. import quant, sharding
 from .moe import MoE
 from .vision import check_image_tokens, image_features, init_vision_params, merge_image_features
+from . import views
 
 
 class DecoderLayer(nn.Module):
@@ -206,51 +208,6 @@ class TextModel(nn.Module):
         return logits, (new_cache if cache_layers is not None else None), hidden
 
 
-def unstack_layers(params, split_experts: bool = False):
-    """Parameters for `TextModel(scan_layers=False)`: the stacked `layers` subtree
-    [G, ...] split into per-group subtrees `layers_0` .. `layers_{G-1}`.
-
-    split_experts: also hold each MoE layer's routed experts as E separate arrays
-    (`split_expert_layers`).
-
-    On CPU the new arrays are views of the stacked ones (`leading_slices`: no copy,
-    each array keeping its sharding); elsewhere, slices."""
-    p = dict(params["params"])
-    leaves, treedef = jax.tree_util.tree_flatten(p.pop("layers"))
-    G = leaves[0].shape[0]
-    per_leaf = [leading_slices(x, [(g,) for g in range(G)]) for x in leaves]
-    for g in range(G):
-        p[f"layers_{g}"] = treedef.unflatten([s[g] for s in per_leaf])
-    out = {**params, "params": p}
-    return split_expert_layers(out) if split_experts else out
-
-
-def split_expert_layers(params):
-    """Unstacked parameters (`unstack_layers`) whose routed experts (gate, up, down
-    under a `moe` module) are held as E separate arrays (`ExpertList`, views on CPU),
-    which the `ragged` MoE runs with `rowwise`: a decode step then reads each chosen
-    expert in place instead of copying it out of [E, D, F]. The other arrays are
-    shared with `params`."""
-    p = {k: _split_experts(v) if k.startswith("layers_") else v for k, v in params["params"].items()}
-    return {**params, "params": p}
-
-
-def _split_experts(tree):
-    """Each routed-expert weight (gate, up, down under a `moe` module) as an `ExpertList`."""
-    if not isinstance(tree, dict):
-        return tree
-    out = {}
-    for name, sub in tree.items():
-        if name == "moe":
-            sub = dict(sub)
-            for w in ("gate", "up", "down"):
-                sub[w] = ExpertList.split(sub[w])
-        else:
-            sub = _split_experts(sub)
-        out[name] = sub
-    return out
-
-
 def positions_from_mask(attention_mask, offset=None):
     """Per-row positions [B, T] and validity from a 0/1 mask (left or right padding).
 
@@ -275,10 +232,10 @@ def input_embeddings(config, params, input_ids, pixel_values=None):
 
 
 def _forward_body(config, params, input_ids, attention_mask, attn_impl, moe_impl, with_hidden, pixel_values=None,
-                  mesh=None):
+                  mesh=None, scan_layers=True):
     t = config.text
     dtype = params["params"]["embed"].dtype
-    model = TextModel(t, dtype, attn_impl, moe_impl, with_hidden)
+    model = TextModel(t, dtype, attn_impl, moe_impl, with_hidden, scan_layers=scan_layers)
     positions, valid = positions_from_mask(attention_mask)
     embeds = input_embeddings(config, params, input_ids, pixel_values)
     if attn_impl.startswith("ring"):  # zigzag sequence layout over the mesh's `seq` axis
@@ -289,11 +246,12 @@ def _forward_body(config, params, input_ids, attention_mask, attn_impl, moe_impl
     return logits, hidden
 
 
-@functools.partial(jax.jit, static_argnames=("config", "attn_impl", "moe_impl", "with_hidden", "mesh", "rules"))
+@functools.partial(jax.jit, static_argnames=("config", "attn_impl", "moe_impl", "with_hidden", "mesh", "rules",
+                                             "scan_layers"))
 def _forward(config, params, input_ids, attention_mask, attn_impl, moe_impl, with_hidden, pixel_values=None,
-             mesh=None, rules=None):
+             mesh=None, rules=None, scan_layers=True):
     body = functools.partial(_forward_body, config, attn_impl=attn_impl, moe_impl=moe_impl, with_hidden=with_hidden,
-                             mesh=mesh)
+                             mesh=mesh, scan_layers=scan_layers)
     if mesh is None:
         return body(params, input_ids, attention_mask, pixel_values=pixel_values)
     B, T = input_ids.shape
@@ -375,6 +333,10 @@ def forward(
         A mesh over other devices than the params' raises ValueError (load them with
         `mesh=`); they are never moved silently.
       rules: `llama4_jax.sharding.Rules` (default: `default_rules(mesh)`).
+
+    On CPU, without a mesh, concrete weights of 32 MiB or more run the layers
+    unrolled on per-group views of the stacked arrays (`views.unroll_layers`), so no
+    call copies the layer weights out of them; the logits equal the scanned layers'.
     """
     if isinstance(config, TextConfig):
         config = Llama4Config(text=config)
@@ -401,8 +363,17 @@ def forward(
                                                 dtype=params["params"]["embed"].dtype)
     if moe_impl is None:
         moe_impl = "ep" if mesh is not None and sharding.splits_experts(mesh, rules, config.text) else "ragged"
+    # On CPU, large concrete weights run on per-group views instead of the scan, which
+    # would copy every layer's weights out of the stacked arrays on each call
+    # (`views.py`); with at most E routed rows, each expert is read in place too.
+    scan_layers = not (mesh is None and not attention_impl.startswith("ring") and views.unroll_layers(params)
+                       and views.all_viewable(params))
+    if not scan_layers:
+        t = config.text
+        rows = input_ids.size * t.num_experts_per_tok
+        params = views.with_layer_views(params, split=moe_impl == "ragged" and rows <= t.num_local_experts)
     logits, hidden = _forward(config, params, input_ids, attention_mask, attention_impl, moe_impl,
-                              return_hidden_states, pixel_values, mesh, rules)
+                              return_hidden_states, pixel_values, mesh, rules, scan_layers)
     return (logits, hidden) if return_hidden_states else logits
 
 

@@ -1,0 +1,145 @@
+"""Per-group (and per-expert) views of the stacked layer weights, for CPU.
+
+The scanned decoder (`TextModel`) stacks each parameter of a layer group on a leading
+`layers` axis [G, ...]. Inside the scan, XLA:CPU copies each step's slice of every
+stacked weight before using it, so a call pays a copy of all layer weights: 3x the
+memory traffic of a batch-1 decode step, 68 of 320 ms of a 1000-token prefill of the
+generate benchmark's model, and most of a decode-sized forward (`forward` of 8 rows of
+one token: 107-120 ms scanned, 41-58 ms on views, `benchmarks/forward.py`'s model).
+
+`TextModel(scan_layers=False)` instead takes the layers as per-group arrays
+`layers_0` .. `layers_{G-1}` (`unstack_layers`), and optionally each MoE layer's
+routed experts as E separate arrays (`split_expert_layers`, `ExpertList`), which a
+decode-sized MoE reads in place. On CPU these are views of the stacked arrays' buffers
+(`layers.leading_slices`): no copy, no memory of their own. `layer_views` keeps them
+per parameter set (`VIEWS`) so repeated calls on the same weights make them once.
+`generate` and `forward` use them on CPU when the layer weights are large enough
+(`unroll_layers`) and the parameters are concrete arrays (not under `jax.jit`).
+"""
+
+from __future__ import annotations
+
+import collections
+import weakref
+
+import jax
+
+from .layers import ExpertList, leading_slices, viewable
+
+__all__ = ["unstack_layers", "split_expert_layers", "unroll_layers", "layer_views", "all_viewable",
+           "with_layer_views", "on_device", "VIEWS", "MAX_VIEWS"]
+
+# Layer weights from which the unrolled program is worth its longer compile.
+_UNROLL_MIN_BYTES = 32 << 20
+
+
+def unstack_layers(params, split_experts: bool = False):
+    """Parameters for `TextModel(scan_layers=False)`: the stacked `layers` subtree
+    [G, ...] split into per-group subtrees `layers_0` .. `layers_{G-1}`.
+
+    split_experts: also hold each MoE layer's routed experts as E separate arrays
+    (`split_expert_layers`).
+
+    On CPU the new arrays are views of the stacked ones (`leading_slices`: no copy,
+    each array keeping its sharding); elsewhere, slices."""
+    p = dict(params["params"])
+    leaves, treedef = jax.tree_util.tree_flatten(p.pop("layers"))
+    G = leaves[0].shape[0]
+    per_leaf = [leading_slices(x, [(g,) for g in range(G)]) for x in leaves]
+    for g in range(G):
+        p[f"layers_{g}"] = treedef.unflatten([s[g] for s in per_leaf])
+    out = {**params, "params": p}
+    return split_expert_layers(out) if split_experts else out
+
+
+def split_expert_layers(params):
+    """Unstacked parameters (`unstack_layers`) whose routed experts (gate, up, down
+    under a `moe` module) are held as E separate arrays (`ExpertList`, views on CPU),
+    which the `ragged` MoE runs with `rowwise`: a decode step then reads each chosen
+    expert in place instead of copying it out of [E, D, F]. The other arrays are
+    shared with `params`."""
+    p = {k: _split_experts(v) if k.startswith("layers_") else v for k, v in params["params"].items()}
+    return {**params, "params": p}
+
+
+def _split_experts(tree):
+    """Each routed-expert weight (gate, up, down under a `moe` module) as an `ExpertList`."""
+    if not isinstance(tree, dict):
+        return tree
+    out = {}
+    for name, sub in tree.items():
+        if name == "moe":
+            sub = dict(sub)
+            for w in ("gate", "up", "down"):
+                sub[w] = ExpertList.split(sub[w])
+        else:
+            sub = _split_experts(sub)
+        out[name] = sub
+    return out
+
+
+def unroll_layers(params) -> bool:
+    """Whether to run the layers on per-group weight arrays (`unstack_layers`): on CPU,
+    for layer weights of at least 32 MiB. The per-group arrays are views of the stacked
+    ones (no copy), but the unrolled program compiles longer, so smaller weights (which
+    the caches' traffic dominates) keep the scan."""
+    layers = jax.tree_util.tree_leaves(params["params"]["layers"])
+    return jax.default_backend() == "cpu" and sum(x.nbytes for x in layers) >= _UNROLL_MIN_BYTES
+
+
+# The per-group layer views of the parameters the last calls ran on (`layer_views`),
+# so a repeated call on the same weights does not make them again: ~30 us per array,
+# 45-64 ms of every `generate` call for the benchmark model on 2 CPU devices (~460
+# arrays, 384 of them per expert), ~5 ms with them kept. Keyed by the identities of
+# the stacked layer arrays; an entry holds views of their buffers, never the arrays
+# themselves, and is dropped when any of them is collected (dropping a model frees its
+# memory) or when MAX_VIEWS other parameter sets were used since.
+VIEWS: collections.OrderedDict = collections.OrderedDict()
+MAX_VIEWS = 2
+
+
+def layer_views(params, split: bool, device=None) -> tuple[dict, dict, dict | None]:
+    """The `layers_{g}` entries of `unstack_layers(params)` (prefill), of
+    `split_expert_layers` of it when `split` (decode; else the prefill ones), and of
+    the prefill ones' copies on `device` (a replicated array's buffer there, no copy;
+    None without a device). Kept in `VIEWS` while they are views (CPU, the group and
+    expert axes whole on every device); otherwise made anew each call. Kept views hold
+    the weight buffers: the parameters must not be donated while they are kept (drop
+    them, or clear `VIEWS`, first; `train.init_state` copies them)."""
+    leaves, treedef = jax.tree_util.tree_flatten(params["params"]["layers"])
+    key = (treedef, tuple(map(id, leaves)), split, device)
+    if key in VIEWS:
+        VIEWS.move_to_end(key)
+        return VIEWS[key]
+    p = unstack_layers({"params": {"layers": params["params"]["layers"]}})["params"]
+    views = (p, split_expert_layers({"params": p})["params"] if split else p,
+             None if device is None else jax.tree_util.tree_map(lambda x: on_device(x, device), p))
+    if all_viewable(params):
+        VIEWS[key] = views
+        for x in leaves:
+            weakref.finalize(x, VIEWS.pop, key, None)
+        while len(VIEWS) > MAX_VIEWS:
+            VIEWS.popitem(last=False)
+    return views
+
+
+def all_viewable(params) -> bool:
+    """Whether every stacked layer array is a concrete CPU array whose group and expert
+    axes are whole on every device, so that `layer_views` are views, not copies."""
+    return all(viewable(x, min(x.ndim, 2)) for x in jax.tree_util.tree_leaves(params["params"]["layers"]))
+
+
+def with_layer_views(params, split: bool = False):
+    """`params` with its stacked layers replaced by their per-group views
+    (`layer_views`; per-expert ones too when `split`), every other array as it is:
+    the parameters of `TextModel(scan_layers=False)`."""
+    rest = {k: v for k, v in params["params"].items() if k != "layers"}
+    prefill, decode, _ = layer_views(params, split)
+    return {**params, "params": {**rest, **(decode if split else prefill)}}
+
+
+def on_device(x, device):
+    """A replicated array's copy on `device` (no copy made); anything else as it is."""
+    if not isinstance(x, jax.Array):
+        return x
+    return x.addressable_data([s.device for s in x.addressable_shards].index(device))
