@@ -27,6 +27,7 @@ One process, 2 threads on this CPU (XLA's default); run it on an idle machine.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import tempfile
@@ -88,8 +89,8 @@ def main(argv=None) -> int:
             cfg, p = llama4_jax.load(path, dtype="bfloat16", quantize=None if fmt == "bf16" else fmt)
             qb, bf, per_tok = tree_bytes(p)
             logp = jax.nn.log_softmax(np.asarray(llama4_jax.forward(cfg, p, np.array([prompt]))[0], np.float32))
-            run = lambda: llama4_jax.generate(cfg, p, [prompt], max_new_tokens=args.new,  # noqa: E731
-                                              return_stats=True)
+            run = functools.partial(llama4_jax.generate, cfg, p, [prompt], max_new_tokens=args.new,
+                                    return_stats=True)
             run()  # compile
             times, tokens = [], None
             for _ in range(args.repeats):
