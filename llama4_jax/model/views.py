@@ -4,8 +4,8 @@ The scanned decoder (`TextModel`) stacks each parameter of a layer group on a le
 `layers` axis [G, ...]. Inside the scan, XLA:CPU copies each step's slice of every
 stacked weight before using it, so a call pays a copy of all layer weights: 3x the
 memory traffic of a batch-1 decode step, 68 of 320 ms of a 1000-token prefill of the
-generate benchmark's model, and most of a decode-sized forward (`forward` of 8 rows of
-one token: 107-120 ms scanned, 41-58 ms on views, `benchmarks/forward.py`'s model).
+generate benchmark's model, and most of a decode-sized forward (8 rows of one token
+of `benchmarks/forward.py`'s model: 94-120 ms scanned, 41-58 ms on views, three runs).
 
 `TextModel(scan_layers=False)` instead takes the layers as per-group arrays
 `layers_0` .. `layers_{G-1}` (`unstack_layers`), and optionally each MoE layer's
