@@ -24,7 +24,7 @@ INIT = nn.initializers.normal(stddev=0.02)
 class ExpertList:
     """A stacked expert weight [E, ...] held as E separate arrays (or quantized weights).
 
-    The decode parameters on CPU (`unstack_layers(split_experts=True)`) take this
+    The decode parameters on CPU (`views.unstack_layers(split_experts=True)`) take this
     form so a matmul reads a chosen expert's buffer where it lies: slicing w[e] out of
     a stacked array is a copy on XLA:CPU, which cost more than the matmul itself (96 MB
     copied per step at batch 8 in the benchmark model). `moe.rowwise_moe` (decode)
@@ -66,7 +66,7 @@ def leading_slices(x, indices: list[tuple[int, ...]]) -> list:
     On CPU these are views of x's buffers: each device's buffer seen as a numpy array,
     its slices handed back to the device in one `device_put`, which XLA:CPU takes
     without copying (an aligned host buffer is aliased). So the CPU decode parameters
-    (per-group layers, per-expert weights: `unstack_layers`) take no memory of their
+    (per-group layers, per-expert weights: `views.unstack_layers`) take no memory of their
     own: the benchmark model's, replicated on 2 CPU devices, take 11 ms (36 ms with
     per-expert arrays: ~30 us per array made) where the copy took 46 ms per `generate`
     call and held a second copy of the layer weights (peak RSS of the mixed benchmark

@@ -22,7 +22,7 @@ Implementations behind `moe_impl`, all tested equal to `dense`:
         with a custom VJP (`grouped_swiglu`) so it trains;
       - `rowwise` (CPU decode, T*k <= E): each row times its own expert's slice,
         unrolled, so only the chosen experts' weights are read; on `ExpertList`
-        weights (the CPU decode parameters, `unstack_layers(split_experts=True)`) a
+        weights (the CPU decode parameters, `views.unstack_layers(split_experts=True)`) a
         loop over the rows, whose `lax.switch` reads the row's expert's own buffer,
         never a copy out of a stacked array (`ragged` sends more rows to `blocked`,
         which takes `ExpertList` weights too).

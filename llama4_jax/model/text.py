@@ -103,7 +103,7 @@ class TextModel(nn.Module):
     attn_impl: str = "xla"
     moe_impl: str = "ragged"
     with_hidden: bool = False
-    scan_layers: bool = True  # False: groups unrolled, weights per group (see `unstack_layers`)
+    scan_layers: bool = True  # False: groups unrolled, weights per group (see `views.unstack_layers`)
     remat: bool = False  # recompute each layer group's activations in the backward pass (training)
 
     @nn.compact
