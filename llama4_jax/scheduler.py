@@ -74,8 +74,7 @@ from . import engine, sharding
 from .cache import cache_slots
 from .config import Llama4Config
 from .engine import GenerationStats, call_compiled, logprob_bucket, new_token_bucket, prompt_bucket, to_host
-from .model import views
-from .model.views import layer_views, on_device
+from .model.views import layer_views, on_device, unroll_layers, with_layers
 from .sampling import Sampling, sample_seed
 
 __all__ = ["Completion", "Request", "check_request", "check_n", "check_logprobs", "context_length",
@@ -344,13 +343,12 @@ def _run_params(params, unroll: bool, split: bool, first):
     if not unroll:
         on_first = None if first is None else jax.tree_util.tree_map(lambda x: on_device(x, first), params)
         return params, params, on_first
-    rest = {k: v for k, v in params["params"].items() if k != "layers"}
     prefill, decode, first_layers = layer_views(params, split, first)
     on_first = None
     if first is not None:
-        on_first = {**params, "params": {**jax.tree_util.tree_map(lambda x: on_device(x, first), rest),
-                                         **first_layers}}
-    return ({**params, "params": {**rest, **prefill}}, {**params, "params": {**rest, **decode}}, on_first)
+        rest = {**params, "params": {k: v for k, v in params["params"].items() if k != "layers"}}
+        on_first = with_layers(jax.tree_util.tree_map(lambda x: on_device(x, first), rest), first_layers)
+    return with_layers(params, prefill), with_layers(params, decode), on_first
 
 
 @dataclasses.dataclass
@@ -377,7 +375,7 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
         return []
     stop_set = set(stop_token_ids)
     stop_ids = place(np.asarray(sorted(stop_set) or [-1], np.int32))
-    unroll = views.unroll_layers(params)
+    unroll = unroll_layers(params)
     # Decode rows this many or fewer per routed expert read the chosen experts in
     # place (`rowwise`, a `lax.switch` per row, on per-expert buffers); more rows go to
     # `blocked` on stacked experts. Prefill always runs `blocked` on stacked experts: it

@@ -27,7 +27,7 @@ import jax
 from .layers import ExpertList, leading_slices, viewable
 
 __all__ = ["unstack_layers", "split_expert_layers", "unroll_layers", "layer_views", "all_viewable",
-           "with_layer_views", "on_device", "VIEWS", "MAX_VIEWS"]
+           "with_layers", "with_layer_views", "on_device", "VIEWS", "MAX_VIEWS"]
 
 # Layer weights from which the unrolled program is worth its longer compile.
 _UNROLL_MIN_BYTES = 32 << 20
@@ -129,13 +129,19 @@ def all_viewable(params) -> bool:
     return all(viewable(x, min(x.ndim, 2)) for x in jax.tree_util.tree_leaves(params["params"]["layers"]))
 
 
+def with_layers(params, layers: dict):
+    """`params` with its stacked `layers` (if any) replaced by the per-group entries
+    `layers` (`layers_{g}`, from `layer_views`), every other array as it is."""
+    rest = {k: v for k, v in params["params"].items() if k != "layers"}
+    return {**params, "params": {**rest, **layers}}
+
+
 def with_layer_views(params, split: bool = False):
     """`params` with its stacked layers replaced by their per-group views
-    (`layer_views`; per-expert ones too when `split`), every other array as it is:
-    the parameters of `TextModel(scan_layers=False)`."""
-    rest = {k: v for k, v in params["params"].items() if k != "layers"}
+    (`layer_views`; per-expert ones too when `split`): the parameters of
+    `TextModel(scan_layers=False)`."""
     prefill, decode, _ = layer_views(params, split)
-    return {**params, "params": {**rest, **(decode if split else prefill)}}
+    return with_layers(params, decode if split else prefill)
 
 
 def on_device(x, device):
