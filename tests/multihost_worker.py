@@ -11,7 +11,9 @@ import os
 import sys
 
 if __name__ == "__main__":  # the test imports MESHES and inputs from here: leave its devices alone
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    # The suite's other XLA flags (conftest's), with 4 devices instead of its 8.
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    os.environ["XLA_FLAGS"] = " ".join(flags + ["--xla_force_host_platform_device_count=4"])
     os.environ["JAX_PLATFORMS"] = "cpu"
 
 import json  # noqa: E402
