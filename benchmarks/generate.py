@@ -38,6 +38,9 @@
    of a 1 GiB array; a single-threaded copy understates it). Ours on one device, and on
    a `seq` mesh of `--cpu-devices` CPU devices (weights replicated, each device
    reading its share of every layer's cache slots: `engine.decode`'s slot_parallel).
+   Also printed: the same bytes at the rate XLA's one-row products by distinct
+   [hidden, expert width] matrices (512 KB, the size of most of a step's weight reads)
+   read on one device (`matvec_bandwidth`): what those reads can get here.
 5. `mixed`: an offline workload on the `batch` part's model: `--mixed-prompts` prompts
    (seeded) with lengths drawn uniformly from 16..2048 and `max_new_tokens` from
    8..256, greedy, stop tokens off, 8 slots / rows per batch (ours on `--cpu-devices`
@@ -207,34 +210,44 @@ def batch_roofline(config, params, prompts_, tokens, devices: int) -> dict:
             "shared_bytes": shared, "expert_bytes": expert}
 
 
-def matvec_bandwidth(devices: int, rows: int, d: int, n: int = 1 << 16, steps: int = 20) -> float:
+def matvec_bandwidth(devices: int, rows: int, d: int, n: int = 1 << 16, steps: int = 20,
+                     width: int | None = None) -> float:
     """Bytes per second that XLA's matrix-vector products read when `devices` CPU
     devices run them at once, as the data-parallel decode step does: each device
     multiplies `rows` rows by its own copy of a [d, n] fp32 matrix (64 MiB at d = 256,
-    far past the caches), `steps` times in a loop (`shard_map` over a data mesh).
-    All devices' bytes over the wall time, best of 5. Unlike `read_bandwidth` this is
-    what the step's weight reads can get: the devices share one memory bus, and a
-    product of a few rows reads slower than an OR-reduce."""
+    far past the caches), `steps` times in a loop (`shard_map` over a data mesh); with
+    `width`, by n // width distinct [d, width] matrices in turn instead (the sizes of a
+    decode step's products: XLA:CPU runs a large product on both cores' threads, a
+    512 KB one on one thread). All devices' bytes over the wall time, best of 5. Unlike
+    `read_bandwidth` this is what the step's weight reads can get: the devices share
+    one memory bus, and a product of a few rows reads slower than an OR-reduce."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+    width = width or n
     mesh = Mesh(np.asarray(jax.devices()[:devices]), ("data",))
-    w = jax.device_put(np.full((d, n), 1e-3, np.float32), NamedSharding(mesh, PartitionSpec()))  # a copy per device
+    replicated = NamedSharding(mesh, PartitionSpec())  # a copy per device
+    ws = [jax.device_put(np.full((d, width), 1e-3, np.float32), replicated) for _ in range(n // width)]
     x = jax.device_put(np.ones((devices * rows, d), np.float32), NamedSharding(mesh, PartitionSpec("data")))
 
-    def local(x, w):  # each product feeds the next, so none is hoisted out of the loop
-        return jax.lax.fori_loop(0, steps, lambda i, y: y + jnp.max(y @ w, axis=-1, keepdims=True) * 1e-6, x)
+    def local(x, *ws):  # each product feeds the next, so none is hoisted out of the loop
+        def step(i, y):
+            for w in ws:
+                y = y + jnp.max(y @ w, axis=-1, keepdims=True) * 1e-6
+            return y
 
-    f = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec("data"), PartitionSpec()),
+        return jax.lax.fori_loop(0, steps, step, x)
+
+    f = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec("data"),) + (PartitionSpec(),) * len(ws),
                               out_specs=PartitionSpec("data")))
-    jax.block_until_ready(f(x, w))
+    jax.block_until_ready(f(x, *ws))
     best = float("inf")
     for _ in range(5):
         t0 = time.perf_counter()
-        jax.block_until_ready(f(x, w))
+        jax.block_until_ready(f(x, *ws))
         best = min(best, time.perf_counter() - t0)
-    return devices * steps * d * n * 4 / best
+    return devices * steps * d * (n // width * width) * 4 / best
 
 
 def batch_hf(path: str, repeats: int) -> dict:
@@ -378,6 +391,10 @@ def context_decode(contexts: list[int], new: int, devices: int) -> dict:
     params = llama4_jax.init_params(config, jax.random.key(0), dtype="float32")
     weights = active_bytes_per_token(config, params)
     bw, threads = read_bandwidth()
+    # What XLA's one-row products by [hidden, expert width] matrices (the size of most of
+    # a batch-1 step's weight reads: 512 KB here) read on one device, printed beside the
+    # target's roofline: the rate those reads can get (`matvec_bandwidth`).
+    mv = matvec_bandwidth(1, 1, config.text.hidden_size, width=config.text.intermediate_size)
     # Ours on one device, and with `devices` > 1 on a `seq` mesh: the weights replicated,
     # every layer's cache slots split, each device reading its share (`engine.decode`'s
     # slot_parallel).
@@ -401,9 +418,11 @@ def context_decode(contexts: list[int], new: int, devices: int) -> dict:
             row[f"step_s_{d}"] = float(np.median(steps))
             row[f"prefill_s_{d}"] = float(np.median(prefill))
         cache = occupied_cache_bytes(config, n + new // 2)
-        rows.append({**row, "cache_bytes": cache, "roofline_s": (weights + cache) / bw})
-    return {"weights_bytes": weights, "read_gbs": bw / 1e9, "threads": threads, "rows": rows, "devices": list(ways),
-            "peak_rss_mib": peak_rss_mib()}
+        rows.append({**row, "cache_bytes": cache, "roofline_s": (weights + cache) / bw,
+                     "matvec_s": (weights + cache) / mv})
+    return {"weights_bytes": weights, "read_gbs": bw / 1e9, "threads": threads, "matvec_gbs": mv / 1e9,
+            "matvec_kib": config.text.hidden_size * config.text.intermediate_size * 4 // 1024, "rows": rows,
+            "devices": list(ways), "peak_rss_mib": peak_rss_mib()}
 
 
 def mixed_workload(n: int, vocab: int) -> tuple[list[list[int]], list[int]]:
@@ -584,11 +603,13 @@ def main(argv=None) -> int:
         r = child("context", args)
         print(f"\n[context] Scout-shaped (16 experts top-1), fp32, batch-1 decode after long prompts; active "
               f"weights {r['weights_bytes'] / 1e6:.1f} MB per token; read bandwidth {r['read_gbs']:.1f} GB/s "
-              f"({r['threads']} threads)")
-        print(f"{'context':>9s}{'cache MB':>10s}{'roofline ms':>13s}" + "".join(
+              f"({r['threads']} threads); XLA's one-row products by distinct {r['matvec_kib']} KiB "
+              f"matrices on one device read {r['matvec_gbs']:.1f} GB/s (the 'matvec ms' column: the same bytes at that rate)")
+        print(f"{'context':>9s}{'cache MB':>10s}{'roofline ms':>13s}{'matvec ms':>11s}" + "".join(
             f"{f'ms/token x{d}':>15s}{'x roofline':>12s}{'prefill s':>11s}" for d in r["devices"]))
         for row in r["rows"]:
-            print(f"{row['context']:9d}{row['cache_bytes'] / 1e6:10.1f}{row['roofline_s'] * 1e3:13.2f}" + "".join(
+            print(f"{row['context']:9d}{row['cache_bytes'] / 1e6:10.1f}{row['roofline_s'] * 1e3:13.2f}"
+                  f"{row['matvec_s'] * 1e3:11.2f}" + "".join(
                 f"{row[f'step_s_{d}'] * 1e3:15.2f}{row[f'step_s_{d}'] / row['roofline_s']:12.2f}"
                 f"{row[f'prefill_s_{d}']:11.1f}" for d in r["devices"]))
         print("x1: one device; xN: a seq=N mesh of CPU devices, each reading its share of the cache slots "
