@@ -39,7 +39,7 @@
    a `seq` mesh of `--cpu-devices` CPU devices (weights replicated, each device
    reading its share of every layer's cache slots: `engine.decode`'s slot_parallel).
    Also printed: the same bytes at the rate XLA's one-row products by distinct
-   [hidden, expert width] matrices (512 KB, the size of most of a step's weight reads)
+   [hidden, expert width] matrices (512 KiB, the size of most of a step's weight reads)
    read on one device (`matvec_bandwidth`): what those reads can get here.
 5. `mixed`: an offline workload on the `batch` part's model: `--mixed-prompts` prompts
    (seeded) with lengths drawn uniformly from 16..2048 and `max_new_tokens` from
@@ -218,7 +218,7 @@ def matvec_bandwidth(devices: int, rows: int, d: int, n: int = 1 << 16, steps: i
     far past the caches), `steps` times in a loop (`shard_map` over a data mesh); with
     `width`, by n // width distinct [d, width] matrices in turn instead (the sizes of a
     decode step's products: XLA:CPU runs a large product on both cores' threads, a
-    512 KB one on one thread). All devices' bytes over the wall time, best of 5. Unlike
+    512 KiB one on one thread). All devices' bytes over the wall time, best of 5. Unlike
     `read_bandwidth` this is what the step's weight reads can get: the devices share
     one memory bus, and a product of a few rows reads slower than an OR-reduce."""
     import jax
@@ -392,7 +392,7 @@ def context_decode(contexts: list[int], new: int, devices: int) -> dict:
     weights = active_bytes_per_token(config, params)
     bw, threads = read_bandwidth()
     # What XLA's one-row products by [hidden, expert width] matrices (the size of most of
-    # a batch-1 step's weight reads: 512 KB here) read on one device, printed beside the
+    # a batch-1 step's weight reads: 512 KiB here) read on one device, printed beside the
     # target's roofline: the rate those reads can get (`matvec_bandwidth`).
     mv = matvec_bandwidth(1, 1, config.text.hidden_size, width=config.text.intermediate_size)
     # Ours on one device, and with `devices` > 1 on a `seq` mesh: the weights replicated,
@@ -604,7 +604,8 @@ def main(argv=None) -> int:
         print(f"\n[context] Scout-shaped (16 experts top-1), fp32, batch-1 decode after long prompts; active "
               f"weights {r['weights_bytes'] / 1e6:.1f} MB per token; read bandwidth {r['read_gbs']:.1f} GB/s "
               f"({r['threads']} threads); XLA's one-row products by distinct {r['matvec_kib']} KiB "
-              f"matrices on one device read {r['matvec_gbs']:.1f} GB/s (the 'matvec ms' column: the same bytes at that rate)")
+              f"matrices on one device read {r['matvec_gbs']:.1f} GB/s (the 'matvec ms' column: the same "
+              f"bytes at that rate)")
         print(f"{'context':>9s}{'cache MB':>10s}{'roofline ms':>13s}{'matvec ms':>11s}" + "".join(
             f"{f'ms/token x{d}':>15s}{'x roofline':>12s}{'prefill s':>11s}" for d in r["devices"]))
         for row in r["rows"]:
