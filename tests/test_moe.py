@@ -106,6 +106,33 @@ def test_blocked_partial_blocks(w, block):
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=ATOL_F32, rtol=0)
 
 
+def test_block_ladder():
+    assert moe.block_ladder(8) == (8,)
+    assert moe.block_ladder(16) == (8, 16)
+    assert moe.block_ladder(32) == (8, 16, 24, 32)
+    assert moe.block_ladder(128) == tuple(range(16, 129, 16))
+
+
+@pytest.mark.parametrize("block", [32, 128])
+def test_blocked_ladder_rungs(w, block):
+    """Groups whose last rows land on every rung of the block ladder (and exactly on a
+    rung, one past it, full blocks plus a remainder): the blocked forward pass and its
+    gradients (input, every expert weight, scores) equal `dense`'s."""
+    groups = {0: 1, 2: 8, 3: 9, 4: 23, 5: 24, 6: 33, 7: 70, 8: 2 * block + 17}  # expert 1 empty
+    idx = jnp.asarray(np.random.default_rng(5).permutation([e for e, n in groups.items() for _ in range(n)]),
+                      jnp.int32)[:, None]
+    h = jax.random.normal(jax.random.key(6), (idx.shape[0], D))
+    score = jax.nn.sigmoid(jax.random.normal(jax.random.key(7), idx.shape))
+    ref = _JIT["dense"](h, w, idx, score)
+    out = jax.jit(lambda *a: moe.blocked_moe(*a, block=block))(h, w, idx, score)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=ATOL_F32, rtol=0)
+    cot = jax.random.normal(jax.random.key(8), ref.shape)
+    grads = {name: jax.jit(jax.grad(lambda h, w, s: jnp.sum(fn(h, w, idx, s) * cot), argnums=(0, 1, 2)))(h, w, score)
+             for name, fn in (("dense", moe.dense_moe), ("blocked", lambda *a: moe.blocked_moe(*a, block=block)))}
+    for a, b in zip(jax.tree_util.tree_leaves(grads["blocked"]), jax.tree_util.tree_leaves(grads["dense"])):
+        np.testing.assert_allclose(a, b, atol=ATOL_F32 * max(1.0, float(jnp.abs(b).max())), rtol=0)
+
+
 def test_bf16(w):
     """bf16 weights and activations: every strategy is as close to the fp32 reference
     as bf16 `dense` is. Each bf16 rounding is <= 2^-9 relative; the SwiGLU chain rounds

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 
 from ..config import TextConfig
 from .experts import (  # noqa: F401  (re-exported: every strategy is also reachable as moe.<name>)
-    GMM_TILING, ROWWISE_MAX_ROWS, block_rows, blocked_moe, dense_moe, gmm_moe, grouped_swiglu,
+    GMM_TILING, ROWWISE_MAX_ROWS, block_ladder, block_rows, blocked_moe, dense_moe, gmm_moe, grouped_swiglu,
     ragged_dot_moe, ragged_moe, ragged_strategy, route, rowwise_moe, sort_by_expert,
 )
 from .layers import MLP, ExpertList, param
