@@ -336,10 +336,11 @@ def blocked_moe(h, w, idx, score, *, block: int | None = None):
     """Grouped matmul for CPU: per expert, its rows in blocks of `block` rows.
 
     Rows are sorted by expert and run through `grouped_swiglu`: [block, D] x [D, F]
-    matmuls over each non-empty expert's ceil(n_e / block) blocks. Rows of the last
-    block of a group that belong to the next group are computed but not written, so
-    every row is written by its own expert only. Empty experts cost nothing; the work
-    is T*k rows plus fewer than `block` rows of padding per non-empty expert.
+    matmuls over each non-empty expert's full blocks, then its last rows in the
+    smallest `block_ladder` block that holds them. Rows of that block that belong to
+    the next group are computed but not written, so every row is written by its own
+    expert only. Empty experts cost nothing; the work is T*k rows plus fewer than
+    max(8, block / 8) rows of padding per non-empty expert.
     Differentiable (custom VJP of `grouped_swiglu`), so it also trains.
     """
     E = w["gate"].shape[0]
