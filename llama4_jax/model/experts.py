@@ -138,7 +138,11 @@ def block_rows(num_rows: int, num_experts: int) -> int:
     32 rows at prefill, where the padding of each expert's last block stays small
     (about E * 16 rows on average). From a mean of 64 rows per expert, 128 rows: each
     block then costs its loop step, row slices and switch once for 4x the rows, which
-    outweighs the padding (under half of an expert's rows at these sizes).
+    outweighs the padding (under half of an expert's rows at these sizes). Each group's
+    last rows now run in a smaller block (`block_ladder`), which cuts that padding to
+    under an eighth of a block; the sizes below were measured before it, and block
+    sizes of 32 / 64 / 128 and 256 with the ladder measured within this shared
+    machine's noise of these choices at T = 256 .. 8192.
 
     Measured (2 cores, XLA:CPU with YNNPACK, medians of 9): 8 chained layers of the
     benchmark model's experts (16 `ExpertList` experts, D=256, F=512, top-1), ms for
