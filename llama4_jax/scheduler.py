@@ -383,8 +383,9 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
     # buffers or faster (8 MoE layers of the benchmark model, 512 / 1024 / 2048 tokens,
     # one device: 62 / 88 / 134 ms against 68 / 89 / 148; a prompt per device on two:
     # within noise) and compiles faster (0.6 against 1.0 s).
-    # Both are views of `params` (`unstack_layers`, `split_expert_layers`): neither copies
-    # a weight, and they are kept for the next calls on the same weights (`layer_views`).
+    # Both are views of `params` (`unstack_layers`, `split_expert_layers`), but for the
+    # decode parameters' fused gate/up weights (`layers.fuse_gate_up`, a copy of those),
+    # and they are kept for the next calls on the same weights (`layer_views`).
     B = -(-min(batch_size, n_samples) // lanes) * lanes
     rows = B // lanes * text.num_experts_per_tok  # per device
     split = (unroll and moe_impl == "ragged" and rows <= text.num_local_experts

@@ -19,7 +19,8 @@ from llama4_jax.model.attention import INVALID_POS, read_cache, write_cache
 from llama4_jax.kernels import cached
 from llama4_jax.kernels.reference import xla_attention
 from llama4_jax.model.text import TextModel
-from llama4_jax.model.views import unstack_layers
+from llama4_jax.model.layers import ExpertList
+from llama4_jax.model.views import split_expert_layers, unstack_layers
 
 # Every layer type in two scanned groups: RoPE+chunked and NoPE+global attention, dense
 # and MoE (top-2) feed-forward; chunk 4 and floor_scale 4 so a 24-token sequence crosses
@@ -79,8 +80,14 @@ def _incremental(params, ids, mask, kv_dtype=None, step=_step, split_experts=Fal
     unrolled model on per-group weights and the per-group cache (`split_groups` of the
     scan's), as prefill and decode do on CPU for large weights (`views.unroll_layers`;
     split_experts: with each MoE layer's experts as separate arrays, which the
-    multi-token piece runs with `blocked`)."""
-    unstacked = unstack_layers(params, split_experts=split_experts)
+    multi-token piece runs with `blocked`; "fused": also every gate and up fused, as
+    the CPU decode parameters hold them, `views.layer_views`)."""
+    unstacked = unstack_layers(params, split_experts=bool(split_experts))
+    if split_experts == "fused":
+        unstacked = split_expert_layers(unstack_layers(params), fuse=True)
+        layer = unstacked["params"]["layers_0"]
+        assert {"gate_up", "down"} == layer["layer_0"]["mlp"].keys() == layer["layer_1"]["moe"]["shared"].keys()
+        assert isinstance(layer["layer_1"]["moe"]["gate_up"], ExpertList) and "gate" not in layer["layer_1"]["moe"]
     B = ids.shape[0]
     cache = init_cache(CFG, B, TOTAL + 3, kv_dtype=kv_dtype)  # global layers: room to spare
     pos = np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)
@@ -94,11 +101,11 @@ def _incremental(params, ids, mask, kv_dtype=None, step=_step, split_experts=Fal
     return np.concatenate(outs, axis=1), cache
 
 
-@pytest.mark.parametrize("split_experts", [False, True])
+@pytest.mark.parametrize("split_experts", [False, True, "fused"])
 def test_prefill_then_decode_equals_full_forward(params, batch, split_experts):
     """split_experts: the decode steps' MoE layers hold their experts as an `ExpertList`,
-    which `ragged` runs with `rowwise` (here top-2 of 3 experts, 3 rows: every
-    expert is taken by some row)."""
+    which `ragged` runs with `blocked` (here top-2 of 3 experts, 3 rows: every
+    expert is taken by some row); "fused": with every gate and up fused too."""
     ids, mask = batch
     full = np.asarray(llama4_jax.forward(CFG, params, ids, attention_mask=mask))
     inc, cache = _incremental(params, ids, mask, split_experts=split_experts)
@@ -117,7 +124,6 @@ def test_unstacked_layers_are_views_of_the_stacked_weights(params, devices, spli
     holds the values of its slice, keeps the stacked array's sharding, and where the
     slice starts 64-byte aligned in the stacked buffer (XLA:CPU aliases aligned host
     memory; it copies the others) it is that buffer's memory, on every device."""
-    from llama4_jax.model.layers import ExpertList
 
     if devices is None:
         sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -299,21 +299,28 @@ def test_hlo_checker_catches_a_relayout(w):
     assert weight_layout_problems(_hlo(scan, stacked), per_layer_copy_ok=False)
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("quantize", [None, "int8"])
 @pytest.mark.parametrize("T,k", [(1, 1), (4, 2), (37, 1), (23, 2)])
-def test_ragged_on_expert_list(w, T, k, quantize):
+def test_ragged_on_expert_list(w, T, k, quantize, fused):
     """`ragged` on `ExpertList` weights, equal to `dense` on the stacked weights (float:
     ATOL_F32; int8: the same quantized weights both ways): `rowwise` for T*k <= E
     rows; `blocked` for more (a prefill on the decode parameters). Neither makes an
     expert-sized array other than the parameters in its compiled HLO: each taken
-    branch reads its expert's buffers in place, nothing is sliced or copied out."""
+    branch reads its expert's buffers in place, nothing is sliced or copied out.
+    fused: gate and up held as one [E, D, 2F] weight (`up` None), as the CPU decode
+    parameters hold them (`layers.fuse_gate_up`)."""
     from llama4_jax import quant
+    from llama4_jax.model.layers import fuse_gate_up
 
     h, idx, score = _routed(T, k)
     ws = w if quantize is None else {n: quant.quantize(w[n], quantize, n_in=1) for n in w}
     ref = np.asarray(moe.dense_moe(h, ws, idx, score))
     split = {n: moe.ExpertList.split(ws[n]) for n in ws}
     assert split["gate"].shape == (E, D, F)
+    if fused:
+        split = {"gate": moe.ExpertList.split(fuse_gate_up(ws["gate"], ws["up"])), "up": None, "down": split["down"]}
+        assert split["gate"].shape == (E, D, 2 * F)
     out = np.asarray(jax.jit(moe.ragged_moe)(h, split, idx, score))
     np.testing.assert_allclose(out, ref, atol=ATOL_F32, rtol=0)
     if quantize is None:
@@ -325,6 +332,25 @@ def test_ragged_on_expert_list(w, T, k, quantize):
         assert not found, found
         strategy = moe.rowwise_moe if T * k <= E else moe.blocked_moe
         assert made(strategy, w), "the check has teeth: stacked weights are sliced out"
+
+
+@pytest.mark.parametrize("quantize", [None, "int8", "int4", "fp8"])
+def test_swiglu_on_fused_gate_up(quantize):
+    """`swiglu` on `fuse_gate_up(gate, up)` equals it on gate and up (the same float or
+    quantized weights both ways: the fused weight's columns are theirs, so only the
+    products' summation may differ, by a few ulps)."""
+    from llama4_jax import quant
+    from llama4_jax.model.layers import fuse_gate_up, swiglu
+
+    gate, up, down = w_ = _weights()["gate"][0], _weights()["up"][0], _weights()["down"][0]
+    if quantize:
+        gate, up, down = (quant.quantize(x, quantize, n_in=1) for x in w_)
+    fused = fuse_gate_up(gate, up)
+    assert fused.shape == (D, 2 * F) and type(fused) is type(gate)
+    h = _routed(5, 1)[0]
+    ref = np.asarray(swiglu(h, gate, up, down))
+    assert np.abs(ref).max() > 0.1
+    np.testing.assert_allclose(np.asarray(swiglu(h, fused, None, down)), ref, atol=ATOL_F32, rtol=0)
 
 
 def test_expert_list_refused_by_stacked_strategies():

@@ -46,7 +46,7 @@ from .experts import (  # noqa: F401  (re-exported: every strategy is also reach
     GMM_TILING, ROWWISE_MAX_ROWS, block_ladder, block_rows, blocked_moe, dense_moe, gmm_moe, grouped_swiglu,
     ragged_dot_moe, ragged_moe, ragged_strategy, route, rowwise_moe, sort_by_expert,
 )
-from .layers import MLP, ExpertList, param
+from .layers import MLP, ExpertList, gate_up_params, param
 from .moe_ep import ep_moe
 
 _MOE_IMPLS: dict = {
@@ -83,9 +83,10 @@ class MoE(nn.Module):
         cfg, dt = self.cfg, self.dtype
         D, E, F = cfg.hidden_size, cfg.num_local_experts, cfg.intermediate_size
         router = param(self, "router", (D, E), ("embed", "router"), dt)
+        gate, up = gate_up_params(self, (E, D, F), ("expert", "embed", "expert_mlp"), dt)
         experts = {
-            "gate": param(self, "gate", (E, D, F), ("expert", "embed", "expert_mlp"), dt),
-            "up": param(self, "up", (E, D, F), ("expert", "embed", "expert_mlp"), dt),
+            "gate": gate,
+            "up": up,  # None: gate holds both (the CPU decode parameters, `layers.fuse_gate_up`)
             "down": param(self, "down", (E, F, D), ("expert", "expert_mlp", "embed"), dt),
         }
         B, T, _ = x.shape
