@@ -340,3 +340,21 @@ def test_shipped_checkpoint_quantized_answers_alike():
     assert ref == ["579", "1000", "582", "456", "314"]
     for fmt in ("int8", "fp8"):
         assert texts(llama4_jax.load(DEFAULT_MODEL, dtype="float32", quantize=fmt)) == ref, fmt
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_fused_decode_parameters(mav, ids, name, monkeypatch):
+    """A decode-sized forward on the CPU decode parameters (per-group views, per-expert
+    arrays, gate and up fused: `views.layer_views(split=True)`) of quantized
+    weights equals the scanned model on the same weights (1e-5)."""
+    from llama4_jax.model import views
+
+    config, params = mav
+    qp = quant.quantize_params(params, _fmt(name))
+    ref = np.asarray(forward(config, qp, ids[:, :1]))
+    monkeypatch.setattr(views, "_UNROLL_MIN_BYTES", 0)  # this model's weights take the views too
+    layer = views.layer_views(qp, split=True)[1]["layers_0"]
+    assert quant.is_quantized(layer["layer_0"]["mlp"]["gate_up"]) and "gate" not in layer["layer_0"]["mlp"]
+    assert isinstance(layer["layer_1"]["moe"]["gate_up"], views.ExpertList)
+    assert quant.is_quantized(layer["layer_1"]["moe"]["shared"]["gate_up"])
+    np.testing.assert_allclose(forward(config, qp, ids[:, :1]), ref, atol=1e-5)
