@@ -14,8 +14,8 @@ decode-sized MoE reads in place. On CPU these are views of the stacked arrays' b
 (`layers.leading_slices`): no copy, no memory of their own. The decode parameters
 also hold each SwiGLU's gate and up fused (`layers.fuse_gate_up`): one product
 instead of two, faster on XLA:CPU at decode sizes; those are a copy of the gate and
-up weights. `layer_views` keeps them
-per parameter set (`VIEWS`) so repeated calls on the same weights make them once.
+up weights. `layer_views` keeps them per parameter set (`VIEWS`) so repeated calls on
+the same weights make them once.
 `generate` and `forward` use them on CPU when the layer weights are large enough
 (`unroll_layers`) and the parameters are concrete arrays (not under `jax.jit`).
 """
