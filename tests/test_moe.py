@@ -342,9 +342,9 @@ def test_swiglu_on_fused_gate_up(quantize):
     from llama4_jax import quant
     from llama4_jax.model.layers import fuse_gate_up, swiglu
 
-    gate, up, down = w_ = _weights()["gate"][0], _weights()["up"][0], _weights()["down"][0]
+    gate, up, down = (_weights()[n][0] for n in ("gate", "up", "down"))
     if quantize:
-        gate, up, down = (quant.quantize(x, quantize, n_in=1) for x in w_)
+        gate, up, down = (quant.quantize(x, quantize, n_in=1) for x in (gate, up, down))
     fused = fuse_gate_up(gate, up)
     assert fused.shape == (D, 2 * F) and type(fused) is type(gate)
     h = _routed(5, 1)[0]
