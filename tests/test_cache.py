@@ -82,12 +82,13 @@ def _incremental(params, ids, mask, kv_dtype=None, step=_step, split_experts=Fal
     split_experts: with each MoE layer's experts as separate arrays, which the
     multi-token piece runs with `blocked`; "fused": also every gate and up fused, as
     the CPU decode parameters hold them, `views.layer_views`)."""
-    unstacked = unstack_layers(params, split_experts=bool(split_experts))
     if split_experts == "fused":
         unstacked = split_expert_layers(unstack_layers(params), fuse=True)
         layer = unstacked["params"]["layers_0"]
         assert {"gate_up", "down"} == layer["layer_0"]["mlp"].keys() == layer["layer_1"]["moe"]["shared"].keys()
         assert isinstance(layer["layer_1"]["moe"]["gate_up"], ExpertList) and "gate" not in layer["layer_1"]["moe"]
+    else:
+        unstacked = unstack_layers(params, split_experts=split_experts)
     B = ids.shape[0]
     cache = init_cache(CFG, B, TOTAL + 3, kv_dtype=kv_dtype)  # global layers: room to spare
     pos = np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)
