@@ -354,6 +354,23 @@ def test_swiglu_on_fused_gate_up(quantize):
     np.testing.assert_allclose(np.asarray(swiglu(h, fused, None, down)), ref, atol=ATOL_F32, rtol=0)
 
 
+def test_stacked_gate_up_refused():
+    """A stacked [E, D, 2F] gate_up (only the per-expert `ExpertList` form is made, by
+    `views.split_expert_layers(fuse=True)`) gets a clear error, not a strategy's crash."""
+    from llama4_jax.model.layers import fuse_gate_up
+
+    t = PRESETS["tiny"].text
+    module = moe.MoE(t, jnp.float32, impl="ragged")
+    params = module.init(jax.random.key(0), jnp.zeros((1, 2, t.hidden_size)))
+    inner = {n: v.unbox() if hasattr(v, "unbox") else v for n, v in params["params"].items()}
+    inner["gate_up"] = fuse_gate_up(inner.pop("gate"), inner.pop("up"))
+    with pytest.raises(ValueError, match="gate_up is taken per expert only"):
+        module.apply({"params": inner}, jnp.zeros((1, 2, t.hidden_size)))
+    inner["gate_up"] = moe.ExpertList.split(inner["gate_up"])
+    inner["down"] = moe.ExpertList.split(inner["down"])
+    assert module.apply({"params": inner}, jnp.zeros((1, 2, t.hidden_size))).shape == (1, 2, t.hidden_size)
+
+
 def test_expert_list_refused_by_stacked_strategies():
     t = PRESETS["tiny"].text
     module = moe.MoE(t, jnp.float32, impl="dense")

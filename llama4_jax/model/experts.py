@@ -223,13 +223,13 @@ _expert = quant.take  # expert e's [D, F] / [F, D] slice of a float or quantized
 def _expert_swiglu(x, gate, up, down, e):
     """Rows x through expert e: its weights sliced out of stacked arrays, or, for an
     `ExpertList`, a `lax.switch` whose branch e reads that expert's buffers in place
-    (a branch returning the weights would copy them). up None: gate holds gate and up
-    fused (`layers.fuse_gate_up`)."""
+    (a branch returning the weights would copy them); there, up None: gate holds gate
+    and up fused (`layers.fuse_gate_up`)."""
     if isinstance(gate, ExpertList):
         ups = (None,) * len(gate.parts) if up is None else up.parts
         return jax.lax.switch(e, [lambda x, g=g, u=u, d=d: swiglu(x, g, u, d)
                                   for g, u, d in zip(gate.parts, ups, down.parts)], x)
-    return swiglu(x, _expert(gate, e), None if up is None else _expert(up, e), _expert(down, e))
+    return swiglu(x, _expert(gate, e), _expert(up, e), _expert(down, e))
 
 
 def _rows(x, r0, block):
@@ -281,7 +281,7 @@ def grouped_swiglu(x, gate, up, down, sizes, block: int):
     def weights(e):
         # The expert's weights, sliced once for all its blocks: a slice feeding the
         # switch is a copy (per block, the forward took up to 1.6x as long at 4096 rows).
-        return (_expert(gate, e), None if up is None else _expert(up, e), _expert(down, e)) if stacked else ()
+        return (_expert(gate, e), _expert(up, e), _expert(down, e)) if stacked else ()
 
     return _expert_blocks(sizes, ladder, jnp.zeros_like(x), step, weights)
 

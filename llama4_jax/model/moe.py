@@ -100,5 +100,8 @@ class MoE(nn.Module):
         if isinstance(experts["gate"], ExpertList) and fn not in (ragged_moe, rowwise_moe, blocked_moe):
             raise ValueError(f"moe_impl {self.impl!r} takes stacked expert weights; these are an ExpertList "
                              "(unstack_layers(split_experts=True)): use 'ragged', 'rowwise' or 'blocked'")
+        if up is None and not isinstance(gate, ExpertList):
+            raise ValueError("routed experts' gate_up is taken per expert only (an ExpertList, as "
+                             "views.split_expert_layers(fuse=True) makes it); hold gate and up stacked")
         routed = fn(h, experts, idx, score).reshape(B, T, D)
         return MLP(F, dt, name="shared")(x) + routed
