@@ -187,7 +187,8 @@ def prefill(params, ids, mask, samp, budget, stop_ids, pixel_values=None, src=No
 
     def run(params, ids, positions, valid, cache, embeds):
         if piece is None or ids.shape[1] <= piece:
-            logits, cache, _ = model.apply(params, ids, positions, valid, cache, last_only=True, embeds=embeds)
+            logits, cache, _ = model.apply(params, ids, positions, valid, cache, last_only=True, embeds=embeds,
+                                           fresh_cache=True)
             return logits, cache
         return _prefill_pieces(model, params, ids, positions, valid, cache, embeds, piece)
 

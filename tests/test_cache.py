@@ -263,6 +263,50 @@ def test_decode_in_cache_blocks_equals_one_block(params, batch, monkeypatch):
         np.testing.assert_allclose(out[valid], ref[valid], atol=1e-5, rtol=1e-5)  # fp32 summation order only
 
 
+@functools.partial(jax.jit, static_argnames=("scan_layers", "fresh"))
+def _prefill_fn(params, ids, positions, valid, cache, scan_layers, fresh):
+    logits, cache, _ = TextModel(CFG.text, scan_layers=scan_layers).apply(params, ids, positions, valid, cache,
+                                                                        fresh_cache=fresh)
+    return logits, cache
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_fresh_cache_prefill_equals_reading_the_cache(params, batch, scan):
+    """A prefill into an empty cache with fresh_cache (attention over the new keys
+    alone) gives the logits of one that reads the cache, and writes the same cache. The
+    9-token prompts are longer than the chunked layers' 4-slot ring, and with an int8
+    cache the fresh prefill attends the new keys unquantized: its logits are the float
+    cache's, its cache the int8 one the other path writes."""
+    ids, mask = batch
+    T, B = T_PROMPT, ids.shape[0]
+    pos = np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)[:, :T]
+    args = (ids[:, :T], pos, mask[:, :T].astype(bool))
+    p = params if scan else unstack_layers(params)
+    new = {}
+    for kv in (None, "int8"):
+        cache = init_cache(CFG, B, TOTAL, kv_dtype=kv)
+        cache = cache if scan else split_groups(cache)
+        for fresh in (False, True):
+            new[kv, fresh] = _prefill_fn(p, *args, cache, scan_layers=scan, fresh=fresh)
+    valid = mask[:, :T].astype(bool)
+    ref = np.asarray(new[None, False][0])[valid]
+    assert np.abs(ref).max() > 1.0
+    # fp32 summation order only (the skipped keys are empty slots, masked to weight 0);
+    # the later layers' keys carry that rounding into the cache (~2e-7 here).
+    for kv in (None, "int8"):
+        np.testing.assert_allclose(np.asarray(new[kv, True][0])[valid], ref, atol=1e-5, rtol=1e-5)
+    jax.tree_util.tree_map(functools.partial(np.testing.assert_allclose, atol=1e-5, rtol=1e-5),
+                           new[None, True][1], new[None, False][1])
+    for kv in (None, "int8"):  # the same slots written (an int8 cache's values: the float ones quantized)
+        slots = [[x for path, x in jax.tree_util.tree_leaves_with_path(new[kv, f][1])
+                  if "pos" in jax.tree_util.keystr(path)] for f in (True, False)]
+        assert len(slots[0]) == len(slots[1]) == (len(CFG.text.group_flags) if scan else len(CFG.text.layer_flags))
+        jax.tree_util.tree_map(np.testing.assert_array_equal, *slots)
+    assert not np.allclose(np.asarray(new["int8", False][0])[valid], ref, atol=1e-5)  # int8 read back: differs
+    with pytest.raises(ValueError, match="fresh_cache"):
+        TextModel(CFG.text).init(jax.random.key(0), ids[:, :T], pos, valid, fresh_cache=True)
+
+
 def test_int8_cache_error(params, batch):
     ids, mask = batch
     ref, _ = _incremental(params, ids, mask)

@@ -43,13 +43,14 @@ class DecoderLayer(nn.Module):
     attn_impl: str
     moe_impl: str
     segment_span: int | None = None  # packed rows: the global layers' chunk (`segment_positions`)
+    fresh_cache: bool = False  # the cache holds no key yet (`TextModel`)
 
     @nn.compact
     def __call__(self, x, ctx, cache, group=None):
         cfg = self.cfg
         with jax.named_scope("attention"):
             h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="attn_norm")(x)
-            a, cache = Attention(cfg, self.flags, self.dtype, self.attn_impl, self.segment_span,
+            a, cache = Attention(cfg, self.flags, self.dtype, self.attn_impl, self.segment_span, self.fresh_cache,
                                  name="attn")(h, ctx, cache, group)
             x = x + a
         with jax.named_scope("moe" if self.flags.is_moe else "mlp"):
@@ -79,6 +80,7 @@ class DecoderGroup(nn.Module):
     moe_impl: str
     with_hidden: bool = False
     segment_span: int | None = None
+    fresh_cache: bool = False
 
     @nn.compact
     def __call__(self, carry, ctx):
@@ -87,7 +89,7 @@ class DecoderGroup(nn.Module):
         for j, flags in enumerate(self.cfg.group_flags):
             name = f"layer_{j}"
             layer = DecoderLayer(self.cfg, flags, self.dtype, self.attn_impl, self.moe_impl, self.segment_span,
-                                 name=name)
+                                 self.fresh_cache, name=name)
             x, c = layer(x, ctx, cache.get(name) if cache else None, g)
             if c is not None:
                 new_cache[name] = c
@@ -108,9 +110,13 @@ class TextModel(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids=None, positions=None, valid=None, cache_layers=None, *, embeds=None,
-                 last_only: bool = False, segment_ids=None, piece=None):
+                 last_only: bool = False, segment_ids=None, piece=None, fresh_cache: bool = False):
         """last_only: logits of the last position only, [B, 1, V] (prefill of a
         left-padded batch, where that is every row's last real token).
+        fresh_cache: `cache_layers` holds no key yet (a prefill's only or first call):
+        each layer writes its new keys into it and attends over those alone, not over
+        the whole allocation (see `Attention`). Wrong, silently, on a cache that holds
+        keys.
         segment_ids int [B, T]: packed rows (training), a new example wherever the id
         changes; each token attends only to its own example, which is computed as if
         alone (`kernels.reference.segment_positions`): `positions` are then derived
@@ -155,7 +161,9 @@ class TextModel(nn.Module):
                             "temp": temperature_scale(pp, cfg), "rows": piece["rows"]}
             ctx["piece"]["cos"], ctx["piece"]["sin"] = rope_angles(pp, rope_inv_freq(cfg))
 
-        group_args = (cfg, dt, self.attn_impl, self.moe_impl, self.with_hidden, span)
+        if fresh_cache and (not cache_layers or piece is not None):
+            raise ValueError("fresh_cache is for a prefill into an empty cache: pass the cache, and no piece")
+        group_args = (cfg, dt, self.attn_impl, self.moe_impl, self.with_hidden, span, fresh_cache)
         cache_in = cache_layers if cache_layers else None
         # jax.checkpoint per group: the backward pass keeps only each group's input.
         group_cls = nn.remat(DecoderGroup) if self.remat else DecoderGroup
