@@ -172,6 +172,8 @@ def prefill(params, ids, mask, samp, budget, stop_ids, pixel_values=None, src=No
 
     Returns a state of K rows whose cache holds the P prompts: row k's cache is cache
     row src[k] (`insert` copies it into the row's slot). Without src it is a decode state.
+    The cache is new, so a prompt prefilled in one call attends over its own keys alone
+    (`TextModel(fresh_cache=True)`), not over the whole allocation.
     """
     P = ids.shape[0]
     model = _model(text, params, attn_impl, moe_impl, scan_layers)
