@@ -140,8 +140,9 @@ def cpu_lanes(request: str, weight_bytes: int = 0) -> int:
     `MAX_CPU_DEVICES`, and at most as many as hold 4x `weight_bytes` each in half the
     available memory (each device keeps its own copy of the weights, a float32 one of a
     bfloat16 checkpoint is twice its size, and the decode parameters hold the gate and
-    up weights a second time, fused: `layers.fuse_gate_up`; 4x leaves room to spare). Asks JAX for that many CPU devices if its backends have not started
-    yet; otherwise (e.g. in a notebook) uses at most the CPU devices it already has.
+    up weights a second time, fused: `layers.fuse_gate_up`; 4x leaves room to spare).
+    Asks JAX for that many CPU devices if its backends have not started yet; otherwise
+    (e.g. in a notebook) uses at most the CPU devices it already has.
     ValueError for a request that is not "auto" or a positive integer.
     """
     if request == "auto":

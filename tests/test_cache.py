@@ -274,9 +274,9 @@ def _prefill_fn(params, ids, positions, valid, cache, scan_layers, fresh):
 def test_fresh_cache_prefill_equals_reading_the_cache(params, batch, scan):
     """A prefill into an empty cache with fresh_cache (attention over the new keys
     alone) gives the logits of one that reads the cache, and writes the same cache. The
-    9-token prompts are longer than the chunked layers' 4-slot ring, and with an int8
-    cache the fresh prefill attends the new keys unquantized: its logits are the float
-    cache's, its cache the int8 one the other path writes."""
+    9-token prompts are longer than the chunked layers' 4-slot ring. With an int8 cache
+    the fresh prefill attends the new keys unquantized: its logits are the float
+    cache's (the reading path's are not), and it writes the same slots."""
     ids, mask = batch
     T, B = T_PROMPT, ids.shape[0]
     pos = np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)[:, :T]
@@ -297,7 +297,7 @@ def test_fresh_cache_prefill_equals_reading_the_cache(params, batch, scan):
         np.testing.assert_allclose(np.asarray(new[kv, True][0])[valid], ref, atol=1e-5, rtol=1e-5)
     jax.tree_util.tree_map(functools.partial(np.testing.assert_allclose, atol=1e-5, rtol=1e-5),
                            new[None, True][1], new[None, False][1])
-    for kv in (None, "int8"):  # the same slots written (an int8 cache's values: the float ones quantized)
+    for kv in (None, "int8"):  # the same slots written
         slots = [[x for path, x in jax.tree_util.tree_leaves_with_path(new[kv, f][1])
                   if "pos" in jax.tree_util.keystr(path)] for f in (True, False)]
         assert len(slots[0]) == len(slots[1]) == (len(CFG.text.group_flags) if scan else len(CFG.text.layer_flags))
