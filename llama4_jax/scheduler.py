@@ -17,7 +17,9 @@ How a run goes (continuous batching over `batch_size` decode slots):
   * whenever slots are free (all of them at the start) they are filled from the queue:
     the next prompts are prefilled as a batch (one jitted call fills the KV cache and
     samples each sample row's first token), and their rows are written into the
-    running state in place (`engine.insert`), then decode resumes. A prompt is taken
+    running state in place (`engine.insert`), then decode resumes. On CPU, prompts
+    longer than `BATCHED_PREFILL_MAX` tokens (their bucket) are prefilled one per
+    device per call instead, faster per token. A prompt is taken
     with all its samples (at most `batch_size`: a larger n is taken `batch_size` at a
     time), so it is prefilled once per `batch_size` samples, once when n <= batch_size;
     sample rows that find no free slot are held, prefilled, and inserted as slots free
@@ -89,6 +91,17 @@ STOP_STRING_SEGMENT = 32  # decode steps between host-side stop-string checks
 # 162 / 326 ms per step), against 64.8 s (58.2 s of it not compiling) with each refill
 # prefilled alone and inserted.
 RIDE_PIECE = 512
+
+# On CPU, prompts whose length bucket is longer than this are prefilled one per device
+# per call (a fill of many slots runs several such calls), not all of a fill's prompts
+# in one call: a call's activations then stay small enough for the CPU's caches, and
+# its tokens already keep the cores busy. Measured with the mixed benchmark's model, 8
+# prompts, prefill seconds, one call of 8 rows against calls of one prompt per device
+# (medians of 5, 2 cores): two devices, ~2000 tokens each 4.2-4.5 / 3.3-3.5, ~1000
+# 1.55 / 1.43, ~500 0.74 / 0.71, ~250 0.29 / 0.34, 128 0.13 / 0.22 (there every call
+# reads all the experts' weights for few tokens); one device, ~2000 4.9 / 4.4, ~1000
+# 1.69 / 1.57, ~500 0.73 / 0.92.
+BATCHED_PREFILL_MAX = 512
 
 
 @dataclasses.dataclass
@@ -425,6 +438,7 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
     piece = None
     if sharding.active() is None and str(kv_dtype) != "int8":
         piece = engine.piece_size(text, RIDE_PIECE)
+    on_cpu = jax.default_backend() == "cpu"  # long prompts prefill one per device per call
     flight: list | None = None  # [row, request index, sample index, pieces prefilled] of the prompt riding
     filler = Sampling(temperature=0.0, seed=0)
     slot_req: dict[int, tuple[int, int]] = {}  # slot -> (request index, sample index) it holds
@@ -444,13 +458,15 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
     def prefill(free: int) -> _Held:
         """Prefill the next prompts of the queue, with all their samples (at most B rows),
         until they fill `free` slots; only the next prompt when at most half the slots
-        are free (a refill between decode steps), or with lanes the next `lanes`
+        are free (a refill between decode steps) or, on CPU, when the next prompt's
+        bucket is longer than `BATCHED_PREFILL_MAX`; with lanes then the next `lanes`
         prompts, one per device (rows beyond the free slots are held for the next ones:
         a prefill split over two devices ran 1.8x the tokens/s of a lone prompt)."""
         nonlocal prefilled
         take: list[tuple[int, int]] = []  # (request index, sample index) per row
         prompts: list[int] = []
-        few = free <= B // 2
+        few = free <= B // 2 or (on_cpu and prompt_bucket(len(requests[queue[0][0]].ids),
+                                                          max_model_len) > BATCHED_PREFILL_MAX)
         while queue and (len(prompts) < lanes if few else len(take) < free):
             i, k = queue[0]
             left = len(requests[i].samples) - k
@@ -465,7 +481,7 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
                 queue.popleft()
                 queued[prompt_bucket(len(requests[i].ids), max_model_len)] -= 1
         # P prompt rows run the model: 1, or B (padded) for several prompts (`lanes` for
-        # a refill's one per device). On CPU a prefill's cost is its P x T tokens, so
+        # one per device: a refill's, or long prompts'). On CPU a prefill's cost is its P x T tokens, so
         # refilling a few slots one prompt at a time costs what one batch of them would,
         # and prefill compiles per prompt bucket for P = 1, lanes and B only (the mixed
         # benchmark spent 49 of 131 s compiling 22 executables with P any power of two).

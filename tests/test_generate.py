@@ -205,6 +205,14 @@ def test_prompt_length_pads_to_a_compiled_bucket_when_that_costs_less(monkeypatc
     assert pick(600, 3) == 1024  # above the largest bucket of the run (512): its own
 
 
+def _prefill_lengths():
+    """(P, T) of the compiled prefills' token ids and masks."""
+    from llama4_jax import engine
+
+    return sorted({shape for k in engine.COMPILED if k[0] is engine.prefill
+                   for shape, dtype, _ in k[2] if len(shape) == 2 and dtype == np.int32})
+
+
 def test_short_prompts_reuse_a_compiled_longer_bucket(scout, monkeypatch):
     """With compilation measured as costly, a run's shorter prompts are prefilled in
     the longer bucket already compiled: one prefill executable instead of two, and
@@ -216,20 +224,37 @@ def test_short_prompts_reuse_a_compiled_longer_bucket(scout, monkeypatch):
     run = lambda: llama4_jax.generate(config, params, prompts, max_new_tokens=5, batch_size=1,  # noqa: E731
                                       logprobs=0, return_stats=True)
 
-    def prefill_lengths():  # (P, T) of the compiled prefills' token ids and masks
-        return sorted({shape for k in engine.COMPILED if k[0] is engine.prefill
-                       for shape, dtype, _ in k[2] if len(shape) == 2 and dtype == np.int32})
-
     with monkeypatch.context() as m:  # each prompt its own bucket
         m.setattr(scheduler, "_prompt_length", lambda n, max_model_len, *_: engine.prompt_bucket(n, max_model_len))
         engine.COMPILED.clear()
         ref, _ = run()
-    assert prefill_lengths() == [(1, 16), (1, 64)]
+    assert _prefill_lengths() == [(1, 16), (1, 64)]
     monkeypatch.setattr(engine, "COSTS", engine.Costs({engine.prefill: [100.0]}, 1.0, 1000))
     engine.COMPILED.clear()
     out, stats = run()
-    assert prefill_lengths() == [(1, 64)]
+    assert _prefill_lengths() == [(1, 64)]
     assert stats.prompt_tokens == 62
+    assert [c.token_ids for c in out] == [c.token_ids for c in ref]
+    np.testing.assert_allclose([c.logprobs for c in out], [c.logprobs for c in ref], atol=1e-5)
+
+
+def test_long_prompts_prefill_one_per_call_on_cpu(scout, monkeypatch):
+    """On CPU a fill whose next prompt's bucket is longer than BATCHED_PREFILL_MAX
+    prefills its prompts one per call (one device), shorter ones all in one call; the
+    tokens and log-probabilities are the same."""
+    from llama4_jax import engine, scheduler
+
+    _, config, params = scout
+    prompts = _prompts(config.text.vocab_size, (40, 35, 50), seed=22)  # bucket 64
+    run = lambda: llama4_jax.generate(config, params, prompts, max_new_tokens=4, batch_size=4,  # noqa: E731
+                                      logprobs=0)
+    engine.COMPILED.clear()
+    ref = run()
+    assert _prefill_lengths() == [(3, 64)]
+    monkeypatch.setattr(scheduler, "BATCHED_PREFILL_MAX", 32)
+    engine.COMPILED.clear()
+    out = run()
+    assert _prefill_lengths() == [(1, 64)]
     assert [c.token_ids for c in out] == [c.token_ids for c in ref]
     np.testing.assert_allclose([c.logprobs for c in out], [c.logprobs for c in ref], atol=1e-5)
 
