@@ -18,6 +18,8 @@ table.
 
 Activations are an estimate, not a measurement: one prefill chunk per batch row
 through the largest layer with blockwise attention, plus the last-position logits.
+On CPU, prompts longer than `scheduler.BATCHED_PREFILL_MAX` tokens are prefilled one
+per device per call, so there the estimate bounds what runs from above.
 """
 
 from __future__ import annotations

@@ -19,9 +19,9 @@ How a run goes (continuous batching over `batch_size` decode slots):
     samples each sample row's first token), and their rows are written into the
     running state in place (`engine.insert`), then decode resumes. On CPU, prompts
     longer than `BATCHED_PREFILL_MAX` tokens (their bucket) are prefilled one per
-    device per call instead, faster per token. A prompt is taken
-    with all its samples (at most `batch_size`: a larger n is taken `batch_size` at a
-    time), so it is prefilled once per `batch_size` samples, once when n <= batch_size;
+    device per call instead, faster per token. A prompt is taken with all its samples
+    (at most `batch_size`: a larger n is taken `batch_size` at a time), so it is
+    prefilled once per `batch_size` samples, once when n <= batch_size;
     sample rows that find no free slot are held, prefilled, and inserted as slots free
     up, before anything new is prefilled (at most one such prefill state is held);
   * on one device (no mesh, float cache), a refill of at most half the slots instead
