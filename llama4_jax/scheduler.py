@@ -481,7 +481,8 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
                 queue.popleft()
                 queued[prompt_bucket(len(requests[i].ids), max_model_len)] -= 1
         # P prompt rows run the model: 1, or B (padded) for several prompts (`lanes` for
-        # one per device: a refill's, or long prompts'). On CPU a prefill's cost is its P x T tokens, so
+        # one per device: a refill's, or long prompts'). On CPU a prefill costs about its
+        # P x T tokens (long ones less one per device: `BATCHED_PREFILL_MAX`), so
         # refilling a few slots one prompt at a time costs what one batch of them would,
         # and prefill compiles per prompt bucket for P = 1, lanes and B only (the mixed
         # benchmark spent 49 of 131 s compiling 22 executables with P any power of two).
