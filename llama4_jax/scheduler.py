@@ -94,13 +94,14 @@ RIDE_PIECE = 512
 
 # On CPU, prompts whose length bucket is longer than this are prefilled one per device
 # per call (a fill of many slots runs several such calls), not all of a fill's prompts
-# in one call: a call's activations then stay small enough for the CPU's caches, and
-# its tokens already keep the cores busy. Measured with the mixed benchmark's model, 8
-# prompts, prefill seconds, one call of 8 rows against calls of one prompt per device
-# (medians of 5, 2 cores): two devices, ~2000 tokens each 4.2-4.5 / 3.3-3.5, ~1000
-# 1.55 / 1.43, ~500 0.74 / 0.71, ~250 0.29 / 0.34, 128 0.13 / 0.22 (there every call
-# reads all the experts' weights for few tokens); one device, ~2000 4.9 / 4.4, ~1000
-# 1.69 / 1.57, ~500 0.73 / 0.92.
+# in one call, which was slower per token; one prompt already keeps a device busy.
+# Measured with the mixed benchmark's model, 8 prompts, prefill seconds, one call of 8
+# rows against calls of one prompt per device (medians of 5, 2 cores): two devices,
+# ~2000 tokens each 4.2-4.5 / 3.3-3.5, ~1000 1.55 / 1.43, ~500 0.74 / 0.71, ~250
+# 0.29 / 0.34, 128 0.13 / 0.22 (there every call reads all the experts' weights for
+# few tokens); one device, ~2000 4.9 / 4.4, ~1000 1.69 / 1.57, ~500 0.73 / 0.92. The
+# MoE, the shared expert and the attention measured alone scale with the tokens (4
+# rows of 2048 against 1): what slows the whole call is not isolated.
 BATCHED_PREFILL_MAX = 512
 
 
