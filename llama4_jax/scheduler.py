@@ -99,9 +99,12 @@ RIDE_PIECE = 512
 # rows against calls of one prompt per device (medians of 5, 2 cores): two devices,
 # ~2000 tokens each 4.2-4.5 / 3.3-3.5, ~1000 1.55 / 1.43, ~500 0.74 / 0.71, ~250
 # 0.29 / 0.34, 128 0.13 / 0.22 (there every call reads all the experts' weights for
-# few tokens); one device, ~2000 4.9 / 4.4, ~1000 1.69 / 1.57, ~500 0.73 / 0.92. The
-# MoE, the shared expert and the attention measured alone scale with the tokens (4
-# rows of 2048 against 1): what slows the whole call is not isolated.
+# few tokens); one device, ~2000 4.9 / 4.4, ~1000 1.69 / 1.57, ~500 0.73 / 0.92. What
+# slows the call of many rows is the attention: rows of different lengths, each left-
+# padded by its own amount, no longer share the blockwise tiles' boundaries, so more
+# tiles run and fewer skip the mask (4 rows of 2048 tokens, 48-78 of them padding, 226
+# ms against 163 ms unpadded; one row is as fast with 100 padding tokens as without).
+# The MoE and the shared expert measured alone scale with the tokens.
 BATCHED_PREFILL_MAX = 512
 
 
