@@ -469,9 +469,9 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
         nonlocal prefilled
         take: list[tuple[int, int]] = []  # (request index, sample index) per row
         prompts: list[int] = []
-        few = free <= B // 2 or (on_cpu and prompt_bucket(len(requests[queue[0][0]].ids),
-                                                          max_model_len) > BATCHED_PREFILL_MAX)
-        while queue and (len(prompts) < lanes if few else len(take) < free):
+        per_device = free <= B // 2 or (on_cpu and prompt_bucket(len(requests[queue[0][0]].ids),
+                                                                 max_model_len) > BATCHED_PREFILL_MAX)
+        while queue and (len(prompts) < lanes if per_device else len(take) < free):
             i, k = queue[0]
             left = len(requests[i].samples) - k
             if left > B - len(take) and take:
@@ -491,7 +491,7 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
         # and prefill compiles per prompt bucket for P = 1, lanes and B only (the mixed
         # benchmark spent 49 of 131 s compiling 22 executables with P any power of two).
         # B sample rows draw their first tokens (cheap), whatever the n.
-        K, P = B, (1 if len(prompts) == 1 else lanes if few else B)
+        K, P = B, (1 if len(prompts) == 1 else lanes if per_device else B)
         reqs = [requests[i] for i in prompts]
         row_of = {i: b for b, i in enumerate(prompts)}
         src = [row_of[i] for i, _ in take] + [0] * (K - len(take))
