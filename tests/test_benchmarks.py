@@ -64,11 +64,8 @@ def test_batch_roofline_counts_each_chosen_expert_once(bench, tiny, monkeypatch,
     assert two["lanes_matvec_s"] == pytest.approx(two["lanes_bytes"] / 1e9)  # at the devices' matvec rate
 
 
-def test_mixed_bound_is_the_static_run_with_continuous_step_count(bench):
-    # Static: 80 s of prefill, 100 s for 1000 steps (0.1 s each); continuous 400 steps.
-    static = {"prefill_s": 80.0, "decode_s": 100.0, "decode_steps": 1000}
-    cont = {"prefill_s": 70.0, "decode_s": 35.0, "decode_steps": 400}
-    line = bench.mixed_bound(cont, static)
-    assert "static 1000, continuous 400" in line
-    assert f"{180 / (80 + 40):.2f}x static" in line  # static's prefill, 400 steps at 0.1 s
-    assert "2.50x: the most" in line  # the step counts alone
+def test_mixed_parts_give_each_part_s_ratio(bench):
+    static = {"prefill_s": 80.0, "decode_s": 100.0, "decode_steps": 1000, "compile_s": 10.0}
+    cont = {"prefill_s": 64.0, "decode_s": 50.0, "decode_steps": 400, "compile_s": 4.0}
+    line = bench.mixed_parts(cont, static)
+    assert "prefill 1.25x, decode 2.00x (1000 / 400 steps = 2.50x, 0.80x per step), compile 2.50x" in line
