@@ -50,8 +50,9 @@
    prompts, so a batch waits for its longest row, as a static loop does); transformers
    `generate` on the same consecutive batches, left-padded, each batch run to its
    longest budget (`max_new_tokens`, `min_new_tokens`) and credited only each row's own
-   budget. Reported: generated tokens/s (the sum of the budgets over wall time) and
-   the ratios.
+   budget. Reported: generated tokens/s (the sum of the budgets over wall time), the
+   ratios, and static over continuous part by part (prefill, decode, compile; the
+   whole ratio is their mean weighted by continuous's seconds).
 4. `prefill-1m`: a 1,048,576-token prompt prefilled in 8192-token pieces on a tiny
    model (4 layers: 3 chunked RoPE layers, 1 global NoPE layer; hidden 64, one KV head
    of 16): wall time, and the process's peak RSS against the bytes of its KV cache.
