@@ -318,6 +318,18 @@ def weight_copies(hlo: str, min_bytes: int) -> list[str]:
     return found
 
 
+def fp32_params(config):
+    """Random fp32 weights for `config`, initialised before this returns. JAX dispatches
+    the initialisation asynchronously: a bandwidth measured while it still ran on both
+    cores came out at half (16.3 against 32-36 GB/s alone), and a clock started then
+    would count it."""
+    import jax
+
+    import llama4_jax
+
+    return jax.block_until_ready(llama4_jax.init_params(config, jax.random.key(0), dtype="float32"))
+
+
 def roofline(layers: int, new_tokens: int) -> dict:
     import jax
 
@@ -325,9 +337,7 @@ def roofline(layers: int, new_tokens: int) -> dict:
     from llama4_jax import engine
 
     config = dense_300m(layers).replace_text(eos_token_id=())
-    # Wait for the weights: measured while their initialisation still runs on both cores,
-    # the read bandwidth came out at half (16.3 against 32-36 GB/s alone).
-    params = jax.block_until_ready(llama4_jax.init_params(config, jax.random.key(0), dtype="float32"))
+    params = fp32_params(config)
     leaves = jax.tree_util.tree_leaves_with_path(params)
     total = sum(x.size * x.dtype.itemsize for _, x in leaves)
     embed = params["params"]["embed"]
@@ -391,9 +401,7 @@ def context_decode(contexts: list[int], new: int, devices: int) -> dict:
     if devices > 1:
         jax.config.update("jax_num_cpu_devices", devices)  # before the backend starts
     config = scout_shaped().replace_text(eos_token_id=(), max_position_embeddings=1 << 20)
-    # Wait for the weights: measured while their initialisation still runs on both cores,
-    # the read bandwidth came out at half (16.3 against 32-36 GB/s alone).
-    params = jax.block_until_ready(llama4_jax.init_params(config, jax.random.key(0), dtype="float32"))
+    params = fp32_params(config)
     weights = active_bytes_per_token(config, params)
     bw, threads = read_bandwidth()
     # What XLA's one-row products by [hidden, expert width] matrices (the size of most of
@@ -473,12 +481,15 @@ def mixed_parts(cont: dict, static: dict) -> str:
     alike). A run's wall time is about the sum of its prefill, decode and compile
     seconds, so the whole ratio is the parts' ratios averaged with continuous's seconds
     as weights: it reaches a target only where the parts reach it."""
-    ratio = {k: static[f"{k}_s"] / max(cont[f"{k}_s"], 1e-9) for k in ("prefill", "decode", "compile")}
+    def ratio(a, b):  # a part continuous did not spend (nothing compiled after the warm-up) has none
+        return f"{a / b:.2f}x" if b > 0 else "n/a"
+
     steps = static["decode_steps"] / cont["decode_steps"]
-    per_step = ratio["decode"] / steps
-    return (f"static / continuous by part: prefill {ratio['prefill']:.2f}x, decode {ratio['decode']:.2f}x "
-            f"({static['decode_steps']} / {cont['decode_steps']} steps = {steps:.2f}x, {per_step:.2f}x per step), "
-            f"compile {ratio['compile']:.2f}x; the whole is their mean weighted by continuous's seconds")
+    per_step = static["decode_s"] / cont["decode_s"] / steps
+    return (f"static / continuous by part: prefill {ratio(static['prefill_s'], cont['prefill_s'])}, decode "
+            f"{ratio(static['decode_s'], cont['decode_s'])} ({static['decode_steps']} / {cont['decode_steps']} "
+            f"steps = {steps:.2f}x, {per_step:.2f}x per step), compile {ratio(static['compile_s'], cont['compile_s'])}"
+            "; the whole is their mean weighted by continuous's seconds")
 
 
 def mixed_hf(path: str, n: int) -> dict:
@@ -517,14 +528,11 @@ def tiny_1m():
 
 
 def prefill_1m(tokens: int) -> dict:
-    import jax
-
     import llama4_jax
     from llama4_jax.cache import cache_bytes
 
     config = tiny_1m()
-    # Wait for the weights, so the clock starts after their initialisation.
-    params = jax.block_until_ready(llama4_jax.init_params(config, jax.random.key(0), dtype="float32"))
+    params = fp32_params(config)
     P = [np.random.default_rng(0).integers(3, 512, tokens).tolist()]
     rss0 = peak_rss_mib()
     t0 = time.perf_counter()

@@ -69,3 +69,5 @@ def test_mixed_parts_give_each_part_s_ratio(bench):
     cont = {"prefill_s": 64.0, "decode_s": 50.0, "decode_steps": 400, "compile_s": 4.0}
     line = bench.mixed_parts(cont, static)
     assert "prefill 1.25x, decode 2.00x (1000 / 400 steps = 2.50x, 0.80x per step), compile 2.50x" in line
+    cont["compile_s"] = 0.0  # nothing compiled after the warm-up
+    assert "compile n/a" in bench.mixed_parts(cont, static)
