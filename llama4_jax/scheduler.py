@@ -89,7 +89,11 @@ STOP_STRING_SEGMENT = 32  # decode steps between host-side stop-string checks
 # first 64 prompts (of 16..2048 tokens, 8..256 new, batch 8) on one CPU device, after
 # the same warm-up: pieces of 256 / 512 / 1024 tokens 62.2 / 49.6 / 54.8 s (130 /
 # 162 / 326 ms per step), against 64.8 s (58.2 s of it not compiling) with each refill
-# prefilled alone and inserted.
+# prefilled alone and inserted. Smaller pieces, which would let more decode steps share
+# a prefill's pass over the weights, were slower: the workload's prompts 17-64, same
+# device, pieces of 512 / 128 / 64 tokens 26.2 / 28.4 / 36.2 s, in 829 / 875 / 1020
+# steps (one prompt rides at a time, so a row freed meanwhile waits for its last piece,
+# and a smaller piece makes that wait more steps).
 RIDE_PIECE = 512
 
 # On CPU, prompts whose length bucket is longer than this are prefilled one per device
