@@ -82,13 +82,14 @@ class GenerationStats:
     ridden_tokens: int = 0
 
     def summary(self) -> str:
+        def rate(tokens, seconds):  # a part that took no time (no decode step: every row ended at its first token)
+            return f"{tokens / seconds:.1f} tok/s" if seconds else "no time"
+
         alone = self.prompt_tokens - self.ridden_tokens
-        pf = alone / self.prefill_s if self.prefill_s else float("nan")
-        dc = self.generated_tokens / self.decode_s if self.decode_s else float("nan")
         rode = f" ({self.ridden_tokens} prefilled along decode steps)" if self.ridden_tokens else ""
         return (f"{self.prompts} prompts, {self.prompt_tokens} prompt tokens{rode}, {self.generated_tokens} generated "
-                f"tokens; prefill {pf:.1f} tok/s ({self.prefill_s:.2f} s), decode {dc:.1f} tok/s "
-                f"({self.decode_s:.2f} s), compile {self.compile_s:.2f} s")
+                f"tokens; prefill {rate(alone, self.prefill_s)} ({self.prefill_s:.2f} s), decode "
+                f"{rate(self.generated_tokens, self.decode_s)} ({self.decode_s:.2f} s), compile {self.compile_s:.2f} s")
 
 
 def _model(text: TextConfig, params, attn_impl, moe_impl, scan_layers: bool = True):

@@ -303,6 +303,16 @@ def test_compiled_executables_are_bounded(monkeypatch):
     assert stats.compile_s > before and len(engine.COMPILED) == 2
 
 
+def test_stats_summary_names_a_part_that_took_no_time():
+    """A run whose rows all end at their first token spends no time decoding: the
+    summary says so instead of printing a rate of nan."""
+    from llama4_jax import engine
+
+    stats = engine.GenerationStats(prompts=1, prompt_tokens=3, generated_tokens=1, prefill_s=0.5)
+    line = stats.summary()
+    assert "prefill 6.0 tok/s (0.50 s)" in line and "decode no time (0.00 s)" in line and "nan" not in line
+
+
 def test_finished_slot_is_refilled(scout):
     """batch_size 2, budgets [2, 2, 2, 20], the long request first (the queue runs
     longest prompt first): it decodes beside the short ones as they come and go,
