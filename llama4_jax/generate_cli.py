@@ -522,7 +522,7 @@ def run(args) -> int:
         tokenizer = load_tokenizer(model)
         config = load_config(model)
     except Exception as e:
-        return _err(f"--model: cannot load a tokenizer and config from {model}: {type(e).__name__}: {e}")
+        return _err(f"--model: cannot load a tokenizer and config from {model}: {_one_line(e)}")
     try:
         ctx = context_length(config, args.max_model_len)
     except ValueError as e:

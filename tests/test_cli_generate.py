@@ -281,6 +281,11 @@ def test_missing_input_and_model_files(tmp_path, capsys):
     inp = _write(tmp_path / "in.jsonl", [{"prompt": "fine"}])
     assert main(["generate", "--input", inp, "--output", out, "--model", str(tmp_path)]) == 2
     assert f"--model: {tmp_path} has no config.json" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text('{"architectures": ["Llama4ForConditionalGeneration"]}')
+    assert main(["generate", "--input", inp, "--output", out, "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err  # no tokenizer files: transformers' several-line reason, on one line
+    assert f"--model: cannot load a tokenizer and config from {tmp_path}: " in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
 def test_output_paths_checked_before_loading(tmp_path, capsys):
