@@ -14,8 +14,9 @@
    `llama4_jax.generate` vs transformers `generate` (its dynamic cache, SDPA). Ours runs
    on `--cpu-devices` CPU devices (default: one per core; the weights replicated over
    a data mesh, each device prefilling and decoding its own rows, as `llama4-jax
-   generate --cpu-devices` does) and on one; transformers on torch's threads (one per
-   core). Reported: median wall time of `--repeats` runs after a warm-up (compilation
+   generate --cpu-devices` does; `--batch-mesh` names another mesh of them, e.g.
+   `tensor=2`, each device reading its share of every weight) and on one; transformers
+   on torch's threads (one per core). Reported: median wall time of `--repeats` runs after a warm-up (compilation
    is in the warm-up only), generated tokens/s, the ratio, each process's peak RSS,
    and whether the greedy tokens agree; and our decode step against its roofline
    (`batch_roofline`: the bytes a step of 8 rows must read, the distinct experts the
@@ -65,6 +66,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import resource
@@ -123,10 +125,11 @@ def build(path: str) -> dict:
     return {}
 
 
-def load_ours(path: str, devices: int):
+def load_ours(path: str, devices: int, spec: str | None = None):
     """(config, params, mesh): the checkpoint in fp32, replicated over a data mesh of
     `devices` CPU devices (each decodes its own rows, as `llama4-jax generate
-    --cpu-devices` does), or on one device (mesh None)."""
+    --cpu-devices` does), or laid out on the mesh `spec` of them (`sharding.make_mesh`,
+    under its default rules), or on one device (mesh None)."""
     import jax
 
     import llama4_jax
@@ -134,17 +137,17 @@ def load_ours(path: str, devices: int):
 
     if devices > 1:
         jax.config.update("jax_num_cpu_devices", devices)  # before the backend starts
-    mesh = sharding.make_mesh(f"data={devices}") if devices > 1 else None
+    mesh = sharding.make_mesh(spec or f"data={devices}") if devices > 1 else None
     config, params = llama4_jax.load(path, dtype="float32", mesh=mesh)
     return config, params, mesh
 
 
-def batch_ours(path: str, repeats: int, devices: int) -> dict:
+def batch_ours(path: str, repeats: int, devices: int, spec: str | None = None) -> dict:
     import jax
 
     import llama4_jax
 
-    config, params, mesh = load_ours(path, devices)
+    config, params, mesh = load_ours(path, devices, spec)
     config = config.replace_text(eos_token_id=())  # no stop token: every row makes NEW tokens
     P = prompts(config.text.vocab_size)
     run = lambda: llama4_jax.generate(config, params, P, max_new_tokens=NEW, batch_size=BATCH,  # noqa: E731
@@ -549,6 +552,8 @@ def child(part: str, args, *extra) -> dict:
            "--roofline-layers", str(args.roofline_layers), "--roofline-new", str(args.roofline_new),
            "--contexts", args.contexts, "--prefill-tokens", str(args.prefill_tokens),
            "--mixed-prompts", str(args.mixed_prompts), "--cpu-devices", str(args.cpu_devices)]
+    if args.batch_mesh:
+        cmd += ["--batch-mesh", args.batch_mesh]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode:
         sys.stderr.write(res.stderr[-4000:])
@@ -563,6 +568,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cpu-devices", type=int, default=os.cpu_count() or 1,
                     help="CPU devices our batch, mixed and context runs decode on side by side (default: the cores; "
                          "the batch and context parts also run one device)")
+    ap.add_argument("--batch-mesh", help="mesh of the --cpu-devices devices our batch part runs on, e.g. tensor=2 "
+                                         "(default: data=<--cpu-devices>, each device decoding its own rows)")
     ap.add_argument("--contexts", default="100,4096,16384,65536", help="prompt lengths of the context part")
     ap.add_argument("--prefill-tokens", type=int, default=1 << 20, help="prompt length of the prefill-1m part")
     ap.add_argument("--repeats", type=int, default=3)
@@ -571,9 +578,17 @@ def main(argv=None) -> int:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.batch_mesh:  # checked here, not after the children built the checkpoint
+        from llama4_jax.sharding import ShardingError, parse_mesh_spec
+        try:
+            n = math.prod(size for _, size in parse_mesh_spec(args.batch_mesh))
+        except ShardingError as e:
+            ap.error(f"--batch-mesh: {e}")
+        if n != args.cpu_devices:
+            ap.error(f"--batch-mesh {args.batch_mesh} has {n} devices; --cpu-devices is {args.cpu_devices}")
 
     if args.child:
-        fn = {"build": lambda: build(args.path), "ours": lambda: batch_ours(args.path, args.repeats, args.cpu_devices),
+        fn = {"build": lambda: build(args.path), "ours": lambda: batch_ours(args.path, args.repeats, args.cpu_devices, args.batch_mesh),
               "ours-1": lambda: batch_ours(args.path, args.repeats, 1),
               "hf": lambda: batch_hf(args.path, args.repeats),
               "roofline": lambda: roofline(args.roofline_layers, args.roofline_new),
@@ -595,7 +610,8 @@ def main(argv=None) -> int:
         n = BATCH * NEW
         print(f"\n[batch] Scout-shaped, 16 experts top-1, fp32: batch {BATCH}, {PROMPT}-token prompts, {NEW} new tokens")
         print(f"{'':18s}{'median s':>10s}{'tokens/s':>10s}{'warm-up s':>11s}{'peak RSS MiB':>14s}")
-        runs = [(f"llama4_jax x{args.cpu_devices}", ours)] + ([("llama4_jax x1", one)] if one is not ours else [])
+        where = args.batch_mesh or f"x{args.cpu_devices}"
+        runs = [(f"llama4_jax {where}", ours)] + ([("llama4_jax x1", one)] if one is not ours else [])
         for label, r in runs:
             print(f"{label:18s}{r['median_s']:10.2f}{n / r['median_s']:10.1f}{r['first_s']:11.1f}"
                   f"{r['peak_rss_mib']:14.0f}   (prefill {r['prefill_s']:.2f} s, decode {r['decode_s']:.2f} s, "
@@ -609,15 +625,16 @@ def main(argv=None) -> int:
                   f"the step's roofline of {rf['ideal_s'] * 1e3:.2f} ms ({rf['ideal_bytes'] / 1e6:.1f} MB: weights "
                   f"shared by the rows, the distinct experts they chose, the occupied cache; at {rf['read_gbs']:.1f} "
                   f"GB/s read by {rf['threads']} threads)")
-        print(f"read as {args.cpu_devices} data-parallel devices read it (each the shared weights and its rows' "
-              f"experts): {rf['lanes_bytes'] / 1e6:.1f} MB, {rf['lanes_s'] * 1e3:.2f} ms at that bandwidth, "
-              f"{rf['lanes_matvec_s'] * 1e3:.2f} ms at the {rf['matvec_gbs']:.1f} GB/s the devices' matrix-vector "
-              f"products of {BATCH // args.cpu_devices} rows read together (each from its own 64 MiB matrix, "
-              f"all at once); 5x transformers needs "
-              f"{(hf['median_s'] / 5 - ours['median_s'] + ours['decode_s']) / ours['decode_steps'] * 1e3:.2f} ms "
-              f"per step (prefill and the rest as measured)")
+        need = (hf["median_s"] / 5 - ours["median_s"] + ours["decode_s"]) / ours["decode_steps"]
+        if not args.batch_mesh or args.batch_mesh == f"data={args.cpu_devices}":  # the rows split, as the roofline's lanes
+            print(f"read as {args.cpu_devices} data-parallel devices read it (each the shared weights and its rows' "
+                  f"experts): {rf['lanes_bytes'] / 1e6:.1f} MB, {rf['lanes_s'] * 1e3:.2f} ms at that bandwidth, "
+                  f"{rf['lanes_matvec_s'] * 1e3:.2f} ms at the {rf['matvec_gbs']:.1f} GB/s the devices' "
+                  f"matrix-vector products of {BATCH // args.cpu_devices} rows read together (each from its own "
+                  f"64 MiB matrix, all at once)")
+        print(f"5x transformers needs {need * 1e3:.2f} ms per step (prefill and the rest as measured)")
         same = sum(a == b for a, b in zip(ours["tokens"], hf["tokens"]))
-        print(f"speed-up: {hf['median_s'] / ours['median_s']:.2f}x on {args.cpu_devices} CPU device(s) "
+        print(f"speed-up: {hf['median_s'] / ours['median_s']:.2f}x on {where} "
               f"(target >= 5x), {hf['median_s'] / one['median_s']:.2f}x on one; identical greedy rows: {same}/{BATCH} "
               f"(one device: {sum(a == b for a, b in zip(one['tokens'], hf['tokens']))}/{BATCH})")
     if args.part in ("roofline", "all"):
