@@ -71,3 +71,14 @@ def test_mixed_parts_give_each_part_s_ratio(bench):
     assert "prefill 1.25x, decode 2.00x (1000 / 400 steps = 2.50x, 0.80x per step), compile 2.50x" in line
     cont["compile_s"] = 0.0  # nothing compiled after the warm-up
     assert "compile n/a" in bench.mixed_parts(cont, static)
+
+
+@pytest.mark.parametrize("mesh, message", [("tensor=3", "--batch-mesh tensor=3 has 3 devices; --cpu-devices is 2"),
+                                           ("tensor", "--batch-mesh: mesh spec 'tensor'")])
+def test_batch_mesh_is_checked_before_anything_runs(bench, monkeypatch, capsys, mesh, message):
+    """A --batch-mesh that does not name the --cpu-devices devices is refused at once:
+    no child process (which would build the checkpoint first) is started."""
+    monkeypatch.setattr(bench, "child", lambda *a, **k: pytest.fail("a child ran"))
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--part", "batch", "--cpu-devices", "2", "--batch-mesh", mesh])
+    assert e.value.code == 2 and message in capsys.readouterr().err
