@@ -28,7 +28,8 @@ from memory, not the CPU's cache) the logits product read its keys at 12-15 GB/s
 the values product its values at 15-19 GB/s, where both cores read 32 GB/s. Splitting
 the slots did not spread them over the threads: two products over halves took 1.3-1.5
 ms and one batched product over [2, d, S/2] halves 5.0-5.5 ms, against 1.05-1.18 ms
-for the one product (XLA:CPU runs a step's kernels one after another).
+for the one product (XLA:CPU runs a step's kernels one after another: its thunk executor
+gives ready kernels to a second thread only when more than 8 are ready at once).
 
 Otherwise the slots are visited in blocks of `block` (a `lax.fori_loop` with an online
 softmax, flash-attention style) and only up to the last occupied slot of any row, so a
