@@ -16,13 +16,14 @@
    a data mesh, each device prefilling and decoding its own rows, as `llama4-jax
    generate --cpu-devices` does; `--batch-mesh` names another mesh of them, e.g.
    `tensor=2`, each device reading its share of every weight) and on one; transformers
-   on torch's threads (one per core). Reported: median wall time of `--repeats` runs after a warm-up (compilation
-   is in the warm-up only), generated tokens/s, the ratio, each process's peak RSS,
-   and whether the greedy tokens agree; and our decode step against its roofline
-   (`batch_roofline`: the bytes a step of 8 rows must read, the distinct experts the
-   rows' tokens chose included, over the both-core read bandwidth as in `context`),
-   and the bytes our data-parallel devices read at the rate XLA's matrix-vector
-   products of their rows read when the devices run them at once (`matvec_bandwidth`).
+   on torch's threads (one per core). Reported: median wall time of `--repeats` runs
+   after a warm-up (compilation is in the warm-up only), generated tokens/s, the
+   ratio, each process's peak RSS, and whether the greedy tokens agree; and our
+   decode step against its roofline (`batch_roofline`: the bytes a step of 8 rows
+   must read, the distinct experts the rows' tokens chose included, over the
+   both-core read bandwidth as in `context`), and (on a data mesh) the bytes our
+   data-parallel devices read at the rate XLA's matrix-vector products of their rows
+   read when the devices run them at once (`matvec_bandwidth`).
 2. `roofline`: decode at batch 1 on a dense ~300M-parameter config (hidden 1024, 16
    layers, 16 heads / 4 KV heads, MLP 4096, vocabulary 32000), fp32: weight bytes read
    per token (every layer, the final norm and the lm_head; one embedding row) divided
@@ -588,7 +589,8 @@ def main(argv=None) -> int:
             ap.error(f"--batch-mesh {args.batch_mesh} has {n} devices; --cpu-devices is {args.cpu_devices}")
 
     if args.child:
-        fn = {"build": lambda: build(args.path), "ours": lambda: batch_ours(args.path, args.repeats, args.cpu_devices, args.batch_mesh),
+        fn = {"build": lambda: build(args.path),
+              "ours": lambda: batch_ours(args.path, args.repeats, args.cpu_devices, args.batch_mesh),
               "ours-1": lambda: batch_ours(args.path, args.repeats, 1),
               "hf": lambda: batch_hf(args.path, args.repeats),
               "roofline": lambda: roofline(args.roofline_layers, args.roofline_new),
@@ -626,7 +628,7 @@ def main(argv=None) -> int:
                   f"shared by the rows, the distinct experts they chose, the occupied cache; at {rf['read_gbs']:.1f} "
                   f"GB/s read by {rf['threads']} threads)")
         need = (hf["median_s"] / 5 - ours["median_s"] + ours["decode_s"]) / ours["decode_steps"]
-        if not args.batch_mesh or args.batch_mesh == f"data={args.cpu_devices}":  # the rows split, as the roofline's lanes
+        if not args.batch_mesh or args.batch_mesh == f"data={args.cpu_devices}":  # rows split: the roofline's lanes
             print(f"read as {args.cpu_devices} data-parallel devices read it (each the shared weights and its rows' "
                   f"experts): {rf['lanes_bytes'] / 1e6:.1f} MB, {rf['lanes_s'] * 1e3:.2f} ms at that bandwidth, "
                   f"{rf['lanes_matvec_s'] * 1e3:.2f} ms at the {rf['matvec_gbs']:.1f} GB/s the devices' "
