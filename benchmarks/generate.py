@@ -2,6 +2,7 @@
 
     python benchmarks/generate.py                       # both parts
     python benchmarks/generate.py --part batch --repeats 3
+    python benchmarks/generate.py --part batch --cpu-devices 2 --batch-mesh tensor=2
     python benchmarks/generate.py --part roofline --roofline-layers 16
     python benchmarks/generate.py --part context --contexts 100,4096,16384,65536
     python benchmarks/generate.py --part prefill-1m
