@@ -580,14 +580,17 @@ def main(argv=None) -> int:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    rows_split = True  # our batch run's devices each decode their own rows (a data mesh)
     if args.batch_mesh:  # checked here, not after the children built the checkpoint
         from llama4_jax.sharding import ShardingError, parse_mesh_spec
         try:
-            n = math.prod(size for _, size in parse_mesh_spec(args.batch_mesh))
+            axes = parse_mesh_spec(args.batch_mesh)
         except ShardingError as e:
             ap.error(f"--batch-mesh: {e}")
+        n = math.prod(size for _, size in axes)
         if n != args.cpu_devices:
             ap.error(f"--batch-mesh {args.batch_mesh} has {n} devices; --cpu-devices is {args.cpu_devices}")
+        rows_split = all(name == "data" for name, size in axes if size > 1)
 
     if args.child:
         fn = {"build": lambda: build(args.path),
@@ -629,7 +632,7 @@ def main(argv=None) -> int:
                   f"shared by the rows, the distinct experts they chose, the occupied cache; at {rf['read_gbs']:.1f} "
                   f"GB/s read by {rf['threads']} threads)")
         need = (hf["median_s"] / 5 - ours["median_s"] + ours["decode_s"]) / ours["decode_steps"]
-        if not args.batch_mesh or args.batch_mesh == f"data={args.cpu_devices}":  # rows split: the roofline's lanes
+        if rows_split:  # as the roofline's lanes read
             print(f"read as {args.cpu_devices} data-parallel devices read it (each the shared weights and its rows' "
                   f"experts): {rf['lanes_bytes'] / 1e6:.1f} MB, {rf['lanes_s'] * 1e3:.2f} ms at that bandwidth, "
                   f"{rf['lanes_matvec_s'] * 1e3:.2f} ms at the {rf['matvec_gbs']:.1f} GB/s the devices' "
