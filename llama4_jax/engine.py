@@ -26,6 +26,12 @@ their log-probabilities per generated token ("top_ids", "top_lps" [B, N, k]); ca
 bucket k (`logprob_bucket`) and slice on the host, so requests asking for different k
 share one compilation.
 
+With penalties (`empty_state(penalties=True)`, and sampling arrays holding
+`sampling.PENALTY_KEYS`) the state also holds each row's token counts ("seen" [B, V]:
+its prompt's tokens, and 2 per generation of a token, `sampling.seen_tokens`), which
+`prefill` and `ride` set from the prompt and every step updates in place; each step
+penalizes its logits with them before drawing (`sampling.penalize`).
+
 Shapes are kept few by buckets: prompt lengths (`prompt_bucket`) and new-token buffers
 (`new_token_bucket`) round up to powers of two, or multiples of 512 past 512
 (`bucket`), so a notebook calling `generate` with budgets of 100, then 120, then 128
@@ -49,7 +55,7 @@ from . import sharding
 from .cache import init_cache
 from .config import TextConfig
 from .model.text import TextModel, positions_from_mask
-from .sampling import sample
+from .sampling import PENALTY_KEYS, penalize, sample, seen_tokens
 from .sampling import top_logprobs as alternatives
 
 __all__ = ["GenerationStats", "empty_state", "prefill", "insert", "decode", "ride", "piece_size", "to_mesh", "call_compiled", "to_host",
@@ -104,8 +110,9 @@ def _new_cache(text: TextConfig, B: int, max_len: int, dtype, kv_dtype, scan_lay
     return cache
 
 
-def _rows(tok, lp, top, pos, done, stopped, max_new: int, top_k: int) -> dict:
-    """The per-row arrays of a decode state whose rows have made their first token."""
+def _rows(tok, lp, top, pos, done, stopped, max_new: int, top_k: int, seen=None) -> dict:
+    """The per-row arrays of a decode state whose rows have made their first token;
+    with `seen`, the penalty counts (`sampling.seen_tokens`) of a run with penalties."""
     B = tok.shape[0]
     rows = {
         "tokens": jnp.zeros((B, max_new), jnp.int32).at[:, 0].set(tok),
@@ -119,14 +126,17 @@ def _rows(tok, lp, top, pos, done, stopped, max_new: int, top_k: int) -> dict:
     if top_k:
         rows["top_ids"] = jnp.zeros((B, max_new, top_k), jnp.int32).at[:, 0].set(top[0])
         rows["top_lps"] = jnp.zeros((B, max_new, top_k), jnp.float32).at[:, 0].set(top[1])
+    if seen is not None:
+        rows["seen"] = seen
     return rows
 
 
-def _empty(text, batch, max_len, max_new, dtype, kv_dtype, top_logprobs, scan_layers):
+def _empty(text, batch, max_len, max_new, dtype, kv_dtype, top_logprobs, scan_layers, penalties):
     zero = jnp.zeros((batch,), jnp.int32)
     top = (jnp.zeros((batch, top_logprobs), jnp.int32), jnp.zeros((batch, top_logprobs), jnp.float32))
+    seen = jnp.zeros((batch, text.vocab_size), jnp.int32) if penalties else None
     rows = _rows(zero, zero.astype(jnp.float32), top, zero, jnp.ones((batch,), bool), jnp.zeros((batch,), bool),
-                 max_new, top_logprobs)
+                 max_new, top_logprobs, seen)
     return {**rows, "cache": _new_cache(text, batch, max_len, dtype, kv_dtype, scan_layers)}
 
 
@@ -138,14 +148,17 @@ def _empty_jit(ctx, *args):
     return jax.jit(build, out_shardings=_state_shardings(jax.eval_shape(build), *ctx))
 
 
-def empty_state(*, text, batch, max_len, max_new, dtype, kv_dtype, top_logprobs=0, scan_layers=True):
+def empty_state(*, text, batch, max_len, max_new, dtype, kv_dtype, top_logprobs=0, scan_layers=True,
+                penalties=False):
     """A jitted function of no arguments making a decode state of `batch` idle slots
     (every row done, an empty cache) for `insert` to fill, split as the active mesh's
     rules say. Its output shardings are given explicitly, so a state made on one mesh is
     never reused on another (the function reads the mesh outside jax's trace cache).
-    scan_layers=False: the per-group cache the unrolled model takes."""
+    scan_layers=False: the per-group cache the unrolled model takes. penalties: the
+    state keeps each row's penalty counts (its sampling arrays then hold the
+    penalties, `sampling.PENALTY_KEYS`)."""
     return _empty_jit(sharding.active(), text, batch, max_len, max_new, jnp.dtype(dtype), kv_dtype, top_logprobs,
-                      scan_layers)
+                      scan_layers, penalties)
 
 
 @functools.partial(jax.jit, static_argnames=("text", "max_len", "max_new", "attn_impl", "moe_impl", "kv_dtype",
@@ -155,7 +168,9 @@ def prefill(params, ids, mask, samp, budget, stop_ids, pixel_values=None, src=No
             data_parallel=False):
     """Run the prompts [P, T] (left-padded, mask 0/1) and sample the first token of K rows.
 
-    samp: dict of per-row sampling arrays [K]; budget: int32 [K] tokens each row may
+    samp: dict of per-row sampling arrays [K] (with the penalties of
+    `sampling.PENALTY_KEYS` in a run that uses them: the state then keeps the rows'
+    penalty counts, "seen"); budget: int32 [K] tokens each row may
     generate (>= 1 for real rows, 0 for filler rows). src: int32 [K], the prompt of
     each row (several rows of one prompt are its samples, each drawing with its own
     seed from the same logits); None means row k is prompt k (K = P). pixel_values: the
@@ -205,20 +220,34 @@ def prefill(params, ids, mask, samp, budget, stop_ids, pixel_values=None, src=No
     with jax.named_scope("prefill"):
         logits, cache = run(params, ids, positions, valid, cache, embeds)
     logits, pos = logits[:, 0], jnp.sum(mask, axis=1).astype(jnp.int32)
+    seen = seen_tokens(ids, mask > 0, text.vocab_size) if PENALTY_KEYS[0] in samp else None
     if src is not None:
         logits, pos = logits[src], pos[src]
-    return _pin({**_first_rows(logits, samp, budget, stop_ids, pos, max_new, top_logprobs), "cache": cache})
+        seen = None if seen is None else seen[src]
+    return _pin({**_first_rows(logits, samp, budget, stop_ids, pos, max_new, top_logprobs, seen), "cache": cache})
 
 
-def _first_rows(logits, samp, budget, stop_ids, pos, max_new: int, top_k: int) -> dict:
+def _first_rows(logits, samp, budget, stop_ids, pos, max_new: int, top_k: int, seen=None) -> dict:
     """The per-row arrays of K rows whose prompts are prefilled: each draws its first
     token (step 0) from logits [K, V] of its prompt's last token with its sampling
-    arrays [K], and is done at once at a stop token or a budget [K] of one; pos [K]:
-    the prompts' lengths."""
-    tok, lp = sample(logits, samp["temperature"], samp["top_k"], samp["top_p"], samp["min_p"], samp["seed"], 0)
+    arrays [K] (and, with `seen`, its prompt's penalty counts), and is done at once at
+    a stop token or a budget [K] of one; pos [K]: the prompts' lengths."""
+    tok, lp, seen = _draw(logits, samp, seen, 0, 1)
     top = alternatives(logits, top_k) if top_k else None
     stopped = jnp.isin(tok, stop_ids) & (budget > 0)
-    return _rows(tok, lp, top, pos, stopped | (budget <= 1), stopped, max_new, top_k)
+    return _rows(tok, lp, top, pos, stopped | (budget <= 1), stopped, max_new, top_k, seen)
+
+
+def _draw(logits, samp, seen, step, live):
+    """(tokens, log-probabilities, penalty counts) of one step: each row draws from its
+    logits [B, V], penalized first where the run has penalties (`seen` not None), and
+    counts its token where `live` (the log-probabilities stay the raw logits')."""
+    drawn = logits if seen is None else penalize(logits, seen, samp)
+    tok, lp = sample(drawn, samp["temperature"], samp["top_k"], samp["top_p"], samp["min_p"], samp["seed"], step,
+                     raw=None if seen is None else logits)
+    if seen is not None:
+        seen = seen.at[jnp.arange(tok.shape[0]), tok].add(2 * live)
+    return tok, lp, seen
 
 
 def _state_shardings(state, mesh, rules):
@@ -399,11 +428,10 @@ def _advance(s, logits, samp, budget, stop_ids, top_k: int) -> dict:
     step[b] (the key folded from that step); finished rows emit nothing and keep their
     step; a row is done at a stop token or its budget."""
     B, N = s["tokens"].shape  # on a data-parallel mesh: this device's rows
-    tok, lp = sample(logits, samp["temperature"], samp["top_k"], samp["top_p"], samp["min_p"], samp["seed"],
-                     s["step"])
+    live = (~s["done"]).astype(jnp.int32)
+    tok, lp, seen = _draw(logits, samp, s.get("seen"), s["step"], live)
     tok = jnp.where(s["done"], 0, tok)
     new_stop = ~s["done"] & jnp.isin(tok, stop_ids)
-    live = (~s["done"]).astype(jnp.int32)
     col = jnp.where(s["done"], N, s["step"])  # done rows write nowhere (dropped)
     rows = jnp.arange(B)
     n_made = s["step"] + live
@@ -420,16 +448,20 @@ def _advance(s, logits, samp, budget, stop_ids, top_k: int) -> dict:
         ids, lps = alternatives(logits, top_k)
         out["top_ids"] = s["top_ids"].at[rows, col].set(ids, mode="drop")
         out["top_lps"] = s["top_lps"].at[rows, col].set(lps, mode="drop")
+    if seen is not None:
+        out["seen"] = seen
     return out
 
 
-def _start_rows(s, logits, rows, starting, length, samp, budget, stop_ids, top_k: int) -> dict:
+def _start_rows(s, logits, rows, starting, length, samp, budget, stop_ids, top_k: int, seen=None) -> dict:
     """Rows `rows` [L] of decode state `s` (per-row arrays), where `starting` [L], begin
-    decoding: their prompts (of `length` [L] tokens) are in the cache and `logits` [L, V]
-    are those of their last tokens. Each draws its first token as `prefill` does
-    (`_first_rows`, with its row's sampling and budget); the other lanes change nothing."""
+    decoding: their prompts (of `length` [L] tokens; penalty counts `seen` [L, V] in a
+    run with penalties) are in the cache and `logits` [L, V] are those of their last
+    tokens. Each draws its first token as `prefill` does (`_first_rows`, with its row's
+    sampling and budget); the other lanes change nothing."""
     B, N = s["tokens"].shape
-    new = _first_rows(logits, {k: v[rows] for k, v in samp.items()}, budget[rows], stop_ids, length, N, top_k)
+    new = _first_rows(logits, {k: v[rows] for k, v in samp.items()}, budget[rows], stop_ids, length, N, top_k,
+                      seen)
     r = jnp.where(starting, rows, B)  # B: dropped
     return {**s, **{k: s[k].at[r].set(v, mode="drop") for k, v in new.items()}}
 
@@ -471,6 +503,10 @@ def ride(params, state, samp, budget, stop_ids, limit, prompt, *, text, attn_imp
     model = _model(text, params, attn_impl, moe_impl, scan_layers)
     top_k = state["top_ids"].shape[-1] if "top_ids" in state else 0
     B = state["done"].shape[0]
+    seen = None  # the prompt's penalty counts, in a run with penalties
+    if "seen" in state:
+        seen = seen_tokens(prompt["ids"], jnp.arange(prompt["ids"].shape[1]) < prompt["length"][:, None],
+                           text.vocab_size)
 
     def step(s, pr):
         start = pr["cursor"] * piece
@@ -482,7 +518,8 @@ def ride(params, state, samp, budget, stop_ids, limit, prompt, *, text, attn_imp
                                        s["cache"], piece=pc)
         out = _advance(s, logits[:B, 0], samp, budget, stop_ids, top_k)
         starting = start + piece >= pr["length"]
-        out = _start_rows(out, logits[B:, 0], pr["row"], starting, pr["length"], samp, budget, stop_ids, top_k)
+        out = _start_rows(out, logits[B:, 0], pr["row"], starting, pr["length"], samp, budget, stop_ids, top_k,
+                          seen)
         return {**out, "cache": cache}, {**pr, "cursor": pr["cursor"] + 1}
 
     done0 = state["done"]

@@ -84,7 +84,10 @@ def generate(
         without it `Completion.text` is None.
       sampling: None (greedy), one method for every prompt (`Greedy`, `Temperature`,
         `TopK`, `TopP`, `MinP`, `Sampling`), or one per prompt. Results depend on each
-        request's seed, never on batch size or batch composition.
+        request's seed, never on batch size or batch composition. Penalties:
+        `Sampling(temperature=0, repetition_penalty=1.3)` (as transformers'
+        `repetition_penalty`: prompt and completion tokens), `presence_penalty`,
+        `frequency_penalty` (as vLLM's: completion tokens only).
       seed: the run's seed: a method without its own seed (the default) samples prompt
         i with `sampling.derive_seed(seed, i)`, so prompts sharing a method draw
         differently and the same call draws the same again.

@@ -54,9 +54,9 @@ from .scheduler import Request, check_logprobs, check_n, check_request, context_
 __all__ = ["add_arguments", "run"]
 
 PROG = "llama4-jax generate"
-_LINE_KEYS = {"id", "prompt", "messages", "images", "temperature", "top_p", "top_k", "min_p", "seed",
-              "max_new_tokens", "stop", "n", "logprobs"}
-_SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "seed")
+_SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "seed", "repetition_penalty", "presence_penalty",
+                  "frequency_penalty")
+_LINE_KEYS = {"id", "prompt", "messages", "images", "max_new_tokens", "stop", "n", "logprobs", *_SAMPLING_KEYS}
 
 
 class _InputError(ValueError):
@@ -78,7 +78,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--input", required=True,
                         help='JSONL, one request per line: {"id": ..., "prompt": "..."} or {"id": ..., '
                              '"messages": [...]}, optionally with "images" (paths, relative to the file\'s '
-                             "directory), temperature, top_p, top_k, min_p, seed, max_new_tokens, stop, n, logprobs")
+                             "directory), temperature, top_p, top_k, min_p, seed, repetition_penalty, presence_penalty, "
+                             "frequency_penalty, max_new_tokens, stop, n, logprobs")
     parser.add_argument("--output", required=True,
                         help="JSONL of completions, one line per sample with its id and sample index, written as "
                              "each finishes")
@@ -95,6 +96,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--min-p", type=float, default=None)
+    parser.add_argument("--repetition-penalty", type=float, default=None,
+                        help="> 0, 1 = off: divides positive logits (multiplies negative ones) of tokens in the prompt "
+                             "or completion, as transformers' repetition_penalty")
+    parser.add_argument("--presence-penalty", type=float, default=None,
+                        help="in [-2, 2]: subtracted from tokens already generated (as vLLM / OpenAI)")
+    parser.add_argument("--frequency-penalty", type=float, default=None,
+                        help="in [-2, 2]: times a token's count in the completion, subtracted (as vLLM / OpenAI)")
     parser.add_argument("--seed", type=int, default=0,
                         help="the run's seed: a request without its own seed samples with one derived from this "
                              "and its id")
@@ -177,6 +185,8 @@ def _checkpoint_defaults(path: str) -> tuple[dict, set[int], str]:
         for k in ("temperature", "top_p", "top_k", "min_p"):
             if gen.get(k) is not None:
                 defaults[k] = gen[k]
+    if gen.get("repetition_penalty") is not None:  # transformers applies it with or without sampling
+        defaults["repetition_penalty"] = gen["repetition_penalty"]
     eos = gen.get("eos_token_id")
     stop_ids = set([eos] if isinstance(eos, int) else eos or [])
     dtype = "bfloat16"
@@ -471,7 +481,9 @@ def run(args) -> int:
             return _err(f"{flag} must be >= {low}, got {value}")
     if args.cpu_devices != "auto" and not (args.cpu_devices.isdigit() and int(args.cpu_devices) >= 1):
         return _err(f"--cpu-devices must be a positive integer or 'auto', got {args.cpu_devices!r}")
-    flags = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "min_p": args.min_p}
+    flags = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "min_p": args.min_p,
+             "repetition_penalty": args.repetition_penalty, "presence_penalty": args.presence_penalty,
+             "frequency_penalty": args.frequency_penalty}
     try:
         Sampling(**{k: v for k, v in flags.items() if v is not None}, seed=args.seed)
     except ValueError as e:
@@ -518,6 +530,10 @@ def run(args) -> int:
     defaults, extra_stop, ckpt_dtype = _checkpoint_defaults(model)
     defaults = {**defaults, **{k: v for k, v in flags.items() if v is not None}}
     defaults.setdefault("temperature", 0.0)
+    try:  # the flags are checked above: what fails here came from generation_config.json
+        Sampling(**defaults)
+    except (ValueError, TypeError) as e:
+        return _err(f"--model: {model}'s generation_config.json has an invalid sampling setting: {e}")
     try:
         tokenizer = load_tokenizer(model)
         config = load_config(model)

@@ -5,7 +5,8 @@
     TopK(k=40, temperature=0.8)                only the k most likely tokens
     TopP(p=0.9, temperature=0.8)               the smallest set with probability mass >= p
     MinP(p=0.05, temperature=0.8)              tokens with prob >= p * max prob
-    Sampling(temperature, top_k, top_p, min_p, seed)   all of them at once
+    Sampling(temperature, top_k, top_p, min_p, seed,  all of them at once, and penalties
+             repetition_penalty, presence_penalty, frequency_penalty)
 
 Every method resolves to a `Sampling` (`Greedy` is temperature 0), and a batch is
 sampled with one jitted function that takes the parameters per row, so one batch can
@@ -32,6 +33,14 @@ the filters (as vLLM reports by default): they do not change with the sampling m
 Filters apply in the order temperature -> top-k -> top-p -> min-p, each on the
 distribution left by the previous one (as transformers' logits warpers do); min-p is
 relative to the most likely token, so renormalisation does not change it.
+
+Penalties (`penalize`) change the logits before all of these, greedy rows included:
+`repetition_penalty` r, as transformers' `RepetitionPenaltyLogitsProcessor` (and
+vLLM), divides a positive logit by r and multiplies a negative one by r for every token
+of the prompt or of the completion so far; then, as vLLM and OpenAI's API,
+`frequency_penalty` subtracts f times the number of times a token was generated and
+`presence_penalty` p once from every token generated at least once (the prompt does
+not count for these two). Log-probabilities stay those of the raw distribution.
 """
 
 from __future__ import annotations
@@ -46,7 +55,10 @@ import jax
 import jax.numpy as jnp
 
 __all__ = ["Greedy", "Temperature", "TopK", "TopP", "MinP", "Sampling", "SamplingMethod", "resolve", "sample", "argmax",
-           "top_logprobs", "derive_seed", "with_seed", "sample_seed"]
+           "top_logprobs", "derive_seed", "with_seed", "sample_seed", "PENALTY_KEYS", "penalize", "seen_tokens"]
+
+# The per-row penalty arrays of a batch (float32 [B] each, named as `Sampling`'s fields).
+PENALTY_KEYS = ("repetition_penalty", "presence_penalty", "frequency_penalty")
 
 _MAX_SEED = 2**32
 
@@ -66,6 +78,8 @@ class Sampling:
     min_p: keep tokens with prob >= min_p * max prob, in [0, 1]; 0 disables.
     seed: the request's seed in [0, 2**32), or None to derive one from the run's seed
         and the request (see the module docstring).
+    repetition_penalty: > 0; 1 disables (see the module docstring for the penalties).
+    presence_penalty, frequency_penalty: in [-2, 2] (as vLLM and OpenAI's API); 0 disables.
     """
 
     temperature: float = 1.0
@@ -73,9 +87,13 @@ class Sampling:
     top_p: float = 1.0
     min_p: float = 0.0
     seed: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self):
         t, k, p, m, s = self.temperature, self.top_k, self.top_p, self.min_p, self.seed
+        r, pp, fp = self.repetition_penalty, self.presence_penalty, self.frequency_penalty
         _check(isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t >= 0,
                "temperature", "a finite number >= 0", t)
         _check(isinstance(k, int) and not isinstance(k, bool) and k >= 0, "top_k", "an integer >= 0", k)
@@ -83,9 +101,21 @@ class Sampling:
         _check(isinstance(m, (int, float)) and not isinstance(m, bool) and 0 <= m <= 1, "min_p", "in [0, 1]", m)
         _check(s is None or isinstance(s, int) and not isinstance(s, bool) and 0 <= s < _MAX_SEED, "seed",
                f"None or an integer in [0, {_MAX_SEED})", s)
+        _check(_number(r) and math.isfinite(r) and r > 0, "repetition_penalty", "a finite number > 0", r)
+        _check(_number(pp) and -2 <= pp <= 2, "presence_penalty", "in [-2, 2]", pp)
+        _check(_number(fp) and -2 <= fp <= 2, "frequency_penalty", "in [-2, 2]", fp)
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any penalty is on (the run then keeps per-row token counts)."""
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
     def resolve(self) -> "Sampling":
         return self
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,8 +244,30 @@ def argmax(x):
     return jnp.min(jnp.where(hit, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
 
 
+def seen_tokens(ids, valid, vocab: int):
+    """int32 [B, V]: the penalty counts of prompts ids [B, T] (valid [B, T]: which are
+    tokens): 1 where a token occurs in the row's prompt. A decode step adds 2 for each
+    token it generates, so `seen >> 1` counts a token's generations and `seen > 0`
+    says it occurred in the prompt or the completion (`penalize`)."""
+    B = ids.shape[0]
+    rows = jnp.broadcast_to(jnp.arange(B)[:, None], ids.shape)
+    return jnp.zeros((B, vocab), jnp.int32).at[rows, ids].max(valid.astype(jnp.int32))
+
+
+@jax.named_scope("penalize")
+def penalize(logits, seen, samp: dict):
+    """logits [B, V] with each row's penalties applied (see the module docstring), from
+    `seen_tokens` counts [B, V] and the float32 [B] arrays `samp[k]` of `PENALTY_KEYS`.
+    In fp32; a row whose penalties are off is returned unchanged."""
+    logits = logits.astype(jnp.float32)
+    rep, pres, freq = (samp[k][:, None] for k in PENALTY_KEYS)
+    made = (seen >> 1).astype(jnp.float32)
+    out = jnp.where((seen > 0) & (rep != 1), jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    return out - freq * made - pres * (made > 0)
+
+
 @jax.named_scope("sample")
-def sample(logits, temperature, top_k, top_p, min_p, seeds, step):
+def sample(logits, temperature, top_k, top_p, min_p, seeds, step, raw=None):
     """Sample one token per row.
 
     Args:
@@ -223,10 +275,12 @@ def sample(logits, temperature, top_k, top_p, min_p, seeds, step):
       temperature, top_p, min_p: float32 [B]; top_k: int32 [B]; seeds: uint32 [B].
       step: int32 [B] or scalar, the index of the token being generated (0 for the
         first new token), folded into the row's key.
+      raw: the model's logits [B, V] when `logits` are penalized ones (`penalize`):
+        the log-probabilities are of these.
     Returns:
       (tokens int32 [B], logprobs float32 [B]): the chosen tokens and their
-      log-probability under the model's raw distribution (before temperature and
-      filters, as vLLM reports by default).
+      log-probability under the model's raw distribution (before penalties,
+      temperature and filters, as vLLM reports by default).
     """
     B, V = logits.shape
     logits = logits.astype(jnp.float32)
@@ -257,9 +311,10 @@ def sample(logits, temperature, top_k, top_p, min_p, seeds, step):
     # log_softmax at the chosen token only, in jax.nn.log_softmax's arithmetic (shift by
     # the row max, subtract the log of the shifted exp-sum: the same fp32 result), so no
     # [B, V] log-probabilities are built.
-    m = jnp.max(logits, axis=-1)
-    chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
-    logprobs = (chosen - m) - jnp.log(jnp.sum(jnp.exp(logits - m[:, None]), axis=-1))
+    raw = logits if raw is None else raw.astype(jnp.float32)
+    m = jnp.max(raw, axis=-1)
+    chosen = jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0]
+    logprobs = (chosen - m) - jnp.log(jnp.sum(jnp.exp(raw - m[:, None]), axis=-1))
     return tokens, logprobs
 
 

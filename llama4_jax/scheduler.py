@@ -42,7 +42,8 @@ How a run goes (continuous batching over `batch_size` decode slots):
     times, decode and `empty_state` once. Top-k
     log-probabilities are computed for the run's largest k, bucketed
     (`engine.logprob_bucket`), and sliced per request on the host, so mixed k do not
-    add compilations;
+    add compilations; a run in which some request has penalties keeps every row's
+    token counts in its decode state (`sampling.seen_tokens`), and only such a run;
   * with stop strings decode runs in segments of at most `STOP_STRING_SEGMENT` steps
     and the host checks only the new text of each row in between (`IncrementalText`);
   * on a mesh that splits only the batch, over replicated params
@@ -77,7 +78,7 @@ from .cache import cache_slots
 from .config import Llama4Config
 from .engine import GenerationStats, call_compiled, logprob_bucket, new_token_bucket, prompt_bucket, to_host
 from .model.views import layer_views, on_device, unroll_layers, with_layers
-from .sampling import Sampling, sample_seed
+from .sampling import PENALTY_KEYS, Sampling, sample_seed
 
 __all__ = ["Completion", "Request", "check_request", "check_n", "check_logprobs", "context_length",
            "IncrementalText", "run_requests", "STOP_STRING_SEGMENT"]
@@ -334,14 +335,19 @@ def _prompt_length(n: int, max_model_len: int, top: int, compiled: Callable[[int
     return T
 
 
-def _sampling_arrays(samps: list[Sampling], place) -> dict:
-    return {
+def _sampling_arrays(samps: list[Sampling], place, penalties: bool) -> dict:
+    """The per-row sampling arrays of rows with these methods; with `penalties` (the
+    run has a request with penalties on) also the penalties'."""
+    arrays = {
         "temperature": place(np.asarray([s.temperature for s in samps], np.float32)),
         "top_k": place(np.asarray([s.top_k for s in samps], np.int32)),
         "top_p": place(np.asarray([s.top_p for s in samps], np.float32)),
         "min_p": place(np.asarray([s.min_p for s in samps], np.float32)),
         "seed": place(np.asarray([s.seed for s in samps], np.uint32)),
     }
+    for k in PENALTY_KEYS if penalties else ():
+        arrays[k] = place(np.asarray([getattr(s, k) for s in samps], np.float32))
+    return arrays
 
 
 def _pixel_batch(config: Llama4Config, params, reqs: list[Request]):
@@ -434,6 +440,9 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
     max_len = top + N
     prefilled = 0  # padded prompt tokens (rows x bucket) of the refill in progress
     top_k = logprob_bucket(max(r.logprobs or 0 for r in requests), text.vocab_size)
+    # Per-row penalty counts ([B, V] int32 in the decode state, updated by each step) only
+    # when some request asks for a penalty: other runs compile and run without them.
+    penalties = any(r.sampling.penalized for r in requests)
     if shards is not None and any(n % shards.count for n in cache_slots(text, max_len)):
         shards = None  # slots that do not split evenly: the step as XLA partitions it
     statics = dict(text=text, attn_impl=attention_impl, moe_impl=moe_impl)
@@ -457,7 +466,8 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
     arrays = None
     state = call_compiled(stats, engine.empty_state(text=text, batch=B, max_len=max_len, max_new=N,
                                                     dtype=params["params"]["embed"].dtype, kv_dtype=kv_dtype,
-                                                    top_logprobs=top_k, scan_layers=not unroll))
+                                                    top_logprobs=top_k, scan_layers=not unroll,
+                                                    penalties=penalties))
 
     def sampling_of(i: int, j: int) -> Sampling:
         s = requests[i].sampling
@@ -500,7 +510,7 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
         row_of = {i: b for b, i in enumerate(prompts)}
         src = [row_of[i] for i, _ in take] + [0] * (K - len(take))
         pad = K - len(take)
-        samp = _sampling_arrays([sampling_of(i, j) for i, j in take] + [filler] * pad, place)
+        samp = _sampling_arrays([sampling_of(i, j) for i, j in take] + [filler] * pad, place, penalties)
         budget = place(np.asarray([budgets[i] for i, _ in take] + [0] * pad, np.int32))
         pixel_values, mm = _pixel_batch(config, params, reqs)
         # Prompts that do not split over the devices (a refill's single prompt; with slot
@@ -670,7 +680,7 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
         if not slot_req and flight is None:
             break
         if arrays is None:
-            arrays = _sampling_arrays(slot_samp, place), place(np.asarray(slot_budget, np.int32))
+            arrays = _sampling_arrays(slot_samp, place, penalties), place(np.asarray(slot_budget, np.int32))
         # With stop strings, decode in segments and check the new text in between.
         limit = STOP_STRING_SEGMENT if texts else N
         t0, c0 = time.perf_counter(), stats.compile_s

@@ -177,6 +177,9 @@ def test_stop_strings(tokenizer):
     ('{"prompt": "x", "n": 2.5}', '"n" must be an integer >= 1, got 2.5'),
     ('{"prompt": "x", "logprobs": -1}', '"logprobs" must be true, false or an integer k in [0, '),
     ('{"prompt": "x", "logprobs": "3"}', "(the top k alternatives per token), got '3'"),
+    ('{"prompt": "x", "frequency_penalty": 5}', "invalid sampling parameter: frequency_penalty must be in [-2, 2], "
+                                                "got 5"),
+    ('{"prompt": "x", "repetition_penalty": 0}', "repetition_penalty must be a finite number > 0, got 0"),
     ('{"messages": [{"content": "no role"}]}', "message 0: expected {'role': str, 'content': ...}"),
     ('{"id": [1], "prompt": "x"}', '"id" must be a string or an integer, got [1]'),
     ('{"id": 1, "prompt": "x"}', "duplicate id 1 (also on line 1)"),  # line 1 has no id: its id is 1
@@ -255,6 +258,9 @@ def test_existing_output_needs_overwrite(tmp_path, capsys):
     (["--top-k", "-3"], "top_k must be an integer >= 0, got -3"),
     (["--min-p", "2"], "min_p must be in [0, 1], got 2.0"),
     (["--seed", "-2"], "seed must be None or an integer in [0, 4294967296), got -2"),
+    (["--repetition-penalty", "0"], "repetition_penalty must be a finite number > 0, got 0.0"),
+    (["--presence-penalty", "3"], "presence_penalty must be in [-2, 2], got 3.0"),
+    (["--frequency-penalty", "-2.5"], "frequency_penalty must be in [-2, 2], got -2.5"),
     (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
     (["--max-model-len", "1"], "--max-model-len: max_model_len must be an integer in [2, 65536]"),
@@ -272,6 +278,40 @@ def test_bad_options(tmp_path, capsys, flags, message):
     assert main(["generate", "--input", inp, "--output", str(out), *COMMON, *flags]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_penalties(tmp_path, capsys, tokenizer):
+    """A line's "repetition_penalty" changes its completion (the shipped model's answer
+    to this prompt repeats one of its characters) and equals the Python API's with the
+    same penalty; the line without one is as without penalties. A penalty in the
+    checkpoint's generation_config.json is checked before anything runs."""
+    import shutil
+
+    from llama4_jax import Sampling
+
+    prompt = "What is the capital of France?"
+    inp = _write(tmp_path / "in.jsonl", [{"id": "plain", "prompt": prompt},
+                                         {"id": "pen", "prompt": prompt, "repetition_penalty": 2.0}])
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--input", inp, "--output", str(out), *COMMON]) == 0
+    recs = {r["id"]: r for r in _read(out)}
+    config, params = llama4_jax.load(DEFAULT_MODEL)
+    ids = tokenizer(prompt)["input_ids"]
+    kw = dict(max_new_tokens=8, batch_size=2, tokenizer=tokenizer)
+    plain, pen = llama4_jax.generate(config, params, [ids, ids], sampling=[
+        Sampling(temperature=0.0), Sampling(temperature=0.0, repetition_penalty=2.0)], **kw)
+    assert recs["plain"]["token_ids"] == plain.token_ids and recs["pen"]["token_ids"] == pen.token_ids
+    assert pen.token_ids != plain.token_ids
+    model = tmp_path / "model"
+    shutil.copytree(DEFAULT_MODEL, model)
+    gen = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**gen, "repetition_penalty": -1.0}))
+    capsys.readouterr()
+    assert main(["generate", "--input", inp, "--output", str(tmp_path / "o2.jsonl"), "--model", str(model),
+                 *COMMON]) == 2
+    assert "generation_config.json has an invalid sampling setting: repetition_penalty must be a finite number > 0, " \
+        "got -1.0" in capsys.readouterr().err
+    assert not (tmp_path / "o2.jsonl").exists()
 
 
 def test_missing_input_and_model_files(tmp_path, capsys):

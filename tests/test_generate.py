@@ -19,7 +19,7 @@ def _prompts(vocab: int, lengths, seed: int):
     return [rng.integers(3, vocab, size=n).tolist() for n in lengths]  # no pad/bos/eos ids
 
 
-def _hf_generate(model, prompt, max_new: int):
+def _hf_generate(model, prompt, max_new: int, **kw):
     """transformers greedy generate of one prompt: (new tokens up to eos, log-softmax scores [N, V]).
 
     One prompt at a time: with left padding transformers computes the NoPE temperature
@@ -30,7 +30,7 @@ def _hf_generate(model, prompt, max_new: int):
 
     with torch.no_grad():
         out = model.generate(input_ids=torch.as_tensor([prompt]), do_sample=False, max_new_tokens=max_new,
-                             eos_token_id=2, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+                             eos_token_id=2, pad_token_id=0, output_scores=True, return_dict_in_generate=True, **kw)
     r = out.sequences[0, len(prompt):].tolist()
     if 2 in r:
         r = r[:r.index(2) + 1]
@@ -62,6 +62,25 @@ def test_greedy_matches_transformers(name, lengths, batch_size, request):
         # to ~1e-5; 1e-4 absolute.
         np.testing.assert_allclose(o.logprobs, ref_logp[b][np.arange(len(r)), r], atol=1e-4)
     assert any(len(o.token_ids) > 8 for o in out)  # crossed a chunk boundary while decoding
+
+
+def test_repetition_penalty_matches_transformers(scout):
+    """Greedy with `repetition_penalty` equals transformers' generate with it, token
+    for token (the prompt's tokens and the completion's are penalized, in both), and
+    changes the completion; the log-probabilities are the raw distribution's, as
+    without a penalty (transformers' scores are the penalized ones)."""
+    ckpt, config, params = scout
+    prompts = _prompts(config.text.vocab_size, (9, 14), seed=31)
+    penalized = Sampling(temperature=0.0, repetition_penalty=1.8)
+    out = llama4_jax.generate(config, params, prompts, max_new_tokens=MAX_NEW, batch_size=2, sampling=penalized,
+                              logprobs=True)
+    plain = llama4_jax.generate(config, params, prompts, max_new_tokens=MAX_NEW, batch_size=2, logprobs=True)
+    for b, p in enumerate(prompts):
+        ref, _ = _hf_generate(ckpt.hf_model, p, MAX_NEW, repetition_penalty=1.8)
+        assert out[b].token_ids == ref, f"row {b}"
+        _, raw = _hf_generate(ckpt.hf_model, p + out[b].token_ids[:-1], 1)  # raw logits after the same prefix
+        np.testing.assert_allclose(out[b].logprobs[-1], raw[0, out[b].token_ids[-1]], atol=1e-4)
+    assert [o.token_ids for o in out] != [o.token_ids for o in plain]
 
 
 def test_seeded_sampling_independent_of_batch(scout):
@@ -115,7 +134,7 @@ def test_continuous_batching_equals_one_at_a_time(scout):
     """Rows that finish early free their slot for the next prompt: greedy and
     seeded-sampled tokens, log-probabilities and top-2 alternatives equal those of one
     prompt at a time (a run with one slot), whatever slot a request lands in and
-    whenever it enters. The first three prompts are prefilled together and inserted;
+    whenever it enters, also with penalties (each row's counts follow it into its slot). The first three prompts are prefilled together and inserted;
     the refills ride along the decode steps (`engine.ride`, pieces of 8 tokens, the
     chunk): a prompt of one whole piece, ragged ones, and budgets of one token (the row
     is done at its first token)."""
@@ -125,7 +144,9 @@ def test_continuous_batching_equals_one_at_a_time(scout):
     assert engine.piece_size(config.text, 512) == 8
     prompts = _prompts(config.text.vocab_size, (6, 23, 3, 11, 17, 8, 9), seed=21)
     budgets = [2, 20, 1, 20, 3, 1, 9]
-    for sampling in (None, [TopP(0.95, temperature=1.5, seed=s) for s in range(7)]):
+    penalized = [Sampling(temperature=1.2 * (s % 2), seed=s, repetition_penalty=1.5, presence_penalty=0.5,
+                          frequency_penalty=0.7) for s in range(7)]
+    for sampling in (None, [TopP(0.95, temperature=1.5, seed=s) for s in range(7)], penalized):
         run = lambda bs: llama4_jax.generate(  # noqa: E731
             config, params, prompts, max_new_tokens=budgets, sampling=sampling, batch_size=bs, logprobs=2,
             return_stats=True)
@@ -571,7 +592,9 @@ def test_generate_on_a_mesh_equals_one_device(maverick_like: Checkpoint):
         llama4_jax.generate(config, params, prompts, attention_impl="ring")
 
 
-SAMPLINGS = (Sampling(temperature=0.0, seed=0), TopP(p=0.9, temperature=0.8, seed=3))  # greedy, sampled
+# Greedy, and sampled with penalties (the decode state then holds each row's token counts).
+SAMPLINGS = (Sampling(temperature=0.0, seed=0),
+             Sampling(temperature=0.8, top_p=0.9, seed=3, repetition_penalty=1.3, frequency_penalty=0.5))
 _ONE_DEVICE: dict = {}
 
 

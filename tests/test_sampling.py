@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama4_jax.sampling import (Greedy, MinP, Sampling, Temperature, TopK, TopP, _cutoff, argmax, derive_seed, resolve,
-                                 sample, sample_seed, top_logprobs, with_seed)
+from llama4_jax.sampling import (PENALTY_KEYS, Greedy, MinP, Sampling, Temperature, TopK, TopP, _cutoff, argmax,
+                                 derive_seed, penalize, resolve, sample, sample_seed, seen_tokens, top_logprobs,
+                                 with_seed)
 
 _sample = jax.jit(sample)
 
@@ -154,6 +155,11 @@ def test_method_classes_resolve():
     ({"top_k": 2.5}, "top_k must be an integer >= 0"),
     ({"min_p": 2}, "min_p must be in [0, 1], got 2"),
     ({"seed": -1}, "seed must be None or an integer in [0, 4294967296), got -1"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty must be a finite number > 0, got 0.0"),
+    ({"repetition_penalty": float("inf")}, "repetition_penalty must be a finite number > 0"),
+    ({"presence_penalty": 2.5}, "presence_penalty must be in [-2, 2], got 2.5"),
+    ({"frequency_penalty": float("nan")}, "frequency_penalty must be in [-2, 2]"),
+    ({"frequency_penalty": True}, "frequency_penalty must be in [-2, 2], got True"),
 ])
 def test_invalid_parameters(kw, msg):
     with pytest.raises(ValueError) as e:
@@ -179,3 +185,43 @@ def test_invalid_method():
         TopK(0).resolve()
     with pytest.raises(TypeError, match="sampling must be one of"):
         resolve("greedy")
+
+
+def test_penalties_match_reference():
+    """`penalize` on `seen_tokens` counts, against a float64 numpy reference: the
+    repetition penalty (transformers' `RepetitionPenaltyLogitsProcessor`: divide a
+    positive logit, multiply a negative one) on tokens of the prompt or completion;
+    the frequency and presence penalties (vLLM's) on completion tokens only. Padding
+    tokens of the prompt count for nothing; rows with penalties off are unchanged, and
+    log-probabilities stay the raw logits'."""
+    rng = np.random.default_rng(5)
+    V = 12
+    prompts = np.asarray([[3, 3, 7, 0], [1, 2, 2, 5], [4, 4, 4, 4]])
+    valid = np.asarray([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1]], bool)  # row 0's last is padding
+    made = [[3, 9, 9], [2], [6]]  # completion tokens so far
+    rows = [Sampling(repetition_penalty=1.7, presence_penalty=0.4, frequency_penalty=0.3),
+            Sampling(repetition_penalty=0.8, presence_penalty=-1.0),
+            Sampling()]
+    seen = seen_tokens(jnp.asarray(prompts), jnp.asarray(valid), V)
+    for b, toks in enumerate(made):
+        for t in toks:
+            seen = seen.at[b, t].add(2)  # what a decode step adds for its token
+    logits = rng.standard_normal((3, V)).astype(np.float32) * 3
+    samp = {k: jnp.asarray([getattr(r, k) for r in rows], jnp.float32) for k in PENALTY_KEYS}
+    got = np.asarray(penalize(jnp.asarray(logits), seen, samp))
+    for b, r in enumerate(rows):
+        x = logits[b].astype(np.float64)
+        for t in set(prompts[b][valid[b]].tolist()) | set(made[b]):
+            x[t] = x[t] / r.repetition_penalty if x[t] > 0 else x[t] * r.repetition_penalty
+        counts = np.bincount(made[b], minlength=V)
+        x = x - r.frequency_penalty * counts - r.presence_penalty * (counts > 0)
+        np.testing.assert_allclose(got[b], x, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(got[2], logits[2])
+    assert got[0, 0] == logits[0, 0]  # the padding id 0 is not in row 0's prompt
+    assert not Sampling().penalized and Sampling(presence_penalty=0.1).penalized
+    # The penalized logits pick the token; the log-probability is the raw logits'.
+    args = _rows([Greedy().resolve()] * 3, V)
+    tok, lp = _sample(jnp.asarray(got), *args, 0, raw=jnp.asarray(logits))
+    np.testing.assert_array_equal(tok, np.argmax(got, -1))
+    ref = jax.nn.log_softmax(jnp.asarray(logits), -1)[jnp.arange(3), tok]
+    np.testing.assert_allclose(lp, ref, atol=1e-6)
