@@ -19,7 +19,7 @@ row in pieces riding along the steps (one device): each step runs the next piece
 every decoding row's token as one row through the layers. All are compiled ahead of time through `call_compiled`, which
 keeps the executables across calls and books the compile time apart from prefill and
 decode time (`GenerationStats`); the least recently used are dropped past
-`MAX_COMPILED`.
+`MAX_COMPILED` of them, or when the process maps more memory regions than `map_budget`.
 
 With `top_logprobs=k` (static) the state also holds the k most likely tokens and
 their log-probabilities per generated token ("top_ids", "top_lps" [B, N, k]); callers
@@ -539,10 +539,12 @@ def ride(params, state, samp, budget, stop_ids, limit, prompt, *, text, attn_imp
 
 
 # (function, argument structure, shapes, dtypes and shardings, statics, mesh) -> executable,
-# least recently used first. Bounded: XLA:CPU maps ~9 or more memory regions per
-# executable, and a process that keeps thousands of them (a long notebook session over
-# many shapes) passes Linux's vm.max_map_count (65530) and fails in a later compile. A
-# run of `generate` uses about a dozen; one evicted is compiled again when next needed.
+# least recently used first. Bounded, by count and by the memory regions they map:
+# XLA:CPU maps regions for each executable's code (measured: ~12 for a three-op
+# function, 430-580 for a decode or prefill of the benchmark model, more with more
+# layers), and a process past Linux's vm.max_map_count (65530 by default) dies in its
+# next compile or allocation, with a segfault. A run of `generate` uses about a dozen
+# executables; one dropped is compiled again when next needed.
 COMPILED: collections.OrderedDict = collections.OrderedDict()
 MAX_COMPILED = 128
 
@@ -607,9 +609,43 @@ def call_compiled(stats: GenerationStats, jitted, *args, **static):
         dt = time.perf_counter() - t0
         stats.compile_s += dt
         COSTS.compile_s.setdefault(jitted, []).append(dt)
-        while len(COMPILED) > MAX_COMPILED:
-            COMPILED.popitem(last=False)
+        if len(COMPILED) > MAX_COMPILED or (_map_count() or 0) > map_budget():
+            _drop_executables()
     return COMPILED[key](*args)
+
+
+def _map_count() -> int | None:
+    """Memory regions this process maps (Linux's /proc/self/maps), or None elsewhere."""
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return None
+
+
+def map_budget() -> int:
+    """Memory regions the process may map before `call_compiled` drops executables:
+    half of Linux's vm.max_map_count, the rest left to everything else the process
+    maps and to the next compilation."""
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            return int(f.read()) // 2
+    except (OSError, ValueError):
+        return 65530 // 2
+
+
+def _drop_executables() -> None:
+    """Drop the least recently used half of `COMPILED` (at least down to
+    `MAX_COMPILED`), then jax's own caches: they hold every executable jax compiled
+    (jax's compilation and lowering caches keep them alive), so without this a
+    dropped executable stays mapped (measured: dropping 20 small executables freed none
+    of their 239 regions; `jax.clear_caches` then freed 171). The executables kept in
+    `COMPILED` stay valid;
+    other jitted functions are traced again on their next call (and compiled again,
+    or read from a persistent compilation cache)."""
+    for _ in range(max(len(COMPILED) // 2, len(COMPILED) - MAX_COMPILED)):
+        COMPILED.popitem(last=False)
+    jax.clear_caches()
 
 
 def default_compile_cache() -> str | None:

@@ -324,6 +324,40 @@ def test_compiled_executables_are_bounded(monkeypatch):
     assert stats.compile_s > before and len(engine.COMPILED) == 2
 
 
+def test_compiled_executables_are_bounded_by_mapped_regions(monkeypatch):
+    """Past `map_budget` mapped memory regions the engine drops the older half of its
+    executables and jax's caches, which would otherwise keep every dropped executable
+    mapped: 40 compilations of a small function (~12 regions each) stay within the
+    budget, where keeping them all would pass it, and every result is right."""
+    import collections
+
+    import jax
+    import jax.numpy as jnp
+
+    from llama4_jax import engine
+
+    if engine._map_count() is None:
+        pytest.skip("no /proc/self/maps on this system")
+    monkeypatch.setattr(engine, "COMPILED", collections.OrderedDict())
+    jax.clear_caches()
+    budget = engine._map_count() + 120
+    monkeypatch.setattr(engine, "map_budget", lambda: budget)
+    fn = jax.jit(lambda x: jnp.sin(x) * 2 + jnp.cos(x).sum())
+    stats = engine.GenerationStats()
+    counts = []
+    for n in range(1, 41):
+        x = jnp.linspace(0, 1, n)
+        np.testing.assert_allclose(engine.call_compiled(stats, fn, x), np.sin(x) * 2 + np.cos(x).sum(), rtol=1e-6)
+        counts.append(engine._map_count())
+    assert max(counts) <= budget + 60, counts  # one compilation's regions over the budget at most
+    assert len(engine.COMPILED) < 40
+    before = stats.compile_s
+    latest = engine.call_compiled(stats, fn, jnp.linspace(0, 1, 40))  # kept, valid after jax.clear_caches
+    assert stats.compile_s == before
+    np.testing.assert_allclose(latest, np.sin(np.linspace(0, 1, 40)) * 2 + np.cos(np.linspace(0, 1, 40)).sum(),
+                               rtol=1e-6)
+
+
 def test_stats_summary_names_a_part_that_took_no_time():
     """A run whose rows all end at their first token spends no time decoding: the
     summary says so instead of printing a rate of nan."""
