@@ -41,9 +41,11 @@ from tests import hf_models  # noqa: E402
 @pytest.fixture(autouse=True, scope="module")
 def _free_executables():
     """After each test module, drop its compiled executables (the engine's and jax's).
-    XLA:CPU maps ~9+ memory regions per executable; a worker that keeps every
-    executable of its share of the suite passes Linux's vm.max_map_count (65530) and
-    dies in a later compile (seen as a segfault or abort at ~85% of the suite)."""
+    XLA:CPU maps memory regions for each executable (~12 for a small function,
+    hundreds for a model's); a worker that keeps every executable of its share of the
+    suite passes Linux's vm.max_map_count (65530) and dies in a later compile (seen as
+    a segfault or abort at ~85% of the suite). The engine also bounds its own
+    (`engine.map_budget`)."""
     yield
     engine.COMPILED.clear()
     jax.clear_caches()
