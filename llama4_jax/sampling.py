@@ -94,13 +94,11 @@ class Sampling:
     def __post_init__(self):
         t, k, p, m, s = self.temperature, self.top_k, self.top_p, self.min_p, self.seed
         r, pp, fp = self.repetition_penalty, self.presence_penalty, self.frequency_penalty
-        _check(isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t >= 0,
-               "temperature", "a finite number >= 0", t)
-        _check(isinstance(k, int) and not isinstance(k, bool) and k >= 0, "top_k", "an integer >= 0", k)
-        _check(isinstance(p, (int, float)) and not isinstance(p, bool) and 0 < p <= 1, "top_p", "in (0, 1]", p)
-        _check(isinstance(m, (int, float)) and not isinstance(m, bool) and 0 <= m <= 1, "min_p", "in [0, 1]", m)
-        _check(s is None or isinstance(s, int) and not isinstance(s, bool) and 0 <= s < _MAX_SEED, "seed",
-               f"None or an integer in [0, {_MAX_SEED})", s)
+        _check(_number(t) and math.isfinite(t) and t >= 0, "temperature", "a finite number >= 0", t)
+        _check(_integer(k) and k >= 0, "top_k", "an integer >= 0", k)
+        _check(_number(p) and 0 < p <= 1, "top_p", "in (0, 1]", p)
+        _check(_number(m) and 0 <= m <= 1, "min_p", "in [0, 1]", m)
+        _check(s is None or _integer(s) and 0 <= s < _MAX_SEED, "seed", f"None or an integer in [0, {_MAX_SEED})", s)
         _check(_number(r) and math.isfinite(r) and r > 0, "repetition_penalty", "a finite number > 0", r)
         _check(_number(pp) and -2 <= pp <= 2, "presence_penalty", "in [-2, 2]", pp)
         _check(_number(fp) and -2 <= fp <= 2, "frequency_penalty", "in [-2, 2]", fp)
@@ -115,7 +113,12 @@ class Sampling:
 
 
 def _number(x) -> bool:
+    """An int or float, not a bool (True is an int to Python, never a setting here)."""
     return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _integer(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 @dataclasses.dataclass(frozen=True)
