@@ -282,7 +282,7 @@ def test_bad_options(tmp_path, capsys, flags, message):
 
 def test_penalties(tmp_path, capsys, tokenizer):
     """A line's "repetition_penalty" changes its completion (the shipped model's answer
-    to this prompt repeats one of its characters) and equals the Python API's with the
+    to this prompt is a character of the prompt) and equals the Python API's with the
     same penalty; the line without one is as without penalties. A penalty in the
     checkpoint's generation_config.json is checked before anything runs."""
     import shutil
