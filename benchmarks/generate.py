@@ -298,9 +298,10 @@ def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> tuple[float, int]
     large uint64 array (numpy releases the GIL; an OR is far cheaper than the load, so
     the threads wait on memory, not on arithmetic). Median of `repeats`; also the
     thread count. A single-threaded copy understates what both cores can read. The
-    median, not the best: in one context run the best of 5 came out at 63.2 GB/s,
-    twice any other run, while the same read run alone right after measured 33.3-34.4,
-    and the roofline it divides by halved with it."""
+    median, so one fast read does not decide the roofline. The reading depends on the
+    process: in the context part's process (after the weights are made) it measured
+    59.6 GB/s (median of 5; 63.2 best of 5 in the run before), in a process of its own
+    run right after 33.0-34.6, and in the context runs before 31.7."""
     import concurrent.futures
 
     n = os.cpu_count() or 1
