@@ -124,8 +124,8 @@ def lower_programs():
     for B in (1, 4):
         P, N = 32, 16
         samp = {"temperature": S((B,), jnp.float32), "top_k": S((B,), jnp.int32), "top_p": S((B,), jnp.float32),
-                "min_p": S((B,), jnp.float32), "seed": S((B,), jnp.uint32)}
-        args = (params, S((B, P), jnp.int32), S((B, P), jnp.int32), samp, S((B,), jnp.int32), S((1,), jnp.int32))
+                "min_p": S((B,), jnp.float32), "seed": S((B,), jnp.uint32), "stop_ids": S((B, 1), jnp.int32)}
+        args = (params, S((B, P), jnp.int32), S((B, P), jnp.int32), samp, S((B,), jnp.int32))
         st = dict(text=text, max_len=P + N, max_new=N, attn_impl="auto", moe_impl="ragged", kv_dtype=None)
 
         def prefill(args=args, st=st):
@@ -133,8 +133,7 @@ def lower_programs():
 
         def decode(args=args, st=st, samp=samp, B=B):
             state = jax.eval_shape(functools.partial(engine.prefill, **st), *args)
-            return ex(engine.decode, params, state, samp, S((B,), jnp.int32), S((1,), jnp.int32),
-                      S((), jnp.int32), text=text, attn_impl="auto", moe_impl="ragged")
+            return ex(engine.decode, params, state, samp, S((B,), jnp.int32), S((), jnp.int32), text=text, attn_impl="auto", moe_impl="ragged")
 
         progs.append((f"engine prefill batch {B}", prefill))
         progs.append((f"engine decode batch {B}", decode))

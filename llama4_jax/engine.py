@@ -1,10 +1,10 @@
 """The jitted generation engine: prefill, decode, and the compile cache.
 
     state = call_compiled(stats, empty_state(**statics))                  # B idle decode slots
-    new = call_compiled(stats, prefill, params, ids, mask, samp, budget, stop_ids, pixel_values, src, **statics)
+    new = call_compiled(stats, prefill, params, ids, mask, samp, budget, pixel_values, src, **statics)
     state = call_compiled(stats, insert(state), state, new, slots, rows, cache_rows)
-    state, steps = call_compiled(stats, decode, params, state, samp, budget, stop_ids, limit, **statics)
-    state, prompt, steps = call_compiled(stats, ride, params, state, samp, budget, stop_ids, limit, prompt,
+    state, steps = call_compiled(stats, decode, params, state, samp, budget, limit, **statics)
+    state, prompt, steps = call_compiled(stats, ride, params, state, samp, budget, limit, prompt,
                                          piece=piece_size(text, 512), **statics)
 
 `prefill` runs a left-padded batch of P prompts into a fresh KV cache and samples the
@@ -32,6 +32,12 @@ its prompt's tokens, and 2 per generation of a token, `sampling.seen_tokens`), w
 `prefill` and `ride` set from the prompt and every step updates in place; each step
 penalizes its logits with them before drawing (`sampling.penalize`).
 
+Stops are per row: `samp["stop_ids"]` int32 [B, S] holds each row's stop tokens
+(padded with -1), so one batch mixes requests that stop at the eos tokens, at tokens
+of their own, or at none. With `samp["min_new"]` int32 [B] (only in a run where some
+request has a minimum length) a row's stop tokens cannot be drawn before its
+min_new-th token (`sampling.suppress_stops`).
+
 Shapes are kept few by buckets: prompt lengths (`prompt_bucket`) and new-token buffers
 (`new_token_bucket`) round up to powers of two, or multiples of 512 past 512
 (`bucket`), so a notebook calling `generate` with budgets of 100, then 120, then 128
@@ -55,7 +61,7 @@ from . import sharding
 from .cache import init_cache
 from .config import TextConfig
 from .model.text import TextModel, positions_from_mask
-from .sampling import PENALTY_KEYS, penalize, sample, seen_tokens
+from .sampling import PENALTY_KEYS, penalize, sample, seen_tokens, suppress_stops
 from .sampling import top_logprobs as alternatives
 
 __all__ = ["GenerationStats", "empty_state", "prefill", "insert", "decode", "ride", "piece_size", "to_mesh", "call_compiled", "to_host",
@@ -163,14 +169,15 @@ def empty_state(*, text, batch, max_len, max_new, dtype, kv_dtype, top_logprobs=
 
 @functools.partial(jax.jit, static_argnames=("text", "max_len", "max_new", "attn_impl", "moe_impl", "kv_dtype",
                                              "mm", "piece", "top_logprobs", "scan_layers", "data_parallel"))
-def prefill(params, ids, mask, samp, budget, stop_ids, pixel_values=None, src=None, *, text, max_len, max_new,
+def prefill(params, ids, mask, samp, budget, pixel_values=None, src=None, *, text, max_len, max_new,
             attn_impl, moe_impl, kv_dtype, mm=None, piece=None, top_logprobs=0, scan_layers=True,
             data_parallel=False):
     """Run the prompts [P, T] (left-padded, mask 0/1) and sample the first token of K rows.
 
     samp: dict of per-row sampling arrays [K] (with the penalties of
     `sampling.PENALTY_KEYS` in a run that uses them: the state then keeps the rows'
-    penalty counts, "seen"); budget: int32 [K] tokens each row may
+    penalty counts, "seen"), the rows' stop tokens "stop_ids" [K, S] (-1 pads) and,
+    in a run with minimum lengths, "min_new" [K]; budget: int32 [K] tokens each row may
     generate (>= 1 for real rows, 0 for filler rows). src: int32 [K], the prompt of
     each row (several rows of one prompt are its samples, each drawing with its own
     seed from the same logits); None means row k is prompt k (K = P). pixel_values: the
@@ -224,30 +231,38 @@ def prefill(params, ids, mask, samp, budget, stop_ids, pixel_values=None, src=No
     if src is not None:
         logits, pos = logits[src], pos[src]
         seen = None if seen is None else seen[src]
-    return _pin({**_first_rows(logits, samp, budget, stop_ids, pos, max_new, top_logprobs, seen), "cache": cache})
+    return _pin({**_first_rows(logits, samp, budget, pos, max_new, top_logprobs, seen), "cache": cache})
 
 
-def _first_rows(logits, samp, budget, stop_ids, pos, max_new: int, top_k: int, seen=None) -> dict:
+def _first_rows(logits, samp, budget, pos, max_new: int, top_k: int, seen=None) -> dict:
     """The per-row arrays of K rows whose prompts are prefilled: each draws its first
     token (step 0) from logits [K, V] of its prompt's last token with its sampling
     arrays [K] (and, with `seen`, its prompt's penalty counts), and is done at once at
     a stop token or a budget [K] of one; pos [K]: the prompts' lengths."""
     tok, lp, seen = _draw(logits, samp, seen, 0, 1)
     top = alternatives(logits, top_k) if top_k else None
-    stopped = jnp.isin(tok, stop_ids) & (budget > 0)
+    stopped = _is_stop(tok, samp) & (budget > 0)
     return _rows(tok, lp, top, pos, stopped | (budget <= 1), stopped, max_new, top_k, seen)
 
 
 def _draw(logits, samp, seen, step, live):
-    """(tokens, log-probabilities, penalty counts) of one step: each row draws from its
-    logits [B, V], penalized first where the run has penalties (`seen` not None), and
+    """(tokens, log-probabilities, penalty counts) of one step: each row draws its token
+    number `step` from its logits [B, V], penalized first where the run has penalties
+    (`seen` not None), its stop tokens suppressed while step < its "min_new", and
     counts its token where `live` (the log-probabilities stay the raw logits')."""
     drawn = logits if seen is None else penalize(logits, seen, samp)
+    if "min_new" in samp:
+        drawn = suppress_stops(drawn, samp["stop_ids"], step < samp["min_new"])
     tok, lp = sample(drawn, samp["temperature"], samp["top_k"], samp["top_p"], samp["min_p"], samp["seed"], step,
-                     raw=None if seen is None else logits)
+                     raw=None if drawn is logits else logits)
     if seen is not None:
         seen = seen.at[jnp.arange(tok.shape[0]), tok].add(2 * live)
     return tok, lp, seen
+
+
+def _is_stop(tok, samp):
+    """bool [B]: each row's token [B] is one of its stop tokens (`samp["stop_ids"]`)."""
+    return jnp.any(tok[:, None] == samp["stop_ids"], axis=1)
 
 
 def _state_shardings(state, mesh, rules):
@@ -365,7 +380,7 @@ def insert(state):
 @functools.partial(jax.jit, static_argnames=("text", "attn_impl", "moe_impl", "scan_layers", "data_parallel",
                                              "slot_parallel"),
                    donate_argnums=(1,))
-def decode(params, state, samp, budget, stop_ids, limit, *, text, attn_impl, moe_impl, scan_layers=True,
+def decode(params, state, samp, budget, limit, *, text, attn_impl, moe_impl, scan_layers=True,
            data_parallel=False, slot_parallel=None):
     """Decode until a row finishes, every row is done, or `limit` iterations ran.
 
@@ -392,15 +407,15 @@ def decode(params, state, samp, budget, stop_ids, limit, *, text, attn_impl, moe
     model = _model(text, params, attn_impl, moe_impl, scan_layers)
     top_k = state["top_ids"].shape[-1] if "top_ids" in state else 0
 
-    def step(params, s, samp, budget, stop_ids):
+    def step(params, s, samp, budget):
         logits, cache, _ = model.apply(params, s["last"][:, None], s["pos"][:, None], ~s["done"][:, None],
                                        s["cache"])
-        return {**_advance(s, logits[:, 0], samp, budget, stop_ids, top_k), "cache": cache}
+        return {**_advance(s, logits[:, 0], samp, budget, top_k), "cache": cache}
 
-    if data_parallel or slot_parallel:  # replicated parameters and stop ids; rows or cache slots split
+    if data_parallel or slot_parallel:  # replicated parameters; rows or cache slots split
         specs = jax.tree_util.tree_map(lambda x: x.spec, _state_shardings(state, *sharding.active()))
         whole = jax.sharding.PartitionSpec()
-        step = _per_device(step, (whole, specs, specs["done"], specs["done"], whole), specs, slot_parallel)
+        step = _per_device(step, (whole, specs, specs["done"], specs["done"]), specs, slot_parallel)
 
     # Go on while no row has finished since entry (done rows stay done, so: done still
     # equals done0) and some row was running at entry (loop-invariant, tested once):
@@ -416,13 +431,13 @@ def decode(params, state, samp, budget, stop_ids, limit, *, text, attn_impl, moe
     def body(c):
         s, n = c
         with jax.named_scope("decode_step"):
-            return step(params, s, samp, budget, stop_ids), n + 1
+            return step(params, s, samp, budget), n + 1
 
     state, n = jax.lax.while_loop(cond, body, (state, jnp.int32(0)))
     return _pin(state), n
 
 
-def _advance(s, logits, samp, budget, stop_ids, top_k: int) -> dict:
+def _advance(s, logits, samp, budget, top_k: int) -> dict:
     """The per-row arrays of decode state `s` (not its cache) after one step whose
     logits [B, V] are those of every row's last token: row b draws its token number
     step[b] (the key folded from that step); finished rows emit nothing and keep their
@@ -431,7 +446,7 @@ def _advance(s, logits, samp, budget, stop_ids, top_k: int) -> dict:
     live = (~s["done"]).astype(jnp.int32)
     tok, lp, seen = _draw(logits, samp, s.get("seen"), s["step"], live)
     tok = jnp.where(s["done"], 0, tok)
-    new_stop = ~s["done"] & jnp.isin(tok, stop_ids)
+    new_stop = ~s["done"] & _is_stop(tok, samp)
     col = jnp.where(s["done"], N, s["step"])  # done rows write nowhere (dropped)
     rows = jnp.arange(B)
     n_made = s["step"] + live
@@ -453,15 +468,14 @@ def _advance(s, logits, samp, budget, stop_ids, top_k: int) -> dict:
     return out
 
 
-def _start_rows(s, logits, rows, starting, length, samp, budget, stop_ids, top_k: int, seen=None) -> dict:
+def _start_rows(s, logits, rows, starting, length, samp, budget, top_k: int, seen=None) -> dict:
     """Rows `rows` [L] of decode state `s` (per-row arrays), where `starting` [L], begin
     decoding: their prompts (of `length` [L] tokens; penalty counts `seen` [L, V] in a
     run with penalties) are in the cache and `logits` [L, V] are those of their last
     tokens. Each draws its first token as `prefill` does (`_first_rows`, with its row's
     sampling and budget); the other lanes change nothing."""
     B, N = s["tokens"].shape
-    new = _first_rows(logits, {k: v[rows] for k, v in samp.items()}, budget[rows], stop_ids, length, N, top_k,
-                      seen)
+    new = _first_rows(logits, {k: v[rows] for k, v in samp.items()}, budget[rows], length, N, top_k, seen)
     r = jnp.where(starting, rows, B)  # B: dropped
     return {**s, **{k: s[k].at[r].set(v, mode="drop") for k, v in new.items()}}
 
@@ -480,7 +494,7 @@ def piece_size(text: TextConfig, size: int) -> int:
 
 @functools.partial(jax.jit, static_argnames=("text", "attn_impl", "moe_impl", "piece", "scan_layers"),
                    donate_argnums=(1,))
-def ride(params, state, samp, budget, stop_ids, limit, prompt, *, text, attn_impl, moe_impl, piece: int,
+def ride(params, state, samp, budget, limit, prompt, *, text, attn_impl, moe_impl, piece: int,
          scan_layers=True):
     """Decode as `decode` does, each step also prefilling the next piece of a prompt
     into an idle row of the state (chunked prefill riding along the decode steps: the
@@ -516,10 +530,9 @@ def ride(params, state, samp, budget, stop_ids, limit, prompt, *, text, attn_imp
               "last": jnp.clip(pr["length"] - 1 - start, 0, piece - 1)}
         logits, cache, _ = model.apply(params, s["last"][:, None], s["pos"][:, None], ~s["done"][:, None],
                                        s["cache"], piece=pc)
-        out = _advance(s, logits[:B, 0], samp, budget, stop_ids, top_k)
+        out = _advance(s, logits[:B, 0], samp, budget, top_k)
         starting = start + piece >= pr["length"]
-        out = _start_rows(out, logits[B:, 0], pr["row"], starting, pr["length"], samp, budget, stop_ids, top_k,
-                          seen)
+        out = _start_rows(out, logits[B:, 0], pr["row"], starting, pr["length"], samp, budget, top_k, seen)
         return {**out, "cache": cache}, {**pr, "cursor": pr["cursor"] + 1}
 
     done0 = state["done"]

@@ -6,6 +6,7 @@
     completions, stats = llama4_jax.generate(..., return_stats=True)   # GenerationStats
     samples = llama4_jax.generate(..., n=4, sampling=TopP(0.9))      # samples[i][j]: sample j of prompt i
     completions = llama4_jax.generate(..., logprobs=5)                # .logprobs and .top_logprobs (5 per token)
+    completions = llama4_jax.generate(..., min_new_tokens=16, ignore_eos=[False, True])
 
 The run itself lives in `scheduler` (batching, stop strings) over `engine` (the jitted
 prefill and decode); prompts and images are rendered by `prompts`; the
@@ -21,7 +22,8 @@ from .config import Llama4Config, TextConfig
 from .engine import GenerationStats
 from .prompts import DEFAULT_MAX_IMAGE_PIXELS, render_images
 from .sampling import SamplingMethod, resolve, with_seed
-from .scheduler import Completion, Request, check_logprobs, check_n, check_request, context_length, run_requests
+from .scheduler import (Completion, Request, check_logprobs, check_n, check_request, check_stop_token_ids,
+                        context_length, run_requests)
 
 __all__ = ["generate", "Completion", "GenerationStats", "DEFAULT_MODEL", "DEFAULT_MAX_NEW_TOKENS"]
 
@@ -45,6 +47,17 @@ def _per_prompt(value, n: int, name: str) -> list:
     return [value] * n
 
 
+def _stop_token_lists(value, n: int, vocab_size: int) -> list[tuple[int, ...]]:
+    """Extra stop tokens per prompt from `generate`'s stop_token_ids: None, one list of
+    ids for every prompt, or one list (or None) per prompt."""
+    if value is None:
+        return [()] * n
+    if isinstance(value, (list, tuple)) and value and all(x is None or isinstance(x, (list, tuple)) for x in value):
+        return [check_stop_token_ids(x or (), vocab_size, f"stop_token_ids[{i}]")
+                for i, x in enumerate(_per_prompt(value, n, "stop_token_ids"))]
+    return [check_stop_token_ids(value, vocab_size)] * n
+
+
 def generate(
     config: Llama4Config,
     params,
@@ -56,7 +69,9 @@ def generate(
     max_new_tokens: int | Sequence[int] = DEFAULT_MAX_NEW_TOKENS,
     batch_size: int = 8,
     stop: str | Sequence[str] | None = None,
-    stop_token_ids: Sequence[int] | None = None,
+    stop_token_ids: Sequence[int] | Sequence[Sequence[int] | None] | None = None,
+    min_new_tokens: int | Sequence[int] = 0,
+    ignore_eos: bool | Sequence[bool] = False,
     logprobs: bool | int | Sequence[bool | int] = False,
     n: int | Sequence[int] = 1,
     max_model_len: int | None = None,
@@ -106,7 +121,17 @@ def generate(
       batch_size: decode slots (continuous batching: a finished row's slot is refilled
         from the queue; memory ~ weights + batch * (longest prompt + new) KV cache).
       stop: stop string(s): generation ends once the text contains one; it is cut off.
-      stop_token_ids: extra stop tokens, added to the config's eos ids.
+      stop_token_ids: extra stop tokens, added to the config's eos ids: one list for
+        every prompt, or one list (or None) per prompt. A stop token ends its row and
+        is kept in `token_ids` (finish_reason "stop").
+      min_new_tokens: each prompt's stop tokens cannot be drawn (their logits are -inf,
+        as transformers' `min_new_tokens` and vLLM's `min_tokens`), and its stop
+        strings do not end it, before it has this many tokens; one int (default 0) or
+        one per prompt, at most its max_new_tokens. Log-probabilities stay the raw
+        distribution's.
+      ignore_eos: the config's eos ids do not end the prompt's completion (it runs to
+        max_new_tokens, a stop string, or one of its stop_token_ids); one bool or one
+        per prompt.
       logprobs: False (none), True or 0 (`Completion.logprobs`: each generated
         token's log-probability), or an int k >= 1 (also `Completion.top_logprobs`: the
         k most likely tokens at each step as (id, log-probability)); one value or one
@@ -162,6 +187,12 @@ def generate(
     budgets = _per_prompt(max_new_tokens, len(prompts), "max_new_tokens")
     counts = [check_n(k) for k in _per_prompt(n, len(prompts), "n")]
     lp = [check_logprobs(k, config.text.vocab_size) for k in _per_prompt(logprobs, len(prompts), "logprobs")]
+    mins = _per_prompt(min_new_tokens, len(prompts), "min_new_tokens")
+    ignore = _per_prompt(ignore_eos, len(prompts), "ignore_eos")
+    if any(not isinstance(x, bool) for x in ignore):
+        raise ValueError(f"ignore_eos must be a bool or one bool per prompt, got {ignore_eos!r}")
+    extra = _stop_token_lists(stop_token_ids, len(prompts), config.text.vocab_size)
+    eos = tuple(config.text.eos_token_id)
     stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
     if any(not isinstance(s, str) or not s for s in stops):
         raise ValueError(f"stop must be non-empty strings, got {stops!r}")
@@ -171,11 +202,12 @@ def generate(
     for i, (p, s, m) in enumerate(zip(prompts, samplings, budgets)):
         ids, px = render_images(p, images[i] if images is not None else None, tokenizer, config, f"prompt {i}",
                                 max_images_per_prompt, image_processor, max_image_pixels)
-        r = Request(ids, with_seed(s, seed, i), m, stops, px, samples=range(counts[i]), logprobs=lp[i])
+        own = tuple(sorted(set(() if ignore[i] else eos) | set(extra[i])))
+        r = Request(ids, with_seed(s, seed, i), m, stops, px, samples=range(counts[i]), logprobs=lp[i],
+                    stop_token_ids=own, min_new_tokens=mins[i])
         check_request(r, f"prompt {i}", config.text.vocab_size, ctx)
         requests.append(r)
-    stop_ids = set(config.text.eos_token_id) | set(stop_token_ids or ())
-    completions, stats = run_requests(config, params, requests, tokenizer=tokenizer, stop_token_ids=stop_ids,
+    completions, stats = run_requests(config, params, requests, tokenizer=tokenizer, stop_token_ids=eos,
                                       batch_size=batch_size, max_model_len=ctx, kv_dtype=kv_dtype,
                                       attention_impl=attention_impl, moe_impl=moe_impl, prefill_chunk=prefill_chunk,
                                       mesh=mesh, rules=rules)

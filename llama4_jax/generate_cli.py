@@ -49,14 +49,16 @@ from .generate import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MODEL, default_prefill_chu
 from .prompts import DEFAULT_MAX_IMAGE_PIXELS, check_image_file, image_processor_for, render, render_images
 from .processor import load_tokenizer
 from .sampling import Sampling, with_seed
-from .scheduler import Request, check_logprobs, check_n, check_request, context_length, run_requests
+from .scheduler import (Request, check_logprobs, check_n, check_request, check_stop_token_ids, context_length,
+                        run_requests)
 
 __all__ = ["add_arguments", "run"]
 
 PROG = "llama4-jax generate"
 _SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "seed", "repetition_penalty", "presence_penalty",
                   "frequency_penalty")
-_LINE_KEYS = {"id", "prompt", "messages", "images", "max_new_tokens", "stop", "n", "logprobs", *_SAMPLING_KEYS}
+_LINE_KEYS = {"id", "prompt", "messages", "images", "max_new_tokens", "min_new_tokens", "stop", "stop_token_ids",
+              "ignore_eos", "n", "logprobs", *_SAMPLING_KEYS}
 
 
 class _InputError(ValueError):
@@ -91,6 +93,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--queue-size", type=int, default=1024,
                         help="requests read ahead and sorted by length together (memory ~ their tokens and images)")
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    parser.add_argument("--min-new-tokens", type=int, default=0, metavar="N",
+                        help="no stop token or stop string ends a completion before N tokens (a line's "
+                             '"min_new_tokens" overrides it)')
     parser.add_argument("--temperature", type=float, default=None,
                         help="0 = greedy (the default unless generation_config.json says otherwise)")
     parser.add_argument("--top-p", type=float, default=None)
@@ -107,6 +112,12 @@ def add_arguments(parser) -> None:
                         help="the run's seed: a request without its own seed samples with one derived from this "
                              "and its id")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--stop-token-id", action="append", type=int, default=[], metavar="ID",
+                        help='stop token besides the checkpoint\'s eos tokens (repeatable; a line\'s "stop_token_ids" '
+                             "adds its own)")
+    parser.add_argument("--ignore-eos", action="store_true",
+                        help="the checkpoint's eos tokens do not end completions (they run to --max-new-tokens, a "
+                             'stop string or a stop token; a line\'s "ignore_eos" overrides it)')
     parser.add_argument("--n", type=int, default=1, metavar="N",
                         help='samples per request (a line\'s "n" overrides it); each sample is its own output record '
                              '("sample": 0 .. N-1) with its own seed')
@@ -292,8 +303,10 @@ class _Parser:
     """Input lines -> (id, Request, what --safety-model classifies), checked against the
     model, the classifier and the run's options."""
 
-    def __init__(self, args, tokenizer, config, ctx: int, defaults: dict, guard: _Safety | None = None):
+    def __init__(self, args, tokenizer, config, ctx: int, defaults: dict, eos: set[int],
+                 guard: _Safety | None = None):
         self.args, self.tokenizer, self.config, self.ctx, self.defaults = args, tokenizer, config, ctx, defaults
+        self.eos = eos  # the checkpoint's eos tokens: every request's stop tokens but with "ignore_eos"
         self.guard = guard
         self.base = os.path.dirname(os.path.abspath(args.input))
 
@@ -339,6 +352,14 @@ class _Parser:
         stop = [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
             raise _InputError(n, f'"stop" must be a non-empty string or a list of them, got {stop!r}')
+        ignore_eos = d.get("ignore_eos", self.args.ignore_eos)
+        if not isinstance(ignore_eos, bool):
+            raise _InputError(n, f'"ignore_eos" must be true or false, got {ignore_eos!r}')
+        try:
+            own = check_stop_token_ids(d.get("stop_token_ids", []), self.config.text.vocab_size, '"stop_token_ids"')
+        except ValueError as e:
+            raise _InputError(n, str(e)) from None
+        stop_ids = tuple(sorted((set() if ignore_eos else self.eos) | set(self.args.stop_token_id) | set(own)))
         images = d.get("images")
         if images is not None and (not isinstance(images, list) or not all(isinstance(x, str) and x for x in images)):
             raise _InputError(n, f'"images" must be a list of image file paths, got {images!r}')
@@ -354,7 +375,8 @@ class _Parser:
             else:
                 ids, px = self._check_images(prompt, images, where), None
             r = Request(ids, with_seed(samp, self.args.seed, rid), max_new, tuple(stop), px, samples=range(count),
-                        logprobs=logprobs)
+                        logprobs=logprobs, stop_token_ids=stop_ids,
+                        min_new_tokens=d.get("min_new_tokens", min(self.args.min_new_tokens, max_new)))
             check_request(r, where, self.config.text.vocab_size, self.ctx)
         except ValueError as e:
             raise _InputError(n, str(e)) from None
@@ -472,6 +494,7 @@ def _sigterm_stops():
 def run(args) -> int:
     # Cheap checks first, before anything is loaded.
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--max-new-tokens", args.max_new_tokens, 1),
+                             ("--min-new-tokens", args.min_new_tokens, 0),
                              ("--n", args.n, 1), ("--logprobs", 0 if args.logprobs is None else args.logprobs, 0),
                              ("--queue-size", args.queue_size, 1), ("--max-images-per-prompt",
                                                                     args.max_images_per_prompt, 0),
@@ -479,6 +502,9 @@ def run(args) -> int:
                              ("--prefill-chunk", 1 if args.prefill_chunk is None else args.prefill_chunk, 1)):
         if value < low:
             return _err(f"{flag} must be >= {low}, got {value}")
+    if args.min_new_tokens > args.max_new_tokens:
+        return _err(f"--min-new-tokens ({args.min_new_tokens}) must be at most --max-new-tokens "
+                    f"({args.max_new_tokens})")
     if args.cpu_devices != "auto" and not (args.cpu_devices.isdigit() and int(args.cpu_devices) >= 1):
         return _err(f"--cpu-devices must be a positive integer or 'auto', got {args.cpu_devices!r}")
     flags = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "min_p": args.min_p,
@@ -543,6 +569,10 @@ def run(args) -> int:
         ctx = context_length(config, args.max_model_len)
     except ValueError as e:
         return _err(f"--max-model-len: {e}")
+    try:
+        check_stop_token_ids(args.stop_token_id, config.text.vocab_size, "--stop-token-id")
+    except ValueError as e:
+        return _err(str(e))
     if (args.logprobs or 0) > config.text.vocab_size:
         return _err(f"--logprobs must be at most the vocabulary size {config.text.vocab_size}, got {args.logprobs}")
     guard = None
@@ -557,7 +587,8 @@ def run(args) -> int:
                         "model for its verdict)")
 
     # Pass 1: check every line before the model is loaded.
-    parser = _Parser(args, tokenizer, config, ctx, defaults, guard)
+    eos = set(config.text.eos_token_id) | extra_stop
+    parser = _Parser(args, tokenizer, config, ctx, defaults, eos, guard)
     # todo: samples to make; partial[n]: the samples of line n still to make if some are written (--resume).
     errors, seen, todo, done_lines, partial = {}, {}, 0, set(), {}
     for n, raw in _lines(args.input):
@@ -620,7 +651,7 @@ def run(args) -> int:
             out = open(args.output, "a", encoding="utf-8")
         else:
             out = open(args.output, "w", encoding="utf-8")
-    run_kw = dict(tokenizer=tokenizer, stop_token_ids=set(config.text.eos_token_id) | extra_stop,
+    run_kw = dict(tokenizer=tokenizer, stop_token_ids=eos,
                   batch_size=args.batch_size, max_model_len=ctx, kv_dtype=args.kv_cache_dtype,
                   attention_impl=args.attention_impl, moe_impl=args.moe_impl, mesh=mesh, stats=stats,
                   prefill_chunk=args.prefill_chunk or default_prefill_chunk(config))

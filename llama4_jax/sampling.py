@@ -41,6 +41,11 @@ of the prompt or of the completion so far; then, as vLLM and OpenAI's API,
 `frequency_penalty` subtracts f times the number of times a token was generated and
 `presence_penalty` p once from every token generated at least once (the prompt does
 not count for these two). Log-probabilities stay those of the raw distribution.
+
+Minimum lengths (`suppress_stops`): a row that must still generate tokens before it may
+stop (a request's `min_new_tokens`, transformers' `min_new_tokens`, vLLM's
+`min_tokens`) has its stop tokens' logits set to -inf, after the penalties; its
+log-probabilities, too, stay the raw distribution's.
 """
 
 from __future__ import annotations
@@ -55,7 +60,8 @@ import jax
 import jax.numpy as jnp
 
 __all__ = ["Greedy", "Temperature", "TopK", "TopP", "MinP", "Sampling", "SamplingMethod", "resolve", "sample", "argmax",
-           "top_logprobs", "derive_seed", "with_seed", "sample_seed", "PENALTY_KEYS", "penalize", "seen_tokens"]
+           "top_logprobs", "derive_seed", "with_seed", "sample_seed", "PENALTY_KEYS", "penalize", "seen_tokens",
+           "suppress_stops"]
 
 # The per-row penalty arrays of a batch (float32 [B] each, named as `Sampling`'s fields).
 PENALTY_KEYS = ("repetition_penalty", "presence_penalty", "frequency_penalty")
@@ -267,6 +273,18 @@ def penalize(logits, seen, samp: dict):
     made = (seen >> 1).astype(jnp.float32)
     out = jnp.where((seen > 0) & (rep != 1), jnp.where(logits > 0, logits / rep, logits * rep), logits)
     return out - freq * made - pres * (made > 0)
+
+
+@jax.named_scope("suppress_stops")
+def suppress_stops(logits, stop_ids, early):
+    """logits [B, V] with each `early` [B] row's stop tokens set to -inf (fp32):
+    stop_ids int32 [B, S], each row's stop tokens padded with -1. -inf, as
+    transformers' `MinNewTokensLengthLogitsProcessor`: the row's other tokens keep
+    their probabilities relative to each other."""
+    logits = logits.astype(jnp.float32)
+    B, V = logits.shape
+    cols = jnp.where((stop_ids >= 0) & early[:, None], stop_ids, V)  # V: out of range, dropped
+    return logits.at[jnp.arange(B)[:, None], cols].set(-jnp.inf, mode="drop")
 
 
 @jax.named_scope("sample")

@@ -58,7 +58,12 @@ How a run goes (continuous batching over `batch_size` decode slots):
 
 A row stops at a stop token (the checkpoint's eos list, e.g. `<|eot|>` and `<|eom|>`;
 the token is kept in `token_ids`, as transformers and vLLM do), at a stop string
-(the text ends before it), at `max_new_tokens`, or at the context length.
+(the text ends before it), at `max_new_tokens`, or at the context length. Stop tokens
+are per request (`Request.stop_token_ids`, else the run's `stop_token_ids`): each row
+holds its own in the decode inputs (padded to one power-of-two width per run), and a
+request's `min_new_tokens` keeps them from being drawn, and its stop strings from
+counting, before that many tokens (the minimum lengths are in the decode inputs only
+in a run where some request has one).
 """
 
 from __future__ import annotations
@@ -80,8 +85,8 @@ from .engine import GenerationStats, call_compiled, logprob_bucket, new_token_bu
 from .model.views import layer_views, on_device, unroll_layers, with_layers
 from .sampling import PENALTY_KEYS, Sampling, sample_seed
 
-__all__ = ["Completion", "Request", "check_request", "check_n", "check_logprobs", "context_length",
-           "IncrementalText", "run_requests", "STOP_STRING_SEGMENT"]
+__all__ = ["Completion", "Request", "check_request", "check_n", "check_logprobs", "check_stop_token_ids",
+           "context_length", "IncrementalText", "run_requests", "STOP_STRING_SEGMENT"]
 
 STOP_STRING_SEGMENT = 32  # decode steps between host-side stop-string checks
 
@@ -145,7 +150,10 @@ class Request:
     """One checked request: prompt ids, resolved sampling (a concrete seed: sample j
     draws with `sample_seed(sampling.seed, j)`), token budget, the samples to make
     (`range(n)`, or the missing ones of a resumed run), and the log-probabilities to
-    return (None: none; 0: the chosen tokens'; k: also the top k alternatives)."""
+    return (None: none; 0: the chosen tokens'; k: also the top k alternatives).
+    stop_token_ids: the tokens that end it (None: the run's `stop_token_ids`; () for
+    none, e.g. to ignore the eos tokens); min_new_tokens: its stop tokens cannot be
+    drawn, and its stop strings do not end it, before it has this many tokens."""
 
     ids: list[int]
     sampling: Sampling
@@ -154,6 +162,8 @@ class Request:
     pixel_values: Any = None  # [tiles, 3, S, S] of the prompt's images (their tokens are in `ids`), or None
     samples: Sequence[int] = (0,)
     logprobs: int | None = None
+    stop_token_ids: tuple[int, ...] | None = None
+    min_new_tokens: int = 0
 
 
 def context_length(config: Llama4Config, max_model_len: int | None) -> int:
@@ -168,8 +178,9 @@ def context_length(config: Llama4Config, max_model_len: int | None) -> int:
 
 
 def check_request(r: Request, where: str, vocab_size: int, max_model_len: int) -> None:
-    """Raise ValueError (naming `where`) for ids outside the vocabulary, a prompt that
-    leaves no room in the context, or a budget < 1."""
+    """Raise ValueError (naming `where`) for ids or stop token ids outside the
+    vocabulary, a prompt that leaves no room in the context, a budget < 1, or a
+    minimum length that is not an integer in [0, max_new_tokens]."""
     n = len(r.ids)
     bad = [t for t in r.ids if not 0 <= t < vocab_size]
     if bad:
@@ -179,6 +190,21 @@ def check_request(r: Request, where: str, vocab_size: int, max_model_len: int) -
                          f"{max_model_len - 1} prompt tokens fit a context of {max_model_len} (max_model_len)")
     if not isinstance(r.max_new_tokens, int) or isinstance(r.max_new_tokens, bool) or r.max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {r.max_new_tokens!r}")
+    m = r.min_new_tokens
+    if not isinstance(m, int) or isinstance(m, bool) or not 0 <= m <= r.max_new_tokens:
+        raise ValueError(f"min_new_tokens must be an integer in [0, max_new_tokens = {r.max_new_tokens}], got {m!r}")
+    if r.stop_token_ids is not None:
+        check_stop_token_ids(r.stop_token_ids, vocab_size, f"{where}'s stop_token_ids")
+
+
+def check_stop_token_ids(ids, vocab_size: int, what: str = "stop_token_ids") -> tuple[int, ...]:
+    """ids as a tuple of token ids in [0, vocab_size); ValueError naming `what` otherwise."""
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, (list, tuple, set, frozenset)):
+        raise ValueError(f"{what} must be a list of token ids, got {ids!r}")
+    bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"{what} must be token ids in [0, {vocab_size}), got {bad[:5]}")
+    return tuple(ids)
 
 
 def check_n(value, name: str = "n") -> int:
@@ -240,14 +266,22 @@ class IncrementalText:
             self._read = len(self.ids)
             self.ends.append(len(self.text))
 
-    def find_stop(self, stops: tuple[str, ...], searched: int) -> tuple[int, int] | None:
+    def find_stop(self, stops: tuple[str, ...], searched: int, min_tokens: int = 0) -> tuple[int, int] | None:
         """(n_tokens, cut) of the first stop string in text[searched - longest + 1:], or None.
 
         cut: where the text ends (right before the earliest stop string); n_tokens: the
-        fewest tokens whose text contains a stop string.
+        fewest tokens whose text contains a stop string. min_tokens: only a stop string
+        that the first min_tokens - 1 tokens do not hold whole counts (as vLLM's
+        `min_tokens`: no stop before that many tokens).
         """
+        floor = 0  # a hit must end past this character
+        if min_tokens > 1:
+            if len(self.ends) < min_tokens - 1:
+                return None
+            floor = self.ends[min_tokens - 2]
         lo = max(0, searched - max(map(len, stops)) + 1)
-        hits = [(i, i + len(s)) for i, s in ((self.text.find(s, lo), s) for s in stops) if i >= 0]
+        hits = [(i, i + len(s)) for i, s in ((self.text.find(s, max(lo, floor - len(s) + 1)), s) for s in stops)
+                if i >= 0]
         if not hits:
             return None
         cut = min(i for i, _ in hits)
@@ -288,7 +322,7 @@ def run_requests(config: Llama4Config, params, requests: list[Request], *, token
               kv_dtype=kv_dtype, attention_impl=attention_impl, moe_impl=moe_impl, prefill_chunk=prefill_chunk,
               on_complete=on_complete, on_batch=on_batch, stats=stats)
     if mesh is None:
-        return _run_batches(config, params, requests, place=jnp.asarray, lanes=1, **kw), stats
+        return _run_batches(config, params, requests, place=_place_local, lanes=1, **kw), stats
     rules = sharding.default_rules(mesh) if rules is None else rules
     # A mesh that splits only the batch, over replicated parameters: each device decodes
     # its own rows (`engine.decode`'s data_parallel), and the slots are a multiple of them.
@@ -299,15 +333,21 @@ def run_requests(config: Llama4Config, params, requests: list[Request], *, token
     shards = None if lanes > 1 else sharding.slot_parallel(mesh, rules, params)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
-    def place(x):
+    def place(x, whole: bool = False):
         """Token ids and masks [B, T] split by batch (with slot shards, whole: a prompt
-        runs on one device); per-row and scalar inputs replicated."""
+        runs on one device); per-row inputs (whole=True for the 2-D ones: `engine.decode`
+        and `engine.prefill` split them as they need) and scalars replicated."""
         x = jnp.asarray(x)
-        split = x.ndim == 2 and shards is None
+        split = x.ndim == 2 and shards is None and not whole
         return jax.device_put(x, sharding.batch_sharding(mesh, rules, x.shape) if split else replicated)
 
     with sharding.activate(mesh, rules):  # traced (and so compiled) with the mesh's constraints and `ep` MoE
         return _run_batches(config, params, requests, place=place, lanes=lanes, shards=shards, **kw), stats
+
+
+def _place_local(x, whole: bool = False):
+    """An input on the default device (a run without a mesh; `whole` as for a mesh's)."""
+    return jnp.asarray(x)
 
 
 def _prompt_length(n: int, max_model_len: int, top: int, compiled: Callable[[int], bool], count: int) -> int:
@@ -335,9 +375,12 @@ def _prompt_length(n: int, max_model_len: int, top: int, compiled: Callable[[int
     return T
 
 
-def _sampling_arrays(samps: list[Sampling], place, penalties: bool) -> dict:
-    """The per-row sampling arrays of rows with these methods; with `penalties` (the
-    run has a request with penalties on) also the penalties'."""
+def _row_arrays(samps: list[Sampling], stops: list[Sequence[int]], min_new: list[int] | None, width: int, place,
+                penalties: bool) -> dict:
+    """The per-row decode inputs of rows with these methods and stop tokens (each padded
+    with -1 to `width`, "stop_ids"); with `penalties` (the run has a request with
+    penalties on) also the penalties', with `min_new` (the run has a request with a
+    minimum length) the rows' minimum lengths."""
     arrays = {
         "temperature": place(np.asarray([s.temperature for s in samps], np.float32)),
         "top_k": place(np.asarray([s.top_k for s in samps], np.int32)),
@@ -347,6 +390,12 @@ def _sampling_arrays(samps: list[Sampling], place, penalties: bool) -> dict:
     }
     for k in PENALTY_KEYS if penalties else ():
         arrays[k] = place(np.asarray([getattr(s, k) for s in samps], np.float32))
+    ids = np.full((len(samps), width), -1, np.int32)
+    for b, row in enumerate(stops):
+        ids[b, :len(row)] = sorted(row)
+    arrays["stop_ids"] = place(ids, whole=True)
+    if min_new is not None:
+        arrays["min_new"] = place(np.asarray(min_new, np.int32))
     return arrays
 
 
@@ -400,8 +449,12 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
     stats.prompts += n_samples
     if not n_samples:
         return []
-    stop_set = set(stop_token_ids)
-    stop_ids = place(np.asarray(sorted(stop_set) or [-1], np.int32))
+    # Each request's stop tokens: its own, or the run's. One width (a power of two) for
+    # the run's [B, S] stop array, so decode compiles once.
+    stop_sets = [set(stop_token_ids if r.stop_token_ids is None else r.stop_token_ids) for r in requests]
+    stop_width = 1 << max(0, max(len(x) for x in stop_sets) - 1).bit_length()
+    # Per-row minimum lengths only in a run where some request has one (as penalties).
+    min_new = any(r.min_new_tokens for r in requests)
     unroll = unroll_layers(params)
     # Decode rows this many or fewer per routed expert read the chosen experts in
     # place (`rowwise`, a `lax.switch` per row, on per-expert buffers); more rows go to
@@ -459,7 +512,10 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
     flight: list | None = None  # [row, request index, sample index, pieces prefilled] of the prompt riding
     filler = Sampling(temperature=0.0, seed=0)
     slot_req: dict[int, tuple[int, int]] = {}  # slot -> (request index, sample index) it holds
-    slot_samp, slot_budget = [filler] * B, [0] * B  # host copies of the per-slot decode inputs
+    # Host copies of the per-slot decode inputs: the (request, sample) whose sampling and
+    # stops the slot's row takes (None: a filler row's), and its budget.
+    slot_rows: list[tuple[int, int] | None] = [None] * B
+    slot_budget = [0] * B
     texts: dict[int, IncrementalText] = {}  # slots whose request has stop strings
     cuts: dict[int, tuple[int, str]] = {}  # slot -> (tokens kept, text) at a stop string
     held: _Held | None = None
@@ -472,6 +528,14 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
     def sampling_of(i: int, j: int) -> Sampling:
         s = requests[i].sampling
         return dataclasses.replace(s, seed=sample_seed(s.seed, j)) if j else s
+
+    def row_arrays(rows: list[tuple[int, int] | None]) -> dict:
+        """The per-row decode inputs of rows holding these (request, sample) pairs
+        (None: a filler row: greedy, no stop token)."""
+        return _row_arrays([filler if x is None else sampling_of(*x) for x in rows],
+                           [() if x is None else stop_sets[x[0]] for x in rows],
+                           [0 if x is None else requests[x[0]].min_new_tokens for x in rows] if min_new else None,
+                           stop_width, place, penalties)
 
     def prefill(free: int) -> _Held:
         """Prefill the next prompts of the queue, with all their samples (at most B rows),
@@ -510,7 +574,7 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
         row_of = {i: b for b, i in enumerate(prompts)}
         src = [row_of[i] for i, _ in take] + [0] * (K - len(take))
         pad = K - len(take)
-        samp = _sampling_arrays([sampling_of(i, j) for i, j in take] + [filler] * pad, place, penalties)
+        samp = row_arrays(take + [None] * pad)
         budget = place(np.asarray([budgets[i] for i, _ in take] + [0] * pad, np.int32))
         pixel_values, mm = _pixel_batch(config, params, reqs)
         # Prompts that do not split over the devices (a refill's single prompt; with slot
@@ -528,7 +592,7 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
                 ids[b, T - len(r.ids):] = r.ids
                 mask[b, T - len(r.ids):] = 1
             mask[len(reqs):, -1] = 1  # filler rows: one token, budget 0
-            args = (prefill_params, place(ids), place(mask), samp, budget, stop_ids, pixel_values,
+            args = (prefill_params, place(ids), place(mask), samp, budget, pixel_values,
                     place(np.asarray(src, np.int32)))
             kw = dict(max_len=max_len, max_new=N, kv_dtype=kv_dtype, mm=mm, top_logprobs=top_k,
                       piece=prefill_chunk if prefill_chunk and T > prefill_chunk else None, scan_layers=not unroll,
@@ -562,7 +626,7 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
             cache_rows = place(np.asarray([c for _, c, _, _ in go] + [0] * pad, np.int32))
             state = call_compiled(stats, engine.insert(state), state, held.state, where, rows, cache_rows)
             for b, (_, _, i, j) in zip(slots, go):
-                slot_req[b], slot_samp[b], slot_budget[b] = (i, j), sampling_of(i, j), budgets[i]
+                slot_req[b], slot_rows[b], slot_budget[b] = (i, j), (i, j), budgets[i]
                 if requests[i].stop and tokenizer is not None:
                     texts[b] = IncrementalText(tokenizer)
             if not held.pending:
@@ -576,7 +640,8 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
             inc = texts[b]
             searched = len(inc.text)
             inc.extend(toks[b, len(inc.ids):min(int(step[b]), slot_budget[b])])
-            cut = inc.find_stop(requests[slot_req[b][0]].stop, searched)
+            r = requests[slot_req[b][0]]
+            cut = inc.find_stop(r.stop, searched, r.min_new_tokens)
             if cut is not None:
                 cuts[b] = (cut[0], inc.text[:cut[1]])
 
@@ -592,7 +657,7 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
             n = min(budgets[i], int(step[b]))
             row = toks[b, :n].tolist()
             if stopped[b]:  # keep the stop token, drop what follows
-                n = next(t for t, x in enumerate(row) if x in stop_set) + 1
+                n = next(t for t, x in enumerate(row) if x in stop_sets[i]) + 1
             reason = "stop" if stopped[b] else "length"
             txt = None
             cut = cuts.pop(b, None)
@@ -628,7 +693,7 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
         queued[prompt_bucket(len(requests[i].ids), max_model_len)] -= 1
         j = requests[i].samples[k]
         flight = [b, i, j, 0]
-        slot_samp[b], slot_budget[b] = sampling_of(i, j), budgets[i]
+        slot_rows[b], slot_budget[b] = (i, j), budgets[i]
         stats.prompt_tokens += len(requests[i].ids)
         stats.ridden_tokens += len(requests[i].ids)
         arrays = None
@@ -643,7 +708,7 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
         ids[0, :n] = requests[i].ids
         prompt = {"ids": place(ids), "length": place(np.asarray([n], np.int32)),
                   "row": place(np.asarray([b], np.int32)), "cursor": place(np.asarray([done_pieces], np.int32))}
-        state, prompt, steps = call_compiled(stats, engine.ride, decode_params, state, *arrays, stop_ids,
+        state, prompt, steps = call_compiled(stats, engine.ride, decode_params, state, *arrays,
                                              place(np.int32(limit)), prompt, piece=piece, scan_layers=not unroll,
                                              **statics)
         flight[3] = int(to_host(prompt["cursor"])[0])
@@ -680,14 +745,14 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
         if not slot_req and flight is None:
             break
         if arrays is None:
-            arrays = _sampling_arrays(slot_samp, place, penalties), place(np.asarray(slot_budget, np.int32))
+            arrays = row_arrays(slot_rows), place(np.asarray(slot_budget, np.int32))
         # With stop strings, decode in segments and check the new text in between.
         limit = STOP_STRING_SEGMENT if texts else N
         t0, c0 = time.perf_counter(), stats.compile_s
         if flight is not None:
             steps = ride(limit)
         else:
-            state, steps = call_compiled(stats, engine.decode, decode_params, state, *arrays, stop_ids,
+            state, steps = call_compiled(stats, engine.decode, decode_params, state, *arrays,
                                          place(np.int32(limit)), scan_layers=not unroll, data_parallel=lanes > 1,
                                          slot_parallel=shards,
                                          **statics)

@@ -455,12 +455,12 @@ def _decode_step(S, *, scan, kv_dtype=None, B=2):
     if not scan:
         params = jax.eval_shape(unstack_layers, params)
     samp = dict(temperature=jnp.zeros(B), top_k=jnp.zeros(B, jnp.int32), top_p=jnp.ones(B), min_p=jnp.zeros(B),
-                seed=jnp.zeros(B, jnp.uint32))
+                seed=jnp.zeros(B, jnp.uint32), stop_ids=jnp.zeros((B, 1), jnp.int32))
     cache = abstract_cache(CFG, B, S, kv_dtype=kv_dtype, per_group=not scan)
     state = {"tokens": jax.ShapeDtypeStruct((B, 16), jnp.int32), "logprobs": jax.ShapeDtypeStruct((B, 16), jnp.float32),
              **{k: jax.ShapeDtypeStruct((B,), jnp.int32) for k in ("last", "pos", "step")},
              **{k: jax.ShapeDtypeStruct((B,), jnp.bool_) for k in ("done", "stopped")}, "cache": cache}
-    return engine.decode.lower(params, state, samp, jnp.zeros(B, jnp.int32), jnp.zeros(1, jnp.int32), jnp.int32(1),
+    return engine.decode.lower(params, state, samp, jnp.zeros(B, jnp.int32), jnp.int32(1),
                                text=CFG.text, attn_impl="auto", moe_impl="ragged", scan_layers=scan).compile()
 
 
@@ -473,14 +473,14 @@ def _ride_step(S, *, scan, B=2, piece=4):
     if not scan:
         params = jax.eval_shape(unstack_layers, params)
     samp = dict(temperature=jnp.zeros(B), top_k=jnp.zeros(B, jnp.int32), top_p=jnp.ones(B), min_p=jnp.zeros(B),
-                seed=jnp.zeros(B, jnp.uint32))
+                seed=jnp.zeros(B, jnp.uint32), stop_ids=jnp.zeros((B, 1), jnp.int32))
     cache = abstract_cache(CFG, B, S, per_group=not scan)
     state = {"tokens": jax.ShapeDtypeStruct((B, 16), jnp.int32), "logprobs": jax.ShapeDtypeStruct((B, 16), jnp.float32),
              **{k: jax.ShapeDtypeStruct((B,), jnp.int32) for k in ("last", "pos", "step")},
              **{k: jax.ShapeDtypeStruct((B,), jnp.bool_) for k in ("done", "stopped")}, "cache": cache}
     prompt = {"ids": jax.ShapeDtypeStruct((1, 64), jnp.int32),
               **{k: jax.ShapeDtypeStruct((1,), jnp.int32) for k in ("length", "row", "cursor")}}
-    return engine.ride.lower(params, state, samp, jnp.zeros(B, jnp.int32), jnp.zeros(1, jnp.int32), jnp.int32(1),
+    return engine.ride.lower(params, state, samp, jnp.zeros(B, jnp.int32), jnp.int32(1),
                              prompt, text=CFG.text, attn_impl="auto", moe_impl="ragged", piece=piece,
                              scan_layers=scan).compile()
 

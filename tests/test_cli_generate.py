@@ -180,6 +180,11 @@ def test_stop_strings(tokenizer):
     ('{"prompt": "x", "frequency_penalty": 5}', "invalid sampling parameter: frequency_penalty must be in [-2, 2], "
                                                 "got 5"),
     ('{"prompt": "x", "repetition_penalty": 0}', "repetition_penalty must be a finite number > 0, got 0"),
+    ('{"prompt": "x", "min_new_tokens": 9}', "min_new_tokens must be an integer in [0, max_new_tokens = 8], got 9"),
+    ('{"prompt": "x", "min_new_tokens": 1.5}', "min_new_tokens must be an integer in [0, max_new_tokens = 8], got 1.5"),
+    ('{"prompt": "x", "ignore_eos": 1}', '"ignore_eos" must be true or false, got 1'),
+    ('{"prompt": "x", "stop_token_ids": [-1]}', '"stop_token_ids" must be token ids in [0, '),
+    ('{"prompt": "x", "stop_token_ids": 5}', '"stop_token_ids" must be a list of token ids, got 5'),
     ('{"messages": [{"content": "no role"}]}', "message 0: expected {'role': str, 'content': ...}"),
     ('{"id": [1], "prompt": "x"}', '"id" must be a string or an integer, got [1]'),
     ('{"id": 1, "prompt": "x"}', "duplicate id 1 (also on line 1)"),  # line 1 has no id: its id is 1
@@ -263,6 +268,9 @@ def test_existing_output_needs_overwrite(tmp_path, capsys):
     (["--frequency-penalty", "-2.5"], "frequency_penalty must be in [-2, 2], got -2.5"),
     (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+    (["--min-new-tokens", "-1"], "--min-new-tokens must be >= 0, got -1"),
+    (["--min-new-tokens", "9"], "--min-new-tokens (9) must be at most --max-new-tokens (8)"),
+    (["--stop-token-id", "100000000"], "--stop-token-id must be token ids in [0, "),
     (["--max-model-len", "1"], "--max-model-len: max_model_len must be an integer in [2, 65536]"),
     (["--model", "/nonexistent/ckpt"], "--model: no such checkpoint directory: /nonexistent/ckpt"),
     (["--queue-size", "0"], "--queue-size must be >= 1, got 0"),
@@ -312,6 +320,39 @@ def test_penalties(tmp_path, capsys, tokenizer):
     assert "generation_config.json has an invalid sampling setting: repetition_penalty must be a finite number > 0, " \
         "got -1.0" in capsys.readouterr().err
     assert not (tmp_path / "o2.jsonl").exists()
+
+
+def test_stop_controls(tmp_path, tokenizer):
+    """A line's "ignore_eos", "min_new_tokens" and "stop_token_ids", and the flags
+    `--stop-token-id` and `--min-new-tokens`, give the Python API's completions with the
+    same settings: the shipped model answers "123+456=" with "579" and its eos token."""
+    prompt = "123+456="
+    seven = tokenizer.convert_tokens_to_ids("7")
+    inp = _write(tmp_path / "in.jsonl", [{"id": "plain", "prompt": prompt},
+                                         {"id": "ignore", "prompt": prompt, "ignore_eos": True},
+                                         {"id": "min", "prompt": prompt, "min_new_tokens": 6},
+                                         {"id": "seven", "prompt": prompt, "stop_token_ids": [seven]}])
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--input", inp, "--output", str(out), *COMMON]) == 0
+    recs = {r["id"]: r for r in _read(out)}
+    config, params = llama4_jax.load(DEFAULT_MODEL)
+    ids = [tokenizer(prompt)["input_ids"]] * 4
+    api = llama4_jax.generate(config, params, ids, max_new_tokens=8, batch_size=2, tokenizer=tokenizer,
+                              ignore_eos=[False, True, False, False], min_new_tokens=[0, 0, 6, 0],
+                              stop_token_ids=[None, None, None, [seven]])
+    assert recs["plain"]["text"] == "579" and recs["plain"]["finish_reason"] == "stop"
+    for name, want in zip(("plain", "ignore", "min", "seven"), api):
+        assert (recs[name]["token_ids"], recs[name]["finish_reason"]) == (want.token_ids, want.finish_reason), name
+    assert len(recs["ignore"]["token_ids"]) == 8 and recs["ignore"]["finish_reason"] == "length"
+    assert len(recs["min"]["token_ids"]) >= 6 and recs["min"]["text"].startswith("579")
+    assert recs["seven"]["text"] == "57" and recs["seven"]["finish_reason"] == "stop"
+    flags = tmp_path / "flags.jsonl"
+    assert main(["generate", "--input", inp, "--output", str(flags), "--stop-token-id", str(seven),
+                 "--min-new-tokens", "3", *COMMON]) == 0
+    recs = {r["id"]: r for r in _read(flags)}
+    # "7" is the second token: suppressed, so 3+ tokens before any stop; "min" keeps its own 6.
+    assert all(len(r["token_ids"]) >= 3 for r in recs.values()) and len(recs["min"]["token_ids"]) >= 6
+    assert not recs["plain"]["text"].startswith("57")
 
 
 def test_missing_input_and_model_files(tmp_path, capsys):

@@ -30,7 +30,8 @@ def _hf_generate(model, prompt, max_new: int, **kw):
 
     with torch.no_grad():
         out = model.generate(input_ids=torch.as_tensor([prompt]), do_sample=False, max_new_tokens=max_new,
-                             eos_token_id=2, pad_token_id=0, output_scores=True, return_dict_in_generate=True, **kw)
+                             pad_token_id=0, output_scores=True, return_dict_in_generate=True,
+                             **{"eos_token_id": 2, **kw})
     r = out.sequences[0, len(prompt):].tolist()
     if 2 in r:
         r = r[:r.index(2) + 1]
@@ -81,6 +82,51 @@ def test_repetition_penalty_matches_transformers(scout):
         _, raw = _hf_generate(ckpt.hf_model, p + out[b].token_ids[:-1], 1)  # raw logits after the same prefix
         np.testing.assert_allclose(out[b].logprobs[-1], raw[0, out[b].token_ids[-1]], atol=1e-4)
     assert [o.token_ids for o in out] != [o.token_ids for o in plain]
+
+
+def test_min_new_tokens_and_stop_token_ids_match_transformers(scout):
+    """Per-prompt stop tokens end a row at their first occurrence (kept, finish "stop");
+    `min_new_tokens` suppresses them before that many tokens, as transformers'
+    `min_new_tokens` does its eos ids (greedy tokens equal, the log-probabilities the
+    raw distribution's); `ignore_eos` runs past the config's eos ids. Rows of one batch
+    each keep their own stops."""
+    ckpt, config, params = scout
+    prompts = _prompts(config.text.vocab_size, (9, 14, 6), seed=33)
+    plain = llama4_jax.generate(config, params, prompts, max_new_tokens=MAX_NEW, batch_size=3)
+    # Each row's stop token: the first token of its completion that first occurs at index >= 2.
+    at = [next(j for j, t in enumerate(o.token_ids) if j >= 2 and t not in o.token_ids[:j]) for o in plain]
+    stops = [[o.token_ids[j]] for o, j in zip(plain, at)]
+    out = llama4_jax.generate(config, params, prompts, max_new_tokens=MAX_NEW, batch_size=2,
+                              stop_token_ids=stops[:2] + [None])
+    for b in range(2):
+        assert out[b].token_ids == plain[b].token_ids[:at[b] + 1] and out[b].finish_reason == "stop", b
+    assert out[2].token_ids == plain[2].token_ids and out[2].finish_reason == "length"
+    mins = [at[0] + 3, 0, at[2] + 1]
+    late = llama4_jax.generate(config, params, prompts, max_new_tokens=MAX_NEW, batch_size=2, stop_token_ids=stops,
+                               min_new_tokens=mins, logprobs=True)
+    assert late[1].token_ids == out[1].token_ids
+    for b in (0, 2):
+        ref, _ = _hf_generate(ckpt.hf_model, prompts[b], MAX_NEW, eos_token_id=[2, stops[b][0]],
+                              min_new_tokens=mins[b])
+        ref = ref[:next((j + 1 for j, t in enumerate(ref) if t == stops[b][0]), len(ref))]
+        assert late[b].token_ids == ref and len(ref) > mins[b] - 1 and ref[:at[b]] == plain[b].token_ids[:at[b]], b
+        _, raw = _hf_generate(ckpt.hf_model, prompts[b] + ref[:at[b]], 1)  # the suppressed step's raw logits
+        np.testing.assert_allclose(late[b].logprobs[at[b]], raw[0, ref[at[b]]], atol=1e-4)
+    # The stop tokens as the config's eos ids: ignore_eos runs past them, per prompt.
+    eos_config = config.replace_text(eos_token_id=tuple(t for (t,) in stops))
+    ignored = llama4_jax.generate(eos_config, params, prompts, max_new_tokens=MAX_NEW, batch_size=3,
+                                  ignore_eos=[True, False, True])
+    assert ignored[0].token_ids == plain[0].token_ids and ignored[2].token_ids == plain[2].token_ids
+    assert ignored[1].finish_reason == "stop" and plain[1].token_ids[at[1]] in ignored[1].token_ids[-1:]
+    for kw, match in ((dict(min_new_tokens=MAX_NEW + 1), r"min_new_tokens must be an integer in \[0, max_new_tokens = 20\]"),
+                      (dict(min_new_tokens=[1, -1, 0]), r"got -1"),
+                      (dict(ignore_eos="yes"), "ignore_eos must be a bool"),
+                      (dict(stop_token_ids=[5, 331]), r"stop_token_ids must be token ids in \[0, 331\), got \[331\]"),
+                      (dict(stop_token_ids=[[5], [True], None]), r"stop_token_ids\[1\] must be token ids"),
+                      (dict(stop_token_ids=[[5]]), "stop_token_ids has 1 entries for 3 prompts"),
+                      (dict(stop_token_ids="5"), "stop_token_ids must be a list of token ids")):
+        with pytest.raises(ValueError, match=match):
+            llama4_jax.generate(config, params, prompts, max_new_tokens=MAX_NEW, **kw)
 
 
 def test_seeded_sampling_independent_of_batch(scout):
@@ -227,11 +273,12 @@ def test_prompt_length_pads_to_a_compiled_bucket_when_that_costs_less(monkeypatc
 
 
 def _prefill_lengths():
-    """(P, T) of the compiled prefills' token ids and masks."""
+    """(P, T) of the compiled prefills' token ids and masks (not their rows' stop ids,
+    [K, 1] for the test model's one eos token)."""
     from llama4_jax import engine
 
     return sorted({shape for k in engine.COMPILED if k[0] is engine.prefill
-                   for shape, dtype, _ in k[2] if len(shape) == 2 and dtype == np.int32})
+                   for shape, dtype, _ in k[2] if len(shape) == 2 and dtype == np.int32 and shape[1] > 1})
 
 
 def test_short_prompts_reuse_a_compiled_longer_bucket(scout, monkeypatch):
@@ -525,11 +572,11 @@ def test_chunked_prefill_computes_only_the_prompt():
     params = llama4_jax.abstract_params(cfg, dtype="float32")
     B, piece = 2, 7
     samp = dict(temperature=jnp.zeros(B), top_k=jnp.zeros(B, jnp.int32), top_p=jnp.ones(B), min_p=jnp.zeros(B),
-                seed=jnp.zeros(B, jnp.uint32))
+                seed=jnp.zeros(B, jnp.uint32), stop_ids=jnp.zeros((B, 1), jnp.int32))
 
     def scanned_pieces(T):
         ids = jax.ShapeDtypeStruct((B, T), jnp.int32)
-        fn = lambda p, i: engine.prefill(p, i, i, samp, jnp.ones(B, jnp.int32), jnp.zeros(1, jnp.int32),  # noqa: E731
+        fn = lambda p, i: engine.prefill(p, i, i, samp, jnp.ones(B, jnp.int32),  # noqa: E731
                                          text=cfg.text, max_len=T + 16, max_new=16, attn_impl="xla",
                                          moe_impl="ragged", kv_dtype=None, piece=piece)
         return [v.aval.shape for e in _eqns(jax.make_jaxpr(fn)(params, ids).jaxpr) if e.primitive.name == "scan"
@@ -564,6 +611,16 @@ def test_incremental_text_equals_full_decode():
     n, cut = inc.find_stop(("café", "東京"), 0)
     assert inc.text[:cut] == "Grüße, " and "東京" in tok.decode(ids[:n]) and "東京" not in tok.decode(ids[:n - 1])
     assert inc.find_stop(("xyz",), 0) is None
+    # A minimum length: a stop string the first min_tokens - 1 tokens hold whole does not
+    # count; the next one that ends later does.
+    again = tok(text + " café", add_special_tokens=False)["input_ids"]
+    inc = IncrementalText(tok)
+    inc.extend(again)
+    n, cut = inc.find_stop(("café",), 0)  # the first café: n tokens hold it
+    assert inc.find_stop(("café",), 0, min_tokens=n) == (n, cut) and cut == inc.text.index("café")
+    late_n, late_cut = inc.find_stop(("café",), 0, min_tokens=n + 1)
+    assert inc.text[late_cut:] == "café" and late_n == len(again)
+    assert IncrementalText(tok).find_stop(("a",), 0, min_tokens=5) is None  # fewer tokens than that: no stop yet
 
 
 def test_api_errors(scout):
@@ -629,6 +686,8 @@ def test_generate_on_a_mesh_equals_one_device(maverick_like: Checkpoint):
 # Greedy, and sampled with penalties (the decode state then holds each row's token counts).
 SAMPLINGS = (Sampling(temperature=0.0, seed=0),
              Sampling(temperature=0.8, top_p=0.9, seed=3, repetition_penalty=1.3, frequency_penalty=0.5))
+# Per-row stop tokens and minimum lengths, which the mesh tests' rows carry as well.
+STOPS = dict(stop_token_ids=[None, [5, 6, 7], None, [8], [9]], min_new_tokens=[0, 6, 2, 0, 3])
 _ONE_DEVICE: dict = {}
 
 
@@ -649,7 +708,8 @@ def test_slot_parallel_decode_equals_one_device(scout, monkeypatch, unroll, kv_d
     device decodes every row over its half of each layer's slots (`shard_map`; a
     prompt is prefilled on one device): the tokens and log-probabilities equal one
     device's (scanned), greedy and sampled, scanned and unrolled, float and int8 cache, with ring
-    buffers (chunk 8, 4 slots a device) that wrap and refilled slots. The compiled
+    buffers (chunk 8, 4 slots a device) that wrap, refilled slots, and per-row stop
+    tokens and minimum lengths (`STOPS`). The compiled
     decode's collectives are the attention's all-gathers (one per layer) and the
     loop's done test, and its cache arrays hold half the slots."""
     from llama4_jax import engine, sharding
@@ -657,7 +717,7 @@ def test_slot_parallel_decode_equals_one_device(scout, monkeypatch, unroll, kv_d
 
     _, config, params = scout
     prompts = _prompts(config.text.vocab_size, (9, 4, 12, 6, 7), seed=22)
-    kw = dict(max_new_tokens=[3, 12, 7, 5, 10], batch_size=3, logprobs=0, kv_dtype=kv_dtype)
+    kw = dict(max_new_tokens=[3, 12, 7, 5, 10], batch_size=3, logprobs=0, kv_dtype=kv_dtype, **STOPS)
     ref = _one_device(config, params, prompts, **kw)
     if unroll:
         monkeypatch.setattr(views, "_UNROLL_MIN_BYTES", 0)
@@ -697,14 +757,15 @@ def test_data_parallel_decode_equals_one_device(scout, monkeypatch, unroll):
     prefills and decodes its own rows as single-device code (`shard_map`): the tokens
     and log-probabilities equal one device's (scanned), greedy and sampled, scanned and unrolled
     (per-group weights, each expert its own array), with the slots rounded up to a
-    multiple of the devices (batch_size 3 -> 4) and refilled. The compiled decode
+    multiple of the devices (batch_size 3 -> 4) and refilled, each row with its own stop
+    tokens and minimum length (`STOPS`). The compiled decode
     moves no data between devices: its only collective is the loop's done test."""
     from llama4_jax import engine, sharding
     from llama4_jax.model import views
 
     _, config, params = scout
     prompts = _prompts(config.text.vocab_size, (9, 4, 12, 6, 7), seed=22)
-    kw = dict(max_new_tokens=[3, 12, 7, 5, 10], batch_size=3, logprobs=0, kv_dtype=None)
+    kw = dict(max_new_tokens=[3, 12, 7, 5, 10], batch_size=3, logprobs=0, kv_dtype=None, **STOPS)
     ref = _one_device(config, params, prompts, **kw)  # the slot-parallel test's float reference
     if unroll:
         monkeypatch.setattr(views, "_UNROLL_MIN_BYTES", 0)

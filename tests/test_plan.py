@@ -142,11 +142,11 @@ def test_activations_follow_the_prefill_piece_that_runs():
     params = abstract_params(cfg, dtype="float32")
     B = 2
     samp = dict(temperature=jnp.zeros(B), top_k=jnp.zeros(B, jnp.int32), top_p=jnp.ones(B), min_p=jnp.zeros(B),
-                seed=jnp.zeros(B, jnp.uint32))
+                seed=jnp.zeros(B, jnp.uint32), stop_ids=jnp.zeros((B, 1), jnp.int32))
 
     def temp(T, piece):
         ids = jax.ShapeDtypeStruct((B, T), jnp.int32)
-        return engine.prefill.lower(params, ids, ids, samp, jnp.ones(B, jnp.int32), jnp.zeros(1, jnp.int32),
+        return engine.prefill.lower(params, ids, ids, samp, jnp.ones(B, jnp.int32),
                                     text=cfg.text, max_len=T + 16, max_new=16, attn_impl="auto", moe_impl="ragged",
                                     kv_dtype=None, piece=piece).compile().memory_analysis().temp_size_in_bytes
 
