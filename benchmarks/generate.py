@@ -298,10 +298,13 @@ def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> tuple[float, int]
     large uint64 array (numpy releases the GIL; an OR is far cheaper than the load, so
     the threads wait on memory, not on arithmetic). Median of `repeats`; also the
     thread count. A single-threaded copy understates what both cores can read. The
-    median, so one fast read does not decide the roofline. The reading depends on the
-    process: in the context part's process (after the weights are made) it measured
-    59.6 GB/s (median of 5; 63.2 best of 5 in the run before), in a process of its own
-    run right after 33.0-34.6, and in the context runs before 31.7."""
+    median, so one fast read does not decide the roofline. The machine's reads come out
+    at about 32-35 or about 60-64 GB/s from one run to the next, in any process (on
+    2026-12-07: two context runs' processes 59.6 / 63.2, a batch run's 63.5, other
+    context runs' 31.6 / 35.4, processes of their own 32.0-34.6). One thread alone
+    reads 28.7-30.7 GB/s of it (in a 32-34 GB/s phase), so one core can take most of
+    the bandwidth; XLA:CPU's one-row products on one thread read 13-19 GB/s of it
+    (dependent chains of 512 KiB-1 MiB matrices)."""
     import concurrent.futures
 
     n = os.cpu_count() or 1

@@ -88,11 +88,11 @@ def test_min_new_tokens_and_stop_token_ids_match_transformers(scout):
     """Per-prompt stop tokens end a row at their first occurrence (kept, finish "stop");
     `min_new_tokens` suppresses them before that many tokens, as transformers'
     `min_new_tokens` does its eos ids (greedy tokens equal, the log-probabilities the
-    raw distribution's); `ignore_eos` runs past the config's eos ids. Rows of one batch
-    each keep their own stops."""
+    raw distribution's). Rows of one batch each keep their own stops. (`ignore_eos`:
+    tests/test_cli_generate.py's `test_stop_controls`, on a model that emits eos.)"""
     ckpt, config, params = scout
     prompts = _prompts(config.text.vocab_size, (9, 14, 6), seed=33)
-    plain = llama4_jax.generate(config, params, prompts, max_new_tokens=MAX_NEW, batch_size=3)
+    plain = llama4_jax.generate(config, params, prompts, max_new_tokens=MAX_NEW, batch_size=2)
     # Each row's stop token: the first token of its completion that first occurs at index >= 2.
     at = [next(j for j, t in enumerate(o.token_ids) if j >= 2 and t not in o.token_ids[:j]) for o in plain]
     stops = [[o.token_ids[j]] for o, j in zip(plain, at)]
@@ -112,12 +112,6 @@ def test_min_new_tokens_and_stop_token_ids_match_transformers(scout):
         assert late[b].token_ids == ref and len(ref) > mins[b] - 1 and ref[:at[b]] == plain[b].token_ids[:at[b]], b
         _, raw = _hf_generate(ckpt.hf_model, prompts[b] + ref[:at[b]], 1)  # the suppressed step's raw logits
         np.testing.assert_allclose(late[b].logprobs[at[b]], raw[0, ref[at[b]]], atol=1e-4)
-    # The stop tokens as the config's eos ids: ignore_eos runs past them, per prompt.
-    eos_config = config.replace_text(eos_token_id=tuple(t for (t,) in stops))
-    ignored = llama4_jax.generate(eos_config, params, prompts, max_new_tokens=MAX_NEW, batch_size=3,
-                                  ignore_eos=[True, False, True])
-    assert ignored[0].token_ids == plain[0].token_ids and ignored[2].token_ids == plain[2].token_ids
-    assert ignored[1].finish_reason == "stop" and plain[1].token_ids[at[1]] in ignored[1].token_ids[-1:]
     for kw, match in ((dict(min_new_tokens=MAX_NEW + 1), r"min_new_tokens must be an integer in \[0, max_new_tokens = 20\]"),
                       (dict(min_new_tokens=[1, -1, 0]), r"got -1"),
                       (dict(ignore_eos="yes"), "ignore_eos must be a bool"),
