@@ -93,8 +93,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--queue-size", type=int, default=1024,
                         help="requests read ahead and sorted by length together (memory ~ their tokens and images)")
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
-    parser.add_argument("--min-new-tokens", type=int, default=0, metavar="N",
-                        help="no stop token or stop string ends a completion before N tokens (a line's "
+    parser.add_argument("--min-new-tokens", type=int, default=None, metavar="N",
+                        help="no stop token or stop string ends a completion before N tokens (default: the "
+                             "checkpoint's generation_config.json min_new_tokens, as transformers, else 0; a line's "
                              '"min_new_tokens" overrides it)')
     parser.add_argument("--temperature", type=float, default=None,
                         help="0 = greedy (the default unless generation_config.json says otherwise)")
@@ -185,8 +186,9 @@ def _read_json(path: str) -> dict:
         return json.load(f)
 
 
-def _checkpoint_defaults(path: str) -> tuple[dict, set[int], str]:
-    """(sampling defaults, extra stop ids, dtype name) from generation_config.json / config.json."""
+def _checkpoint_defaults(path: str) -> tuple[dict, set[int], str, object]:
+    """(sampling defaults, extra stop ids, dtype name, min_new_tokens as written or None)
+    from generation_config.json / config.json."""
     gen = {}
     gpath = os.path.join(path, "generation_config.json")
     if os.path.exists(gpath):
@@ -207,7 +209,7 @@ def _checkpoint_defaults(path: str) -> tuple[dict, set[int], str]:
         name = c.get("torch_dtype") or c.get("dtype") or (c.get("text_config") or {}).get("torch_dtype")
         if name in ("float32", "bfloat16", "float16"):
             dtype = name
-    return defaults, stop_ids, dtype
+    return defaults, stop_ids, dtype, gen.get("min_new_tokens")
 
 
 def _id_key(i) -> str:
@@ -303,10 +305,11 @@ class _Parser:
     """Input lines -> (id, Request, what --safety-model classifies), checked against the
     model, the classifier and the run's options."""
 
-    def __init__(self, args, tokenizer, config, ctx: int, defaults: dict, eos: set[int],
+    def __init__(self, args, tokenizer, config, ctx: int, defaults: dict, eos: set[int], min_new: int,
                  guard: _Safety | None = None):
         self.args, self.tokenizer, self.config, self.ctx, self.defaults = args, tokenizer, config, ctx, defaults
         self.eos = eos  # the checkpoint's eos tokens: every request's stop tokens but with "ignore_eos"
+        self.min_new = min_new  # a line's default min_new_tokens (capped by its max_new_tokens)
         self.guard = guard
         self.base = os.path.dirname(os.path.abspath(args.input))
 
@@ -376,7 +379,7 @@ class _Parser:
                 ids, px = self._check_images(prompt, images, where), None
             r = Request(ids, with_seed(samp, self.args.seed, rid), max_new, tuple(stop), px, samples=range(count),
                         logprobs=logprobs, stop_token_ids=stop_ids,
-                        min_new_tokens=d.get("min_new_tokens", min(self.args.min_new_tokens, max_new)))
+                        min_new_tokens=d.get("min_new_tokens", min(self.min_new, max_new)))
             check_request(r, where, self.config.text.vocab_size, self.ctx)
         except ValueError as e:
             raise _InputError(n, str(e)) from None
@@ -494,7 +497,7 @@ def _sigterm_stops():
 def run(args) -> int:
     # Cheap checks first, before anything is loaded.
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--max-new-tokens", args.max_new_tokens, 1),
-                             ("--min-new-tokens", args.min_new_tokens, 0),
+                             ("--min-new-tokens", args.min_new_tokens or 0, 0),
                              ("--n", args.n, 1), ("--logprobs", 0 if args.logprobs is None else args.logprobs, 0),
                              ("--queue-size", args.queue_size, 1), ("--max-images-per-prompt",
                                                                     args.max_images_per_prompt, 0),
@@ -502,7 +505,7 @@ def run(args) -> int:
                              ("--prefill-chunk", 1 if args.prefill_chunk is None else args.prefill_chunk, 1)):
         if value < low:
             return _err(f"{flag} must be >= {low}, got {value}")
-    if args.min_new_tokens > args.max_new_tokens:
+    if (args.min_new_tokens or 0) > args.max_new_tokens:
         return _err(f"--min-new-tokens ({args.min_new_tokens}) must be at most --max-new-tokens "
                     f"({args.max_new_tokens})")
     if args.cpu_devices != "auto" and not (args.cpu_devices.isdigit() and int(args.cpu_devices) >= 1):
@@ -553,7 +556,14 @@ def run(args) -> int:
 
     from . import load, load_config
 
-    defaults, extra_stop, ckpt_dtype = _checkpoint_defaults(model)
+    defaults, extra_stop, ckpt_dtype, min_new = _checkpoint_defaults(model)
+    if args.min_new_tokens is not None:
+        min_new = args.min_new_tokens
+    elif min_new is None:
+        min_new = 0
+    elif not isinstance(min_new, int) or isinstance(min_new, bool) or min_new < 0:
+        return _err(f"--model: {model}'s generation_config.json has an invalid min_new_tokens: {min_new!r} (expected "
+                    "an integer >= 0)")
     defaults = {**defaults, **{k: v for k, v in flags.items() if v is not None}}
     defaults.setdefault("temperature", 0.0)
     try:  # the flags are checked above: what fails here came from generation_config.json
@@ -588,7 +598,7 @@ def run(args) -> int:
 
     # Pass 1: check every line before the model is loaded.
     eos = set(config.text.eos_token_id) | extra_stop
-    parser = _Parser(args, tokenizer, config, ctx, defaults, eos, guard)
+    parser = _Parser(args, tokenizer, config, ctx, defaults, eos, min_new, guard)
     # todo: samples to make; partial[n]: the samples of line n still to make if some are written (--resume).
     errors, seen, todo, done_lines, partial = {}, {}, 0, set(), {}
     for n, raw in _lines(args.input):

@@ -355,6 +355,32 @@ def test_stop_controls(tmp_path, tokenizer):
     assert not recs["plain"]["text"].startswith("57")
 
 
+def test_min_new_tokens_from_generation_config(tmp_path, capsys):
+    """generation_config.json's min_new_tokens is the default (as transformers applies
+    it), below the flag and a line's key; a bad one is refused before anything runs."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(DEFAULT_MODEL, model)
+    gen = json.loads((model / "generation_config.json").read_text())
+    inp = _write(tmp_path / "in.jsonl", [{"id": "plain", "prompt": "123+456="},
+                                         {"id": "min", "prompt": "123+456=", "min_new_tokens": 6}])
+    for value, flag, want in ((6, [], 6), (6, ["--min-new-tokens", "0"], 0)):
+        (model / "generation_config.json").write_text(json.dumps({**gen, "min_new_tokens": value}))
+        out = tmp_path / f"out{len(flag)}.jsonl"
+        assert main(["generate", "--input", inp, "--output", str(out), "--model", str(model), *COMMON, *flag]) == 0
+        recs = {r["id"]: r for r in _read(out)}
+        assert len(recs["min"]["token_ids"]) >= 6
+        assert (len(recs["plain"]["token_ids"]) >= 6) == (want == 6), recs["plain"]  # "579" + eot: 4 tokens
+    (model / "generation_config.json").write_text(json.dumps({**gen, "min_new_tokens": -2}))
+    capsys.readouterr()
+    assert main(["generate", "--input", inp, "--output", str(tmp_path / "bad.jsonl"), "--model", str(model),
+                 *COMMON]) == 2
+    assert "generation_config.json has an invalid min_new_tokens: -2 (expected an integer >= 0)" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "bad.jsonl").exists()
+
+
 def test_missing_input_and_model_files(tmp_path, capsys):
     out = str(tmp_path / "out.jsonl")
     assert main(["generate", "--input", str(tmp_path / "nope.jsonl"), "--output", out]) == 2
