@@ -512,10 +512,6 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
     flight: list | None = None  # [row, request index, sample index, pieces prefilled] of the prompt riding
     filler = Sampling(temperature=0.0, seed=0)
     slot_req: dict[int, tuple[int, int]] = {}  # slot -> (request index, sample index) it holds
-    # Host copies of the per-slot decode inputs: the (request, sample) whose sampling and
-    # stops the slot's row takes (None: a filler row's), and its budget.
-    slot_rows: list[tuple[int, int] | None] = [None] * B
-    slot_budget = [0] * B
     texts: dict[int, IncrementalText] = {}  # slots whose request has stop strings
     cuts: dict[int, tuple[int, str]] = {}  # slot -> (tokens kept, text) at a stop string
     held: _Held | None = None
@@ -626,7 +622,7 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
             cache_rows = place(np.asarray([c for _, c, _, _ in go] + [0] * pad, np.int32))
             state = call_compiled(stats, engine.insert(state), state, held.state, where, rows, cache_rows)
             for b, (_, _, i, j) in zip(slots, go):
-                slot_req[b], slot_rows[b], slot_budget[b] = (i, j), (i, j), budgets[i]
+                slot_req[b] = (i, j)
                 if requests[i].stop and tokenizer is not None:
                     texts[b] = IncrementalText(tokenizer)
             if not held.pending:
@@ -639,7 +635,7 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
                 continue
             inc = texts[b]
             searched = len(inc.text)
-            inc.extend(toks[b, len(inc.ids):min(int(step[b]), slot_budget[b])])
+            inc.extend(toks[b, len(inc.ids):min(int(step[b]), budgets[slot_req[b][0]])])
             r = requests[slot_req[b][0]]
             cut = inc.find_stop(r.stop, searched, r.min_new_tokens)
             if cut is not None:
@@ -693,7 +689,6 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
         queued[prompt_bucket(len(requests[i].ids), max_model_len)] -= 1
         j = requests[i].samples[k]
         flight = [b, i, j, 0]
-        slot_rows[b], slot_budget[b] = (i, j), budgets[i]
         stats.prompt_tokens += len(requests[i].ids)
         stats.ridden_tokens += len(requests[i].ids)
         arrays = None
@@ -745,7 +740,12 @@ def _run_batches(config: Llama4Config, params, requests: list[Request], *, token
         if not slot_req and flight is None:
             break
         if arrays is None:
-            arrays = row_arrays(slot_rows), place(np.asarray(slot_budget, np.int32))
+            # Each slot's row takes its request's decode inputs: the one it decodes, or the
+            # prompt riding into it; a free slot a filler's (its row is done).
+            rows = [slot_req.get(b) for b in range(B)]
+            if flight is not None:
+                rows[flight[0]] = (flight[1], flight[2])
+            arrays = row_arrays(rows), place(np.asarray([0 if x is None else budgets[x[0]] for x in rows], np.int32))
         # With stop strings, decode in segments and check the new text in between.
         limit = STOP_STRING_SEGMENT if texts else N
         t0, c0 = time.perf_counter(), stats.compile_s
