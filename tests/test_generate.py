@@ -614,7 +614,9 @@ def test_incremental_text_equals_full_decode():
     assert inc.find_stop(("café",), 0, min_tokens=n) == (n, cut) and cut == inc.text.index("café")
     late_n, late_cut = inc.find_stop(("café",), 0, min_tokens=n + 1)
     assert inc.text[late_cut:] == "café" and late_n == len(again)
-    assert IncrementalText(tok).find_stop(("a",), 0, min_tokens=5) is None  # fewer tokens than that: no stop yet
+    short = IncrementalText(tok)
+    short.extend(tok("a b", add_special_tokens=False)["input_ids"])  # fewer than 4 tokens: no stop yet at 5
+    assert short.find_stop(("a",), 0) is not None and short.find_stop(("a",), 0, min_tokens=5) is None
 
 
 def test_api_errors(scout):
